@@ -1,0 +1,171 @@
+"""Where a vision transformer keeps its residual units.
+
+Each supported model class gets one :class:`ArchitectureSpec` naming, as dotted module paths (``{i}`` stands for the
+layer index), the module whose output is the embedding unit, the attention output projection whose input holds the
+concatenated heads, the module whose output is a layer's full MLP contribution, the final norm and the optional
+projection. Supporting a new pre-LN ViT (ViT, SigLIP, ...) is one more entry in :data:`ARCHITECTURES`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ArchitectureSpec:
+    """Module paths of one model class. ``{i}`` is replaced by the layer index."""
+
+    vision_config: str | None
+    """Attribute of ``model.config`` holding the vision config, or ``None`` if ``model.config`` is it."""
+    embedding: str
+    """Module whose output (at CLS) is the embedding unit as it enters the first block."""
+    attention_out: str
+    """Attention output projection; its input is the concatenation of the heads' outputs."""
+    mlp_out: str
+    """Module whose output (at CLS) is a layer's whole MLP contribution, layer scale included."""
+    final_norm: str
+    """The LayerNorm that produces the pooled output."""
+    attention_layer_scale: str | None = None
+    """Parameter scaling the attention output before the residual add, if any (e.g. DINOv2's ``lambda1``)."""
+    projection: str | None = None
+    """Linear map from the pooled output to the embedding space, if any."""
+    tower: str | None = None
+    """Submodule that runs the vision backbone on ``pixel_values``, or ``None`` if the model itself does."""
+
+
+_CLIP_TOWER = ArchitectureSpec(
+    vision_config=None,
+    embedding="pre_layrnorm",
+    attention_out="encoder.layers.{i}.self_attn.out_proj",
+    mlp_out="encoder.layers.{i}.mlp",
+    final_norm="post_layernorm",
+)
+
+
+def _under(prefix: str, spec: ArchitectureSpec, **changes: str | None) -> ArchitectureSpec:
+    paths = {
+        name: f"{prefix}.{getattr(spec, name)}"
+        for name in ("embedding", "attention_out", "mlp_out", "final_norm")
+    }
+    return ArchitectureSpec(**{**spec.__dict__, **paths, **changes})
+
+
+ARCHITECTURES: dict[str, ArchitectureSpec] = {
+    "CLIPVisionModel": _CLIP_TOWER,
+    "CLIPVisionModelWithProjection": _under(
+        "vision_model", _CLIP_TOWER, projection="visual_projection", tower="vision_model"
+    ),
+    "CLIPModel": _under(
+        "vision_model", _CLIP_TOWER, vision_config="vision_config", projection="visual_projection", tower="vision_model"
+    ),
+    "Dinov2Model": ArchitectureSpec(
+        vision_config=None,
+        embedding="embeddings",
+        attention_out="encoder.layer.{i}.attention.o_proj",
+        attention_layer_scale="encoder.layer.{i}.layer_scale1.lambda1",
+        mlp_out="encoder.layer.{i}.layer_scale2",
+        final_norm="layernorm",
+    ),
+}
+"""Supported model classes, by class name."""
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    return module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+
+
+def find_base_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside ``model``, which may be wrapped by a ``PeftModel`` and a ``BaseTuner``."""
+    for candidate in model.modules():
+        if type(candidate).__name__ in ARCHITECTURES:
+            return candidate
+    raise ValueError(
+        f"ResiDual does not support {type(model).__name__}. Supported model classes: "
+        f"{', '.join(sorted(ARCHITECTURES))}. Add an ArchitectureSpec to peft_residual.architectures.ARCHITECTURES "
+        "for another pre-LN vision transformer."
+    )
+
+
+class Architecture:
+    """An :class:`ArchitectureSpec` bound to a model: sizes, unit names and module lookup.
+
+    Example:
+        >>> arch = Architecture(model)
+        >>> arch.unit_names[:3]
+        ['embedding', 'layer0.head0', 'layer0.head1']
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = find_base_model(model)
+        self.spec = ARCHITECTURES[type(self.model).__name__]
+        config = self.model.config
+        self.config = getattr(config, self.spec.vision_config) if self.spec.vision_config else config
+        self.num_layers: int = self.config.num_hidden_layers
+        self.num_heads: int = self.config.num_attention_heads
+        self.hidden_size: int = self.config.hidden_size
+        self.head_dim: int = self.hidden_size // self.num_heads
+        projection = self.projection
+        self.output_dim: int = projection.out_features if projection is not None else self.hidden_size
+
+    def module(self, path: str, layer: int | None = None) -> nn.Module:
+        """The module at ``path`` (with ``{i}`` = ``layer``), looking through any PEFT wrapper."""
+        return _unwrap(self.model.get_submodule(path.format(i=layer)))
+
+    def module_name(self, path: str, layer: int | None = None) -> str:
+        """The dotted name of ``path`` relative to the transformers model."""
+        return path.format(i=layer)
+
+    @property
+    def tower(self) -> nn.Module:
+        """The module that runs the vision backbone (the vision tower of a two-tower model)."""
+        return self.model.get_submodule(self.spec.tower) if self.spec.tower else self.model
+
+    @property
+    def final_norm(self) -> nn.LayerNorm:
+        return self.module(self.spec.final_norm)
+
+    @property
+    def projection(self) -> nn.Linear | None:
+        return self.module(self.spec.projection) if self.spec.projection else None
+
+    @property
+    def readout_path(self) -> str:
+        """The module whose output ResiDual replaces: the projection if there is one, else the final norm."""
+        return self.spec.projection or self.spec.final_norm
+
+    def attention_layer_scale(self, layer: int) -> torch.Tensor | None:
+        path = self.spec.attention_layer_scale
+        return self.model.get_parameter(path.format(i=layer)) if path else None
+
+    @cached_property
+    def unit_names(self) -> list[str]:
+        """Names of the units, in the order of :meth:`unit_slices`: embedding, then per layer its heads and MLP."""
+        names = ["embedding"]
+        for layer in range(self.num_layers):
+            names += [f"layer{layer}.head{h}" for h in range(self.num_heads)] + [f"layer{layer}.mlp"]
+        return names
+
+    @property
+    def num_units(self) -> int:
+        return 1 + self.num_layers * (self.num_heads + 1)
+
+    def heads_slice(self, layer: int) -> slice:
+        start = 1 + layer * (self.num_heads + 1)
+        return slice(start, start + self.num_heads)
+
+    def mlp_slice(self, layer: int) -> slice:
+        start = 1 + layer * (self.num_heads + 1) + self.num_heads
+        return slice(start, start + 1)
+
+    def max_rank(self, kind: str) -> int:
+        """Upper bound on the rank of a unit's centred contributions over any data set.
+
+        A head's contribution is an affine image of a ``head_dim`` vector rescaled per sample by the final norm,
+        so it spans at most ``head_dim + 1`` directions; other units may span the whole output space.
+        """
+        return min(self.head_dim + 1, self.output_dim) if kind == "heads" else self.output_dim

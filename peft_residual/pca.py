@@ -1,0 +1,205 @@
+"""Streaming per-unit PCA of the direct contributions, in the style of PEFT's EVA initialisation."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .decomposition import run_backbone
+from .layer import ResiDualUnitLayer
+from .model import ResiDualModel
+
+
+class StreamingMoments:
+    """Mean and scatter of ``[batch, units, dim]`` samples, merged batch by batch in float64 (Chan et al.).
+
+    Memory is ``O(units * dim^2)`` whatever the number of samples, and merging centred batches avoids the
+    cancellation of the textbook ``E[xx^T] - mu mu^T``.
+    """
+
+    def __init__(self, scatter: bool = True) -> None:
+        self.count = 0
+        self.mean: torch.Tensor | None = None
+        self.scatter: torch.Tensor | None = None
+        self._with_scatter = scatter
+
+    def update(self, batch: torch.Tensor) -> None:
+        batch = batch.double()
+        n = batch.shape[0]
+        batch_mean = batch.mean(0)
+        if self.mean is None:
+            self.mean = torch.zeros_like(batch_mean)
+            if self._with_scatter:
+                self.scatter = batch.new_zeros(batch.shape[1], batch.shape[2], batch.shape[2])
+        delta = batch_mean - self.mean
+        total = self.count + n
+        if self._with_scatter:
+            centred = batch - batch_mean
+            self.scatter += torch.einsum("bud,bue->ude", centred, centred)
+            self.scatter += torch.einsum("ud,ue->ude", delta, delta) * (self.count * n / total)
+        self.mean += delta * (n / total)
+        self.count = total
+
+    def covariance(self) -> torch.Tensor:
+        return self.scatter / (self.count - 1)
+
+
+@dataclass
+class FitReport:
+    """What :func:`fit_residual_bases` did: samples seen, components and explained variance per transformed unit."""
+
+    num_samples: int
+    components: dict[str, int] = field(default_factory=dict)
+    explained_variance: dict[str, float] = field(default_factory=dict)
+    clamped: dict[str, tuple[int, int]] = field(default_factory=dict)
+    """Units whose requested k exceeded their rank: name -> (requested, used)."""
+
+    @property
+    def num_scales(self) -> int:
+        return sum(self.components.values())
+
+
+def _residual_tuner(model: nn.Module) -> ResiDualModel:
+    tuner = getattr(model, "base_model", model)
+    if not isinstance(tuner, ResiDualModel):
+        raise TypeError(
+            f"fit_residual_bases needs a model from get_peft_model(model, ResiDualConfig(...)), got {type(model).__name__}."
+        )
+    return tuner
+
+
+def _pixel_values(batch: object) -> torch.Tensor:
+    if isinstance(batch, Mapping):
+        if "pixel_values" not in batch:
+            raise KeyError(f"Each batch must hold 'pixel_values'; this one has keys {sorted(batch)}.")
+        return batch["pixel_values"]
+    if isinstance(batch, torch.Tensor):
+        return batch
+    raise TypeError(f"Batches must be dicts with 'pixel_values' or tensors, got {type(batch).__name__}.")
+
+
+def choose_components(eigenvalues: torch.Tensor, k: int | float | None, max_rank: int) -> int:
+    """Components to keep for descending ``eigenvalues``: all (``None``), a count, or a variance ratio."""
+    if k is None:
+        return max_rank
+    if isinstance(k, float):
+        ratios = torch.cumsum(eigenvalues, 0) / eigenvalues.sum().clamp_min(torch.finfo(eigenvalues.dtype).tiny)
+        return min(int(torch.searchsorted(ratios, torch.tensor(k, dtype=ratios.dtype))) + 1, max_rank)
+    return min(k, max_rank)
+
+
+def _initial_lambdas(init: str, eigenvalues: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    if init == "ones":
+        return torch.ones(len(eigenvalues))
+    if init == "randn":
+        return 1.0 + torch.randn(len(eigenvalues), generator=generator)
+    return (eigenvalues / eigenvalues.mean().clamp_min(torch.finfo(eigenvalues.dtype).tiny)).float()
+
+
+def _canonical_signs(vectors: torch.Tensor) -> torch.Tensor:
+    """Flip each component (row) so its largest-magnitude entry is positive, making bases reproducible."""
+    index = vectors.abs().argmax(dim=1, keepdim=True)
+    return vectors * torch.sign(vectors.gather(1, index))
+
+
+@torch.no_grad()
+def fit_residual_bases(
+    model: nn.Module,
+    dataloader: Iterable,
+    adapter_name: str | None = None,
+    max_batches: int | None = None,
+    progress: bool = True,
+) -> FitReport:
+    """Fit every unit's PCA basis and mean on reference images, then initialise the scales.
+
+    ``dataloader`` yields dicts with ``pixel_values`` (or tensors). Covariances are accumulated per unit in float64,
+    never holding the encodings. ``k`` from the config is clamped to each unit's rank (``head_dim + 1`` for a head),
+    and clamping is reported in the returned :class:`FitReport` and as a warning.
+
+    Example:
+        >>> model = get_peft_model(clip_vision, ResiDualConfig(k=64))
+        >>> report = fit_residual_bases(model, DataLoader(reference_images, batch_size=64))
+        >>> report.num_scales
+        9216
+    """
+    tuner = _residual_tuner(model)
+    adapter_name = adapter_name or tuner.active_adapters[0]
+    config = tuner.peft_config[adapter_name]
+    layers = tuner.readout._layers_of(adapter_name)
+    moments = {id(layer): StreamingMoments(scatter=layer.is_transformed(adapter_name)) for layer in layers}
+    reference = next(tuner.model.parameters())
+    was_training = tuner.model.training
+    tuner.model.eval()
+    try:
+        for step, batch in enumerate(tqdm(dataloader, desc="ResiDual PCA", disable=not progress, total=max_batches)):
+            if max_batches is not None and step >= max_batches:
+                break
+            pixel_values = _pixel_values(batch).to(device=reference.device, dtype=reference.dtype)
+            run_backbone(tuner.model, pixel_values)
+            contributions = tuner.trace.contributions()
+            tuner.trace.clear()
+            if not torch.isfinite(contributions).all():
+                unit = tuner.arch.unit_names[int((~torch.isfinite(contributions)).any(-1).any(0).nonzero()[0])]
+                raise ValueError(
+                    f"Non-finite activations in unit {unit} at batch {step}; check the inputs' normalisation and the "
+                    "model's dtype (fp16 can overflow: fit in float32)."
+                )
+            for layer in layers:
+                moments[id(layer)].update(contributions[:, layer.unit_slice])
+    finally:
+        tuner.model.train(was_training)
+
+    num_samples = next(iter(moments.values())).count if moments else 0
+    if num_samples == 0:
+        raise ValueError("fit_residual_bases got an empty dataloader; pass reference images.")
+    report = FitReport(num_samples=num_samples)
+    generator = torch.Generator().manual_seed(config.seed)
+    for layer in layers:
+        stats = moments[id(layer)]
+        if not layer.is_transformed(adapter_name):
+            layer.set_fit(adapter_name, stats.mean, None, [])
+            continue
+        bases, lambdas = _fit_layer(layer, stats, config, tuner.arch.max_rank(layer.kind), generator, report)
+        layer.set_fit(adapter_name, stats.mean, bases, lambdas)
+    if report.clamped:
+        (name, (asked, used)), more = next(iter(report.clamped.items())), len(report.clamped) - 1
+        warnings.warn(
+            f"k={asked} exceeds the rank of {len(report.clamped)} units (e.g. {name}: {used}); clamped to their rank. "
+            f"See FitReport.clamped{f' for the other {more}' if more else ''}.",
+            stacklevel=2,
+        )
+    return report
+
+
+def _fit_layer(
+    layer: ResiDualUnitLayer,
+    stats: StreamingMoments,
+    config,
+    max_rank: int,
+    generator: torch.Generator,
+    report: FitReport,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    eigenvalues, eigenvectors = torch.linalg.eigh(stats.covariance())
+    eigenvalues, eigenvectors = eigenvalues.flip(-1).clamp_min(0.0), eigenvectors.flip(-1)
+    bases, lambdas = [], []
+    for unit, name in enumerate(layer.unit_names):
+        k = choose_components(eigenvalues[unit], config.k, max_rank)
+        if isinstance(config.k, int) and config.k > max_rank:
+            report.clamped[name] = (config.k, k)
+        if not isinstance(config.k, float) and stats.count <= k:
+            raise ValueError(
+                f"Unit {name} needs {k} components but only {stats.count} samples were seen; a PCA with k components "
+                f"needs more than k samples. Pass more reference images or lower k."
+            )
+        values = eigenvalues[unit, :k]
+        bases.append(_canonical_signs(eigenvectors[unit, :, :k].T))
+        lambdas.append(_initial_lambdas(config.lambda_init, values, generator))
+        report.components[name] = k
+        total = eigenvalues[unit].sum()
+        report.explained_variance[name] = float(values.sum() / total) if total > 0 else 0.0
+    return bases, lambdas
