@@ -49,8 +49,7 @@ _CLIP_TOWER = ArchitectureSpec(
 
 def _under(prefix: str, spec: ArchitectureSpec, **changes: str | None) -> ArchitectureSpec:
     paths = {
-        name: f"{prefix}.{getattr(spec, name)}"
-        for name in ("embedding", "attention_out", "mlp_out", "final_norm")
+        name: f"{prefix}.{getattr(spec, name)}" for name in ("embedding", "attention_out", "mlp_out", "final_norm")
     }
     return ArchitectureSpec(**{**spec.__dict__, **paths, **changes})
 

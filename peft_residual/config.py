@@ -20,8 +20,8 @@ class ResiDualConfig(PeftConfig):
     """ResiDual: per-unit spectral rescaling of a ViT's residual units (arXiv 2411.00246), in readout form.
 
     Every selected unit ``u`` (an attention head or an MLP, as a direct contribution to the output) is replaced by
-    ``Phi^T diag(lambda) Phi (u - mu)``, with ``Phi`` and ``mu`` the unit's PCA over reference images. Only ``lambda`` is
-    trained. ``ResiDualConfig(k=64)`` transforms every head with 64 components and adds all other units back unchanged.
+    ``Phi^T diag(lambda) Phi (u - mu)``, with ``Phi`` and ``mu`` the unit's PCA over reference images. Only ``lambda``
+    is trained. ``ResiDualConfig(k=64)`` transforms every head with 64 components and adds the other units unchanged.
 
     Example:
         >>> from peft import get_peft_model
@@ -94,7 +94,9 @@ class ResiDualConfig(PeftConfig):
                 raise ValueError(f"ResiDualConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}.")
         if self.layers is not None:
             if not self.layers or not all(isinstance(i, int) and not isinstance(i, bool) for i in self.layers):
-                raise ValueError(f"ResiDualConfig.layers must be a non-empty list of ints or None, got {self.layers!r}.")
+                raise ValueError(
+                    f"ResiDualConfig.layers must be a non-empty list of ints or None, got {self.layers!r}."
+                )
             self.layers = sorted(set(self.layers))
         if not isinstance(self.seed, int):
             raise ValueError(f"ResiDualConfig.seed must be an int, got {self.seed!r}.")

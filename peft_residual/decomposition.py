@@ -2,17 +2,17 @@
 
 For a pre-LN ViT the CLS residual entering the final norm is ``r = e + sum_l (sum_h a_lh + m_l)``: the embedding, every
 attention head (its slice of the output projection applied to that head's output, plus ``bias / H``, times any layer
-scale) and every MLP. Freezing the final LayerNorm's per-sample statistics ``mean(r)`` and ``std(r)`` makes it linear, so
-each unit ``u`` gets a direct contribution ``gamma * (u - mean(u)) / std(r) + beta_share``, followed by the projection
-where the model has one. The norm's (and the projection's) bias is shared ``1 / (2L + 1)`` per residual block, an
-attention block's share split evenly among its heads, so the contributions sum exactly to the model's own output.
+scale) and every MLP. Freezing the final LayerNorm's per-sample statistics ``mean(r)`` and ``std(r)`` makes it linear,
+so each unit ``u`` gets a direct contribution ``gamma * (u - mean(u)) / std(r) + beta_share``, followed by the
+projection where the model has one. The norm's (and the projection's) bias is shared ``1 / (2L + 1)`` per residual
+block, an attention block's share split evenly among its heads, so the contributions sum exactly to the model's output.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer

@@ -97,7 +97,8 @@ class ResiDualUnitLayer(nn.Module, ResiDualTunerLayer):
             self.residual_basis[adapter_name] = torch.cat(bases).float().to(device)
             with torch.no_grad():
                 self.residual_lambda[adapter_name] = nn.Parameter(
-                    torch.cat(lambdas).float().to(device), requires_grad=self.residual_lambda[adapter_name].requires_grad
+                    torch.cat(lambdas).float().to(device),
+                    requires_grad=self.residual_lambda[adapter_name].requires_grad,
                 )
 
     def allocate(self, adapter_name: str, shapes: dict[str, torch.Size]) -> None:
@@ -167,7 +168,8 @@ class ResiDualReadoutLayer(nn.Module, ResiDualTunerLayer):
         return [layer for layer in self.unit_layers if adapter_name in layer.residual_mean]
 
     def check_fitted(self, adapter_name: str) -> None:
-        unfitted = [layer.unit_names[0] for layer in self._layers_of(adapter_name) if not layer.is_fitted(adapter_name)]
+        layers = self._layers_of(adapter_name)
+        unfitted = [layer.unit_names[0] for layer in layers if not layer.is_fitted(adapter_name)]
         if unfitted:
             raise RuntimeError(
                 f"ResiDual adapter '{adapter_name}' has no PCA bases yet (first unfitted unit: {unfitted[0]}). Call "
@@ -211,11 +213,9 @@ class ResiDualReadoutLayer(nn.Module, ResiDualTunerLayer):
             raise ValueError(f"ResiDual runs one adapter at a time, but {self.active_adapters} are active.")
         adapted = self.adapt(self.active_adapters[0], self.trace.contributions()).to(result.dtype)
         self.trace.clear()
-        if result.dim() == 3:
-            result = torch.cat([adapted.unsqueeze(1), result[:, 1:]], dim=1)
-        else:
-            result = adapted
-        return result
+        if result.dim() == 3:  # a final norm over the whole sequence: only the CLS token is ResiDual's
+            return torch.cat([adapted.unsqueeze(1), result[:, 1:]], dim=1)
+        return adapted
 
 
 def combine(scores: torch.Tensor, offset: torch.Tensor, lambdas: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner
@@ -57,7 +58,7 @@ class ResiDualModel(BaseTuner):
 
     prefix: str = "residual_"
     tuner_layer_cls = ResiDualTunerLayer
-    target_module_mapping: dict[str, list[str]] = {}
+    target_module_mapping: ClassVar[dict[str, list[str]]] = {}
 
     def _prepare_adapter_config(self, peft_config: ResiDualConfig, model_config: dict) -> ResiDualConfig:
         return peft_config  # target modules come from the architecture map, in _prepare_model

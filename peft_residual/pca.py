@@ -68,7 +68,8 @@ def _residual_tuner(model: nn.Module) -> ResiDualModel:
     tuner = getattr(model, "base_model", model)
     if not isinstance(tuner, ResiDualModel):
         raise TypeError(
-            f"fit_residual_bases needs a model from get_peft_model(model, ResiDualConfig(...)), got {type(model).__name__}."
+            "fit_residual_bases needs a model from get_peft_model(model, ResiDualConfig(...)), got "
+            f"{type(model).__name__}."
         )
     return tuner
 

@@ -1,0 +1,81 @@
+"""Tiny random models of every supported architecture, and reference data for them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    CLIPConfig,
+    CLIPModel,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    CLIPVisionModelWithProjection,
+    Dinov2Config,
+    Dinov2Model,
+)
+
+import peft_residual  # noqa: F401  (registers the method)
+
+IMAGE_SIZE = 32
+VISION = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=IMAGE_SIZE,
+    patch_size=8,
+    projection_dim=24,
+)
+TEXT = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=4,
+    vocab_size=99,
+    bos_token_id=0,
+    eos_token_id=2,
+    pad_token_id=1,
+)
+
+
+def make_model(kind: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    vision = {**VISION, **overrides}
+    if kind == "clip_vision":
+        model = CLIPVisionModel(CLIPVisionConfig(**vision))
+    elif kind == "clip_vision_projection":
+        model = CLIPVisionModelWithProjection(CLIPVisionConfig(**vision))
+    elif kind == "clip":
+        model = CLIPModel(CLIPConfig(vision_config=vision, text_config=TEXT, projection_dim=vision["projection_dim"]))
+    elif kind == "dinov2":
+        vision.pop("projection_dim")
+        model = Dinov2Model(Dinov2Config(**vision, layerscale_value=0.7))
+    else:
+        raise ValueError(kind)
+    return model.eval()
+
+
+KINDS = ["clip_vision", "clip_vision_projection", "clip", "dinov2"]
+
+
+def model_output(model: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The pooled output, or the projected image embedding where the model has a projection."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if isinstance(base, CLIPModel):
+        return model.get_image_features(pixel_values=pixel_values).pooler_output
+    out = model(pixel_values=pixel_values)
+    return out.image_embeds if hasattr(out, "image_embeds") else out.pooler_output
+
+
+def images(n: int, seed: int = 1) -> torch.Tensor:
+    return torch.randn(n, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(seed))
+
+
+def loader(n: int = 96, batch: int = 32, seed: int = 1) -> list[dict[str, torch.Tensor]]:
+    x = images(n, seed)
+    return [{"pixel_values": x[i : i + batch]} for i in range(0, n, batch)]
+
+
+@pytest.fixture(params=KINDS)
+def kind(request) -> str:
+    return request.param

@@ -1,0 +1,64 @@
+import pytest
+import torch
+
+from peft_residual import Architecture, decompose_units
+from peft_residual.architectures import find_base_model
+
+from .conftest import images, make_model, model_output
+
+
+def test_units_sum_to_model_output(kind):
+    model = make_model(kind)
+    x = images(6)
+    units = decompose_units(model, x)
+    arch = Architecture(model)
+    assert units.contributions.shape == (6, arch.num_units, arch.output_dim)
+    assert units.names[0] == "embedding" and units.names[-1] == f"layer{arch.num_layers - 1}.mlp"
+    with torch.no_grad():
+        expected = model_output(model, x)
+    torch.testing.assert_close(units.contributions.sum(1), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_decomposition_is_not_trivial(kind):
+    """Every unit carries signal: dropping any single one changes the sum."""
+    units = decompose_units(make_model(kind), images(4)).contributions
+    assert (units.abs().amax(dim=(0, 2)) > 1e-4).all()
+
+
+def test_unsupported_model_names_supported_types():
+    with pytest.raises(ValueError, match=r"CLIPVisionModel.*Dinov2Model"):
+        find_base_model(torch.nn.Linear(2, 2))
+
+
+def test_heads_match_float64_recomputation():
+    """A head's direct contribution, recomputed from raw weights in float64, equals the decomposition's."""
+    model = make_model("dinov2")
+    x = images(3)
+    captured = {}
+    layer = model.encoder.layer[1]
+    hidden = {}
+
+    def keep_heads(module, args):
+        captured["z"] = args[0][:, 0]
+
+    def keep_residual(module, args, output):
+        hidden["r"] = output.last_hidden_state[:, 0]
+
+    handle = layer.attention.o_proj.register_forward_pre_hook(keep_heads)
+    handle2 = model.encoder.register_forward_hook(keep_residual)
+    units = decompose_units(model, x)
+    handle.remove()
+    handle2.remove()
+    arch = Architecture(model)
+    z = captured["z"].double().view(3, arch.num_heads, arch.head_dim)
+    w = layer.attention.o_proj.weight.double().view(arch.hidden_size, arch.num_heads, arch.head_dim)
+    b = layer.attention.o_proj.bias.double()
+    ls = layer.layer_scale1.lambda1.double()
+    r = hidden["r"].double()
+    std = (r.var(-1, unbiased=False) + model.layernorm.eps).sqrt()
+    for h in range(arch.num_heads):
+        u = (z[:, h] @ w[:, h].T + b / arch.num_heads) * ls
+        direct = model.layernorm.weight.double() * (u - u.mean(-1, keepdim=True)) / std[:, None]
+        direct = direct + model.layernorm.bias.double() / ((2 * arch.num_layers + 1) * arch.num_heads)
+        index = units.names.index(f"layer1.head{h}")
+        torch.testing.assert_close(units.contributions[:, index].double(), direct, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,110 @@
+import math
+
+import pytest
+import torch
+from peft import get_peft_model
+
+from peft_residual import ResiDualConfig, decompose_units, fit_residual_bases
+from peft_residual.pca import StreamingMoments
+
+from .conftest import images, loader, make_model
+
+
+def _stacked_units(model, data):
+    return torch.cat([decompose_units(model, batch["pixel_values"]).contributions for batch in data]).double()
+
+
+def test_streaming_moments_match_stacked_float64():
+    data = torch.randn(100, 3, 5, dtype=torch.float64) * 10 + 1000  # a large mean stresses cancellation
+    moments = StreamingMoments()
+    for chunk in data.split(17):
+        moments.update(chunk)
+    torch.testing.assert_close(moments.mean, data.mean(0))
+    for unit in range(3):
+        torch.testing.assert_close(moments.covariance()[unit], torch.cov(data[:, unit].T))
+
+
+@pytest.mark.parametrize("kind", ["clip_vision_projection", "dinov2"])
+def test_bases_match_svd_of_stacked_data(kind):
+    data = loader(n=90, batch=32)
+    model = get_peft_model(make_model(kind), ResiDualConfig(k=5, units="heads+mlps"))
+    report = fit_residual_bases(model, data, progress=False)
+    assert report.num_samples == 90
+    stacked = _stacked_units(model, data)
+    for layer in model.base_model.unit_layers():
+        basis = layer.residual_basis["default"].double().view(layer.num_units, 5, -1)
+        for unit, name in enumerate(layer.unit_names):
+            x = stacked[:, model.base_model.arch.unit_names.index(name)]
+            torch.testing.assert_close(layer.residual_mean["default"][unit].double(), x.mean(0), rtol=1e-5, atol=1e-6)
+            _, s, vh = torch.linalg.svd(x - x.mean(0), full_matrices=False)
+            # components agree up to sign
+            dots = (basis[unit] * vh[:5]).sum(-1).abs()
+            torch.testing.assert_close(dots, torch.ones(5, dtype=torch.float64), rtol=0, atol=1e-4)
+            assert report.explained_variance[name] == pytest.approx(float((s[:5] ** 2).sum() / (s**2).sum()), 1e-6)
+
+
+def test_variance_threshold_picks_smallest_k():
+    data = loader(n=90, batch=30)
+    model = get_peft_model(make_model("clip_vision"), ResiDualConfig(k=0.9))
+    report = fit_residual_bases(model, data, progress=False)
+    stacked = _stacked_units(model, data)
+    for name, k in report.components.items():
+        x = stacked[:, model.base_model.arch.unit_names.index(name)]
+        s2 = torch.linalg.svdvals(x - x.mean(0)) ** 2
+        ratios = torch.cumsum(s2, 0) / s2.sum()
+        assert ratios[k - 1] >= 0.9 - 1e-9 and (k == 1 or ratios[k - 2] < 0.9)
+        assert report.explained_variance[name] >= 0.9 - 1e-9
+
+
+def test_k_above_head_rank_is_clamped_and_reported():
+    model = get_peft_model(make_model("clip_vision"), ResiDualConfig(k=30))
+    with pytest.warns(UserWarning, match="clamped"):
+        report = fit_residual_bases(model, loader(n=64), progress=False)
+    head_rank = 32 // 4 + 1
+    assert set(report.components.values()) == {head_rank}
+    assert report.clamped["layer0.head0"] == (30, head_rank)
+    assert report.num_scales == 2 * 4 * head_rank
+
+
+def test_lambda_inits():
+    model = get_peft_model(make_model("clip_vision"), ResiDualConfig(k=3, lambda_init="ones"))
+    fit_residual_bases(model, loader(), progress=False)
+    assert torch.equal(model.base_model.readout.lambdas("default"), torch.ones(2 * 4 * 3))
+    model = get_peft_model(make_model("clip_vision"), ResiDualConfig(k=3, lambda_init="eigen"))
+    report = fit_residual_bases(model, loader(), progress=False)
+    lambdas = model.base_model.readout.lambdas("default").view(8, 3)
+    torch.testing.assert_close(lambdas.mean(1), torch.ones(8))
+    assert (lambdas[:, 0] >= lambdas[:, 1]).all() and report.num_scales == 24
+    seeded = [get_peft_model(make_model("clip_vision"), ResiDualConfig(k=3, seed=s)) for s in (5, 5, 6)]
+    lams = []
+    for m in seeded:
+        fit_residual_bases(m, loader(), progress=False)
+        lams.append(m.base_model.readout.lambdas("default"))
+    assert torch.equal(lams[0], lams[1]) and not torch.equal(lams[0], lams[2])
+    assert abs(float(lams[0].mean()) - 1.0) < 1.0 and float(lams[0].std()) > 0.3
+
+
+def test_empty_loader_is_an_error():
+    model = get_peft_model(make_model("clip_vision"), ResiDualConfig(k=3))
+    with pytest.raises(ValueError, match="empty dataloader"):
+        fit_residual_bases(model, [], progress=False)
+
+
+def test_non_finite_activations_are_an_error():
+    model = get_peft_model(make_model("clip_vision"), ResiDualConfig(k=3))
+    bad = images(8)
+    bad[2, 0, 0, 0] = math.nan
+    with pytest.raises(ValueError, match="Non-finite activations in unit"):
+        fit_residual_bases(model, [{"pixel_values": bad}], progress=False)
+
+
+def test_fewer_samples_than_components_is_an_error():
+    model = get_peft_model(make_model("clip_vision"), ResiDualConfig(k=6))
+    with pytest.raises(ValueError, match="needs 6 components but only 5 samples"):
+        fit_residual_bases(model, [{"pixel_values": images(5)}], progress=False)
+
+
+def test_batches_without_pixel_values_are_an_error():
+    model = get_peft_model(make_model("clip_vision"), ResiDualConfig(k=3))
+    with pytest.raises(KeyError, match="pixel_values"):
+        fit_residual_bases(model, [{"image": images(4)}], progress=False)

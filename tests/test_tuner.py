@@ -1,0 +1,284 @@
+import importlib
+import json
+
+import pytest
+import torch
+from peft import AutoPeftModel, PeftConfig, PeftModel, get_peft_model
+from peft.utils import PeftType
+from safetensors.torch import load_file
+
+import peft_residual
+from peft_residual import ResiDualConfig, fit_residual_bases
+
+from .conftest import images, loader, make_model, model_output
+
+
+def fitted(kind, config, seed=0, **model_overrides):
+    model = get_peft_model(make_model(kind, seed, **model_overrides), config)
+    fit_residual_bases(model, loader(), progress=False)
+    return model
+
+
+def unwrap(module):
+    return module.get_base_layer() if hasattr(module, "get_base_layer") else module
+
+
+def reference_float64(model, x):
+    """ResiDual output recomputed in float64 from hooks, raw weights and the adapter's stored bases and scales."""
+    tuner = model.base_model
+    base = tuner.model
+    config = tuner.peft_config["default"]
+    tower = getattr(base, "vision_model", base)
+    is_clip = hasattr(tower, "pre_layrnorm")
+    layers = tower.encoder.layers if is_clip else tower.encoder.layer
+    captured = {}
+
+    def save(name, from_input):
+        def hook(module, args, output=None):
+            captured[name] = (args[0] if from_input else output)[:, 0].double()
+
+        return hook
+
+    modules = [(unwrap(tower.pre_layrnorm if is_clip else tower.embeddings), "emb", False)]
+    for i, layer in enumerate(layers):
+        out_proj = layer.self_attn.out_proj if is_clip else layer.attention.o_proj
+        modules += [(unwrap(out_proj), f"z{i}", True)]
+        modules += [(unwrap(layer.mlp if is_clip else layer.layer_scale2), f"m{i}", False)]
+    handles = [
+        m.register_forward_pre_hook(save(n, True)) if inp else m.register_forward_hook(save(n, False))
+        for m, n, inp in modules
+    ]
+    with torch.no_grad(), model.disable_adapter():
+        model_output(model, x)
+    for h in handles:
+        h.remove()
+
+    n_layers, n_heads = len(layers), base.config.num_attention_heads
+    raw = {"emb": captured["emb"]}
+    for i, layer in enumerate(layers):
+        out_proj = unwrap(layer.self_attn.out_proj if is_clip else layer.attention.o_proj)
+        w, b = out_proj.weight.double(), out_proj.bias.double()
+        d = w.shape[1] // n_heads
+        for h in range(n_heads):
+            u = captured[f"z{i}"][:, h * d : (h + 1) * d] @ w[:, h * d : (h + 1) * d].T + b / n_heads
+            raw[f"layer{i}.head{h}"] = u if is_clip else u * layer.layer_scale1.lambda1.double()
+        raw[f"layer{i}.mlp"] = captured[f"m{i}"]
+    norm = unwrap(tower.post_layernorm if is_clip else tower.layernorm)
+    r = sum(raw.values())
+    std = (r.var(-1, unbiased=False) + norm.eps).sqrt()
+    blocks = 2 * n_layers + 1
+    direct = {}
+    for name, u in raw.items():
+        share = 1 / (blocks * n_heads) if ".head" in name else 1 / blocks
+        c = norm.weight.double() * (u - u.mean(-1, keepdim=True)) / std[:, None] + share * norm.bias.double()
+        if hasattr(base, "visual_projection"):
+            c = c @ unwrap(base.visual_projection).weight.double().T
+        direct["embedding" if name == "emb" else name] = c
+
+    state = {}
+    for layer in tuner.unit_layers():
+        k = layer.residual_rank["default"] if layer.is_transformed("default") else None
+        start = 0
+        for unit, name in enumerate(layer.unit_names):
+            mean = layer.residual_mean["default"][unit].double()
+            if k is None:
+                state[name] = (mean, None, None)
+                continue
+            stop = start + int(k[unit])
+            basis = layer.residual_basis["default"][start:stop].double()
+            lam = layer.residual_lambda["default"][start:stop].detach().double()
+            state[name] = (mean, basis, lam)
+            start = stop
+    out = torch.zeros_like(direct["embedding"])
+    for name, c in direct.items():
+        mean, basis, lam = state.get(name, (None, None, None))
+        if basis is not None:
+            centred = c - mean
+            out += (centred @ basis.T * lam) @ basis
+            if config.remainder == "keep":
+                out += centred - (centred @ basis.T) @ basis
+        elif config.rest == "sum":
+            out += c
+        elif config.rest == "mean":
+            out += mean
+    return out
+
+
+CONFIGS = [
+    ResiDualConfig(k=4),
+    ResiDualConfig.residual(),
+    ResiDualConfig.residual_star(),
+    ResiDualConfig(k=3, units="heads+mlps", layers=[1], rest="mean", remainder="keep", lambda_init="eigen"),
+]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=["k4", "residual", "residual_star", "mean_keep"])
+@pytest.mark.parametrize("kind", ["clip_vision_projection", "dinov2", "clip_vision"])
+def test_adapted_output_matches_independent_float64(kind, config):
+    model = fitted(kind, config)
+    x = images(5, seed=7)
+    with torch.no_grad():
+        out = model_output(model, x)
+    torch.testing.assert_close(out.double(), reference_float64(model, x), rtol=1e-4, atol=1e-5)
+
+
+def test_clip_two_tower_adapts_image_features_only():
+    base = make_model("clip")
+    text_before = {k: v.clone() for k, v in base.text_model.state_dict().items()}
+    model = get_peft_model(base, ResiDualConfig(k=3))
+    assert not any("text_model" in name for name in model.base_model.peft_config["default"].target_modules)
+    fit_residual_bases(model, loader(), progress=False)
+    x = images(4)
+    with torch.no_grad():
+        adapted = model.get_image_features(pixel_values=x).pooler_output
+        with model.disable_adapter():
+            plain = model.get_image_features(pixel_values=x).pooler_output
+    assert not torch.allclose(adapted, plain, atol=1e-3)
+    for key, value in base.text_model.state_dict().items():
+        assert torch.equal(value, text_before[key])
+
+
+def test_disable_adapter_gives_base_outputs_exactly(kind):
+    base = make_model(kind)
+    x = images(4)
+    with torch.no_grad():
+        expected = base(pixel_values=x) if kind != "clip" else base.get_image_features(pixel_values=x)
+    model = get_peft_model(base, ResiDualConfig(k=3))
+    fit_residual_bases(model, loader(), progress=False)
+    with torch.no_grad(), model.disable_adapter():
+        got = model(pixel_values=x) if kind != "clip" else model.get_image_features(pixel_values=x)
+    for key in ("last_hidden_state", "pooler_output", "image_embeds"):
+        if getattr(expected, key, None) is not None:
+            assert torch.equal(getattr(got, key), getattr(expected, key))
+    plain = getattr(expected, "image_embeds", None)
+    plain = expected.pooler_output if plain is None else plain
+    with torch.no_grad():
+        assert not torch.allclose(model_output(model, x), plain, atol=1e-3)
+
+
+def test_dinov2_replaces_only_the_cls_token():
+    model = fitted("dinov2", ResiDualConfig(k=3))
+    x = images(3)
+    with torch.no_grad():
+        adapted = model(pixel_values=x)
+        with model.disable_adapter():
+            plain = model(pixel_values=x)
+    assert torch.equal(adapted.last_hidden_state[:, 1:], plain.last_hidden_state[:, 1:])
+    assert torch.equal(adapted.last_hidden_state[:, 0], adapted.pooler_output)
+
+
+def test_forward_before_fitting_is_a_clear_error():
+    model = get_peft_model(make_model("clip_vision_projection"), ResiDualConfig(k=3))
+    with pytest.raises(RuntimeError, match="fit_residual_bases"):
+        model(pixel_values=images(2))
+
+
+def test_only_lambdas_are_trainable():
+    model = fitted("clip_vision_projection", ResiDualConfig(k=3))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.endswith("residual_lambda.default") for n in trainable)
+    assert model.get_nb_trainable_parameters()[0] == 2 * 4 * 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_base_transforms_in_float32(dtype):
+    model = fitted("clip_vision_projection", ResiDualConfig(k=3))
+    x = images(4)
+    model.to(dtype)
+    assert model.base_model.readout.lambdas("default").dtype == torch.float32
+    with torch.no_grad():
+        out = model(pixel_values=x.to(dtype)).image_embeds
+    assert out.dtype == dtype
+    reference = reference_float64(model, x.to(dtype))
+    # Only the backbone runs in half precision; a half-precision transform would add error on top of it.
+    torch.testing.assert_close(out.double(), reference, rtol=0, atol=float(reference.abs().max()) * 1e-2)
+
+
+def test_registration_survives_reimport_and_reload():
+    importlib.reload(peft_residual.registration)
+    importlib.reload(peft_residual)
+    assert PeftType("RESIDUAL") is PeftType.RESIDUAL
+    assert list(PeftType).count(PeftType.RESIDUAL) == 1
+    from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
+
+    assert PEFT_TYPE_TO_TUNER_MAPPING[PeftType.RESIDUAL] is peft_residual.ResiDualModel
+    model = get_peft_model(make_model("clip_vision"), peft_residual.ResiDualConfig(k=2))
+    assert isinstance(model.base_model, peft_residual.ResiDualModel)
+
+
+def test_save_and_reload_is_bit_identical(tmp_path):
+    base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
+    make_model("clip_vision_projection").save_pretrained(base_dir)
+    from transformers import CLIPVisionModelWithProjection
+
+    model = get_peft_model(CLIPVisionModelWithProjection.from_pretrained(base_dir), ResiDualConfig(k=3))
+    fit_residual_bases(model, loader(), progress=False)
+    model.save_pretrained(adapter_dir)
+    saved = sorted(p.name for p in adapter_dir.iterdir())
+    assert saved == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    tensors = load_file(adapter_dir / "adapter_model.safetensors")
+    expected = {
+        f"base_model.model.vision_model.encoder.layers.{i}.self_attn.out_proj.{name}"
+        for i in range(2)
+        for name in ("residual_lambda", "residual_basis", "residual_mean", "residual_rank")
+    }
+    assert set(tensors) == expected
+    assert json.loads((adapter_dir / "adapter_config.json").read_text())["peft_type"] == "RESIDUAL"
+
+    x = images(4)
+    with torch.no_grad():
+        expected_out = model(pixel_values=x).image_embeds
+        again = PeftModel.from_pretrained(CLIPVisionModelWithProjection.from_pretrained(base_dir), adapter_dir)
+        assert torch.equal(again(pixel_values=x).image_embeds, expected_out)
+        auto = AutoPeftModel.from_pretrained(adapter_dir)
+        assert torch.equal(auto(pixel_values=x).image_embeds, expected_out)
+    config = PeftConfig.from_pretrained(adapter_dir)
+    assert isinstance(config, ResiDualConfig) and config.k == 3
+
+
+def test_loading_onto_another_shape_names_the_unit(tmp_path):
+    model = fitted("clip_vision_projection", ResiDualConfig(k=3))
+    model.save_pretrained(tmp_path)
+    other = make_model("clip_vision_projection", projection_dim=16)
+    with pytest.raises(ValueError, match=r"Unit layer0\.head0: the checkpoint's mean has shape \(4, 24\).*\(4, 16\)"):
+        PeftModel.from_pretrained(other, tmp_path)
+    deeper = make_model("clip_vision_projection", num_hidden_layers=3)
+    with pytest.raises(ValueError, match=r"layer2\.head0"):
+        PeftModel.from_pretrained(deeper, tmp_path)
+    shallower = make_model("clip_vision_projection", num_hidden_layers=1)
+    with pytest.raises(ValueError, match="has no unit for"):
+        PeftModel.from_pretrained(shallower, tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"k": 0}, "at least 1"),
+        ({"k": 1.5}, r"in \(0, 1\)"),
+        ({"k": "64"}, "must be an int"),
+        ({"units": "mlps"}, "units must be one of"),
+        ({"rest": "drop"}, "rest must be one of"),
+        ({"lambda_init": "zeros"}, "lambda_init must be one of"),
+        ({"remainder": "both"}, "remainder must be one of"),
+        ({"layers": []}, "non-empty list"),
+    ],
+)
+def test_malformed_config_values_are_clear_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ResiDualConfig(**kwargs)
+
+
+def test_layers_out_of_range_is_an_error():
+    with pytest.raises(ValueError, match=r"layers 0\.\.1"):
+        get_peft_model(make_model("clip_vision"), ResiDualConfig(k=2, layers=[5]))
+
+
+def test_malformed_saved_config_is_a_clear_error(tmp_path):
+    model = fitted("clip_vision", ResiDualConfig(k=2))
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config["rest"] = "everything"
+    path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="rest must be one of"):
+        PeftModel.from_pretrained(make_model("clip_vision"), tmp_path)
