@@ -8,12 +8,15 @@ Example:
 """
 
 from .architectures import ARCHITECTURES, Architecture, ArchitectureSpec
+from .cache import UnitCache, encode_dataset
+from .classifiers import CentroidClassifier, Classifier, ZeroShotClassifier, load_templates
 from .config import ResiDualConfig
-from .decomposition import Units, decompose_units
+from .decomposition import Units, decompose_units, embed_images
 from .layer import ResiDualReadoutLayer, ResiDualUnitLayer
 from .model import ResiDualModel
 from .pca import FitReport, fit_residual_bases
 from .registration import RESIDUAL_PEFT_TYPE, register
+from .trainer import TrainingResult, accuracy, find_learning_rate, stratified_split, train_residual
 
 register(ResiDualConfig, ResiDualModel)
 
@@ -22,12 +25,24 @@ __all__ = [
     "RESIDUAL_PEFT_TYPE",
     "Architecture",
     "ArchitectureSpec",
+    "CentroidClassifier",
+    "Classifier",
     "FitReport",
     "ResiDualConfig",
     "ResiDualModel",
     "ResiDualReadoutLayer",
     "ResiDualUnitLayer",
+    "TrainingResult",
+    "UnitCache",
     "Units",
+    "ZeroShotClassifier",
+    "accuracy",
     "decompose_units",
+    "embed_images",
+    "encode_dataset",
+    "find_learning_rate",
     "fit_residual_bases",
+    "load_templates",
+    "stratified_split",
+    "train_residual",
 ]

@@ -158,13 +158,33 @@ def decompose_units(model: nn.Module, pixel_values: torch.Tensor) -> Units:
         return Units(trace.contributions(), list(trace.arch.unit_names))
 
 
-def run_backbone(model: nn.Module, pixel_values: torch.Tensor) -> None:
-    """Run the base vision backbone of ``model`` on ``pixel_values``, with any PEFT layers passed through."""
+@contextmanager
+def adapters_bypassed(model: nn.Module) -> Iterator[None]:
+    """Pass every PEFT layer of ``model`` through for the block, without touching which parameters train."""
     tuner_layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer) and not m.disable_adapters]
     for layer in tuner_layers:
-        layer._disable_adapters = True  # not enable_adapters(False): that would also freeze the λ
+        layer._disable_adapters = True  # not enable_adapters(False): that would also freeze the scales
     try:
-        Architecture(model).tower(pixel_values=pixel_values)
+        yield
     finally:
         for layer in tuner_layers:
             layer._disable_adapters = False
+
+
+def run_backbone(model: nn.Module, pixel_values: torch.Tensor) -> None:
+    """Run the base vision backbone of ``model`` on ``pixel_values``, with any PEFT layers passed through."""
+    with adapters_bypassed(model):
+        Architecture(model).tower(pixel_values=pixel_values)
+
+
+def embed_images(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The model's image embedding: ``image_embeds`` with a projection, else ``pooler_output``.
+
+    For a ``PeftModel`` with an active ResiDual adapter this is the adapted embedding.
+    """
+    arch = Architecture(model)
+    if arch.spec.vision_config:  # two-tower model: only the image side runs
+        return model.get_image_features(pixel_values=pixel_values).pooler_output
+    output = model(pixel_values=pixel_values)
+    embeds = getattr(output, "image_embeds", None)
+    return output.pooler_output if embeds is None else embeds

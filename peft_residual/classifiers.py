@@ -1,0 +1,157 @@
+"""Frozen classifiers that ResiDual aligns to: CLIP zero-shot text heads and class centroids."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from importlib import resources
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .decomposition import adapters_bypassed, embed_images
+
+
+def load_templates(name_or_templates: str | Sequence[str]) -> list[str]:
+    """A prompt-template ensemble: a shipped name (``"imagenet"``, ``"cifar10"``, ...) or the templates themselves.
+
+    Example:
+        >>> len(load_templates("imagenet"))
+        80
+    """
+    if isinstance(name_or_templates, str):
+        shipped = json.loads(resources.files("peft_residual").joinpath("templates/openai.json").read_text())
+        if name_or_templates not in shipped:
+            raise ValueError(
+                f"No template set named {name_or_templates!r}; shipped sets: {', '.join(sorted(shipped))}. "
+                "Pass a list of templates with '{}' for the class name instead."
+            )
+        return shipped[name_or_templates]
+    templates = list(name_or_templates)
+    if not templates:
+        raise ValueError("The template list is empty; give at least one template such as 'a photo of a {}.'.")
+    for template in templates:
+        if "{}" not in template:
+            raise ValueError(f"Template {template!r} has no '{{}}' where the class name goes.")
+    return templates
+
+
+class Classifier(nn.Module):
+    """Logits ``scale * normalize(x) @ weights.T`` for fixed, unit-norm class vectors ``weights`` ``[classes, dim]``."""
+
+    kind = "classifier"
+
+    def __init__(self, weights: torch.Tensor, scale: float, class_names: Sequence[str]) -> None:
+        super().__init__()
+        if len(class_names) == 0:
+            raise ValueError("The class list is empty; give at least one class name.")
+        if weights.shape[0] != len(class_names):
+            raise ValueError(f"{weights.shape[0]} class vectors but {len(class_names)} class names.")
+        self.register_buffer("weights", F.normalize(weights.float(), dim=-1))
+        self.scale = float(scale)
+        self.class_names = list(class_names)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.scale * F.normalize(features.float(), dim=-1) @ self.weights.T
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write ``classifier.safetensors`` and ``classifier.json``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file({"weights": self.weights.contiguous()}, directory / "classifier.safetensors")
+        meta = {"kind": self.kind, "scale": self.scale, "class_names": self.class_names}
+        (directory / "classifier.json").write_text(json.dumps(meta, indent=1))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> Classifier:
+        """Load a classifier written by :meth:`save_pretrained` (either kind)."""
+        directory = Path(directory)
+        meta = json.loads((directory / "classifier.json").read_text())
+        kinds = {c.kind: c for c in (ZeroShotClassifier, CentroidClassifier)}
+        if meta.get("kind") not in kinds:
+            raise ValueError(f"{directory}/classifier.json has unknown kind {meta.get('kind')!r}.")
+        weights = load_file(directory / "classifier.safetensors")["weights"]
+        return kinds[meta["kind"]](weights, meta["scale"], meta["class_names"])
+
+
+class ZeroShotClassifier(Classifier):
+    """CLIP zero-shot head: per class, the renormalised mean of the normalised text embeddings of every template.
+
+    Example:
+        >>> clf = ZeroShotClassifier.from_clip(clip, tokenizer, ["cat", "dog"], templates="cifar10")
+        >>> clf(image_embeds).argmax(-1)
+    """
+
+    kind = "zero_shot"
+
+    @classmethod
+    @torch.no_grad()
+    def from_clip(
+        cls,
+        clip_model: nn.Module,
+        tokenizer,
+        class_names: Sequence[str],
+        templates: str | Sequence[str] = "imagenet",
+        batch_size: int = 256,
+    ) -> ZeroShotClassifier:
+        """Embed ``template.format(name)`` for every class and template with the CLIP text tower."""
+        if len(class_names) == 0:
+            raise ValueError("The class list is empty; give at least one class name.")
+        templates = load_templates(templates)
+        device = next(clip_model.parameters()).device
+        weights = []
+        for name in class_names:
+            prompts = [template.format(name) for template in templates]
+            embeddings = []
+            for start in range(0, len(prompts), batch_size):
+                tokens = tokenizer(prompts[start : start + batch_size], padding=True, return_tensors="pt").to(device)
+                embeddings.append(clip_model.get_text_features(**tokens).pooler_output.float())
+            mean = F.normalize(torch.cat(embeddings), dim=-1).mean(0)
+            weights.append(F.normalize(mean, dim=-1))
+        return cls(torch.stack(weights).cpu(), float(clip_model.logit_scale.exp()), class_names)
+
+
+class CentroidClassifier(Classifier):
+    """Vision-only head: normalised class means of the base model's encodings, with a fixed logit scale.
+
+    Example:
+        >>> clf = CentroidClassifier.from_model(dinov2, train_loader, class_names)
+    """
+
+    kind = "centroid"
+
+    @classmethod
+    def from_features(
+        cls, features: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str], scale: float = 100.0
+    ) -> CentroidClassifier:
+        if len(class_names) == 0:
+            raise ValueError("The class list is empty; give at least one class name.")
+        counts = torch.bincount(labels, minlength=len(class_names))
+        missing = [class_names[i] for i in range(len(class_names)) if counts[i] == 0]
+        if missing:
+            raise ValueError(f"Class {missing[0]!r} has no examples; every class needs at least one to get a centroid.")
+        sums = torch.zeros(len(class_names), features.shape[1], dtype=torch.float64)
+        sums.index_add_(0, labels, features.double())
+        return cls((sums / counts[:, None]).float(), scale, class_names)
+
+    @classmethod
+    @torch.no_grad()
+    def from_model(
+        cls,
+        model: nn.Module,
+        batches: Iterable[dict],
+        class_names: Sequence[str],
+        scale: float = 100.0,
+        label_column: str = "label",
+    ) -> CentroidClassifier:
+        """Centroids of the *base* model's embeddings (any adapter bypassed) over batches with pixel_values/labels."""
+        device = next(model.parameters()).device
+        features, labels = [], []
+        with adapters_bypassed(model):
+            for batch in batches:
+                features.append(embed_images(model, batch["pixel_values"].to(device)).float().cpu())
+                labels.append(torch.as_tensor(batch[label_column]))
+        return cls.from_features(torch.cat(features), torch.cat(labels), class_names, scale)
