@@ -55,7 +55,8 @@ class Classifier(nn.Module):
         self.class_names = list(class_names)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.scale * F.normalize(features.float(), dim=-1) @ self.weights.T
+        features = features.to(torch.promote_types(features.dtype, torch.float32))
+        return self.scale * F.normalize(features, dim=-1) @ self.weights.T.to(features.dtype)
 
     def save_pretrained(self, directory: str | Path) -> None:
         """Write ``classifier.safetensors`` and ``classifier.json``."""

@@ -160,6 +160,8 @@ class ResiDualReadoutLayer(nn.Module, ResiDualTunerLayer):
         self.trace = trace
         self.unit_layers: list[ResiDualUnitLayer] = []
         self.residual_rest: dict[str, str] = {}
+        # float32 whatever the base dtype; the trainer raises it to float64 while training (see trainer.py)
+        self.compute_dtype = torch.float32
 
     def update_layer(self, adapter_name: str, rest: str, inference_mode: bool = False) -> None:
         self.residual_rest[adapter_name] = rest
@@ -193,17 +195,18 @@ class ResiDualReadoutLayer(nn.Module, ResiDualTunerLayer):
     def lambdas(self, adapter_name: str) -> torch.Tensor:
         """All trainable scales of the adapter, in score order."""
         layers = [layer for layer in self._layers_of(adapter_name) if layer.is_transformed(adapter_name)]
-        return torch.cat([layer.residual_lambda[adapter_name].float() for layer in layers])
+        return torch.cat([layer.residual_lambda[adapter_name].to(self.compute_dtype) for layer in layers])
 
     def basis(self, adapter_name: str) -> torch.Tensor:
         """All PCA components of the adapter, ``[sum(rank), dim]``, in score order."""
         layers = [layer for layer in self._layers_of(adapter_name) if layer.is_transformed(adapter_name)]
-        return torch.cat([layer.residual_basis[adapter_name].float() for layer in layers])
+        return torch.cat([layer.residual_basis[adapter_name].to(self.compute_dtype) for layer in layers])
 
     def adapt(self, adapter_name: str, contributions: torch.Tensor) -> torch.Tensor:
         """The ResiDual output for unit contributions ``[batch, units, dim]``."""
         scores, offset = self.scores_and_offset(adapter_name, contributions)
-        return combine(scores, offset, self.lambdas(adapter_name), self.basis(adapter_name))
+        dtype = self.compute_dtype
+        return combine(scores.to(dtype), offset.to(dtype), self.lambdas(adapter_name), self.basis(adapter_name))
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
@@ -211,10 +214,12 @@ class ResiDualReadoutLayer(nn.Module, ResiDualTunerLayer):
             return result
         if len(self.active_adapters) != 1:
             raise ValueError(f"ResiDual runs one adapter at a time, but {self.active_adapters} are active.")
-        adapted = self.adapt(self.active_adapters[0], self.trace.contributions()).to(result.dtype)
+        adapted = self.adapt(self.active_adapters[0], self.trace.contributions())
+        # the output keeps the base dtype, except while the trainer runs in float64 all the way to the loss
+        adapted = adapted.to(result.dtype if self.compute_dtype == torch.float32 else self.compute_dtype)
         self.trace.clear()
         if result.dim() == 3:  # a final norm over the whole sequence: only the CLS token is ResiDual's
-            return torch.cat([adapted.unsqueeze(1), result[:, 1:]], dim=1)
+            return torch.cat([adapted.unsqueeze(1), result[:, 1:].to(adapted.dtype)], dim=1)
         return adapted
 
 

@@ -12,6 +12,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +32,23 @@ from .decomposition import embed_images
 from .layer import combine
 from .pca import _residual_tuner
 
+TRAINING_DTYPE = torch.float64
+"""The scales train in float64: they are few, and exact sums make multi-process runs match single-process ones."""
+
+
+@contextmanager
+def _training_precision(run: _Run) -> Iterator[None]:
+    """Hold the scales, and compute the readout, in :data:`TRAINING_DTYPE` for the block; float32 afterwards."""
+    for param in run.params:
+        param.data = param.data.to(TRAINING_DTYPE)
+    run.readout.compute_dtype = TRAINING_DTYPE
+    try:
+        yield
+    finally:
+        run.readout.compute_dtype = torch.float32
+        for param in run.params:
+            param.data = param.data.float()
+
 
 @dataclass
 class TrainingResult:
@@ -44,6 +62,12 @@ class TrainingResult:
     history: list[dict] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     """Wall time of the phases: ``cache`` (encoding), ``lr_range`` and ``train``."""
+
+
+def default_accelerator() -> Accelerator:
+    """An ``Accelerator`` that runs multi-process on CPUs (gloo) when no GPU is present, e.g. under
+    ``accelerate launch --multi_gpu`` on a CPU-only machine."""
+    return Accelerator(cpu=not torch.cuda.is_available())
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -96,7 +120,7 @@ class _Run:
         self.classifier = classifier.to(accelerator.device)
         self.label_column = label_column
         self.num_workers = workers
-        self.basis = self.readout.basis(self.adapter).to(accelerator.device)
+        self.basis = self.readout.basis(self.adapter).to(accelerator.device, TRAINING_DTYPE)
         self.dtype = next(self.tuner.model.parameters()).dtype
 
     def batches(
@@ -109,9 +133,8 @@ class _Run:
         if split.cache is not None:
             cache = split.cache
             for batch, mine in zip(global_batches, local, strict=True):
-                adapted = combine(
-                    cache.scores[mine], cache.offset[mine], self.readout.lambdas(self.adapter), self.basis
-                )
+                scores, offset = cache.scores[mine].to(self.basis.dtype), cache.offset[mine].to(self.basis.dtype)
+                adapted = combine(scores, offset, self.readout.lambdas(self.adapter), self.basis)
                 yield self.classifier(adapted), cache.labels[mine], len(batch)
             return
         loader = DataLoader(split.dataset, batch_sampler=[m.tolist() for m in local], num_workers=self.num_workers)
@@ -202,6 +225,27 @@ def _restore(run: _Run, optimizer: AdamWScheduleFree, tensors: dict[str, torch.T
     return [tensors[f"best.{i}"].to(param.device) for i, param in enumerate(run.params)]
 
 
+def _use_cache(cache: bool | str, num_samples: int, basis_shape: torch.Size, max_bytes: int | None) -> bool:
+    """Whether to train on the unit cache: always, never, or ("auto") when it fits the memory budget."""
+    if cache not in (True, False, "auto"):
+        raise ValueError(f"cache must be True, False or 'auto', got {cache!r}.")
+    needed = UnitCache.bytes_needed(num_samples, basis_shape[0], basis_shape[1])
+    budget = max_bytes if max_bytes is not None else available_memory_bytes() // 2
+    if needed <= budget or cache is False:
+        return bool(cache)
+    if cache is True:
+        raise MemoryError(
+            f"The unit cache needs {needed / 2**20:.1f} MiB but the budget is {budget / 2**20:.1f} MiB; pass "
+            "cache=False (end to end), a larger max_cache_bytes, or fewer samples."
+        )
+    warnings.warn(
+        f"The unit cache would need {needed / 2**20:.1f} MiB (budget {budget / 2**20:.1f} MiB); training end to end "
+        "through the backbone instead.",
+        stacklevel=3,
+    )
+    return False
+
+
 def train_residual(
     model: nn.Module,
     classifier: Classifier,
@@ -236,27 +280,13 @@ def train_residual(
         >>> result = train_residual(peft_model, classifier, train_dataset)
         >>> result.best_val_accuracy, result.epochs_run
     """
-    accelerator = accelerator or Accelerator()
+    accelerator = accelerator or default_accelerator()
     run = _Run(model, classifier, accelerator, label_column, num_workers)
     if eval_dataset is None:
         train_dataset, eval_dataset = stratified_split(train_dataset, val_fraction, seed, label_column)
-    seconds = {"cache": 0.0, "lr_range": 0.0, "train": 0.0}
-
-    needed = UnitCache.bytes_needed(len(train_dataset) + len(eval_dataset), len(run.basis), run.basis.shape[1])
-    budget = max_cache_bytes if max_cache_bytes is not None else available_memory_bytes() // 2
-    use_cache = cache is True or (cache == "auto" and needed <= budget)
-    if cache is True and needed > budget:
-        raise MemoryError(
-            f"The unit cache needs {needed / 2**20:.0f} MiB but the budget is {budget / 2**20:.0f} MiB; pass "
-            "cache=False (end to end), a larger max_cache_bytes, or fewer samples."
-        )
-    if cache == "auto" and not use_cache:
-        warnings.warn(
-            f"The unit cache would need {needed / 2**20:.0f} MiB (budget {budget / 2**20:.0f} MiB); training end to "
-            "end through the backbone instead.",
-            stacklevel=2,
-        )
     train, val = _Split(train_dataset, None), _Split(eval_dataset, None)
+    seconds = {"cache": 0.0, "lr_range": 0.0, "train": 0.0}
+    use_cache = _use_cache(cache, len(train) + len(val), run.basis.shape, max_cache_bytes)
     if use_cache:
         started = time.perf_counter()
         for split in (train, val):
@@ -266,62 +296,63 @@ def train_residual(
         seconds["cache"] = time.perf_counter() - started
 
     checkpoint = load_checkpoint(output_dir) if output_dir is not None else None
-    settings = dict(batch_size=batch_size, max_epochs=max_epochs, patience=patience, seed=seed, train=len(train))
-    fingerprint = _fingerprint(run, **settings)
+    fingerprint = _fingerprint(
+        run, batch_size=batch_size, max_epochs=max_epochs, patience=patience, seed=seed, train=len(train)
+    )
     if checkpoint is not None and checkpoint[1]["fingerprint"] != fingerprint:
         raise ValueError(
             f"{output_dir} holds a checkpoint of another run ({checkpoint[1]['fingerprint']} vs {fingerprint}); "
             "use a new output_dir or delete the checkpoint."
         )
-    if checkpoint is not None:
-        lr = checkpoint[1]["lr"]
-    elif lr == "auto":
-        started = time.perf_counter()
-        lr = find_learning_rate(run, train, seed, batch_size)
-        seconds["lr_range"] = time.perf_counter() - started
-    elif not isinstance(lr, (int, float)) or lr <= 0:
+    if lr != "auto" and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr <= 0):
         raise ValueError(f"lr must be a positive number or 'auto', got {lr!r}.")
 
-    optimizer = AdamWScheduleFree(run.params, lr=float(lr))
-    best = [param.detach().clone() for param in run.params]
-    state = {"epoch": 0, "best_accuracy": -1.0, "best_epoch": 0, "bad_epochs": 0, "history": [], "done": False}
-    if checkpoint is not None:
-        best = _restore(run, optimizer, *checkpoint)
-        state = {key: checkpoint[1][key] for key in state}
+    with _training_precision(run):
+        if checkpoint is not None:
+            lr = checkpoint[1]["lr"]
+        elif lr == "auto":
+            started = time.perf_counter()
+            lr = find_learning_rate(run, train, seed, batch_size)
+            seconds["lr_range"] = time.perf_counter() - started
+        optimizer = AdamWScheduleFree(run.params, lr=float(lr))
+        best = [param.detach().clone() for param in run.params]
+        state = {"epoch": 0, "best_accuracy": -1.0, "best_epoch": 0, "bad_epochs": 0, "history": [], "done": False}
+        if checkpoint is not None:
+            best = _restore(run, optimizer, *checkpoint)
+            state = {key: checkpoint[1][key] for key in state}
 
-    started = time.perf_counter()
-    show = progress and accelerator.is_local_main_process
-    epochs = tqdm(range(state["epoch"], max_epochs), desc="ResiDual training", disable=not show or state["done"])
-    for epoch in epochs:
-        if state["done"]:
-            break
-        optimizer.train()
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-        losses = [run.step(optimizer, *batch) for batch in run.batches(train, order, batch_size)]
-        optimizer.eval()  # evaluate and checkpoint the averaged scales
-        val_accuracy = run.evaluate(val, batch_size)
-        record = {"epoch": epoch + 1, "train_loss": sum(losses) / len(losses), "val_accuracy": val_accuracy}
-        state["history"].append(record)
-        state["epoch"] = epoch + 1
-        if val_accuracy > state["best_accuracy"]:
-            state.update(best_accuracy=val_accuracy, best_epoch=epoch + 1, bad_epochs=0)
-            best = [param.detach().clone() for param in run.params]
-        else:
-            state["bad_epochs"] += 1
-        state["done"] = state["bad_epochs"] >= patience or state["epoch"] >= max_epochs
-        if output_dir is not None and accelerator.is_main_process:
-            groups = {name: optimizer.param_groups[0][name] for name in _GROUP_SCALARS}
-            meta = {**state, "optimizer": groups, "lr": float(lr), "fingerprint": fingerprint}
-            save_checkpoint(output_dir, _checkpoint_tensors(run, optimizer, best), meta)
-        accelerator.wait_for_everyone()
-        epochs.set_postfix(loss=f"{record['train_loss']:.4f}", val_acc=f"{val_accuracy:.4f}")
-        if on_epoch_end is not None:
-            on_epoch_end(record)
-    seconds["train"] = time.perf_counter() - started
-
-    with torch.no_grad():
-        for param, value in zip(run.params, best, strict=True):
-            param.copy_(value)
+        started = time.perf_counter()
+        show = progress and accelerator.is_local_main_process and not state["done"]
+        epochs = tqdm(range(state["epoch"], max_epochs), desc="ResiDual training", disable=not show)
+        for epoch in epochs:
+            if state["done"]:
+                break
+            optimizer.train()
+            order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+            losses = [run.step(optimizer, *batch) for batch in run.batches(train, order, batch_size)]
+            optimizer.eval()  # evaluate and checkpoint the averaged scales
+            record = {"epoch": epoch + 1, "train_loss": sum(losses) / len(losses)}
+            record["val_accuracy"] = run.evaluate(val, batch_size)
+            state["history"].append(record)
+            state["epoch"] = epoch + 1
+            if record["val_accuracy"] > state["best_accuracy"]:
+                state.update(best_accuracy=record["val_accuracy"], best_epoch=epoch + 1, bad_epochs=0)
+                best = [param.detach().clone() for param in run.params]
+            else:
+                state["bad_epochs"] += 1
+            state["done"] = state["bad_epochs"] >= patience or state["epoch"] >= max_epochs
+            if output_dir is not None and accelerator.is_main_process:
+                groups = {name: optimizer.param_groups[0][name] for name in _GROUP_SCALARS}
+                meta = {**state, "optimizer": groups, "lr": float(lr), "fingerprint": fingerprint}
+                save_checkpoint(output_dir, _checkpoint_tensors(run, optimizer, best), meta)
+            accelerator.wait_for_everyone()
+            epochs.set_postfix(loss=f"{record['train_loss']:.4f}", val_acc=f"{record['val_accuracy']:.4f}")
+            if on_epoch_end is not None:
+                on_epoch_end(record)
+        seconds["train"] = time.perf_counter() - started
+        with torch.no_grad():
+            for param, value in zip(run.params, best, strict=True):
+                param.copy_(value)
     return TrainingResult(
         lr=float(lr),
         best_val_accuracy=state["best_accuracy"],

@@ -1,0 +1,59 @@
+"""Train ResiDual scales on a tiny random DINOv2 and synthetic data; write the final scales to OUT/lambdas.safetensors.
+
+Used by the tests as a subprocess: plain, under `accelerate launch`, and killed mid-run then restarted.
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import datasets
+import torch
+from peft import get_peft_model
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from peft_residual import CentroidClassifier, ResiDualConfig, fit_residual_bases, train_residual
+from peft_residual.trainer import default_accelerator
+from tests.conftest import images, make_model
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--out", required=True)
+parser.add_argument("--checkpoint-dir")
+parser.add_argument("--epochs", type=int, default=4)
+parser.add_argument("--sleep", type=float, default=0.0, help="seconds to pause after each epoch")
+parser.add_argument("--cache", choices=["true", "false"], default="true")
+args = parser.parse_args()
+
+n = 256
+x, y = images(n, seed=3), torch.arange(n) % 4
+features = datasets.Features(
+    {"pixel_values": datasets.Array3D((3, 32, 32), "float32"), "label": datasets.ClassLabel(4)}
+)
+data = datasets.Dataset.from_dict({"pixel_values": x.numpy(), "label": y.tolist()}, features=features)
+data = data.with_format("torch")
+model = get_peft_model(make_model("dinov2"), ResiDualConfig(k=4, units="heads+mlps"))
+fit_residual_bases(model, [{"pixel_values": x[i : i + 64]} for i in range(0, n, 64)], progress=False)
+classifier = CentroidClassifier.from_model(model, [{"pixel_values": x, "label": y}], list("abcd"))
+accelerator = default_accelerator()
+result = train_residual(
+    model,
+    classifier,
+    data,
+    max_epochs=args.epochs,
+    patience=args.epochs,
+    batch_size=32,
+    cache=args.cache == "true",
+    output_dir=args.checkpoint_dir,
+    accelerator=accelerator,
+    progress=False,
+    on_epoch_end=lambda record: time.sleep(args.sleep),
+)
+if accelerator.is_main_process:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(
+        {"lambdas": model.base_model.readout.lambdas("default").detach().contiguous()}, out / "lambdas.safetensors"
+    )
+    (out / "result.txt").write_text(f"{result.epochs_run} {result.best_val_accuracy} {accelerator.num_processes}\n")
