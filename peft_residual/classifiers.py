@@ -75,7 +75,9 @@ class Classifier(nn.Module):
         if meta.get("kind") not in kinds:
             raise ValueError(f"{directory}/classifier.json has unknown kind {meta.get('kind')!r}.")
         weights = load_file(directory / "classifier.safetensors")["weights"]
-        return kinds[meta["kind"]](weights, meta["scale"], meta["class_names"])
+        classifier = kinds[meta["kind"]](weights, meta["scale"], meta["class_names"])
+        classifier.weights.copy_(weights)  # as saved, not normalised a second time
+        return classifier
 
 
 class ZeroShotClassifier(Classifier):
@@ -112,7 +114,7 @@ class ZeroShotClassifier(Classifier):
                 embeddings.append(clip_model.get_text_features(**tokens).pooler_output.float())
             mean = F.normalize(torch.cat(embeddings), dim=-1).mean(0)
             weights.append(F.normalize(mean, dim=-1))
-        return cls(torch.stack(weights).cpu(), float(clip_model.logit_scale.exp()), class_names)
+        return cls(torch.stack(weights).cpu(), float(clip_model.logit_scale.detach().exp()), class_names)
 
 
 class CentroidClassifier(Classifier):

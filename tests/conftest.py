@@ -79,3 +79,26 @@ def loader(n: int = 96, batch: int = 32, seed: int = 1) -> list[dict[str, torch.
 @pytest.fixture(params=KINDS)
 def kind(request) -> str:
     return request.param
+
+
+def image_dataset(n: int, num_classes: int = 4, seed: int = 3):
+    """A ``datasets.Dataset`` of random images with balanced labels, formatted as torch tensors."""
+    import datasets
+
+    x = images(n, seed)
+    y = torch.arange(n) % num_classes
+    pixels = datasets.Array3D((3, IMAGE_SIZE, IMAGE_SIZE), "float32")
+    features = datasets.Features({"pixel_values": pixels, "label": datasets.ClassLabel(num_classes)})
+    data = datasets.Dataset.from_dict({"pixel_values": x.numpy(), "label": y.tolist()}, features=features)
+    return data.with_format("torch")
+
+
+def word_tokenizer():
+    """A tiny whitespace tokenizer for the tiny CLIP text tower (its ids stay below TEXT['vocab_size'])."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<s>", "</s>", "<unk>", "a", "photo", "of", "the", "cat", "dog", "bird", "fish", ".", "big"]
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", unk_token="<unk>")

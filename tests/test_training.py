@@ -1,0 +1,249 @@
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import get_peft_model
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from peft_residual import (
+    CentroidClassifier,
+    Classifier,
+    ResiDualConfig,
+    ZeroShotClassifier,
+    accuracy,
+    embed_images,
+    find_learning_rate,
+    fit_residual_bases,
+    load_templates,
+    stratified_split,
+    train_residual,
+)
+from peft_residual.checkpoint import CHECKPOINT_NAME
+from peft_residual.trainer import _Run, _Split, default_accelerator
+
+from .conftest import image_dataset, loader, make_model, word_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "tests" / "scripts" / "train_tiny.py"
+
+
+def fitted_with_classifier(kind="dinov2", config=None, n=128):
+    model = get_peft_model(make_model(kind), config or ResiDualConfig(k=4, units="heads+mlps"))
+    fit_residual_bases(model, loader(n=n), progress=False)
+    data = image_dataset(n)
+    batch = data[:]
+    classifier = CentroidClassifier.from_model(model, [batch], list("abcd"))
+    return model, classifier, data
+
+
+def scales(model):
+    return model.base_model.readout.lambdas("default").detach().clone()
+
+
+def test_shipped_templates():
+    assert len(load_templates("imagenet")) == 80
+    assert len(load_templates("cifar10")) == 18
+    for name in ("mnist", "eurosat", "gtsrb", "dtd", "svhn", "resisc45", "sun397", "cars"):
+        assert all("{}" in t for t in load_templates(name))
+    assert load_templates(["a {} photo."]) == ["a {} photo."]
+
+
+@pytest.mark.parametrize(
+    ("templates", "error", "message"),
+    [
+        ("nope", ValueError, "No template set named"),
+        (["a photo"], ValueError, "has no '{}'"),
+        ([], ValueError, "empty"),
+    ],
+)
+def test_bad_templates_are_errors(templates, error, message):
+    with pytest.raises(error, match=message):
+        load_templates(templates)
+
+
+def test_zero_shot_classifier_averages_normalised_templates():
+    clip = make_model("clip")
+    tokenizer = word_tokenizer()
+    templates = ["a photo of the {} .", "a big {} ."]
+    classifier = ZeroShotClassifier.from_clip(clip, tokenizer, ["cat", "dog", "bird"], templates=templates)
+    with torch.no_grad():
+        for row, name in enumerate(["cat", "dog", "bird"]):
+            tokens = tokenizer([t.format(name) for t in templates], padding=True, return_tensors="pt")
+            text = F.normalize(clip.get_text_features(**tokens).pooler_output.double(), dim=-1)
+            expected = F.normalize(text.mean(0), dim=-1)
+            torch.testing.assert_close(classifier.weights[row].double(), expected, rtol=1e-5, atol=1e-6)
+    assert classifier.scale == pytest.approx(float(clip.logit_scale.detach().exp()))
+    x = torch.randn(5, classifier.weights.shape[1])
+    expected_logits = classifier.scale * F.normalize(x, dim=-1) @ classifier.weights.T
+    torch.testing.assert_close(classifier(x), expected_logits)
+    with pytest.raises(ValueError, match="class list is empty"):
+        ZeroShotClassifier.from_clip(clip, tokenizer, [], templates=templates)
+
+
+def test_centroid_classifier_and_round_trip(tmp_path):
+    features = torch.randn(12, 6)
+    labels = torch.tensor([0, 1, 2] * 4)
+    classifier = CentroidClassifier.from_features(features, labels, ["x", "y", "z"], scale=50.0)
+    for c in range(3):
+        expected = F.normalize(features[labels == c].mean(0), dim=-1)
+        torch.testing.assert_close(classifier.weights[c], expected)
+    classifier.save_pretrained(tmp_path)
+    again = Classifier.from_pretrained(tmp_path)
+    assert isinstance(again, CentroidClassifier) and again.scale == 50.0 and again.class_names == ["x", "y", "z"]
+    assert torch.equal(again.weights, classifier.weights)
+    assert {p.name for p in tmp_path.iterdir()} == {"classifier.json", "classifier.safetensors"}
+    with pytest.raises(ValueError, match="Class 'w' has no examples"):
+        CentroidClassifier.from_features(features, labels, ["x", "y", "z", "w"])
+
+
+def test_centroids_use_the_base_model_even_when_adapted():
+    model, classifier, data = fitted_with_classifier()
+    with torch.no_grad(), model.disable_adapter():
+        plain = embed_images(model, data[:]["pixel_values"])
+    again = CentroidClassifier.from_features(plain, data[:]["label"], list("abcd"))
+    torch.testing.assert_close(again.weights, classifier.weights)
+
+
+def test_accuracy():
+    logits = torch.tensor([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7], [0.6, 0.4]])
+    assert accuracy(logits, torch.tensor([1, 0, 0, 0])) == 0.75
+    assert math.isnan(accuracy(logits[:0], torch.tensor([], dtype=torch.long)))
+
+
+def test_stratified_split_is_seeded_and_balanced():
+    data = image_dataset(200)
+    train, val = stratified_split(data, 0.1, seed=0)
+    assert len(val) == 20 and len(train) == 180
+    assert torch.bincount(val[:]["label"]).tolist() == [5, 5, 5, 5]
+    assert isinstance(val[0]["pixel_values"], torch.Tensor)  # the format survives the split
+    again, _ = stratified_split(data, 0.1, seed=0)
+    other, _ = stratified_split(data, 0.1, seed=1)
+    assert again[:]["label"].tolist() == train[:]["label"].tolist()
+    assert torch.equal(again[:]["pixel_values"], train[:]["pixel_values"])
+    assert not torch.equal(other[:]["pixel_values"], train[:]["pixel_values"])
+
+
+def test_cached_path_matches_end_to_end():
+    results = {}
+    for cache in (True, False):
+        model, classifier, data = fitted_with_classifier()
+        result = train_residual(model, classifier, data, max_epochs=3, batch_size=16, cache=cache, progress=False)
+        assert result.cached is cache
+        results[cache] = (scales(model), result)
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=0, atol=1e-5)
+    for cached, end_to_end in zip(results[True][1].history, results[False][1].history, strict=True):
+        assert cached["val_accuracy"] == end_to_end["val_accuracy"]
+        assert cached["train_loss"] == pytest.approx(end_to_end["train_loss"], rel=1e-6)
+
+
+def test_training_is_deterministic_and_improves_the_loss():
+    runs = []
+    for seed in (0, 0, 1):
+        model, classifier, data = fitted_with_classifier()
+        before = scales(model)
+        result = train_residual(model, classifier, data, max_epochs=4, batch_size=16, seed=seed, progress=False)
+        assert not torch.equal(scales(model), before)
+        runs.append((scales(model), result))
+    assert torch.equal(runs[0][0], runs[1][0]) and not torch.equal(runs[0][0], runs[2][0])
+    history = runs[0][1].history
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+
+
+def test_best_epoch_is_restored_and_early_stopping_counts_patience():
+    model, classifier, data = fitted_with_classifier()
+    train, val = stratified_split(data, 0.25, seed=0)
+    result = train_residual(model, classifier, train, val, max_epochs=30, patience=2, batch_size=16, progress=False)
+    accuracies = [record["val_accuracy"] for record in result.history]
+    assert result.best_val_accuracy == max(accuracies)
+    assert result.best_epoch == 1 + accuracies.index(max(accuracies))
+    assert result.epochs_run == len(accuracies)
+    assert result.epochs_run == 30 or result.epochs_run == result.best_epoch + 2
+    with torch.no_grad():
+        logits = classifier(embed_images(model, val[:]["pixel_values"]))
+    assert accuracy(logits, val[:]["label"]) == pytest.approx(result.best_val_accuracy)
+
+
+def test_lr_range_test_leaves_scales_unchanged():
+    model, classifier, data = fitted_with_classifier()
+    before = scales(model)
+    run = _Run(model, classifier, default_accelerator(), "label", 0)
+    lr = find_learning_rate(run, _Split(data, None), seed=0, batch_size=16, steps=12)
+    assert 1e-3 <= lr <= 10.0
+    assert torch.equal(scales(model), before)
+    result = train_residual(model, classifier, data, lr="auto", max_epochs=1, batch_size=16, progress=False)
+    assert result.lr > 0 and result.seconds["lr_range"] > 0
+
+
+def test_cache_budget_falls_back_or_errors():
+    model, classifier, data = fitted_with_classifier()
+    with pytest.warns(UserWarning, match="training end to end"):
+        result = train_residual(model, classifier, data, max_epochs=1, max_cache_bytes=1, progress=False)
+    assert result.cached is False
+    with pytest.raises(MemoryError, match="cache=False"):
+        train_residual(model, classifier, data, max_epochs=1, cache=True, max_cache_bytes=1, progress=False)
+
+
+def test_bad_training_arguments_are_errors():
+    model, classifier, data = fitted_with_classifier()
+    with pytest.raises(ValueError, match="lr must be"):
+        train_residual(model, classifier, data, lr=-1, progress=False)
+    with pytest.raises(ValueError, match="cache must be"):
+        train_residual(model, classifier, data, cache="yes", progress=False)
+    with pytest.raises(TypeError, match="pass eval_dataset"):
+        train_residual(model, classifier, list(data), progress=False)
+    unfitted = get_peft_model(make_model("dinov2"), ResiDualConfig(k=2))
+    with pytest.raises(RuntimeError, match="fit_residual_bases"):
+        train_residual(unfitted, classifier, data, progress=False)
+
+
+def _checkpoint_epoch(directory: Path) -> int:
+    path = directory / CHECKPOINT_NAME
+    if not path.exists():
+        return 0
+    import json
+
+    with safe_open(path, framework="pt") as handle:
+        return json.loads(handle.metadata()["state"])["epoch"]
+
+
+def _run_script(*args: str, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env, check=True)
+
+
+def test_killed_run_resumes_to_the_same_scales(tmp_path):
+    reference = tmp_path / "reference"
+    _run_script("--out", str(reference), "--epochs", "6")
+    checkpoints, out = tmp_path / "checkpoints", tmp_path / "resumed"
+    command = [sys.executable, str(SCRIPT), "--out", str(out), "--epochs", "6", "--checkpoint-dir", str(checkpoints)]
+    process = subprocess.Popen([*command, "--sleep", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while _checkpoint_epoch(checkpoints) < 2 and time.time() < deadline and process.poll() is None:
+        time.sleep(0.1)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    interrupted_at = _checkpoint_epoch(checkpoints)
+    assert 2 <= interrupted_at < 6 and not (out / "lambdas.safetensors").exists()
+    subprocess.run(command, capture_output=True, check=True)
+    assert _checkpoint_epoch(checkpoints) == 6
+    resumed = load_file(out / "lambdas.safetensors")["lambdas"]
+    torch.testing.assert_close(resumed, load_file(reference / "lambdas.safetensors")["lambdas"], rtol=0, atol=0)
+
+
+def test_two_processes_match_one(tmp_path):
+    _run_script("--out", str(tmp_path / "one"))
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    subprocess.run([*launch, str(SCRIPT), "--out", str(tmp_path / "two")], capture_output=True, check=True)
+    assert (tmp_path / "two" / "result.txt").read_text().split()[2] == "2"
+    one = load_file(tmp_path / "one" / "lambdas.safetensors")["lambdas"]
+    two = load_file(tmp_path / "two" / "lambdas.safetensors")["lambdas"]
+    assert not torch.equal(one, torch.ones_like(one))
+    torch.testing.assert_close(two, one, rtol=0, atol=1e-5)
