@@ -13,6 +13,7 @@ UNIT_KINDS = ("heads", "heads+mlps")
 REST_MODES = ("sum", "zero", "mean")
 LAMBDA_INITS = ("ones", "randn", "eigen")
 REMAINDER_MODES = ("drop", "keep")
+SCALE_PER = ("component", "unit")
 
 
 @dataclass
@@ -62,6 +63,13 @@ class ResiDualConfig(PeftConfig):
             "eigenvalues divided by their mean)."
         },
     )
+    scale_per: Literal["component", "unit"] = field(
+        default="component",
+        metadata={
+            "help": "'component': one scale per principal component (ResiDual); 'unit': one scale per unit shared by "
+            "its components (the paper's coarse baseline)."
+        },
+    )
     seed: int = field(default=0, metadata={"help": "Seed of the 'randn' initialisation."})
     target_modules: list[str] | None = field(
         default=None,
@@ -89,6 +97,7 @@ class ResiDualConfig(PeftConfig):
             ("rest", REST_MODES),
             ("remainder", REMAINDER_MODES),
             ("lambda_init", LAMBDA_INITS),
+            ("scale_per", SCALE_PER),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"ResiDualConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}.")
@@ -105,6 +114,11 @@ class ResiDualConfig(PeftConfig):
     def residual(cls, **overrides) -> ResiDualConfig:
         """ResiDual: heads and MLPs transformed with all components, the embedding added back."""
         return cls(**{"k": None, "units": "heads+mlps", "rest": "sum", **overrides})
+
+    @classmethod
+    def coarse(cls, **overrides) -> ResiDualConfig:
+        """Coarse baseline: one scale per head, on all its components; the other units added back."""
+        return cls(**{"k": None, "units": "heads", "rest": "sum", "scale_per": "unit", **overrides})
 
     @classmethod
     def residual_star(cls, **overrides) -> ResiDualConfig:

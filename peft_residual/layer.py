@@ -46,7 +46,8 @@ class ResiDualUnitLayer(nn.Module, ResiDualTunerLayer):
 
     Per adapter: ``residual_mean`` ``[units, dim]``; for transformed units also ``residual_rank`` ``[units]``
     (components per unit), ``residual_basis`` ``[sum(rank), dim]`` (rows grouped by unit) and the trainable
-    ``residual_lambda`` ``[sum(rank)]``. Untransformed units get a layer only when they are replaced by their mean.
+    ``residual_lambda`` ``[sum(rank)]`` (``[units]`` with one scale per unit). Untransformed units get a layer only when
+    they are replaced by their mean.
     """
 
     def __init__(self, base_layer: nn.Module, unit_slice: slice, unit_names: list[str], kind: str, **kwargs) -> None:
@@ -79,6 +80,12 @@ class ResiDualUnitLayer(nn.Module, ResiDualTunerLayer):
     def _base_device(self) -> torch.device:
         tensor = next(self.get_base_layer().parameters(), None)
         return tensor.device if tensor is not None else torch.device("cpu")
+
+    def component_lambdas(self, adapter_name: str) -> torch.Tensor:
+        """One scale per component, ``[sum(rank)]``, repeating per-unit scales over their unit's components."""
+        lambdas = self.residual_lambda[adapter_name]
+        rank = self.residual_rank[adapter_name]
+        return lambdas.repeat_interleave(rank) if len(lambdas) != int(rank.sum()) else lambdas
 
     def is_transformed(self, adapter_name: str) -> bool:
         return adapter_name in self.residual_lambda
@@ -195,7 +202,7 @@ class ResiDualReadoutLayer(nn.Module, ResiDualTunerLayer):
     def lambdas(self, adapter_name: str) -> torch.Tensor:
         """All trainable scales of the adapter, in score order."""
         layers = [layer for layer in self._layers_of(adapter_name) if layer.is_transformed(adapter_name)]
-        return torch.cat([layer.residual_lambda[adapter_name].to(self.compute_dtype) for layer in layers])
+        return torch.cat([layer.component_lambdas(adapter_name).to(self.compute_dtype) for layer in layers])
 
     def basis(self, adapter_name: str) -> torch.Tensor:
         """All PCA components of the adapter, ``[sum(rank), dim]``, in score order."""

@@ -158,7 +158,12 @@ def _check_shapes(layer: ResiDualUnitLayer, shapes: dict[str, torch.Size], outpu
     if "residual_rank" not in shapes:
         return
     rank, basis, lambdas = shapes["residual_rank"], shapes["residual_basis"], shapes["residual_lambda"]
-    if tuple(rank) != (units,) or len(basis) != 2 or basis[1] != output_dim or tuple(lambdas) != (basis[0],):
+    if (
+        tuple(rank) != (units,)
+        or len(basis) != 2
+        or basis[1] != output_dim
+        or tuple(lambdas) not in {(basis[0],), (units,)}
+    ):
         raise ValueError(
             f"Unit {first}: the checkpoint's rank {tuple(rank)}, basis {tuple(basis)} and scales {tuple(lambdas)} do "
             f"not fit {units} units of output dimension {output_dim}. Load the adapter onto the base model it was "

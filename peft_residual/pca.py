@@ -199,7 +199,8 @@ def _fit_layer(
             )
         values = eigenvalues[unit, :k]
         bases.append(_canonical_signs(eigenvectors[unit, :, :k].T))
-        lambdas.append(_initial_lambdas(config.lambda_init, values, generator))
+        per_unit = config.scale_per == "unit"
+        lambdas.append(_initial_lambdas(config.lambda_init, values[:1] if per_unit else values, generator))
         report.components[name] = k
         total = eigenvalues[unit].sum()
         report.explained_variance[name] = float(values.sum() / total) if total > 0 else 0.0

@@ -86,7 +86,8 @@ def reference_float64(model, x):
                 continue
             stop = start + int(k[unit])
             basis = layer.residual_basis["default"][start:stop].double()
-            lam = layer.residual_lambda["default"][start:stop].detach().double()
+            lam = layer.residual_lambda["default"].detach().double()
+            lam = lam[unit].expand(stop - start) if config.scale_per == "unit" else lam[start:stop]
             state[name] = (mean, basis, lam)
             start = stop
     out = torch.zeros_like(direct["embedding"])
@@ -108,11 +109,12 @@ CONFIGS = [
     ResiDualConfig(k=4),
     ResiDualConfig.residual(),
     ResiDualConfig.residual_star(),
+    ResiDualConfig.coarse(),
     ResiDualConfig(k=3, units="heads+mlps", layers=[1], rest="mean", remainder="keep", lambda_init="eigen"),
 ]
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=["k4", "residual", "residual_star", "mean_keep"])
+@pytest.mark.parametrize("config", CONFIGS, ids=["k4", "residual", "residual_star", "coarse", "mean_keep"])
 @pytest.mark.parametrize("kind", ["clip_vision_projection", "dinov2", "clip_vision"])
 def test_adapted_output_matches_independent_float64(kind, config):
     model = fitted(kind, config)
@@ -282,3 +284,15 @@ def test_malformed_saved_config_is_a_clear_error(tmp_path):
     path.write_text(json.dumps(config))
     with pytest.raises(ValueError, match="rest must be one of"):
         PeftModel.from_pretrained(make_model("clip_vision"), tmp_path)
+
+
+def test_coarse_has_one_trainable_scale_per_head(tmp_path):
+    model = fitted("clip_vision", ResiDualConfig.coarse())
+    assert model.get_nb_trainable_parameters()[0] == 2 * 4
+    x = images(3)
+    with torch.no_grad():
+        expected = model(pixel_values=x).pooler_output
+    model.save_pretrained(tmp_path)
+    again = PeftModel.from_pretrained(make_model("clip_vision"), tmp_path)
+    with torch.no_grad():
+        assert torch.equal(again(pixel_values=x).pooler_output, expected)
