@@ -34,7 +34,8 @@ class ResiDualConfig(PeftConfig):
         default=64,
         metadata={
             "help": "Principal components kept per unit: an int, a float in (0, 1) for the smallest number reaching "
-            "that explained-variance ratio, or None for all (the unit's full rank). Clamped to each unit's rank."
+            "that explained-variance ratio, or None for all (the unit's rank, at most samples - 1). Clamped to each "
+            "unit's rank."
         },
     )
     units: Literal["heads", "heads+mlps"] = field(

@@ -43,7 +43,7 @@ def class_names(dataset: datasets.Dataset, label_column: str = "label") -> list[
 def pixel_transform(
     model_name_or_path: str, image_size: int | None = None, image_column: str = "image", label_column: str = "label"
 ) -> Callable[[dict], dict]:
-    """A ``Dataset.with_transform`` function producing ``pixel_values`` with the model's own image processor.
+    """A ``Dataset.with_transform`` function giving ``pixel_values`` (the model's own image processor) and ``label``.
 
     ``image_size`` resizes straight to a square of that side (no crop); ``None`` keeps the processor's defaults.
     """
@@ -53,7 +53,7 @@ def pixel_transform(
     def transform(batch: dict) -> dict:
         images = [image.convert("RGB") for image in batch[image_column]]
         pixel_values = processor(images=images, return_tensors="pt", **overrides)["pixel_values"]
-        return {"pixel_values": pixel_values, label_column: batch[label_column]}
+        return {"pixel_values": pixel_values, "label": batch[label_column]}
 
     return transform
 
@@ -65,7 +65,7 @@ def prepare(
     image_column: str = "image",
     label_column: str = "label",
 ) -> datasets.Dataset:
-    """``dataset`` yielding ``{"pixel_values", label_column}``, converted on the fly."""
+    """``dataset`` yielding ``{"pixel_values", "label"}``, converted on the fly by the model's image processor."""
     check_columns(dataset, image_column, label_column)
     return dataset.with_transform(pixel_transform(model_name_or_path, image_size, image_column, label_column))
 

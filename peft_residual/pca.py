@@ -189,10 +189,12 @@ def _fit_layer(
     eigenvalues, eigenvectors = eigenvalues.flip(-1).clamp_min(0.0), eigenvectors.flip(-1)
     bases, lambdas = [], []
     for unit, name in enumerate(layer.unit_names):
-        k = choose_components(eigenvalues[unit], config.k, max_rank)
+        # "all components" means all the data has: a centred sample of n spans at most n - 1 directions
+        rank = max_rank if config.k is not None else min(max_rank, stats.count - 1)
+        k = choose_components(eigenvalues[unit], config.k, rank)
         if isinstance(config.k, int) and config.k > max_rank:
             report.clamped[name] = (config.k, k)
-        if not isinstance(config.k, float) and stats.count <= k:
+        if isinstance(config.k, int) and stats.count <= k:
             raise ValueError(
                 f"Unit {name} needs {k} components but only {stats.count} samples were seen; a PCA with k components "
                 f"needs more than k samples. Pass more reference images or lower k."

@@ -108,3 +108,11 @@ def test_batches_without_pixel_values_are_an_error():
     model = get_peft_model(make_model("clip_vision"), ResiDualConfig(k=3))
     with pytest.raises(KeyError, match="pixel_values"):
         fit_residual_bases(model, [{"image": images(4)}], progress=False)
+
+
+def test_all_components_means_all_the_data_has():
+    model = get_peft_model(make_model("clip_vision"), ResiDualConfig.residual())
+    report = fit_residual_bases(model, [{"pixel_values": images(20)}], progress=False)
+    assert report.components["layer0.mlp"] == 19  # 20 centred samples span 19 directions < dim 32
+    assert report.components["layer0.head0"] == 32 // 4 + 1
+    assert not report.clamped

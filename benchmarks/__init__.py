@@ -1,0 +1,1 @@
+"""Benchmarks of ResiDual against zero-shot, LoRA, linear probing and full fine-tuning. Not imported by the library."""

@@ -1,0 +1,75 @@
+"""Measurements shared by the benchmark methods: peak memory, latency, file sizes and accuracy."""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from peft_residual import Classifier, accuracy, embed_images
+
+
+class PeakRSS:
+    """Peak resident memory of this process while the block runs, sampled every 20 ms."""
+
+    def __enter__(self) -> PeakRSS:
+        self._process = psutil.Process()
+        self.peak = self._process.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, self._process.memory_info().rss)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._process.memory_info().rss)
+
+    @property
+    def mib(self) -> float:
+        return self.peak / 2**20
+
+
+@torch.no_grad()
+def latency_ms(model: nn.Module, pixel_values: torch.Tensor, repeats: int = 5) -> float:
+    """Median wall time of one image-embedding forward on ``pixel_values``, after a warm-up."""
+    embed_images(model, pixel_values)
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        embed_images(model, pixel_values)
+        times.append(time.perf_counter() - started)
+    return 1000 * statistics.median(times)
+
+
+def directory_bytes(path: Path, suffixes: tuple[str, ...] = (".safetensors", ".json")) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.suffix in suffixes)
+
+
+@torch.no_grad()
+def test_accuracy(model: nn.Module, classifier: Classifier, dataset, batch_size: int, workers: int = 0) -> float:
+    logits, labels = [], []
+    for batch in DataLoader(dataset, batch_size=batch_size, num_workers=workers):
+        logits.append(classifier(embed_images(model, batch["pixel_values"])))
+        labels.append(torch.as_tensor(batch["label"]))
+    return accuracy(torch.cat(logits), torch.cat(labels))
+
+
+@torch.no_grad()
+def base_features(model: nn.Module, dataset, batch_size: int, workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embeddings of the unadapted model and the labels."""
+    features, labels = [], []
+    for batch in DataLoader(dataset, batch_size=batch_size, num_workers=workers):
+        features.append(embed_images(model, batch["pixel_values"]).float())
+        labels.append(torch.as_tensor(batch["label"]))
+    return torch.cat(features), torch.cat(labels)

@@ -1,0 +1,231 @@
+"""One runner per benchmarked method. Each returns a flat record of what it measured."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import save_file
+from torch import nn
+from torch.utils.data import DataLoader
+from transformers import AutoConfig, AutoModel, CLIPModel
+
+from peft_residual import (
+    Architecture,
+    Classifier,
+    ResiDualConfig,
+    embed_images,
+    fit_residual_bases,
+    train_residual,
+)
+
+from .baselines import LEARNING_RATES, train_parameters
+from .measure import PeakRSS, directory_bytes, latency_ms, test_accuracy
+
+
+def load_backbone(model_name_or_path: str) -> nn.Module:
+    """A CLIP model (both towers, for the zero-shot head) or any other supported vision model, in eval mode."""
+    config = AutoConfig.from_pretrained(model_name_or_path)
+    model_class = CLIPModel if config.model_type == "clip" else AutoModel
+    model = model_class.from_pretrained(model_name_or_path).eval()
+    Architecture(model)  # fails early, naming the supported models
+    return model
+
+
+@dataclass
+class Bench:
+    """Everything the methods share: model, splits, classifier and the training recipe."""
+
+    model_path: str
+    train: object
+    val: object
+    test: object
+    classifier: Classifier
+    batch_size: int = 64
+    max_epochs: int = 30
+    patience: int = 5
+    workers: int = 0
+    progress: bool = True
+    base_latency_ms: float | None = None
+
+    def loader(self, dataset, shuffle_seed: int | None = None) -> DataLoader:
+        generator = torch.Generator().manual_seed(shuffle_seed) if shuffle_seed is not None else None
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle_seed is not None,
+            generator=generator,
+            num_workers=self.workers,
+        )
+
+    def latency_batch(self) -> torch.Tensor:
+        return next(iter(DataLoader(self.test, batch_size=32)))["pixel_values"]
+
+
+def _record(method: str, seed: int, **fields) -> dict:
+    return {"method": method, "seed": seed, **fields}
+
+
+def zero_shot(bench: Bench, seed: int) -> dict:
+    model = load_backbone(bench.model_path)
+    with PeakRSS() as rss:
+        accuracy = test_accuracy(model, bench.classifier, bench.test, bench.batch_size, bench.workers)
+    bench.base_latency_ms = latency_ms(model, bench.latency_batch())
+    return _record(
+        "zero-shot", seed, test_accuracy=accuracy, trainable_params=0, adapter_bytes=0, epochs=0,
+        seconds={"pca": 0.0, "cache": 0.0, "train": 0.0}, peak_rss_mib=rss.mib, latency_ms=bench.base_latency_ms,
+    )  # fmt: skip
+
+
+RESIDUAL_CONFIGS = {
+    "residual*": ResiDualConfig.residual_star,
+    "residual": ResiDualConfig.residual,
+    "coarse": ResiDualConfig.coarse,
+}
+
+
+def residual(bench: Bench, seed: int, method: str, cache: bool | str = "auto") -> dict:
+    model = get_peft_model(load_backbone(bench.model_path), RESIDUAL_CONFIGS[method](seed=seed))
+    with PeakRSS() as rss:
+        started = time.perf_counter()
+        fit_residual_bases(model, bench.loader(bench.train), progress=bench.progress)
+        pca_seconds = time.perf_counter() - started
+        result = train_residual(
+            model, bench.classifier, bench.train, bench.val, batch_size=bench.batch_size, max_epochs=bench.max_epochs,
+            patience=bench.patience, seed=seed, cache=cache, num_workers=bench.workers, progress=bench.progress,
+        )  # fmt: skip
+    accuracy = test_accuracy(model, bench.classifier, bench.test, bench.batch_size, bench.workers)
+    with tempfile.TemporaryDirectory() as directory:
+        model.save_pretrained(directory)
+        size = directory_bytes(Path(directory))
+    return _record(
+        method, seed, test_accuracy=accuracy, val_accuracy=result.best_val_accuracy,
+        trainable_params=model.get_nb_trainable_parameters()[0], adapter_bytes=size, epochs=result.epochs_run,
+        seconds={"pca": pca_seconds, "cache": result.seconds["cache"], "train": result.seconds["train"]},
+        peak_rss_mib=rss.mib, latency_ms=latency_ms(model, bench.latency_batch()), lr=result.lr, cached=result.cached,
+    )  # fmt: skip
+
+
+def _vision_linear_names(model: nn.Module, which: str) -> str:
+    """A regex for PEFT's target_modules: the attention q/v projections, or every linear layer, of the vision tower."""
+    arch = Architecture(model)
+    prefix = f"{arch.spec.tower}\\." if arch.spec.tower else ""
+    attention_out = arch.spec.attention_out.rsplit(".", 1)[-1]
+    names = ["q_proj", "v_proj"] if which == "qv" else ["q_proj", "k_proj", "v_proj", attention_out, "fc1", "fc2"]
+    return rf"{prefix}.*\.({'|'.join(names)})"
+
+
+def _image_batches(bench: Bench, dataset, seed: int | None):
+    def batches(epoch: int = 0):
+        shuffle = None if seed is None else seed * 100_003 + epoch
+        for batch in bench.loader(dataset, shuffle):
+            yield batch["pixel_values"], torch.as_tensor(batch["label"])
+
+    return batches
+
+
+def _train_backbone(bench: Bench, model: nn.Module, params: list[nn.Parameter], seed: int, lr: float) -> dict:
+    torch.manual_seed(seed)
+    return train_parameters(
+        params,
+        lambda pixel_values: bench.classifier(embed_images(model, pixel_values)),
+        _image_batches(bench, bench.train, seed),
+        _image_batches(bench, bench.val, None),
+        lr=lr,
+        max_epochs=bench.max_epochs,
+        patience=bench.patience,
+        progress=bench.progress,
+    )
+
+
+def lora(bench: Bench, seed: int, which: str) -> dict:
+    torch.manual_seed(seed)
+    base = load_backbone(bench.model_path)
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=_vision_linear_names(base, which))
+    model = get_peft_model(base, config)
+    params = [p for p in model.parameters() if p.requires_grad]
+    with PeakRSS() as rss:
+        result = _train_backbone(bench, model, params, seed, LEARNING_RATES["lora"])
+    model.eval()
+    accuracy = test_accuracy(model, bench.classifier, bench.test, bench.batch_size, bench.workers)
+    with tempfile.TemporaryDirectory() as directory:
+        model.save_pretrained(directory)
+        size = directory_bytes(Path(directory))
+    return _record(
+        f"lora-{which}", seed, test_accuracy=accuracy, val_accuracy=result["best_val_accuracy"],
+        trainable_params=sum(p.numel() for p in params), adapter_bytes=size, epochs=result["epochs_run"],
+        seconds={"pca": 0.0, "cache": 0.0, "train": result["train_seconds"]}, peak_rss_mib=rss.mib,
+        latency_ms=latency_ms(model, bench.latency_batch()), lr=LEARNING_RATES["lora"],
+    )  # fmt: skip
+
+
+def linear_probe(bench: Bench, seed: int, features: dict) -> dict:
+    """A trainable linear head on the base model's pooled features, started from the frozen classifier."""
+    torch.manual_seed(seed)
+    weight = nn.Parameter(bench.classifier.weights.clone())
+    bias = nn.Parameter(torch.zeros(len(weight)))
+    scale = bench.classifier.scale
+
+    def logits_of(x: torch.Tensor) -> torch.Tensor:
+        return scale * torch.nn.functional.normalize(x, dim=-1) @ weight.T + bias
+
+    def batches_of(split: str, shuffle: bool):
+        x, y = features[split]
+
+        def batches(epoch: int = 0):
+            order = (
+                torch.randperm(len(y), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+                if shuffle
+                else torch.arange(len(y))
+            )
+            for chunk in order.split(bench.batch_size):
+                yield x[chunk], y[chunk]
+
+        return batches
+
+    with PeakRSS() as rss:
+        result = train_parameters(
+            [weight, bias], logits_of, batches_of("train", True), batches_of("val", False),
+            lr=LEARNING_RATES["linear_probe"], max_epochs=bench.max_epochs, patience=bench.patience,
+            progress=bench.progress,
+        )  # fmt: skip
+    x, y = features["test"]
+    with torch.no_grad():
+        accuracy = float((logits_of(x).argmax(-1) == y).float().mean())
+    with tempfile.TemporaryDirectory() as directory:
+        save_file({"weight": weight.detach(), "bias": bias.detach()}, Path(directory) / "probe.safetensors")
+        size = directory_bytes(Path(directory))
+    return _record(
+        "linear-probe", seed, test_accuracy=accuracy, val_accuracy=result["best_val_accuracy"],
+        trainable_params=weight.numel() + bias.numel(), adapter_bytes=size, epochs=result["epochs_run"],
+        seconds={"pca": 0.0, "cache": features["seconds"], "train": result["train_seconds"]}, peak_rss_mib=rss.mib,
+        latency_ms=bench.base_latency_ms, lr=LEARNING_RATES["linear_probe"],
+    )  # fmt: skip
+
+
+def full_finetune(bench: Bench, seed: int) -> dict:
+    """All vision-tower weights trained (the text tower and the classifier stay frozen)."""
+    torch.manual_seed(seed)
+    model = load_backbone(bench.model_path)
+    tower = Architecture(model).tower
+    for param in model.parameters():
+        param.requires_grad_(False)
+    params = [p for p in tower.parameters()]
+    for param in params:
+        param.requires_grad_(True)
+    with PeakRSS() as rss:
+        result = _train_backbone(bench, model, params, seed, LEARNING_RATES["full_finetune"])
+    accuracy = test_accuracy(model, bench.classifier, bench.test, bench.batch_size, bench.workers)
+    with tempfile.TemporaryDirectory() as directory:
+        save_file({n: p.detach().contiguous() for n, p in tower.named_parameters()}, Path(directory) / "m.safetensors")
+        size = directory_bytes(Path(directory))
+    return _record(
+        "full-finetune", seed, test_accuracy=accuracy, val_accuracy=result["best_val_accuracy"],
+        trainable_params=sum(p.numel() for p in params), adapter_bytes=size, epochs=result["epochs_run"],
+        seconds={"pca": 0.0, "cache": 0.0, "train": result["train_seconds"]}, peak_rss_mib=rss.mib,
+        latency_ms=latency_ms(model, bench.latency_batch()), lr=LEARNING_RATES["full_finetune"],
+    )  # fmt: skip

@@ -1,0 +1,122 @@
+"""Benchmark outputs: a JSON record, a Markdown table and two matplotlib figures."""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+from collections import defaultdict
+from importlib.metadata import version
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets", "schedulefree", "safetensors", "peft-residual")
+
+
+def environment() -> dict:
+    import os
+
+    return {
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "packages": {name: version(name) for name in PACKAGES},
+    }
+
+
+def summarise(records: list[dict]) -> list[dict]:
+    """Per method: mean and spread (sample std over seeds, 0 for one seed) of accuracy and times."""
+    by_method = defaultdict(list)
+    for record in records:
+        by_method[record["method"]].append(record)
+    rows = []
+    for method, runs in by_method.items():
+        accuracies = [r["test_accuracy"] for r in runs]
+        train = [r["seconds"]["pca"] + r["seconds"]["cache"] + r["seconds"]["train"] for r in runs]
+        rows.append(
+            {
+                "method": method,
+                "seeds": len(runs),
+                "accuracy": statistics.mean(accuracies),
+                "accuracy_std": statistics.stdev(accuracies) if len(runs) > 1 else 0.0,
+                "trainable_params": runs[0]["trainable_params"],
+                "adapter_bytes": runs[0]["adapter_bytes"],
+                "pca_s": statistics.mean(r["seconds"]["pca"] for r in runs),
+                "cache_s": statistics.mean(r["seconds"]["cache"] for r in runs),
+                "train_s": statistics.mean(r["seconds"]["train"] for r in runs),
+                "total_s": statistics.mean(train),
+                "epochs": statistics.mean(r["epochs"] for r in runs),
+                "peak_rss_mib": max(r["peak_rss_mib"] for r in runs),
+                "latency_ms": statistics.mean(r["latency_ms"] for r in runs if r["latency_ms"] is not None),
+            }
+        )
+    return rows
+
+
+def markdown(rows: list[dict], title: str) -> str:
+    lines = [
+        f"### {title}",
+        "",
+        "| method | seeds | test acc. (mean ± std) | trainable params | adapter bytes | PCA s | cache s | train s "
+        "| total s | epochs | peak RSS MiB | latency@32 ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['method']} | {r['seeds']} | {100 * r['accuracy']:.1f} ± {100 * r['accuracy_std']:.1f} "
+            f"| {r['trainable_params']:,} | {r['adapter_bytes']:,} | {r['pca_s']:.1f} | {r['cache_s']:.1f} "
+            f"| {r['train_s']:.1f} | {r['total_s']:.1f} | {r['epochs']:.1f} | {r['peak_rss_mib']:.0f} "
+            f"| {r['latency_ms']:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plots(rows: list[dict], stem: Path, title: str) -> list[Path]:
+    accuracy_path, time_path = stem.with_name(stem.name + "_accuracy.png"), stem.with_name(stem.name + "_time.png")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in rows:
+        x = max(r["trainable_params"], 1)
+        ax.errorbar(x, 100 * r["accuracy"], yerr=100 * r["accuracy_std"], fmt="o", capsize=3)
+        ax.annotate(r["method"], (x, 100 * r["accuracy"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("trainable parameters (log; zero-shot drawn at 1)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(accuracy_path, dpi=120)
+    plt.close(fig)
+
+    trained = [r for r in rows if r["total_s"] > 0]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    names = [r["method"] for r in trained]
+    bottom = [0.0] * len(trained)
+    for key, label in (("pca_s", "PCA fit"), ("cache_s", "feature cache"), ("train_s", "training")):
+        values = [r[key] for r in trained]
+        ax.bar(names, values, bottom=bottom, label=label)
+        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+    ax.set_ylabel("wall time per run (s)")
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(time_path, dpi=120)
+    plt.close(fig)
+    return [accuracy_path, time_path]
+
+
+def write(out_dir: Path, name: str, payload: dict, title: str) -> dict[str, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = summarise(payload["records"])
+    payload = {**payload, "summary": rows, "environment": environment()}
+    json_path = out_dir / f"{name}.json"
+    json_path.write_text(json.dumps(payload, indent=1))
+    md_path = out_dir / f"{name}.md"
+    md_path.write_text(markdown(rows, title))
+    accuracy_png, time_png = plots(rows, out_dir / name, title)
+    return {"json": json_path, "markdown": md_path, "accuracy_png": accuracy_png, "time_png": time_png}
