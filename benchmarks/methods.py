@@ -12,7 +12,6 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader
-from transformers import AutoConfig, AutoModel, CLIPModel
 
 from peft_residual import (
     Architecture,
@@ -22,18 +21,10 @@ from peft_residual import (
     fit_residual_bases,
     train_residual,
 )
+from peft_residual.architectures import load_vision_model as load_backbone
 
 from .baselines import LEARNING_RATES, train_parameters
 from .measure import PeakRSS, directory_bytes, latency_ms, test_accuracy
-
-
-def load_backbone(model_name_or_path: str) -> nn.Module:
-    """A CLIP model (both towers, for the zero-shot head) or any other supported vision model, in eval mode."""
-    config = AutoConfig.from_pretrained(model_name_or_path)
-    model_class = CLIPModel if config.model_type == "clip" else AutoModel
-    model = model_class.from_pretrained(model_name_or_path).eval()
-    Architecture(model)  # fails early, naming the supported models
-    return model
 
 
 @dataclass

@@ -12,6 +12,7 @@ from .cache import UnitCache, encode_dataset
 from .classifiers import CentroidClassifier, Classifier, ZeroShotClassifier, load_templates
 from .config import ResiDualConfig
 from .decomposition import Units, decompose_units, embed_images
+from .hub import install_push_to_hub, model_card, push_adapter_to_hub
 from .layer import ResiDualReadoutLayer, ResiDualUnitLayer
 from .model import ResiDualModel
 from .pca import FitReport, fit_residual_bases
@@ -19,6 +20,7 @@ from .registration import RESIDUAL_PEFT_TYPE, register
 from .trainer import TrainingResult, accuracy, find_learning_rate, stratified_split, train_residual
 
 register(ResiDualConfig, ResiDualModel)
+install_push_to_hub()
 
 __all__ = [
     "ARCHITECTURES",
@@ -43,6 +45,8 @@ __all__ = [
     "find_learning_rate",
     "fit_residual_bases",
     "load_templates",
+    "model_card",
+    "push_adapter_to_hub",
     "stratified_split",
     "train_residual",
 ]

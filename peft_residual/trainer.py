@@ -353,6 +353,16 @@ def train_residual(
         with torch.no_grad():
             for param, value in zip(run.params, best, strict=True):
                 param.copy_(value)
+    run.tuner.training_summary = {
+        **getattr(run.tuner, "training_summary", {}),
+        run.adapter: {
+            "training_samples": len(train),
+            "validation_samples": len(val),
+            "best_validation_accuracy": round(state["best_accuracy"], 4),
+            "epochs": state["epoch"],
+            "learning_rate": float(lr),
+        },
+    }
     return TrainingResult(
         lr=float(lr),
         best_val_accuracy=state["best_accuracy"],
