@@ -102,3 +102,44 @@ def word_tokenizer():
     tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", unk_token="<unk>")
+
+
+CLASS_NAMES = ["cat", "dog", "bird", "fish"]
+
+
+def save_image_dataset(directory, n_train: int = 96, n_test: int = 48) -> None:
+    """A DatasetDict of PIL images whose brightness pattern depends on the label, saved with save_to_disk."""
+    import datasets
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+
+    def split(n: int) -> datasets.Dataset:
+        labels = [i % len(CLASS_NAMES) for i in range(n)]
+        pictures = []
+        for label in labels:
+            pixels = rng.integers(0, 60, (IMAGE_SIZE, IMAGE_SIZE, 3))
+            pixels[:, label * 8 : (label + 1) * 8] += 180
+            pictures.append(Image.fromarray(pixels.astype(np.uint8)))
+        features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=CLASS_NAMES)})
+        return datasets.Dataset.from_dict({"image": pictures, "label": labels}, features=features)
+
+    datasets.DatasetDict({"train": split(n_train), "test": split(n_test)}).save_to_disk(str(directory))
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory):
+    """Local model and data set directories like the real assets: a DINOv2 and a CLIP (with tokenizer)."""
+    from transformers import BitImageProcessor, CLIPImageProcessor
+
+    root = tmp_path_factory.mktemp("assets")
+    size = {"shortest_edge": IMAGE_SIZE}
+    crop = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    make_model("dinov2").save_pretrained(root / "dinov2")
+    BitImageProcessor(size=size, crop_size=crop).save_pretrained(root / "dinov2")
+    make_model("clip").save_pretrained(root / "clip")
+    CLIPImageProcessor(size=size, crop_size=crop).save_pretrained(root / "clip")
+    word_tokenizer().save_pretrained(root / "clip")
+    save_image_dataset(root / "images")
+    return {"dinov2": root / "dinov2", "clip": root / "clip", "dataset": root / "images"}

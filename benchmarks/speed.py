@@ -1,0 +1,135 @@
+"""Speed and memory only: ResiDual against LoRA on a randomly initialised CLIP ViT-B/32-shaped vision model at 224 px.
+
+    python -m benchmarks.speed
+
+Random weights and random images: the numbers are throughput and memory, never accuracy. Each method runs in its
+own process, so peak RSS is that method's alone. Writes results/speed_clip_b32_random.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+from peft_residual import CentroidClassifier, ResiDualConfig, embed_images, fit_residual_bases, train_residual
+
+from .measure import PeakRSS, directory_bytes
+from .report import environment
+
+METHODS = ("residual-cached", "residual-end-to-end", "lora-qv")
+
+
+def _setup(images: int, seed: int = 0):
+    torch.manual_seed(seed)
+    model = CLIPVisionModelWithProjection(CLIPVisionConfig()).eval()  # the ViT-B/32 defaults, 224 px
+    x = torch.randn(images, 3, 224, 224, generator=torch.Generator().manual_seed(seed))
+    labels = torch.arange(images) % 10
+    import datasets
+
+    features = datasets.Features(
+        {"pixel_values": datasets.Array3D((3, 224, 224), "float32"), "label": datasets.ClassLabel(10)}
+    )
+    data = datasets.Dataset.from_dict({"pixel_values": x.numpy(), "label": labels.tolist()}, features=features)
+    return model, x, labels, data.with_format("torch")
+
+
+def measure(method: str, images: int, epochs: int, batch_size: int) -> dict:
+    model, x, labels, data = _setup(images)
+    classifier = CentroidClassifier.from_model(
+        model, [{"pixel_values": x, "label": labels}], [str(i) for i in range(10)]
+    )
+    record = {"method": method, "images": images, "epochs": epochs, "batch_size": batch_size}
+    with PeakRSS() as rss:
+        if method.startswith("residual"):
+            peft_model = get_peft_model(model, ResiDualConfig(k=64))
+            started = time.perf_counter()
+            fit_residual_bases(
+                peft_model, [{"pixel_values": x[i : i + 64]} for i in range(0, images, 64)], progress=False
+            )
+            record["pca_s"] = time.perf_counter() - started
+            result = train_residual(
+                peft_model, classifier, data, data, max_epochs=epochs, patience=epochs, batch_size=batch_size,
+                cache=method == "residual-cached", progress=False,
+            )  # fmt: skip
+            record.update(cache_s=result.seconds["cache"], train_s=result.seconds["train"])
+            with tempfile.TemporaryDirectory() as directory:
+                peft_model.save_pretrained(directory)
+                record["adapter_bytes"] = directory_bytes(Path(directory))
+        else:
+            peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+            params = [p for p in peft_model.parameters() if p.requires_grad]
+            from schedulefree import AdamWScheduleFree
+
+            optimizer = AdamWScheduleFree(params, lr=1e-3)
+            optimizer.train()
+            started = time.perf_counter()
+            for _ in range(epochs):
+                for i in range(0, images, batch_size):
+                    logits = classifier(embed_images(peft_model, x[i : i + batch_size]))
+                    torch.nn.functional.cross_entropy(logits, labels[i : i + batch_size]).backward()
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+            record.update(pca_s=0.0, cache_s=0.0, train_s=time.perf_counter() - started)
+            with tempfile.TemporaryDirectory() as directory:
+                peft_model.save_pretrained(directory)
+                record["adapter_bytes"] = directory_bytes(Path(directory))
+    record["trainable_params"] = peft_model.get_nb_trainable_parameters()[0]
+    record["peak_rss_mib"] = rss.mib
+    record["total_s"] = record["pca_s"] + record["cache_s"] + record["train_s"]
+    record["train_images_per_s"] = images * epochs / record["train_s"]
+    return record
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--out", type=Path, default=Path("results"))
+    parser.add_argument("--only", choices=METHODS, help="run one method in this process and print its JSON")
+    args = parser.parse_args(argv)
+    if args.only:
+        print(json.dumps(measure(args.only, args.images, args.epochs, args.batch_size)))
+        return
+    records = []
+    for method in METHODS:
+        command = [sys.executable, "-m", "benchmarks.speed", "--only", method, "--images", str(args.images)]
+        command += ["--epochs", str(args.epochs), "--batch-size", str(args.batch_size)]
+        output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+        records.append(json.loads(output.strip().splitlines()[-1]))
+        print(records[-1], flush=True)
+    lora = next(r for r in records if r["method"] == "lora-qv")
+    lines = [
+        "### Speed only: random-weight CLIP ViT-B/32-shaped vision model, 224 px (no accuracy meaning)",
+        "",
+        f"{args.images} random images, {args.epochs} epochs, batch {args.batch_size}, one process per method.",
+        "",
+        "| method | trainable params | adapter bytes | PCA s | cache s | train s | total s | train img/s "
+        "| total ÷ LoRA | peak RSS MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        lines.append(
+            f"| {r['method']} | {r['trainable_params']:,} | {r['adapter_bytes']:,} | {r['pca_s']:.1f} "
+            f"| {r['cache_s']:.1f} | {r['train_s']:.1f} | {r['total_s']:.1f} | {r['train_images_per_s']:.0f} "
+            f"| {r['total_s'] / lora['total_s']:.2f} | {r['peak_rss_mib']:.0f} |"
+        )
+    args.out.mkdir(parents=True, exist_ok=True)
+    payload = {"command": "python -m benchmarks.speed " + " ".join(argv or sys.argv[1:]), "records": records}
+    payload["environment"] = environment()
+    (args.out / "speed_clip_b32_random.json").write_text(json.dumps(payload, indent=1))
+    (args.out / "speed_clip_b32_random.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""Train ResiDual scales across processes with Accelerate; the script is the same for one process or many.
+
+    accelerate launch --multi_gpu --num_processes 2 examples/accelerate_train.py \\
+        --model ~/.cache/residual-assets/models/dinov2-small-imgfocus \\
+        --dataset ~/.cache/residual-assets/datasets/fashion-mnist --image-size 98 --output fmnist-residual
+
+On a CPU-only machine the same line runs two processes over gloo. Every process encodes its shard of the images
+into the unit cache, the scale gradients are summed across processes, and only the main process writes files.
+"""
+
+import argparse
+
+from peft import get_peft_model
+from torch.utils.data import DataLoader
+
+import peft_residual
+from peft_residual.architectures import load_vision_model
+from peft_residual.data import class_names, load_image_dataset, prepare, sample
+from peft_residual.trainer import default_accelerator
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("--model", required=True)
+parser.add_argument("--dataset", required=True)
+parser.add_argument("--image-size", type=int, default=None)
+parser.add_argument("--train-samples", type=int, default=3000)
+parser.add_argument("--epochs", type=int, default=30)
+parser.add_argument("--output", required=True)
+args = parser.parse_args()
+
+accelerator = default_accelerator()
+model = load_vision_model(args.model)
+pool = sample(load_image_dataset(args.dataset, "train"), args.train_samples, seed=0)
+names = class_names(pool)
+pool = prepare(pool, args.model, args.image_size)
+n_val = len(pool) // 10
+train, val = pool.select(range(n_val, len(pool))), pool.select(range(n_val))
+
+classifier = peft_residual.CentroidClassifier.from_model(model, DataLoader(train, batch_size=64), names)
+peft_model = get_peft_model(model, peft_residual.ResiDualConfig.residual_star())
+peft_residual.fit_residual_bases(peft_model, DataLoader(train, batch_size=64), progress=accelerator.is_main_process)
+result = peft_residual.train_residual(
+    peft_model, classifier, train, val, max_epochs=args.epochs, accelerator=accelerator, output_dir=args.output
+)
+if accelerator.is_main_process:
+    peft_model.save_pretrained(args.output)
+    classifier.save_pretrained(f"{args.output}/classifier")
+    print(f"{accelerator.num_processes} processes: best validation accuracy {100 * result.best_val_accuracy:.1f}%")

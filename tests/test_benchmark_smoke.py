@@ -1,0 +1,34 @@
+"""The benchmark harness end to end on a tiny random model and tiny synthetic data: outputs are well-formed."""
+
+import json
+
+import pytest
+
+from benchmarks import run
+
+
+@pytest.mark.parametrize("model", ["dinov2", "clip"])
+def test_harness_writes_well_formed_outputs(tiny_assets, tmp_path, model):
+    args = ["--model", str(tiny_assets[model]), "--dataset", str(tiny_assets["dataset"]), "--train-size", "64"]
+    args += ["--test-size", "32", "--seeds", "0", "1", "--max-epochs", "2", "--out", str(tmp_path), "--name", "smoke"]
+    args += ["--no-progress", "--full-finetune", "--templates", "cifar10"]
+    outcome = run.main(args)
+    payload = json.loads((tmp_path / "smoke.json").read_text())
+    methods = {record["method"] for record in payload["records"]}
+    assert methods == set(run.ALL_METHODS)
+    assert sum(r["method"] == "residual" for r in payload["records"]) == 2  # cheap methods: every seed
+    assert sum(r["method"] == "lora-qv" for r in payload["records"]) == 1
+    for record in payload["records"]:
+        assert 0.0 <= record["test_accuracy"] <= 1.0
+        assert set(record["seconds"]) == {"pca", "cache", "train"}
+        assert record["peak_rss_mib"] > 0 and record["latency_ms"] > 0
+        assert (record["trainable_params"] > 0) == (record["method"] != "zero-shot")
+    residual_star = next(r for r in payload["records"] if r["method"] == "residual*")
+    lora = next(r for r in payload["records"] if r["method"] == "lora-qv")
+    assert residual_star["trainable_params"] < lora["trainable_params"]
+    assert residual_star["seconds"]["pca"] > 0 and residual_star["adapter_bytes"] > 0
+    assert payload["command"].startswith("python -m benchmarks.run") and "packages" in payload["environment"]
+    table = (tmp_path / "smoke.md").read_text()
+    assert table.count("\n|") == 2 + len(run.ALL_METHODS)
+    for png in outcome["outputs"]["accuracy_png"], outcome["outputs"]["time_png"]:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

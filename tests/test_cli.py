@@ -1,0 +1,114 @@
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file
+
+from peft_residual.cli import main
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "peft_residual.cli", *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", **_env()})
+
+
+def _env() -> dict:
+    import os
+
+    return dict(os.environ)
+
+
+def test_console_script_is_installed():
+    assert shutil.which("peft-residual") is not None
+
+
+def test_help_lists_the_commands():
+    result = cli("--help")
+    assert result.returncode == 0
+    for command in ("fit", "train", "eval", "push"):
+        assert command in result.stdout
+    train_help = cli("train", "--help").stdout
+    assert "--image-column" in train_help and "--templates" in train_help
+
+
+def test_fit_train_eval_on_tiny_dinov2(tiny_assets, tmp_path):
+    model, dataset = tiny_assets["dinov2"], tiny_assets["dataset"]
+    fitted = cli(
+        "fit",
+        "--model",
+        model,
+        "--dataset",
+        dataset,
+        "--k",
+        "3",
+        "--method",
+        "residual-star",
+        "--output",
+        tmp_path / "fit",
+    )
+    assert fitted.returncode == 0, fitted.stderr
+    assert "fitted" in fitted.stdout and (tmp_path / "fit" / "adapter_model.safetensors").exists()
+
+    out = tmp_path / "trained"
+    trained = cli("train", "--model", model, "--dataset", dataset, "--epochs", "3", "--output", out)
+    assert trained.returncode == 0, trained.stderr
+    assert "best validation accuracy" in trained.stdout
+    summary = json.loads((out / "training.json").read_text())
+    assert summary["training_samples"] + summary["validation_samples"] == 96 and summary["epochs"] <= 3
+    assert json.loads((out / "classifier" / "classifier.json").read_text())["kind"] == "centroid"
+    assert any("residual_lambda" in key for key in load_file(out / "adapter_model.safetensors"))
+
+    evaluated = cli("eval", "--model", model, "--dataset", dataset, "--adapter", out)
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert "48 images: zero-shot" in evaluated.stdout and "ResiDual" in evaluated.stdout
+
+
+def test_train_with_clip_uses_zero_shot_text_head(tiny_assets, tmp_path):
+    result = cli(
+        "train", "--model", tiny_assets["clip"], "--dataset", tiny_assets["dataset"], "--templates", "cifar10",
+        "--method", "residual-star", "--epochs", "2", "--output", tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "classifier" / "classifier.json").read_text())["kind"] == "zero_shot"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model", "/no/such/model", "--dataset", "DATA"], "no model at '/no/such/model'"),
+        (["--model", "MODEL", "--dataset", "/no/such/data"], "no dataset at '/no/such/data'"),
+        (["--model", "MODEL", "--dataset", "DATA", "--image-column", "picture"], "No column 'picture'"),
+        (["--model", "BERT", "--dataset", "DATA"], "ResiDual does not support"),
+    ],
+)
+def test_bad_input_is_one_clear_line(tiny_assets, tmp_path, args, message):
+    from transformers import BertConfig, BertModel
+
+    bert = tmp_path / "bert"
+    BertModel(
+        BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8)
+    ).save_pretrained(bert)
+    names = {"MODEL": str(tiny_assets["dinov2"]), "DATA": str(tiny_assets["dataset"]), "BERT": str(bert)}
+    args = [names.get(a, a) for a in args]
+    result = cli("fit", *args, "--output", tmp_path / "out")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("peft-residual: error:") and message in lines[-1]
+    assert not any("Traceback" in line for line in lines)
+
+
+def test_main_returns_an_exit_code_for_a_missing_adapter(tiny_assets, tmp_path, capsys):
+    code = main(
+        [
+            "eval",
+            "--model",
+            str(tiny_assets["dinov2"]),
+            "--dataset",
+            str(tiny_assets["dataset"]),
+            "--adapter",
+            str(tmp_path),
+        ]
+    )
+    assert code == 2 and "no adapter_config.json" in capsys.readouterr().err

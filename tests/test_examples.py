@@ -1,0 +1,51 @@
+"""Each example runs end to end on tiny local assets."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+
+def run(*args, check=True) -> subprocess.CompletedProcess:
+    return subprocess.run([*map(str, args)], capture_output=True, text=True, env=ENV, check=check, cwd=ROOT)
+
+
+def test_quickstart_on_local_assets(tiny_assets, tmp_path):
+    out = tmp_path / "adapter"
+    result = run(
+        sys.executable, "examples/quickstart.py", "--model", tiny_assets["dinov2"], "--dataset", tiny_assets["dataset"],
+        "--train-samples", "80", "--test-samples", "40", "--epochs", "2", "--output", out,
+    )  # fmt: skip
+    assert "zero-shot" in result.stdout and "ResiDual" in result.stdout
+    assert (out / "adapter_model.safetensors").exists() and (out / "classifier" / "classifier.json").exists()
+
+
+def test_quickstart_without_network_says_so_in_one_line(tmp_path):
+    result = run(sys.executable, "examples/quickstart.py", "--output", tmp_path, check=False)
+    assert result.returncode == 1
+    assert result.stdout.startswith("Cannot load openai/clip-vit-base-patch32") and "Offline, run:" in result.stdout
+
+
+def test_accelerate_example_on_two_processes(tiny_assets, tmp_path):
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    result = run(
+        *launch, "examples/accelerate_train.py", "--model", tiny_assets["dinov2"], "--dataset", tiny_assets["dataset"],
+        "--epochs", "2", "--output", tmp_path,
+    )  # fmt: skip
+    assert "2 processes: best validation accuracy" in result.stdout
+    assert "residual_lambda" in " ".join(load_file(tmp_path / "adapter_model.safetensors"))
+
+
+def test_compare_lora_example(tiny_assets, tmp_path):
+    result = run(
+        sys.executable, "examples/compare_lora.py", "--model", tiny_assets["dinov2"],
+        "--dataset", tiny_assets["dataset"], "--train-size", "64", "--test-size", "32", "--max-epochs", "2",
+        "--out", tmp_path, "--name", "cmp", "--no-progress",
+    )  # fmt: skip
+    assert "lora-qv" in result.stdout and (tmp_path / "cmp.json").exists()
