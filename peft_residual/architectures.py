@@ -115,10 +115,6 @@ class Architecture:
         """The module at ``path`` (with ``{i}`` = ``layer``), looking through any PEFT wrapper."""
         return _unwrap(self.model.get_submodule(path.format(i=layer)))
 
-    def module_name(self, path: str, layer: int | None = None) -> str:
-        """The dotted name of ``path`` relative to the transformers model."""
-        return path.format(i=layer)
-
     @property
     def tower(self) -> nn.Module:
         """The module that runs the vision backbone (the vision tower of a two-tower model)."""

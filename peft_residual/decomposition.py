@@ -61,10 +61,6 @@ class UnitTrace:
             handle.remove()
         self._handles.clear()
 
-    @property
-    def has_recording(self) -> bool:
-        return self._embedding is not None
-
     def clear(self) -> None:
         self._embedding = None
         self._heads.clear()

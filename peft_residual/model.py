@@ -115,6 +115,7 @@ class ResiDualModel(BaseTuner):
         """Check a checkpoint against this model unit by unit, then size the empty layers to receive it."""
         state_dict = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         expected = set()
+        output_dim = Architecture(model).output_dim
         for name, layer in model.named_modules():
             if not isinstance(layer, ResiDualUnitLayer) or adapter_name not in layer.residual_mean:
                 continue
@@ -130,7 +131,7 @@ class ResiDualModel(BaseTuner):
                         f"({name}); it was saved for a different model or ResiDualConfig."
                     )
                 shapes[attr] = state_dict[key].shape
-            _check_shapes(layer, shapes, cls._output_dim(model))
+            _check_shapes(layer, shapes, output_dim)
             layer.allocate(adapter_name, shapes)
         unexpected = sorted(k for k in state_dict if k not in expected)
         if unexpected:
@@ -139,10 +140,6 @@ class ResiDualModel(BaseTuner):
                 "for a model with other layers or another ResiDualConfig."
             )
         return state_dict
-
-    @staticmethod
-    def _output_dim(model: nn.Module) -> int:
-        return Architecture(model).output_dim
 
 
 def _check_shapes(layer: ResiDualUnitLayer, shapes: dict[str, torch.Size], output_dim: int) -> None:

@@ -71,7 +71,8 @@ def default_accelerator() -> Accelerator:
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """Top-1 accuracy. (``evaluate.load("accuracy")`` fetches its script from the Hub, which offline use cannot.)"""
+    """Top-1 accuracy, computed here: ``evaluate.load("accuracy")`` fetches its metric script from the Hub and
+    fails offline."""
     return float((logits.argmax(-1) == labels).float().mean()) if len(labels) else math.nan
 
 
