@@ -247,3 +247,13 @@ def test_two_processes_match_one(tmp_path):
     two = load_file(tmp_path / "two" / "lambdas.safetensors")["lambdas"]
     assert not torch.equal(one, torch.ones_like(one))
     torch.testing.assert_close(two, one, rtol=0, atol=1e-5)
+
+
+def test_finished_checkpoint_is_reused_and_another_run_is_refused(tmp_path):
+    model, classifier, data = fitted_with_classifier()
+    first = train_residual(model, classifier, data, max_epochs=2, batch_size=16, output_dir=tmp_path, progress=False)
+    trained = scales(model)
+    again = train_residual(model, classifier, data, max_epochs=2, batch_size=16, output_dir=tmp_path, progress=False)
+    assert torch.equal(scales(model), trained) and again.history == first.history and again.seconds["train"] < 1
+    with pytest.raises(ValueError, match="holds a checkpoint of another run"):
+        train_residual(model, classifier, data, max_epochs=2, batch_size=32, output_dir=tmp_path, progress=False)
