@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import statistics
+import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -12,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from peft_residual import Classifier, accuracy, embed_images
+from peft_residual import Classifier, accuracy, embed_batches, embed_images
 
 
 class PeakRSS:
@@ -52,24 +54,19 @@ def latency_ms(model: nn.Module, pixel_values: torch.Tensor, repeats: int = 5) -
     return 1000 * statistics.median(times)
 
 
-def directory_bytes(path: Path, suffixes: tuple[str, ...] = (".safetensors", ".json")) -> int:
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.suffix in suffixes)
+def saved_bytes(save: Callable[[Path], object]) -> int:
+    """Bytes of the safetensors and JSON files that ``save(directory)`` writes into a temporary directory."""
+    with tempfile.TemporaryDirectory() as directory:
+        save(Path(directory))
+        return sum(f.stat().st_size for f in Path(directory).rglob("*") if f.suffix in (".safetensors", ".json"))
 
 
-@torch.no_grad()
 def test_accuracy(model: nn.Module, classifier: Classifier, dataset, batch_size: int, workers: int = 0) -> float:
-    logits, labels = [], []
-    for batch in DataLoader(dataset, batch_size=batch_size, num_workers=workers):
-        logits.append(classifier(embed_images(model, batch["pixel_values"])))
-        labels.append(torch.as_tensor(batch["label"]))
-    return accuracy(torch.cat(logits), torch.cat(labels))
+    features, labels = embed_batches(model, DataLoader(dataset, batch_size=batch_size, num_workers=workers))
+    with torch.no_grad():
+        return accuracy(classifier(features), labels)
 
 
-@torch.no_grad()
 def base_features(model: nn.Module, dataset, batch_size: int, workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Embeddings of the unadapted model and the labels."""
-    features, labels = [], []
-    for batch in DataLoader(dataset, batch_size=batch_size, num_workers=workers):
-        features.append(embed_images(model, batch["pixel_values"]).float())
-        labels.append(torch.as_tensor(batch["label"]))
-    return torch.cat(features), torch.cat(labels)
+    return embed_batches(model, DataLoader(dataset, batch_size=batch_size, num_workers=workers), base=True)

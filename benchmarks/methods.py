@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -24,7 +22,7 @@ from peft_residual import (
 from peft_residual.architectures import load_vision_model as load_backbone
 
 from .baselines import LEARNING_RATES, train_parameters
-from .measure import PeakRSS, directory_bytes, latency_ms, test_accuracy
+from .measure import PeakRSS, latency_ms, saved_bytes, test_accuracy
 
 
 @dataclass
@@ -90,9 +88,7 @@ def residual(bench: Bench, seed: int, method: str, cache: bool | str = "auto") -
             patience=bench.patience, seed=seed, cache=cache, num_workers=bench.workers, progress=bench.progress,
         )  # fmt: skip
     accuracy = test_accuracy(model, bench.classifier, bench.test, bench.batch_size, bench.workers)
-    with tempfile.TemporaryDirectory() as directory:
-        model.save_pretrained(directory)
-        size = directory_bytes(Path(directory))
+    size = saved_bytes(model.save_pretrained)
     return _record(
         method, seed, test_accuracy=accuracy, val_accuracy=result.best_val_accuracy,
         trainable_params=model.get_nb_trainable_parameters()[0], adapter_bytes=size, epochs=result.epochs_run,
@@ -143,9 +139,7 @@ def lora(bench: Bench, seed: int, which: str) -> dict:
         result = _train_backbone(bench, model, params, seed, LEARNING_RATES["lora"])
     model.eval()
     accuracy = test_accuracy(model, bench.classifier, bench.test, bench.batch_size, bench.workers)
-    with tempfile.TemporaryDirectory() as directory:
-        model.save_pretrained(directory)
-        size = directory_bytes(Path(directory))
+    size = saved_bytes(model.save_pretrained)
     return _record(
         f"lora-{which}", seed, test_accuracy=accuracy, val_accuracy=result["best_val_accuracy"],
         trainable_params=sum(p.numel() for p in params), adapter_bytes=size, epochs=result["epochs_run"],
@@ -187,9 +181,7 @@ def linear_probe(bench: Bench, seed: int, features: dict) -> dict:
     x, y = features["test"]
     with torch.no_grad():
         accuracy = float((logits_of(x).argmax(-1) == y).float().mean())
-    with tempfile.TemporaryDirectory() as directory:
-        save_file({"weight": weight.detach(), "bias": bias.detach()}, Path(directory) / "probe.safetensors")
-        size = directory_bytes(Path(directory))
+    size = saved_bytes(lambda d: save_file({"weight": weight.detach(), "bias": bias.detach()}, d / "probe.safetensors"))
     return _record(
         "linear-probe", seed, test_accuracy=accuracy, val_accuracy=result["best_val_accuracy"],
         trainable_params=weight.numel() + bias.numel(), adapter_bytes=size, epochs=result["epochs_run"],
@@ -211,9 +203,8 @@ def full_finetune(bench: Bench, seed: int) -> dict:
     with PeakRSS() as rss:
         result = _train_backbone(bench, model, params, seed, LEARNING_RATES["full_finetune"])
     accuracy = test_accuracy(model, bench.classifier, bench.test, bench.batch_size, bench.workers)
-    with tempfile.TemporaryDirectory() as directory:
-        save_file({n: p.detach().contiguous() for n, p in tower.named_parameters()}, Path(directory) / "m.safetensors")
-        size = directory_bytes(Path(directory))
+    weights = {name: param.detach().contiguous() for name, param in tower.named_parameters()}
+    size = saved_bytes(lambda d: save_file(weights, d / "tower.safetensors"))
     return _record(
         "full-finetune", seed, test_accuracy=accuracy, val_accuracy=result["best_val_accuracy"],
         trainable_params=sum(p.numel() for p in params), adapter_bytes=size, epochs=result["epochs_run"],

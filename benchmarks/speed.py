@@ -12,7 +12,6 @@ import argparse
 import json
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from peft_residual import CentroidClassifier, ResiDualConfig, embed_images, fit_residual_bases, train_residual
 
-from .measure import PeakRSS, directory_bytes
+from .measure import PeakRSS, saved_bytes
 from .report import environment
 
 METHODS = ("residual-cached", "residual-end-to-end", "lora-qv")
@@ -61,9 +60,6 @@ def measure(method: str, images: int, epochs: int, batch_size: int) -> dict:
                 cache=method == "residual-cached", progress=False,
             )  # fmt: skip
             record.update(cache_s=result.seconds["cache"], train_s=result.seconds["train"])
-            with tempfile.TemporaryDirectory() as directory:
-                peft_model.save_pretrained(directory)
-                record["adapter_bytes"] = directory_bytes(Path(directory))
         else:
             peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
             params = [p for p in peft_model.parameters() if p.requires_grad]
@@ -83,9 +79,7 @@ def measure(method: str, images: int, epochs: int, batch_size: int) -> dict:
                     for i in range(0, images, batch_size):
                         classifier(embed_images(peft_model, x[i : i + batch_size]))
             record.update(pca_s=0.0, cache_s=0.0, train_s=time.perf_counter() - started)
-            with tempfile.TemporaryDirectory() as directory:
-                peft_model.save_pretrained(directory)
-                record["adapter_bytes"] = directory_bytes(Path(directory))
+    record["adapter_bytes"] = saved_bytes(peft_model.save_pretrained)
     record["trainable_params"] = peft_model.get_nb_trainable_parameters()[0]
     record["peak_rss_mib"] = rss.mib
     record["total_s"] = record["pca_s"] + record["cache_s"] + record["train_s"]

@@ -66,20 +66,13 @@ peft_residual.fit_residual_bases(peft_model, DataLoader(train, batch_size=64))
 result = peft_residual.train_residual(peft_model, classifier, train, val, max_epochs=args.epochs)
 
 
-def test_accuracy(adapted: bool) -> float:
-    correct = 0
-    for batch in DataLoader(test, batch_size=64):
-        if adapted:
-            embeddings = peft_residual.embed_images(peft_model, batch["pixel_values"])
-        else:
-            with peft_model.disable_adapter():
-                embeddings = peft_residual.embed_images(peft_model, batch["pixel_values"])
-        correct += int((classifier(embeddings).argmax(-1) == batch["label"]).sum())
-    return correct / len(test)
-
-
+# 4. test accuracy of the frozen classifier on the base and on the adapted embeddings
+test_loader = DataLoader(test, batch_size=64)
+base_features, labels = peft_residual.embed_batches(peft_model, test_loader, base=True)
+adapted_features, _ = peft_residual.embed_batches(peft_model, test_loader)
 with torch.no_grad():
-    zero_shot, adapted = test_accuracy(False), test_accuracy(True)
+    zero_shot = peft_residual.accuracy(classifier(base_features), labels)
+    adapted = peft_residual.accuracy(classifier(adapted_features), labels)
 print(f"zero-shot {100 * zero_shot:.1f}%  ->  ResiDual {100 * adapted:.1f}%  ({result.epochs_run} epochs)")
 peft_model.save_pretrained(args.output)
 classifier.save_pretrained(f"{args.output}/classifier")

@@ -11,7 +11,7 @@ from .architectures import ARCHITECTURES, Architecture, ArchitectureSpec
 from .cache import UnitCache, encode_dataset
 from .classifiers import CentroidClassifier, Classifier, ZeroShotClassifier, load_templates
 from .config import ResiDualConfig
-from .decomposition import Units, decompose_units, embed_images
+from .decomposition import Units, decompose_units, embed_batches, embed_images
 from .hub import install_push_to_hub, model_card, push_adapter_to_hub
 from .layer import ResiDualReadoutLayer, ResiDualUnitLayer
 from .model import ResiDualModel
@@ -40,6 +40,7 @@ __all__ = [
     "ZeroShotClassifier",
     "accuracy",
     "decompose_units",
+    "embed_batches",
     "embed_images",
     "encode_dataset",
     "find_learning_rate",

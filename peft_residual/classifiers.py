@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .decomposition import adapters_bypassed, embed_images
+from .decomposition import embed_batches
 
 
 def load_templates(name_or_templates: str | Sequence[str]) -> list[str]:
@@ -141,7 +141,6 @@ class CentroidClassifier(Classifier):
         return cls((sums / counts[:, None]).float(), scale, class_names)
 
     @classmethod
-    @torch.no_grad()
     def from_model(
         cls,
         model: nn.Module,
@@ -151,10 +150,5 @@ class CentroidClassifier(Classifier):
         label_column: str = "label",
     ) -> CentroidClassifier:
         """Centroids of the *base* model's embeddings (any adapter bypassed) over batches with pixel_values/labels."""
-        device = next(model.parameters()).device
-        features, labels = [], []
-        with adapters_bypassed(model):
-            for batch in batches:
-                features.append(embed_images(model, batch["pixel_values"].to(device)).float().cpu())
-                labels.append(torch.as_tensor(batch[label_column]))
-        return cls.from_features(torch.cat(features), torch.cat(labels), class_names, scale)
+        features, labels = embed_batches(model, batches, label_column, base=True)
+        return cls.from_features(features, labels, class_names, scale)

@@ -16,14 +16,13 @@ import json
 import sys
 from pathlib import Path
 
-import torch
 from torch.utils.data import DataLoader
 
 from .architectures import load_vision_model
 from .classifiers import CentroidClassifier, Classifier, ZeroShotClassifier
 from .config import ResiDualConfig
 from .data import class_names, load_image_dataset, prepare, sample
-from .decomposition import adapters_bypassed, embed_images
+from .decomposition import embed_batches
 from .pca import fit_residual_bases
 from .trainer import accuracy, train_residual
 
@@ -139,7 +138,6 @@ def _load_adapter(args: argparse.Namespace):
     return PeftModel.from_pretrained(_model(args), args.adapter)
 
 
-@torch.no_grad()
 def cmd_eval(args: argparse.Namespace) -> None:
     model = _load_adapter(args)
     classifier_dir = Path(args.classifier or Path(args.adapter) / "classifier")
@@ -147,15 +145,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
         raise CliError(f"no classifier at {classifier_dir}; pass --classifier DIR (written by train)")
     classifier = Classifier.from_pretrained(classifier_dir)
     data = _prepared(args, _split(args, args.split, args.samples))
-    logits = {"base": [], "residual": []}
-    labels = []
-    for batch in DataLoader(data, batch_size=args.batch_size):
-        logits["residual"].append(classifier(embed_images(model, batch["pixel_values"])))
-        with adapters_bypassed(model):
-            logits["base"].append(classifier(embed_images(model, batch["pixel_values"])))
-        labels.append(batch["label"])
-    labels = torch.cat(labels)
-    base, adapted = (accuracy(torch.cat(logits[key]), labels) for key in ("base", "residual"))
+    base, labels = embed_batches(model, DataLoader(data, batch_size=args.batch_size), base=True)
+    adapted, _ = embed_batches(model, DataLoader(data, batch_size=args.batch_size))
+    base, adapted = accuracy(classifier(base), labels), accuracy(classifier(adapted), labels)
     print(f"{len(labels)} images: zero-shot {100 * base:.2f}%  ResiDual {100 * adapted:.2f}%")
 
 

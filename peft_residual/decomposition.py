@@ -10,8 +10,8 @@ block, an attention block's share split evenly among its heads, so the contribut
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -184,3 +184,22 @@ def embed_images(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
     output = model(pixel_values=pixel_values)
     embeds = getattr(output, "image_embeds", None)
     return output.pooler_output if embeds is None else embeds
+
+
+@torch.no_grad()
+def embed_batches(
+    model: nn.Module, batches: Iterable[dict], label_column: str = "label", base: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image embeddings (float32, on CPU) and labels of every batch; ``base=True`` bypasses any adapter.
+
+    Example:
+        >>> features, labels = embed_batches(peft_model, DataLoader(test, batch_size=64))
+        >>> accuracy(classifier(features), labels)
+    """
+    device = next(model.parameters()).device
+    features, labels = [], []
+    with adapters_bypassed(model) if base else nullcontext():
+        for batch in batches:
+            features.append(embed_images(model, batch["pixel_values"].to(device)).float().cpu())
+            labels.append(torch.as_tensor(batch[label_column]))
+    return torch.cat(features), torch.cat(labels)
