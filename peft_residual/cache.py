@@ -1,25 +1,44 @@
-"""Cached-unit fast path: encode a data set once into the λ-independent parts of the ResiDual output.
+"""The λ-independent parts of the ResiDual output, per image: computed once and cached, or streamed.
 
 The backbone is frozen and the readout reads only CLS unit contributions, so every image reduces to its PCA scores
 ``[sum(rank)]`` and an offset ``[dim]`` (the untransformed units and any kept remainder). Both are stored as float32:
-the scores are already far smaller than the ``[units, dim]`` contributions, and float32 keeps training on the cache
-equal to training end to end. An epoch on the cache costs one small matrix product per batch.
+the scores are already far smaller than the ``[units, dim]`` contributions. An epoch on the cache costs one small
+matrix product per batch; :class:`StreamedUnits` computes the same tensors through the backbone at every step, for
+data sets too large to cache.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .decomposition import run_backbone
+from .inference import check_labels
+from .tuner import residual_tuner, unit_contributions
+from .tuner.errors import ResiDualInputError
 
 CACHE_DTYPE = torch.float32
+
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+"""``(scores, offset, labels)`` of some images."""
+
+
+def encode_batch(model: nn.Module, pixel_values: torch.Tensor, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """PCA scores and offset of one batch of images, for the active adapter of ``model``."""
+    tuner = residual_tuner(model)
+    pixel_values = tuner.arch.check_pixel_values(pixel_values, where)
+    reference = next(tuner.model.parameters())
+    contributions = unit_contributions(tuner.model, pixel_values.to(reference.device, reference.dtype))
+    scores, offset = tuner.readout.scores_and_offset(tuner.active_adapters[0], contributions)
+    if not (torch.isfinite(scores).all() and torch.isfinite(offset).all()):
+        raise ResiDualInputError(f"{where}: the unit scores are not finite; check the images and the model's dtype.")
+    return scores.to(CACHE_DTYPE), offset.to(CACHE_DTYPE)
 
 
 @dataclass
@@ -33,9 +52,36 @@ class UnitCache:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def batches(self, index_batches: Sequence[torch.Tensor]) -> Iterator[Batch]:
+        for indices in index_batches:
+            yield self.scores[indices], self.offset[indices], self.labels[indices]
+
     @staticmethod
     def bytes_needed(num_samples: int, num_scores: int, dim: int) -> int:
         return num_samples * ((num_scores + dim) * CACHE_DTYPE.itemsize + 8)
+
+
+@dataclass
+class StreamedUnits:
+    """The same batches as a :class:`UnitCache`, computed through the backbone on demand."""
+
+    model: nn.Module
+    dataset: Dataset
+    label_column: str = "label"
+    num_workers: int = 0
+    num_classes: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def batches(self, index_batches: Sequence[torch.Tensor]) -> Iterator[Batch]:
+        samplers = [indices.tolist() for indices in index_batches]
+        loader = DataLoader(self.dataset, batch_sampler=samplers, num_workers=self.num_workers)
+        for step, batch in enumerate(loader):
+            where = f"training batch {step}"
+            scores, offset = encode_batch(self.model, batch["pixel_values"], where)
+            labels = check_labels(torch.as_tensor(batch[self.label_column]), self.num_classes, where)
+            yield scores, offset, labels.to(scores.device)
 
 
 def available_memory_bytes() -> int:
@@ -43,51 +89,64 @@ def available_memory_bytes() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def _gather_in_order(accelerator: Accelerator, local: torch.Tensor, total: int) -> torch.Tensor:
-    """Undo the ``indices[rank::world]`` sharding: gather every process's rows back into data-set order."""
+def _gather_batches(accelerator: Accelerator, local: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """Undo sharding by whole batches (process ``r`` holds batches ``r, r + world, ...`` of ``sizes``)."""
     world = accelerator.num_processes
     if world == 1:
         return local
-    padded = accelerator.pad_across_processes(local, dim=0)
-    gathered = accelerator.gather(padded).view(world, padded.shape[0], *local.shape[1:])
-    full = local.new_empty(total, *local.shape[1:])
-    for rank in range(world):
-        rows = len(range(rank, total, world))
-        full[rank::world] = gathered[rank, :rows]
-    return full
+    gathered = accelerator.gather(accelerator.pad_across_processes(local, dim=0))
+    gathered = gathered.view(world, -1, *local.shape[1:])
+    starts = [0] * world
+    pieces = []
+    for index, size in enumerate(sizes):
+        rank = index % world
+        pieces.append(gathered[rank, starts[rank] : starts[rank] + size])
+        starts[rank] += size
+    return torch.cat(pieces)
 
 
 @torch.no_grad()
 def encode_dataset(
-    model: torch.nn.Module,
+    model: nn.Module,
     dataset: Dataset,
-    accelerator: Accelerator,
+    accelerator: Accelerator | None = None,
     label_column: str = "label",
     batch_size: int = 64,
     num_workers: int = 0,
     progress: bool = True,
-    indices: Sequence[int] | None = None,
+    num_classes: int | None = None,
+    desc: str = "Caching units",
 ) -> UnitCache:
-    """Run the backbone once over ``dataset`` (sharded across processes) and keep scores and offsets."""
-    tuner = model.base_model
-    adapter = tuner.active_adapters[0]
-    readout = tuner.readout
-    reference = next(tuner.model.parameters())
-    total = len(dataset) if indices is None else len(indices)
-    order = range(total) if indices is None else indices
-    local = [order[i] for i in range(accelerator.process_index, total, accelerator.num_processes)]
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=local, num_workers=num_workers)
+    """Run the backbone once over ``dataset`` and keep every image's scores, offset and label.
+
+    Under Accelerate the work is split by whole batches, so every image is encoded in exactly the batch it would be
+    in on one process: the cache does not depend on the number of processes.
+
+    Example:
+        >>> cache = encode_dataset(peft_model, train_dataset)
+        >>> cache.scores.shape  # [images, scales]
+    """
+    if len(dataset) == 0:
+        raise ResiDualInputError(f"{desc}: the data set is empty.")
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    index_batches = list(torch.arange(len(dataset)).split(batch_size))
+    mine = [indices.tolist() for indices in index_batches[rank::world]]
+    loader = DataLoader(dataset, batch_sampler=mine, num_workers=num_workers)
     scores, offsets, labels = [], [], []
-    show = progress and accelerator.is_local_main_process
-    for batch in tqdm(loader, desc="Caching units", disable=not show):
-        run_backbone(model, batch["pixel_values"].to(device=reference.device, dtype=reference.dtype))
-        batch_scores, batch_offset = readout.scores_and_offset(adapter, tuner.trace.contributions())
-        tuner.trace.clear()
-        scores.append(batch_scores.to(CACHE_DTYPE))
-        offsets.append(batch_offset.to(CACHE_DTYPE))
-        labels.append(torch.as_tensor(batch[label_column], device=batch_scores.device))
-    return UnitCache(
-        _gather_in_order(accelerator, torch.cat(scores), total),
-        _gather_in_order(accelerator, torch.cat(offsets), total),
-        _gather_in_order(accelerator, torch.cat(labels), total),
-    )
+    for step, batch in enumerate(tqdm(loader, desc=desc, disable=not progress or rank != 0)):
+        where = f"{desc} batch {rank + step * world}"
+        batch_scores, batch_offset = encode_batch(model, batch["pixel_values"], where)
+        scores.append(batch_scores)
+        offsets.append(batch_offset)
+        batch_labels = check_labels(torch.as_tensor(batch[label_column]), num_classes, where)
+        labels.append(batch_labels.to(batch_scores.device))
+    if not mine:  # more processes than batches: this one encoded nothing but still takes part in the gather
+        tuner = residual_tuner(model)
+        adapter = tuner.active_adapters[0]
+        device = next(tuner.model.parameters()).device
+        scores = [torch.empty(0, len(tuner.readout.lambdas(adapter)), dtype=CACHE_DTYPE, device=device)]
+        offsets = [torch.empty(0, tuner.arch.output_dim, dtype=CACHE_DTYPE, device=device)]
+        labels = [torch.empty(0, dtype=torch.long, device=device)]
+    sizes = [len(indices) for indices in index_batches]
+    gather = (lambda t: _gather_batches(accelerator, t, sizes)) if accelerator else (lambda t: t)
+    return UnitCache(gather(torch.cat(scores)), gather(torch.cat(offsets)), gather(torch.cat(labels)))

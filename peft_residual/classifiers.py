@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .decomposition import embed_batches
+from .inference import embed_batches
+from .tuner.errors import ResiDualInputError
 
 
 def load_templates(name_or_templates: str | Sequence[str]) -> list[str]:
@@ -25,17 +26,17 @@ def load_templates(name_or_templates: str | Sequence[str]) -> list[str]:
     if isinstance(name_or_templates, str):
         shipped = json.loads(resources.files("peft_residual").joinpath("templates/openai.json").read_text())
         if name_or_templates not in shipped:
-            raise ValueError(
+            raise ResiDualInputError(
                 f"No template set named {name_or_templates!r}; shipped sets: {', '.join(sorted(shipped))}. "
                 "Pass a list of templates with '{}' for the class name instead."
             )
         return shipped[name_or_templates]
     templates = list(name_or_templates)
     if not templates:
-        raise ValueError("The template list is empty; give at least one template such as 'a photo of a {}.'.")
+        raise ResiDualInputError("The template list is empty; give at least one template such as 'a photo of a {}.'.")
     for template in templates:
         if "{}" not in template:
-            raise ValueError(f"Template {template!r} has no '{{}}' where the class name goes.")
+            raise ResiDualInputError(f"Template {template!r} has no '{{}}' where the class name goes.")
     return templates
 
 
@@ -47,12 +48,16 @@ class Classifier(nn.Module):
     def __init__(self, weights: torch.Tensor, scale: float, class_names: Sequence[str]) -> None:
         super().__init__()
         if len(class_names) == 0:
-            raise ValueError("The class list is empty; give at least one class name.")
+            raise ResiDualInputError("The class list is empty; give at least one class name.")
         if weights.shape[0] != len(class_names):
-            raise ValueError(f"{weights.shape[0]} class vectors but {len(class_names)} class names.")
+            raise ResiDualInputError(f"{weights.shape[0]} class vectors but {len(class_names)} class names.")
         self.register_buffer("weights", F.normalize(weights.float(), dim=-1))
         self.scale = float(scale)
         self.class_names = list(class_names)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         features = features.to(torch.promote_types(features.dtype, torch.float32))
@@ -70,10 +75,16 @@ class Classifier(nn.Module):
     def from_pretrained(cls, directory: str | Path) -> Classifier:
         """Load a classifier written by :meth:`save_pretrained` (either kind)."""
         directory = Path(directory)
-        meta = json.loads((directory / "classifier.json").read_text())
+        path = directory / "classifier.json"
+        if not path.exists():
+            raise ResiDualInputError(f"No classifier at {directory}: {path.name} is missing.")
+        try:
+            meta = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ResiDualInputError(f"{path} is not valid JSON ({error}); save the classifier again.") from None
         kinds = {c.kind: c for c in (ZeroShotClassifier, CentroidClassifier)}
         if meta.get("kind") not in kinds:
-            raise ValueError(f"{directory}/classifier.json has unknown kind {meta.get('kind')!r}.")
+            raise ResiDualInputError(f"{directory}/classifier.json has unknown kind {meta.get('kind')!r}.")
         weights = load_file(directory / "classifier.safetensors")["weights"]
         classifier = kinds[meta["kind"]](weights, meta["scale"], meta["class_names"])
         classifier.weights.copy_(weights)  # as saved, not normalised a second time
@@ -102,7 +113,7 @@ class ZeroShotClassifier(Classifier):
     ) -> ZeroShotClassifier:
         """Embed ``template.format(name)`` for every class and template with the CLIP text tower."""
         if len(class_names) == 0:
-            raise ValueError("The class list is empty; give at least one class name.")
+            raise ResiDualInputError("The class list is empty; give at least one class name.")
         templates = load_templates(templates)
         device = next(clip_model.parameters()).device
         weights = []
@@ -131,11 +142,17 @@ class CentroidClassifier(Classifier):
         cls, features: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str], scale: float = 100.0
     ) -> CentroidClassifier:
         if len(class_names) == 0:
-            raise ValueError("The class list is empty; give at least one class name.")
+            raise ResiDualInputError("The class list is empty; give at least one class name.")
+        if len(labels) == 0:
+            raise ResiDualInputError("Class centroids need at least one labelled image; the data set is empty.")
         counts = torch.bincount(labels, minlength=len(class_names))
+        if len(counts) > len(class_names):
+            raise ResiDualInputError(
+                f"Label {len(counts) - 1} is outside the {len(class_names)} class names; give a name for every class."
+            )
         missing = [class_names[i] for i in range(len(class_names)) if counts[i] == 0]
         if missing:
-            raise ValueError(f"Class {missing[0]!r} has no examples; every class needs at least one to get a centroid.")
+            raise ResiDualInputError(f"Class {missing[0]!r} has no examples; every class needs at least one to get a centroid.")
         sums = torch.zeros(len(class_names), features.shape[1], dtype=torch.float64)
         sums.index_add_(0, labels, features.double())
         return cls((sums / counts[:, None]).float(), scale, class_names)
@@ -148,7 +165,52 @@ class CentroidClassifier(Classifier):
         class_names: Sequence[str],
         scale: float = 100.0,
         label_column: str = "label",
+        progress: bool = True,
     ) -> CentroidClassifier:
         """Centroids of the *base* model's embeddings (any adapter bypassed) over batches with pixel_values/labels."""
-        features, labels = embed_batches(model, batches, label_column, base=True)
+        features, labels = embed_batches(
+            model, batches, label_column, base=True, progress=progress, num_classes=len(class_names),
+            desc="Class centroids",
+        )  # fmt: skip
         return cls.from_features(features, labels, class_names, scale)
+
+
+def default_classifier(
+    model: nn.Module,
+    class_names: Sequence[str],
+    *,
+    tokenizer_source: str | None = None,
+    templates: str | Sequence[str] = "imagenet",
+    train_batches: Iterable[dict] | None = None,
+    train_features: tuple[torch.Tensor, torch.Tensor] | None = None,
+    kind: str | None = None,
+    centroid_scale: float = 100.0,
+    progress: bool = True,
+) -> Classifier:
+    """The frozen head ResiDual aligns to: CLIP's zero-shot text head when ``model`` has a text tower, class
+    centroids of the training images otherwise (or as ``kind`` says: ``"zero-shot"`` or ``"centroid"``).
+
+    Zero-shot needs ``tokenizer_source`` (the model's Hub id or directory); centroids need ``train_features``
+    (base embeddings and labels) or ``train_batches`` to compute them from.
+
+    Example:
+        >>> classifier = default_classifier(model, names, tokenizer_source=path, train_batches=loader)
+    """
+    has_text = hasattr(model, "get_text_features")
+    kind = kind or ("zero-shot" if has_text else "centroid")
+    if kind == "zero-shot":
+        if not has_text:
+            raise ResiDualInputError(
+                f"{type(model).__name__} has no text tower for a zero-shot classifier; use class centroids."
+            )
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+        return ZeroShotClassifier.from_clip(model, tokenizer, class_names, templates=templates)
+    if kind != "centroid":
+        raise ResiDualInputError(f"Classifier kind must be 'zero-shot' or 'centroid', got {kind!r}.")
+    if train_features is None:
+        if train_batches is None:
+            raise ResiDualInputError("Class centroids need train_features or train_batches.")
+        return CentroidClassifier.from_model(model, train_batches, class_names, centroid_scale, progress=progress)
+    return CentroidClassifier.from_features(*train_features, class_names, scale=centroid_scale)

@@ -1,12 +1,18 @@
-"""Image data sets for ResiDual: load by Hub id or local path, subsample, and turn images into ``pixel_values``."""
+"""Image data sets for ResiDual: load by Hub id or local path, subsample, split, check, and turn images into
+``pixel_values``."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from pathlib import Path
 
 import datasets
+import torch
+from torch.utils.data import Dataset
 from transformers import AutoImageProcessor
+
+from .tuner.errors import ResiDualInputError
 
 
 def load_image_dataset(name_or_path: str, split: str | None = None) -> datasets.Dataset | datasets.DatasetDict:
@@ -18,14 +24,14 @@ def load_image_dataset(name_or_path: str, split: str | None = None) -> datasets.
     if split is None:
         return dataset
     if split not in dataset:
-        raise KeyError(f"{name_or_path} has no split {split!r}; it has {list(dataset)}.")
+        raise ResiDualInputError(f"{name_or_path} has no split {split!r}; it has {list(dataset)}.")
     return dataset[split]
 
 
 def check_columns(dataset: datasets.Dataset, *columns: str) -> None:
     missing = [column for column in columns if column not in dataset.column_names]
     if missing:
-        raise KeyError(
+        raise ResiDualInputError(
             f"No column {missing[0]!r} in the data set; its columns are {dataset.column_names}. "
             "Pass --image-column/--label-column (or image_column/label_column) to name them."
         )
@@ -72,5 +78,69 @@ def prepare(
 
 def sample(dataset: datasets.Dataset, size: int | None, seed: int) -> datasets.Dataset:
     """``size`` rows drawn with ``seed`` (all rows, shuffled, if ``size`` is None or larger)."""
+    if size is not None and size < 1:
+        raise ResiDualInputError(f"The sample size must be at least 1, got {size}.")
     shuffled = dataset.shuffle(seed=seed)
     return shuffled if size is None or size >= len(shuffled) else shuffled.select(range(size))
+
+
+def holdout(dataset: datasets.Dataset, fraction: float = 0.1) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """``(train, val)``: the first ``fraction`` of ``dataset`` (at least one image) validates, the rest trains.
+
+    Used on a seeded draw (see :func:`sample`), so the split is random but shared by every method.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ResiDualInputError(f"The validation fraction must be in (0, 1), got {fraction}.")
+    if len(dataset) < 2:
+        raise ResiDualInputError(f"Holding out validation images needs at least 2 images, got {len(dataset)}.")
+    n_val = min(len(dataset) - 1, max(1, round(fraction * len(dataset))))
+    return dataset.select(range(n_val, len(dataset))), dataset.select(range(n_val))
+
+
+def stratified_split(
+    dataset: datasets.Dataset, fraction: float, seed: int, label_column: str = "label"
+) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """Split off ``fraction`` of ``dataset`` for validation, stratified by label, with ``datasets``' own split."""
+    if not isinstance(dataset, datasets.Dataset):
+        raise ResiDualInputError(
+            f"The automatic validation split needs a datasets.Dataset, got {type(dataset).__name__}; "
+            "pass eval_dataset yourself."
+        )
+    if len(dataset) < 2:
+        raise ResiDualInputError(f"train_dataset has {len(dataset)} image(s); training needs at least 2.")
+    if label_column not in dataset.column_names:
+        raise ResiDualInputError(f"No label column {label_column!r}; the dataset has {dataset.column_names}.")
+    if not isinstance(dataset.features[label_column], datasets.ClassLabel):
+        num_classes = max(dataset.with_format(None)[label_column]) + 1
+        dataset = dataset.cast_column(label_column, datasets.ClassLabel(num_classes=num_classes))
+    parts = dataset.train_test_split(test_size=fraction, stratify_by_column=label_column, seed=seed)
+    return parts["train"], parts["test"]
+
+
+def raw_labels(dataset: Dataset, label_column: str = "label") -> torch.Tensor | None:
+    """The label column of a ``datasets.Dataset`` without running its image transform; None if not at hand."""
+    if isinstance(dataset, datasets.Dataset) and label_column in dataset.column_names:
+        return torch.as_tensor(dataset.with_format(None)[label_column])
+    return None
+
+
+def check_dataset(dataset: Dataset, name: str, label_column: str, num_classes: int) -> None:
+    """Refuse, before any encoding, an empty data set or labels outside the classifier's classes."""
+    if len(dataset) == 0:
+        raise ResiDualInputError(f"{name} is empty; give it labelled images.")
+    labels = raw_labels(dataset, label_column)
+    if labels is not None and len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ResiDualInputError(
+            f"{name} has labels in {int(labels.min())}..{int(labels.max())}, outside the classifier's {num_classes} "
+            f"classes (0..{num_classes - 1}); build the classifier from this data set's class names."
+        )
+
+
+def dataset_fingerprint(dataset: Dataset) -> str:
+    """A short hash of a data set's size and of its first, middle and last examples (images and labels)."""
+    digest = hashlib.sha256(str(len(dataset)).encode())
+    for index in sorted({0, len(dataset) // 2, len(dataset) - 1}):
+        for key, value in sorted(dataset[index].items()):
+            value = torch.as_tensor(value)
+            digest.update(key.encode() + value.float().numpy().tobytes())
+    return digest.hexdigest()[:16]

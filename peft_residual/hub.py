@@ -1,23 +1,29 @@
-"""Sharing ResiDual adapters on the Hugging Face Hub with a model card of their own.
+"""Saving and sharing ResiDual adapters: atomic saves, a model card of their own, one-commit pushes.
 
-``PeftModel.push_to_hub`` (from transformers' ``PushToHubMixin``) saves the adapter and then overwrites the
-README with a generic transformers card. For a model whose active adapter is ResiDual, importing ``peft_residual``
-routes ``push_to_hub`` to :func:`push_adapter_to_hub`, which uploads exactly ``adapter_config.json``,
-``adapter_model.safetensors`` and the card below in one commit. Other PEFT methods keep PEFT's own behaviour.
+:mod:`.compat` routes ``PeftModel.save_pretrained``, ``create_or_update_model_card`` and ``push_to_hub`` here for
+models whose adapters are all ResiDual; other PEFT methods keep PEFT's own behaviour.
 """
 
 from __future__ import annotations
 
-import functools
+import ctypes
 import json
+import logging
+import os
+import shutil
+import stat
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 from peft import PeftModel
 
-from .config import ResiDualConfig
+from .tuner import ResiDualConfig, residual_tuner
+from .tuner.errors import ResiDualInputError
+
+logger = logging.getLogger(__name__)
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
@@ -32,9 +38,9 @@ def model_card(model: PeftModel, adapter_name: str | None = None, training: dict
     """The card of a ResiDual adapter: metadata, configuration, scale count, training data and results, usage."""
     adapter_name, config = _residual_config(model, adapter_name)
     if config is None:
-        raise ValueError(f"Adapter {adapter_name!r} is not a ResiDual adapter.")
+        raise ResiDualInputError(f"Adapter {adapter_name!r} is not a ResiDual adapter.")
     base_model = config.base_model_name_or_path
-    training = {**getattr(model.base_model, "training_summary", {}).get(adapter_name, {}), **(training or {})}
+    training = {**(config.training_summary or {}), **(training or {})}
     scales = sum(p.numel() for n, p in model.named_parameters() if n.endswith(f"residual_lambda.{adapter_name}"))
     tags = ["residual", "peft_residual", *([base_model] if base_model else [])]
     data = ModelCardData(library_name="peft", base_model=base_model, tags=tags, datasets=training.get("datasets"))
@@ -43,6 +49,7 @@ def model_card(model: PeftModel, adapter_name: str | None = None, training: dict
         for key, value in config.to_dict().items()
         if key in ("k", "units", "layers", "rest", "remainder", "lambda_init", "scale_per", "seed")
     }
+    signature = config.base_signature or {}
     lines = [
         f"# ResiDual adapter for {base_model or 'a vision transformer'}",
         "",
@@ -52,6 +59,9 @@ def model_card(model: PeftModel, adapter_name: str | None = None, training: dict
         "",
         f"- Trainable scales: **{scales:,}**",
         f"- Base model: `{base_model}`",
+        f"- Fitted at: {'x'.join(map(str, signature.get('image_size', []))) or 'unknown'} px images",
+        "",
+        "Loading needs `import peft_residual` first: it registers the method with PEFT.",
         "",
         "## Configuration",
         "",
@@ -71,7 +81,7 @@ def model_card(model: PeftModel, adapter_name: str | None = None, training: dict
         "## Usage",
         "",
         "```python",
-        "import peft_residual  # registers ResiDual with PEFT; import it before loading",
+        "import peft_residual  # registers ResiDual with PEFT: loading needs this import (pip install peft-residual)",
         "from peft import PeftModel",
         "from transformers import AutoModel",
         "",
@@ -80,6 +90,77 @@ def model_card(model: PeftModel, adapter_name: str | None = None, training: dict
         "```",
     ]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
+
+
+def write_model_card(model: PeftModel, output_dir: str | Path) -> None:
+    """Write the ResiDual card of the active adapter as ``output_dir/README.md`` (what ``save_pretrained`` calls)."""
+    model_card(model).save(Path(output_dir) / "README.md")
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Swap two directories in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    function = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if function is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return function(at_fdcwd, os.fsencode(first), at_fdcwd, os.fsencode(second), rename_exchange) == 0
+
+
+def _link_missing(source: Path, target: Path) -> None:
+    """Hard-link into ``target`` every file of ``source`` that ``target`` lacks (keeping the user's other files)."""
+    for entry in source.iterdir():
+        counterpart = target / entry.name
+        if entry.is_dir() and not entry.is_symlink():
+            counterpart.mkdir(exist_ok=True)
+            _link_missing(entry, counterpart)
+        elif not counterpart.exists():
+            try:
+                os.link(entry, counterpart, follow_symlinks=False)
+            except OSError:  # another file system or no hard links: copy
+                counterpart.write_bytes(entry.read_bytes())
+
+
+def save_adapter_atomically(
+    model: PeftModel, save_directory: str | Path, save: Callable[[str], None], selected: list[str] | None = None
+) -> None:
+    """Run ``save`` (PEFT's ``save_pretrained``) into a fresh directory beside ``save_directory``, then swap it in.
+
+    A process killed at any moment leaves the old adapter or the new one at ``save_directory``, never a mix or a
+    truncated file (on Linux; elsewhere the files are replaced one by one, the config last). Other files in
+    ``save_directory`` are kept. An unfitted adapter is refused before anything is written.
+    """
+    tuner = residual_tuner(model)
+    for adapter_name in selected or list(model.peft_config):
+        tuner.readout.check_fitted(adapter_name)
+    target = Path(save_directory)
+    if target.is_file():
+        raise ResiDualInputError(f"{target} is a file; save_pretrained needs a directory.")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.saving.", dir=target.parent))
+    try:
+        save(str(staging))
+        if not target.exists():
+            os.chmod(staging, 0o777 & ~_umask())
+            os.rename(staging, target)
+            return
+        os.chmod(staging, stat.S_IMODE(target.stat().st_mode))
+        _link_missing(target, staging)
+        if not _exchange(staging, target):
+            logger.info("Atomic directory exchange unavailable here; replacing the adapter files one by one.")
+            for path in sorted(staging.rglob("*"), key=lambda p: p.name == "adapter_config.json"):
+                if path.is_file():
+                    destination = target / path.relative_to(staging)
+                    destination.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(path, destination)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def push_adapter_to_hub(
@@ -102,7 +183,7 @@ def push_adapter_to_hub(
     """
     adapter_name, config = _residual_config(model, adapter_name)
     if config is None:
-        raise ValueError(f"Adapter {adapter_name!r} is not a ResiDual adapter.")
+        raise ResiDualInputError(f"Adapter {adapter_name!r} is not a ResiDual adapter.")
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
     with tempfile.TemporaryDirectory() as staging:
@@ -119,23 +200,3 @@ def push_adapter_to_hub(
             revision=revision,
         )
     return str(commit)
-
-
-def install_push_to_hub() -> None:
-    """Route ``PeftModel.push_to_hub`` to :func:`push_adapter_to_hub` for ResiDual adapters (idempotent)."""
-    original = PeftModel.push_to_hub
-    if getattr(original, "_residual_wrapped", False):
-        return
-
-    @functools.wraps(original)
-    def push_to_hub(self: PeftModel, repo_id: str, *args: Any, **kwargs: Any) -> str:
-        if args or _residual_config(self, None)[1] is None:
-            return original(self, repo_id, *args, **kwargs)
-        known = ("private", "token", "commit_message", "revision", "training")
-        unsupported = sorted(set(kwargs) - set(known))
-        if unsupported:
-            raise TypeError(f"push_to_hub for ResiDual adapters takes {known}; got {unsupported}.")
-        return push_adapter_to_hub(self, repo_id, **kwargs)
-
-    push_to_hub._residual_wrapped = True
-    PeftModel.push_to_hub = push_to_hub

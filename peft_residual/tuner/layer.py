@@ -1,10 +1,12 @@
 """ResiDual tuner layers.
 
-The residual stream itself is never changed: a :class:`ResiDualUnitLayer` wraps the module that produces a group of
-units (one layer's heads, or one MLP) and holds their PCA bases, means and trainable scales, while the
-:class:`ResiDualReadoutLayer` wraps the module producing the output (the projection, else the final norm) and replaces
-that output by the sum of the transformed units. Because each transformed unit contributes
-``sum_j lambda_j * s_j * phi_j`` with PCA scores ``s_j = phi_j . (u - mu)``, the adapted output is always
+The residual stream itself is never changed. A :class:`ResiDualUnitLayer` wraps each module that produces units (the
+embedding, one layer's attention output projection, one MLP): it passes the module's output through, records the
+module's CLS piece into the readout's :class:`~.decomposition.UnitRecord`, and holds the PCA bases, means and
+trainable scales of those units per adapter. The :class:`ResiDualReadoutLayer` wraps the module producing the output
+(the projection, else the final norm) and replaces that output by the sum of the transformed units. Because each
+transformed unit contributes ``sum_j lambda_j * s_j * phi_j`` with PCA scores ``s_j = phi_j . (u - mu)``, the adapted
+output is always
 
     ``offset + (scores * lambda) @ basis``
 
@@ -13,6 +15,7 @@ where ``scores`` and ``offset`` do not depend on ``lambda``. The cached training
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -20,14 +23,25 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from .decomposition import UnitTrace
+from .architectures import Architecture
+from .decomposition import UnitRecord
+from .errors import ResiDualInputError
+
+ROLES = ("transform", "mean", "record")
+"""Per adapter, a unit layer transforms its units, replaces them by their mean, or only records them."""
 
 
-class ResiDualTunerLayer(BaseTunerLayer):
-    """Common base of the ResiDual layers: they wrap a module and pass its output through unchanged."""
+class ResiDualLayer(BaseTunerLayer):
+    """Common base of the ResiDual layers: they wrap a module and pass its output through."""
 
     adapter_layer_names: tuple[str, ...] = ("residual_lambda",)
-    other_param_names: tuple[str, ...] = ("residual_basis", "residual_mean", "residual_rank")
+    other_param_names: tuple[str, ...] = (
+        "residual_basis",
+        "residual_mean",
+        "residual_rank",
+        "residual_remainder",
+        "residual_role",
+    )
 
     def _init_tuner_layer(self, base_layer: nn.Module) -> None:
         self.base_layer = base_layer
@@ -35,63 +49,77 @@ class ResiDualTunerLayer(BaseTunerLayer):
         self.merged_adapters = []
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        raise NotImplementedError("ResiDual rescales output-space units and cannot be merged into weights.")
+        raise NotImplementedError(
+            "ResiDual rescales output-space units read out at the CLS token and cannot be merged into weights; "
+            "keep the PeftModel, or use unload() to get the base model back."
+        )
 
     def unmerge(self) -> None:
-        raise NotImplementedError("ResiDual rescales output-space units and cannot be merged into weights.")
-
-
-class ResiDualUnitLayer(nn.Module, ResiDualTunerLayer):
-    """Holds the ResiDual state of a group of units produced by one module.
-
-    Per adapter: ``residual_mean`` ``[units, dim]``; for transformed units also ``residual_rank`` ``[units]``
-    (components per unit), ``residual_basis`` ``[sum(rank), dim]`` (rows grouped by unit) and the trainable
-    ``residual_lambda`` ``[sum(rank)]`` (``[units]`` with one scale per unit). Untransformed units get a layer only when
-    they are replaced by their mean.
-    """
-
-    def __init__(self, base_layer: nn.Module, unit_slice: slice, unit_names: list[str], kind: str, **kwargs) -> None:
-        super().__init__()
-        self._init_tuner_layer(base_layer)
-        self.unit_slice = unit_slice
-        self.unit_names = unit_names
-        self.kind = kind
-        self.residual_lambda = nn.ParameterDict({})
-        self.residual_basis = BufferDict({}, persistent=True)
-        self.residual_mean = BufferDict({}, persistent=True)
-        self.residual_rank = BufferDict({}, persistent=True)
-        self.residual_remainder: dict[str, str] = {}
-
-    @property
-    def num_units(self) -> int:
-        return len(self.unit_names)
-
-    def update_layer(self, adapter_name: str, transformed: bool, remainder: str, inference_mode: bool = False) -> None:
-        """Create empty state for ``adapter_name``; :meth:`set_fit` or a checkpoint load fills it."""
-        device = self._base_device()
-        self.residual_mean[adapter_name] = torch.empty(0, device=device)
-        if transformed:
-            self.residual_rank[adapter_name] = torch.empty(0, dtype=torch.long, device=device)
-            self.residual_basis[adapter_name] = torch.empty(0, device=device)
-            self.residual_lambda[adapter_name] = nn.Parameter(torch.empty(0, device=device))
-        self.residual_remainder[adapter_name] = remainder
-        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+        warnings.warn("Already unmerged: ResiDual adapters are never merged. Nothing to do.", stacklevel=2)
 
     def _base_device(self) -> torch.device:
         tensor = next(self.get_base_layer().parameters(), None)
         return tensor.device if tensor is not None else torch.device("cpu")
 
-    def component_lambdas(self, adapter_name: str) -> torch.Tensor:
-        """One scale per component, ``[sum(rank)]``, repeating per-unit scales over their unit's components."""
-        lambdas = self.residual_lambda[adapter_name]
-        rank = self.residual_rank[adapter_name]
-        return lambdas.repeat_interleave(rank) if len(lambdas) != int(rank.sum()) else lambdas
+
+class ResiDualUnitLayer(nn.Module, ResiDualLayer):
+    """Records and holds the ResiDual state of the units produced by one module.
+
+    Per adapter: ``residual_role`` (see :data:`ROLES`); ``residual_mean`` ``[units, dim]`` unless the role is
+    "record"; for transformed units also ``residual_rank`` ``[units]`` (components per unit), ``residual_basis``
+    ``[sum(rank), dim]`` (rows grouped by unit) and the trainable ``residual_lambda`` ``[sum(rank)]`` (``[units]``
+    with one scale per unit).
+    """
+
+    def __init__(
+        self, base_layer: nn.Module, kind: str, layer: int | None, unit_slice: slice, unit_names: list[str], **kwargs
+    ) -> None:
+        super().__init__()
+        self._init_tuner_layer(base_layer)
+        self.kind = kind
+        self.layer = layer
+        self.unit_slice = unit_slice
+        self.unit_names = unit_names
+        self.record: UnitRecord | None = None  # the readout's record, linked after injection
+        self.residual_lambda = nn.ParameterDict({})
+        self.residual_basis = BufferDict({}, persistent=True)
+        self.residual_mean = BufferDict({}, persistent=True)
+        self.residual_rank = BufferDict({}, persistent=True)
+        self.residual_remainder: dict[str, str] = {}
+        self.residual_role: dict[str, str] = {}
+
+    @property
+    def num_units(self) -> int:
+        return len(self.unit_names)
+
+    def update_layer(self, adapter_name: str, role: str, remainder: str, inference_mode: bool = False) -> None:
+        """Create empty state for ``adapter_name``; :meth:`set_fit` or a checkpoint load fills it."""
+        device = self._base_device()
+        self.residual_role[adapter_name] = role
+        if role != "record":
+            self.residual_mean[adapter_name] = torch.empty(0, device=device)
+        if role == "transform":
+            self.residual_rank[adapter_name] = torch.empty(0, dtype=torch.long, device=device)
+            self.residual_basis[adapter_name] = torch.empty(0, device=device)
+            self.residual_lambda[adapter_name] = nn.Parameter(torch.empty(0, device=device))
+            self.residual_remainder[adapter_name] = remainder
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def holds(self, adapter_name: str) -> bool:
+        """Whether these units take part in ``adapter_name`` (transformed or mean-replaced)."""
+        return self.residual_role.get(adapter_name, "record") != "record"
 
     def is_transformed(self, adapter_name: str) -> bool:
-        return adapter_name in self.residual_lambda
+        return self.residual_role.get(adapter_name) == "transform"
 
     def is_fitted(self, adapter_name: str) -> bool:
         return self.residual_mean[adapter_name].numel() > 0
+
+    def component_lambdas(self, adapter_name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """One scale per component, ``[sum(rank)]``, repeating per-unit scales over their unit's components."""
+        lambdas = self.residual_lambda[adapter_name].to(dtype)
+        rank = self.residual_rank[adapter_name]
+        return lambdas.repeat_interleave(rank) if len(lambdas) != int(rank.sum()) else lambdas
 
     def set_fit(
         self, adapter_name: str, mean: torch.Tensor, bases: list[torch.Tensor] | None, lambdas: list[torch.Tensor]
@@ -121,7 +149,10 @@ class ResiDualUnitLayer(nn.Module, ResiDualTunerLayer):
                 container[adapter_name] = torch.zeros(shape, dtype=container[adapter_name].dtype, device=device)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.base_layer(*args, **kwargs)
+        output = self.base_layer(*args, **kwargs)
+        if self.record is not None:
+            self.record.capture(self.kind, self.layer, args, output)
+        return output
 
     def _padded_basis(self, adapter_name: str) -> torch.Tensor:
         """The flat basis as ``[units, max_rank, dim]``, with zero rows where a unit has fewer components."""
@@ -151,34 +182,48 @@ class ResiDualUnitLayer(nn.Module, ResiDualTunerLayer):
         return scores, offset
 
 
-class ResiDualReadoutLayer(nn.Module, ResiDualTunerLayer):
+class ResiDualReadoutLayer(nn.Module, ResiDualLayer):
     """Wraps the output module (projection, else final norm) and returns the sum of the transformed units.
 
     For a final norm applied to the whole sequence (DINOv2), only the CLS position is replaced; the other tokens of
-    ``last_hidden_state`` are the base model's.
+    ``last_hidden_state`` are the base model's. ``bypass`` (set by :func:`~.decomposition.readout_bypassed`) passes
+    the base output through without touching which parameters train.
     """
 
     adapter_layer_names: tuple[str, ...] = ()
-    other_param_names: tuple[str, ...] = ("residual_rest",)
+    other_param_names: tuple[str, ...] = ("residual_rest", "residual_tokens")
 
-    def __init__(self, base_layer: nn.Module, trace: UnitTrace, **kwargs) -> None:
+    def __init__(self, base_layer: nn.Module, arch: Architecture, **kwargs) -> None:
         super().__init__()
         self._init_tuner_layer(base_layer)
-        self.trace = trace
+        self.arch = arch
+        self.record = UnitRecord()
         self.unit_layers: list[ResiDualUnitLayer] = []
+        self.bypass = False
         self.residual_rest: dict[str, str] = {}
-        # float32 whatever the base dtype; the trainer raises it to float64 while training (see trainer.py)
-        self.compute_dtype = torch.float32
+        self.residual_tokens: dict[str, int | None] = {}
+        """Per adapter, the token count the bases were fitted at (None before fitting), to flag other image sizes."""
 
-    def update_layer(self, adapter_name: str, rest: str, inference_mode: bool = False) -> None:
+    def update_layer(self, adapter_name: str, rest: str, num_tokens: int | None, inference_mode: bool = False) -> None:
         self.residual_rest[adapter_name] = rest
+        self.residual_tokens[adapter_name] = num_tokens
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
-    def _layers_of(self, adapter_name: str) -> list[ResiDualUnitLayer]:
-        return [layer for layer in self.unit_layers if adapter_name in layer.residual_mean]
+    def link(self, unit_layers: list[ResiDualUnitLayer]) -> None:
+        """Read the units of ``unit_layers`` (in unit order), which record into this layer's record."""
+        self.unit_layers = sorted(unit_layers, key=lambda layer: layer.unit_slice.start)
+        for layer in self.unit_layers:
+            layer.record = self.record
+
+    def layers_of(self, adapter_name: str) -> list[ResiDualUnitLayer]:
+        """The unit layers taking part in ``adapter_name``, in unit order."""
+        return [layer for layer in self.unit_layers if layer.holds(adapter_name)]
+
+    def transformed_layers(self, adapter_name: str) -> list[ResiDualUnitLayer]:
+        return [layer for layer in self.unit_layers if layer.is_transformed(adapter_name)]
 
     def check_fitted(self, adapter_name: str) -> None:
-        layers = self._layers_of(adapter_name)
-        unfitted = [layer.unit_names[0] for layer in layers if not layer.is_fitted(adapter_name)]
+        unfitted = [layer.unit_names[0] for layer in self.layers_of(adapter_name) if not layer.is_fitted(adapter_name)]
         if unfitted:
             raise RuntimeError(
                 f"ResiDual adapter '{adapter_name}' has no PCA bases yet (first unfitted unit: {unfitted[0]}). Call "
@@ -190,7 +235,7 @@ class ResiDualReadoutLayer(nn.Module, ResiDualTunerLayer):
         self.check_fitted(adapter_name)
         covered = torch.zeros(contributions.shape[1], dtype=torch.bool, device=contributions.device)
         scores, offset = [], contributions.new_zeros(contributions.shape[0], contributions.shape[2])
-        for layer in self._layers_of(adapter_name):
+        for layer in self.layers_of(adapter_name):
             layer_scores, layer_offset = layer.scores_and_offset(adapter_name, contributions[:, layer.unit_slice])
             scores.append(layer_scores)
             offset = offset + layer_offset
@@ -199,34 +244,43 @@ class ResiDualReadoutLayer(nn.Module, ResiDualTunerLayer):
             offset = offset + contributions[:, ~covered].sum(1)
         return torch.cat(scores, dim=1), offset
 
-    def lambdas(self, adapter_name: str) -> torch.Tensor:
-        """All trainable scales of the adapter, in score order."""
-        layers = [layer for layer in self._layers_of(adapter_name) if layer.is_transformed(adapter_name)]
-        return torch.cat([layer.component_lambdas(adapter_name).to(self.compute_dtype) for layer in layers])
+    def lambdas(self, adapter_name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """All trainable scales of the adapter, one per component, in score order."""
+        return torch.cat([layer.component_lambdas(adapter_name, dtype) for layer in self.transformed_layers(adapter_name)])
 
-    def basis(self, adapter_name: str) -> torch.Tensor:
+    def basis(self, adapter_name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """All PCA components of the adapter, ``[sum(rank), dim]``, in score order."""
-        layers = [layer for layer in self._layers_of(adapter_name) if layer.is_transformed(adapter_name)]
-        return torch.cat([layer.residual_basis[adapter_name].to(self.compute_dtype) for layer in layers])
+        layers = self.transformed_layers(adapter_name)
+        return torch.cat([layer.residual_basis[adapter_name].to(dtype) for layer in layers])
 
     def adapt(self, adapter_name: str, contributions: torch.Tensor) -> torch.Tensor:
-        """The ResiDual output for unit contributions ``[batch, units, dim]``."""
+        """The ResiDual output (float32) for unit contributions ``[batch, units, dim]``."""
         scores, offset = self.scores_and_offset(adapter_name, contributions)
-        dtype = self.compute_dtype
-        return combine(scores.to(dtype), offset.to(dtype), self.lambdas(adapter_name), self.basis(adapter_name))
+        return combine(scores.float(), offset.float(), self.lambdas(adapter_name), self.basis(adapter_name))
+
+    def _check_image_size(self, adapter_name: str, num_tokens: int | None) -> None:
+        fitted = self.residual_tokens.get(adapter_name)
+        if fitted is None or num_tokens is None or num_tokens == fitted:
+            return
+        warnings.warn(  # Python shows each distinct message once per call site
+            f"ResiDual adapter '{adapter_name}' was fitted on images of {fitted} tokens, but this input gives "
+            f"{num_tokens}: the PCA bases do not describe units at another image size, so the output is unreliable. "
+            "Resize the images to the size in adapter_config.json (base_signature.image_size).",
+            stacklevel=2,
+        )
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
-        if self.disable_adapters:
+        if self.bypass or self.disable_adapters or not self.active_adapters:
             return result
         if len(self.active_adapters) != 1:
-            raise ValueError(f"ResiDual runs one adapter at a time, but {self.active_adapters} are active.")
-        adapted = self.adapt(self.active_adapters[0], self.trace.contributions())
-        # the output keeps the base dtype, except while the trainer runs in float64 all the way to the loss
-        adapted = adapted.to(result.dtype if self.compute_dtype == torch.float32 else self.compute_dtype)
-        self.trace.clear()
+            raise ResiDualInputError(f"ResiDual runs one adapter at a time, but {self.active_adapters} are active.")
+        adapter_name = self.active_adapters[0]
+        self._check_image_size(adapter_name, self.record.num_tokens)
+        adapted = self.adapt(adapter_name, self.record.contributions(self.arch)).to(result.dtype)
+        self.record.clear()
         if result.dim() == 3:  # a final norm over the whole sequence: only the CLS token is ResiDual's
-            return torch.cat([adapted.unsqueeze(1), result[:, 1:].to(adapted.dtype)], dim=1)
+            return torch.cat([adapted.unsqueeze(1), result[:, 1:]], dim=1)
         return adapted
 
 

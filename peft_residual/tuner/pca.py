@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -10,9 +11,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .decomposition import run_backbone
+from .config import ResiDualConfig
+from .decomposition import unit_contributions
+from .errors import ResiDualInputError
 from .layer import ResiDualUnitLayer
-from .model import ResiDualModel
+from .model import residual_tuner
+
+logger = logging.getLogger(__name__)
 
 
 class StreamingMoments:
@@ -64,24 +69,15 @@ class FitReport:
         return sum(self.components.values())
 
 
-def _residual_tuner(model: nn.Module) -> ResiDualModel:
-    tuner = getattr(model, "base_model", model)
-    if not isinstance(tuner, ResiDualModel):
-        raise TypeError(
-            "fit_residual_bases needs a model from get_peft_model(model, ResiDualConfig(...)), got "
-            f"{type(model).__name__}."
-        )
-    return tuner
-
-
-def _pixel_values(batch: object) -> torch.Tensor:
+def pixel_values_of(batch: object) -> torch.Tensor:
+    """The ``pixel_values`` of a batch that is a dict holding them, or a tensor."""
     if isinstance(batch, Mapping):
         if "pixel_values" not in batch:
-            raise KeyError(f"Each batch must hold 'pixel_values'; this one has keys {sorted(batch)}.")
+            raise ResiDualInputError(f"Each batch must hold 'pixel_values'; this one has keys {sorted(batch)}.")
         return batch["pixel_values"]
     if isinstance(batch, torch.Tensor):
         return batch
-    raise TypeError(f"Batches must be dicts with 'pixel_values' or tensors, got {type(batch).__name__}.")
+    raise ResiDualInputError(f"Batches must be dicts with 'pixel_values' or tensors, got {type(batch).__name__}.")
 
 
 def choose_components(eigenvalues: torch.Tensor, k: int | float | None, max_rank: int) -> int:
@@ -118,9 +114,11 @@ def fit_residual_bases(
 ) -> FitReport:
     """Fit every unit's PCA basis and mean on reference images, then initialise the scales.
 
-    ``dataloader`` yields dicts with ``pixel_values`` (or tensors). Covariances are accumulated per unit in float64,
-    never holding the encodings. ``k`` from the config is clamped to each unit's rank (``head_dim + 1`` for a head),
-    and clamping is reported in the returned :class:`FitReport` and as a warning.
+    ``dataloader`` yields dicts with ``pixel_values`` (or tensors), all of one image size, which is recorded in the
+    config (``base_signature``) with the base model's sizes and a weights fingerprint. Covariances are accumulated per
+    unit in float64, never holding the encodings. ``k`` from the config is clamped to each unit's rank
+    (``head_dim + 1`` for a head), and clamping is reported in the returned :class:`FitReport` and as a warning.
+    Refitting an adapter resets its scales to their initial values (a warning says so if they were trained).
 
     Example:
         >>> model = get_peft_model(clip_vision, ResiDualConfig(k=64))
@@ -128,25 +126,32 @@ def fit_residual_bases(
         >>> report.num_scales
         9216
     """
-    tuner = _residual_tuner(model)
+    tuner = residual_tuner(model)
     adapter_name = adapter_name or tuner.active_adapters[0]
     config = tuner.peft_config[adapter_name]
-    layers = tuner.readout._layers_of(adapter_name)
+    config.validate()
+    arch = tuner.arch
+    layers = tuner.readout.layers_of(adapter_name)
     moments = {id(layer): StreamingMoments(scatter=layer.is_transformed(adapter_name)) for layer in layers}
     reference = next(tuner.model.parameters())
+    image_size = None
     was_training = tuner.model.training
     tuner.model.eval()
     try:
         for step, batch in enumerate(tqdm(dataloader, desc="ResiDual PCA", disable=not progress, total=max_batches)):
             if max_batches is not None and step >= max_batches:
                 break
-            pixel_values = _pixel_values(batch).to(device=reference.device, dtype=reference.dtype)
-            run_backbone(tuner.model, pixel_values)
-            contributions = tuner.trace.contributions()
-            tuner.trace.clear()
+            pixel_values = arch.check_pixel_values(pixel_values_of(batch), f"fit_residual_bases batch {step}")
+            if image_size not in (None, tuple(pixel_values.shape[-2:])):
+                raise ResiDualInputError(
+                    f"fit_residual_bases batch {step} has images of {tuple(pixel_values.shape[-2:])} px after "
+                    f"{image_size}; fit on images of one size (the size the adapter will see)."
+                )
+            image_size = tuple(pixel_values.shape[-2:])
+            contributions = unit_contributions(tuner.model, pixel_values.to(reference.device, reference.dtype))
             if not torch.isfinite(contributions).all():
-                unit = tuner.arch.unit_names[int((~torch.isfinite(contributions)).any(-1).any(0).nonzero()[0])]
-                raise ValueError(
+                unit = arch.unit_names[int((~torch.isfinite(contributions)).any(-1).any(0).nonzero()[0])]
+                raise ResiDualInputError(
                     f"Non-finite activations in unit {unit} at batch {step}; check the inputs' normalisation and the "
                     "model's dtype (fp16 can overflow: fit in float32)."
                 )
@@ -156,17 +161,30 @@ def fit_residual_bases(
         tuner.model.train(was_training)
 
     num_samples = next(iter(moments.values())).count if moments else 0
-    if num_samples == 0:
-        raise ValueError("fit_residual_bases got an empty dataloader; pass reference images.")
+    if num_samples < 2:
+        raise ResiDualInputError(
+            f"fit_residual_bases saw {num_samples} image(s); a PCA needs at least 2 (and more than k). "
+            "Pass more reference images."
+        )
+    if config.training_summary is not None:
+        warnings.warn(
+            f"Refitting adapter '{adapter_name}' resets its trained scales to their initial values; train again.",
+            stacklevel=2,
+        )
+        config.training_summary = None
     report = FitReport(num_samples=num_samples)
     generator = torch.Generator().manual_seed(config.seed)
-    for layer in layers:
+    transformed = [layer for layer in layers if layer.is_transformed(adapter_name)]
+    logger.info("Eigendecomposition of %d unit groups", len(transformed))
+    for layer in tqdm(layers, desc="ResiDual eigendecomposition", disable=not progress or not transformed):
         stats = moments[id(layer)]
         if not layer.is_transformed(adapter_name):
             layer.set_fit(adapter_name, stats.mean, None, [])
             continue
-        bases, lambdas = _fit_layer(layer, stats, config, tuner.arch.max_rank(layer.kind), generator, report)
+        bases, lambdas = _fit_layer(layer, stats, config, arch.max_rank(layer.kind), generator, report)
         layer.set_fit(adapter_name, stats.mean, bases, lambdas)
+    config.base_signature = arch.signature(image_size)
+    tuner.readout.residual_tokens[adapter_name] = config.base_signature["num_tokens"]
     if report.clamped:
         (name, (asked, used)), more = next(iter(report.clamped.items())), len(report.clamped) - 1
         warnings.warn(
@@ -180,7 +198,7 @@ def fit_residual_bases(
 def _fit_layer(
     layer: ResiDualUnitLayer,
     stats: StreamingMoments,
-    config,
+    config: ResiDualConfig,
     max_rank: int,
     generator: torch.Generator,
     report: FitReport,
@@ -195,7 +213,7 @@ def _fit_layer(
         if isinstance(config.k, int) and config.k > max_rank:
             report.clamped[name] = (config.k, k)
         if isinstance(config.k, int) and stats.count <= k:
-            raise ValueError(
+            raise ResiDualInputError(
                 f"Unit {name} needs {k} components but only {stats.count} samples were seen; a PCA with k components "
                 f"needs more than k samples. Pass more reference images or lower k."
             )

@@ -8,12 +8,16 @@ projection. Supporting a new pre-LN ViT (ViT, SigLIP, ...) is one more entry in 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
+
+from .errors import ResiDualInputError
 
 
 @dataclass(frozen=True)
@@ -83,9 +87,9 @@ def find_base_model(model: nn.Module) -> nn.Module:
     for candidate in model.modules():
         if type(candidate).__name__ in ARCHITECTURES:
             return candidate
-    raise ValueError(
+    raise ResiDualInputError(
         f"ResiDual does not support {type(model).__name__}. Supported model classes: "
-        f"{', '.join(sorted(ARCHITECTURES))}. Add an ArchitectureSpec to peft_residual.architectures.ARCHITECTURES "
+        f"{', '.join(sorted(ARCHITECTURES))}. Add an ArchitectureSpec to peft_residual.tuner.architectures.ARCHITECTURES "
         "for another pre-LN vision transformer."
     )
 
@@ -108,6 +112,7 @@ class Architecture:
         self.num_heads: int = self.config.num_attention_heads
         self.hidden_size: int = self.config.hidden_size
         self.head_dim: int = self.hidden_size // self.num_heads
+        self.patch_size: int = self.config.patch_size
         projection = self.projection
         self.output_dim: int = projection.out_features if projection is not None else self.hidden_size
 
@@ -164,6 +169,99 @@ class Architecture:
         so it spans at most ``head_dim + 1`` directions; other units may span the whole output space.
         """
         return min(self.head_dim + 1, self.output_dim) if kind == "heads" else self.output_dim
+
+
+    def check_pixel_values(self, pixel_values: object, where: str) -> torch.Tensor:
+        """``pixel_values`` if it is a finite ``[batch, channels, height, width]`` tensor whose sides are multiples
+        of the patch size; otherwise an error naming ``where`` it came from."""
+        if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4:
+            shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values)
+            raise ResiDualInputError(f"{where}: pixel_values must be a [batch, channels, height, width] tensor, got {shape}.")
+        if len(pixel_values) == 0:
+            raise ResiDualInputError(f"{where}: the batch is empty.")
+        height, width = pixel_values.shape[-2:]
+        patch = self.patch_size
+        if height % patch or width % patch or height < patch:
+            raise ResiDualInputError(
+                f"{where}: images of {height}x{width} px do not split into {patch}x{patch} patches; resize them to a "
+                f"multiple of {patch} (e.g. {max(patch, round(height / patch) * patch)})."
+            )
+        if not torch.isfinite(pixel_values).all():
+            raise ResiDualInputError(
+                f"{where}: pixel_values hold NaN or infinite values; check the image preprocessing."
+            )
+        return pixel_values
+
+    def structure(self) -> dict[str, Any]:
+        """The sizes that fix the units' shapes."""
+        return {
+            "model_type": type(self.model).__name__,
+            "hidden_size": self.hidden_size,
+            "num_layers": self.num_layers,
+            "num_heads": self.num_heads,
+            "output_dim": self.output_dim,
+            "patch_size": self.patch_size,
+        }
+
+    def signature(self, image_size: tuple[int, int]) -> dict[str, Any]:
+        """What bases fitted on this model at ``image_size`` depend on: see ``ResiDualConfig.base_signature``."""
+        height, width = image_size
+        return {
+            **self.structure(),
+            "image_size": [int(height), int(width)],
+            "num_tokens": 1 + (height // self.patch_size) * (width // self.patch_size),
+            "weights_fingerprint": self.weights_fingerprint(),
+        }
+
+    def check_signature(self, signature: dict[str, Any]) -> None:
+        """Refuse bases fitted on another base model: other sizes, or other weights."""
+        current = self.structure()
+        differ = [f"{key} {signature.get(key)!r} vs {value!r}" for key, value in current.items() if signature.get(key) != value]
+        saved_weights = signature.get("weights_fingerprint")
+        if not differ and saved_weights is not None and not same_weights(saved_weights, self.weights_fingerprint()):
+            differ.append("the base weights (fingerprint) differ")
+        if differ:
+            raise ResiDualInputError(
+                f"This ResiDual adapter was fitted on another base model ({'; '.join(differ)}, saved vs this "
+                "model). Load it onto the base model it was fitted on, or fit new bases on this one."
+            )
+
+    def weights_fingerprint(self, samples_per_tensor: int = 1024, projections: int = 7) -> list[float]:
+        """A short, dtype-tolerant fingerprint of the vision weights: the norm of a strided sample of every
+        parameter, then ``projections`` fixed random ±1 projections of that sample divided by its norm.
+
+        Each projection is a standard normal for unrelated weights, but moves by ~1e-3 at most when the same weights
+        are cast to half precision, so :func:`same_weights` can compare with a tolerance instead of a hash."""
+        modules = [self.tower] + ([self.projection] if self.projection is not None else [])
+        pieces = []
+        for module in modules:
+            for param in base_parameters(module):
+                flat = param.detach().reshape(-1)
+                step = max(1, len(flat) // samples_per_tensor)
+                pieces.append(flat[::step][:samples_per_tensor].double().cpu())
+        sample = torch.cat(pieces)
+        norm = float(sample.norm())
+        signs = torch.randint(0, 2, (projections, len(sample)), generator=torch.Generator().manual_seed(0)) * 2 - 1
+        projected = (signs.double() @ sample) / max(norm, 1e-30)
+        return [round(norm, 6), *(round(float(v), 6) for v in projected)]
+
+
+def base_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """The parameters of ``module`` that belong to the base model, not to any PEFT adapter inside it."""
+    adapter = set()
+    for layer in module.modules():
+        if isinstance(layer, BaseTunerLayer):
+            base = {id(p) for p in layer.get_base_layer().parameters()}
+            adapter |= {id(p) for p in layer.parameters() if id(p) not in base}
+    return [p for p in module.parameters() if id(p) not in adapter]
+
+
+def same_weights(saved: list[float], current: list[float], tolerance: float = 1e-2) -> bool:
+    """Whether two :meth:`Architecture.weights_fingerprint` values describe the same weights (up to a dtype cast)."""
+    if len(saved) != len(current):
+        return False
+    norm_close = math.isclose(saved[0], current[0], rel_tol=tolerance)
+    return norm_close and all(abs(a - b) <= tolerance for a, b in zip(saved[1:], current[1:], strict=True))
 
 
 def load_vision_model(model_name_or_path: str, torch_dtype=None) -> nn.Module:

@@ -11,41 +11,39 @@ from torch import nn
 
 from .architectures import Architecture
 from .config import ResiDualConfig
-from .decomposition import UnitTrace
-from .layer import ResiDualReadoutLayer, ResiDualTunerLayer, ResiDualUnitLayer
+from .decomposition import unit_modules
+from .errors import ResiDualInputError
+from .layer import ResiDualLayer, ResiDualReadoutLayer, ResiDualUnitLayer
 
 
 @dataclass(frozen=True)
-class _Role:
+class _Target:
     kind: str  # "embedding" | "heads" | "mlps" | "readout"
+    layer: int | None = None
     unit_slice: slice | None = None
-    transformed: bool = False
+    role: str = "record"  # see layer.ROLES
 
 
-def _roles(arch: Architecture, config: ResiDualConfig) -> dict[str, _Role]:
-    """Which module gets which layer: transformed units, mean-replaced units and the readout."""
+def _targets(arch: Architecture, config: ResiDualConfig) -> dict[str, _Target]:
+    """Every unit module (each records; some transform or keep their mean) and the readout, by module path."""
     layers = range(arch.num_layers) if config.layers is None else config.layers
     bad = [i for i in layers if not 0 <= i < arch.num_layers]
     if bad:
-        raise ValueError(f"ResiDualConfig.layers has {bad}, but the model has layers 0..{arch.num_layers - 1}.")
-    keep_means = config.rest == "mean"
-    spec = arch.spec
-    roles = {}
-    if keep_means:
-        roles[spec.embedding] = _Role("embedding", slice(0, 1))
-    for i in range(arch.num_layers):
-        heads = i in layers
-        mlps = heads and config.units == "heads+mlps"
-        if heads or keep_means:
-            roles[spec.attention_out.format(i=i)] = _Role("heads", arch.heads_slice(i), heads)
-        if mlps or keep_means:
-            roles[spec.mlp_out.format(i=i)] = _Role("mlps", arch.mlp_slice(i), mlps)
-    roles[arch.readout_path] = _Role("readout")
-    return roles
+        raise ResiDualInputError(
+            f"ResiDualConfig.layers has {bad}, but the model has layers 0..{arch.num_layers - 1}."
+        )
+    slices = {"embedding": lambda _: slice(0, 1), "heads": arch.heads_slice, "mlps": arch.mlp_slice}
+    targets = {}
+    for path, kind, layer in unit_modules(arch):
+        transformed = layer in layers and (kind == "heads" or (kind == "mlps" and config.units == "heads+mlps"))
+        role = "transform" if transformed else "mean" if config.rest == "mean" else "record"
+        targets[path] = _Target(kind, layer, slices[kind](layer), role)
+    targets[arch.readout_path] = _Target("readout")
+    return targets
 
 
 class ResiDualModel(BaseTuner):
-    """Injects ResiDual layers (see :mod:`peft_residual.layer`) where the architecture map says the units live.
+    """Injects ResiDual layers (see :mod:`.layer`) where the architecture map says the units live.
 
     Use it through ``peft.get_peft_model(model, ResiDualConfig(...))``.
 
@@ -57,18 +55,19 @@ class ResiDualModel(BaseTuner):
     """
 
     prefix: str = "residual_"
-    tuner_layer_cls = ResiDualTunerLayer
+    tuner_layer_cls = ResiDualLayer
     target_module_mapping: ClassVar[dict[str, list[str]]] = {}
 
     def _prepare_adapter_config(self, peft_config: ResiDualConfig, model_config: dict) -> ResiDualConfig:
         return peft_config  # target modules come from the architecture map, in _prepare_model
 
     def _prepare_model(self, peft_config: ResiDualConfig, model: nn.Module) -> None:
+        peft_config.validate()
         self.arch = Architecture(model)
-        if getattr(self, "trace", None) is None:
-            self.trace = UnitTrace(self.arch)
-        self._module_roles = _roles(self.arch, peft_config)
-        peft_config.target_modules = list(self._module_roles)
+        if peft_config.base_signature is not None:
+            self.arch.check_signature(peft_config.base_signature)
+        self._targets = _targets(self.arch, peft_config)
+        peft_config.target_modules = list(self._targets)
 
     def _create_and_replace(
         self,
@@ -80,26 +79,31 @@ class ResiDualModel(BaseTuner):
         current_key: str,
         **optional_kwargs,
     ) -> None:
-        role = self._module_roles[current_key]
-        if not isinstance(target, ResiDualTunerLayer):
-            if role.kind == "readout":
-                new_module = ResiDualReadoutLayer(target, self.trace)
+        spec = self._targets[current_key]
+        if not isinstance(target, ResiDualLayer):
+            if spec.kind == "readout":
+                new_module = ResiDualReadoutLayer(target, self.arch)
             else:
-                names = self.arch.unit_names[role.unit_slice]
-                new_module = ResiDualUnitLayer(target, role.unit_slice, names, role.kind)
+                names = self.arch.unit_names[spec.unit_slice]
+                new_module = ResiDualUnitLayer(target, spec.kind, spec.layer, spec.unit_slice, names)
             self._replace_module(parent, target_name, new_module, target)
             target = new_module
-        if role.kind == "readout":
-            target.update_layer(adapter_name, peft_config.rest)
+        inference_mode = peft_config.inference_mode
+        if spec.kind == "readout":
+            tokens = (peft_config.base_signature or {}).get("num_tokens")
+            target.update_layer(adapter_name, peft_config.rest, tokens, inference_mode=inference_mode)
         else:
-            target.update_layer(
-                adapter_name, role.transformed, peft_config.remainder, inference_mode=peft_config.inference_mode
-            )
+            target.update_layer(adapter_name, spec.role, peft_config.remainder, inference_mode=inference_mode)
         if adapter_name not in self.active_adapters:
             target.requires_grad_(False)
 
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        # PEFT's version copies `weight` onto unwrapped modules, which an MLP or an embedding module does not have;
+        # ResiDual layers create their state on the base module's device, so a plain swap is all that is needed.
+        setattr(parent, child_name, new_module)
+
     def _post_injection_hook(self, model: nn.Module, config: ResiDualConfig, adapter_name: str) -> None:
-        self.readout.unit_layers = sorted(self.unit_layers(), key=lambda layer: layer.unit_slice.start)
+        self.readout.link(self.unit_layers())
 
     @property
     def readout(self) -> ResiDualReadoutLayer:
@@ -117,7 +121,7 @@ class ResiDualModel(BaseTuner):
         expected = set()
         output_dim = Architecture(model).output_dim
         for name, layer in model.named_modules():
-            if not isinstance(layer, ResiDualUnitLayer) or adapter_name not in layer.residual_mean:
+            if not isinstance(layer, ResiDualUnitLayer) or not layer.holds(adapter_name):
                 continue
             shapes = {}
             for attr in ("residual_mean", "residual_rank", "residual_basis", "residual_lambda"):
@@ -126,7 +130,7 @@ class ResiDualModel(BaseTuner):
                 key = f"{name}.{attr}.{adapter_name}"
                 expected.add(key)
                 if key not in state_dict:
-                    raise ValueError(
+                    raise ResiDualInputError(
                         f"The checkpoint has no {attr} for unit group {layer.unit_names[0]}..{layer.unit_names[-1]} "
                         f"({name}); it was saved for a different model or ResiDualConfig."
                     )
@@ -135,7 +139,7 @@ class ResiDualModel(BaseTuner):
             layer.allocate(adapter_name, shapes)
         unexpected = sorted(k for k in state_dict if k not in expected)
         if unexpected:
-            raise ValueError(
+            raise ResiDualInputError(
                 f"The checkpoint holds ResiDual state this model has no unit for, e.g. {unexpected[0]}; it was saved "
                 "for a model with other layers or another ResiDualConfig."
             )
@@ -147,7 +151,7 @@ def _check_shapes(layer: ResiDualUnitLayer, shapes: dict[str, torch.Size], outpu
     first = layer.unit_names[0]
     mean = shapes["residual_mean"]
     if tuple(mean) != (units, output_dim):
-        raise ValueError(
+        raise ResiDualInputError(
             f"Unit {first}: the checkpoint's mean has shape {tuple(mean)}, but this model's units need "
             f"({units}, {output_dim}) ({units} units of output dimension {output_dim}). Load the adapter onto the base "
             "model it was trained for."
@@ -161,8 +165,18 @@ def _check_shapes(layer: ResiDualUnitLayer, shapes: dict[str, torch.Size], outpu
         or basis[1] != output_dim
         or tuple(lambdas) not in {(basis[0],), (units,)}
     ):
-        raise ValueError(
+        raise ResiDualInputError(
             f"Unit {first}: the checkpoint's rank {tuple(rank)}, basis {tuple(basis)} and scales {tuple(lambdas)} do "
             f"not fit {units} units of output dimension {output_dim}. Load the adapter onto the base model it was "
             "trained for."
         )
+
+
+def residual_tuner(model: nn.Module) -> ResiDualModel:
+    """The :class:`ResiDualModel` inside ``model`` (a ``PeftModel``, or the tuner itself)."""
+    tuner = getattr(model, "base_model", model)
+    if not isinstance(tuner, ResiDualModel):
+        raise ResiDualInputError(
+            f"This needs a model from get_peft_model(model, ResiDualConfig(...)), got {type(model).__name__}."
+        )
+    return tuner

@@ -1,0 +1,93 @@
+"""What ResiDual needs from PEFT while it lives outside PEFT's tree, in one place.
+
+- ``PeftType`` is a closed enum: :func:`extend_peft_type` adds ``RESIDUAL`` once (idempotent across reloads).
+- ``PeftModel.save_pretrained`` writes files in place and PEFT's generic model card; ``push_to_hub`` then replaces
+  the card with transformers' template. :func:`install` wraps the three ``PeftModel`` methods so that, *for a model
+  whose adapters are all ResiDual*, saving is atomic and refuses unfitted adapters, the card is ResiDual's, and a
+  push uploads exactly the adapter files and that card. Every other model takes PEFT's own code path unchanged.
+
+Inside PEFT none of this would exist: the enum member would be declared, and the card and saving hooks would be
+methods of the tuner.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from peft import PeftModel
+from peft.utils import PeftType
+
+NAME = "residual"
+
+
+def extend_peft_type(name: str = NAME) -> PeftType:
+    """Add a member to ``PeftType`` once; later calls (re-imports, reloads) return the existing member."""
+    key = name.upper()
+    if key in PeftType.__members__:
+        return PeftType[key]
+    member = str.__new__(PeftType, key)
+    member._name_ = key
+    member._value_ = key
+    member.__objclass__ = PeftType
+    member._sort_order_ = len(PeftType._member_names_)
+    type.__setattr__(PeftType, key, member)
+    PeftType._member_map_[key] = member
+    PeftType._value2member_map_[key] = member
+    PeftType._member_names_.append(key)
+    return member
+
+
+def is_residual_model(model: PeftModel) -> bool:
+    """Whether every adapter of ``model`` is a ResiDual adapter (so ResiDual's saving and card apply)."""
+    configs = getattr(model, "peft_config", {})
+    return bool(configs) and all(config.peft_type == PeftType.RESIDUAL for config in configs.values())
+
+
+def _wrap(name: str, replacement) -> None:
+    original = getattr(PeftModel, name)
+    if getattr(original, "_residual_original", None) is not None:
+        return
+
+    @functools.wraps(original)
+    def method(self: PeftModel, *args: Any, **kwargs: Any) -> Any:
+        if not is_residual_model(self):
+            return original(self, *args, **kwargs)
+        return replacement(original, self, *args, **kwargs)
+
+    method._residual_original = original
+    setattr(PeftModel, name, method)
+
+
+def _save_pretrained(original, model: PeftModel, save_directory: str, *args: Any, **kwargs: Any) -> None:
+    from .hub import save_adapter_atomically
+
+    if not kwargs.get("is_main_process", True):
+        return original(model, save_directory, *args, **kwargs)
+    save = lambda directory: original(model, directory, *args, **kwargs)  # noqa: E731
+    save_adapter_atomically(model, save_directory, save, kwargs.get("selected_adapters"))
+
+
+def _model_card(original, model: PeftModel, output_dir: str) -> None:
+    from .hub import write_model_card
+
+    write_model_card(model, output_dir)
+
+
+def _push_to_hub(original, model: PeftModel, repo_id: str, *args: Any, **kwargs: Any) -> str:
+    from .hub import push_adapter_to_hub
+
+    if args:
+        raise TypeError("push_to_hub of a ResiDual adapter takes keyword arguments only after repo_id.")
+    return push_adapter_to_hub(model, repo_id, **kwargs)
+
+
+def install() -> None:
+    """Route ``save_pretrained``, ``create_or_update_model_card`` and ``push_to_hub`` of ResiDual models to
+    :mod:`peft_residual.hub`; idempotent."""
+    _wrap("save_pretrained", _save_pretrained)
+    _wrap("create_or_update_model_card", _model_card)
+    _wrap("push_to_hub", _push_to_hub)
+
+
+RESIDUAL_PEFT_TYPE = extend_peft_type()

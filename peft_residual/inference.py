@@ -1,0 +1,94 @@
+"""Inference helpers: the image embedding a model gives, over one batch or a whole loader, and top-1 accuracy."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, nullcontext
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .compat import is_residual_model
+from .tuner import Architecture
+from .tuner.decomposition import readout_bypassed
+from .tuner.errors import ResiDualInputError
+from .tuner.pca import pixel_values_of
+
+
+def embed_images(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The model's image embedding: ``image_embeds`` with a projection, else ``pooler_output``.
+
+    For a ``PeftModel`` with an active ResiDual adapter this is the adapted embedding.
+
+    Example:
+        >>> embed_images(peft_model, pixel_values).shape
+        torch.Size([8, 512])
+    """
+    arch = Architecture(model)
+    if arch.spec.vision_config:  # two-tower model: only the image side runs
+        return model.get_image_features(pixel_values=pixel_values).pooler_output
+    output = model(pixel_values=pixel_values)
+    embeds = getattr(output, "image_embeds", None)
+    return output.pooler_output if embeds is None else embeds
+
+
+@contextmanager
+def base_outputs(model: nn.Module) -> Iterator[None]:
+    """Make ``model`` give its base model's outputs for the block: any ResiDual readout passes through, any other
+    PEFT adapter is disabled."""
+    other_peft = hasattr(model, "disable_adapter") and not is_residual_model(model)
+    with model.disable_adapter() if other_peft else readout_bypassed(model):
+        yield
+
+
+def check_labels(labels: torch.Tensor, num_classes: int | None, where: str) -> torch.Tensor:
+    """``labels`` if they are class indices below ``num_classes``; otherwise an error naming ``where``."""
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise ResiDualInputError(f"{where}: labels must be integer class indices, got {labels.dtype}.")
+    if num_classes is not None and len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ResiDualInputError(
+            f"{where}: label {int(labels.max()) if int(labels.max()) >= num_classes else int(labels.min())} is "
+            f"outside the classifier's {num_classes} classes (0..{num_classes - 1}); use the classifier built for "
+            "this data set's classes."
+        )
+    return labels
+
+
+@torch.no_grad()
+def embed_batches(
+    model: nn.Module,
+    batches: Iterable[dict],
+    label_column: str = "label",
+    base: bool = False,
+    progress: bool = True,
+    num_classes: int | None = None,
+    desc: str = "Embedding images",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image embeddings (float32, on CPU) and labels of every batch; ``base=True`` gives the base model's.
+
+    Labels at or above ``num_classes`` are an error.
+
+    Example:
+        >>> features, labels = embed_batches(peft_model, DataLoader(test, batch_size=64))
+        >>> accuracy(classifier(features), labels)
+    """
+    arch = Architecture(model)
+    reference = next(model.parameters())
+    features, labels = [], []
+    total = len(batches) if hasattr(batches, "__len__") else None
+    with base_outputs(model) if base else nullcontext():
+        for step, batch in enumerate(tqdm(batches, desc=desc, total=total, disable=not progress)):
+            pixel_values = arch.check_pixel_values(pixel_values_of(batch), f"{desc} batch {step}")
+            features.append(embed_images(model, pixel_values.to(reference.device, reference.dtype)).float().cpu())
+            labels.append(check_labels(torch.as_tensor(batch[label_column]), num_classes, f"{desc} batch {step}"))
+    if not features:
+        raise ResiDualInputError(f"{desc}: no batches; the data set is empty.")
+    return torch.cat(features), torch.cat(labels)
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Top-1 accuracy, computed here: ``evaluate.load("accuracy")`` fetches its metric script from the Hub and
+    fails offline. NaN for no samples."""
+    return float((logits.argmax(-1) == labels).float().mean()) if len(labels) else math.nan
