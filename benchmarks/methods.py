@@ -16,10 +16,11 @@ from peft_residual import (
     Classifier,
     ResiDualConfig,
     embed_images,
+    epoch_seed,
     fit_residual_bases,
     train_residual,
 )
-from peft_residual.architectures import load_vision_model as load_backbone
+from peft_residual import load_vision_model as load_backbone
 
 from .baselines import LEARNING_RATES, train_parameters
 from .measure import PeakRSS, latency_ms, saved_bytes, test_accuracy
@@ -70,15 +71,8 @@ def zero_shot(bench: Bench, seed: int) -> dict:
     )  # fmt: skip
 
 
-RESIDUAL_CONFIGS = {
-    "residual*": ResiDualConfig.residual_star,
-    "residual": ResiDualConfig.residual,
-    "coarse": ResiDualConfig.coarse,
-}
-
-
 def residual(bench: Bench, seed: int, method: str, cache: bool | str = "auto") -> dict:
-    model = get_peft_model(load_backbone(bench.model_path), RESIDUAL_CONFIGS[method](seed=seed))
+    model = get_peft_model(load_backbone(bench.model_path), ResiDualConfig.preset(method, seed=seed))
     with PeakRSS() as rss:
         started = time.perf_counter()
         fit_residual_bases(model, bench.loader(bench.train), progress=bench.progress)
@@ -108,7 +102,7 @@ def _vision_linear_names(model: nn.Module, which: str) -> str:
 
 def _image_batches(bench: Bench, dataset, seed: int | None):
     def batches(epoch: int = 0):
-        shuffle = None if seed is None else seed * 100_003 + epoch
+        shuffle = None if seed is None else epoch_seed(seed, epoch)
         for batch in bench.loader(dataset, shuffle):
             yield batch["pixel_values"], torch.as_tensor(batch["label"])
 
@@ -163,7 +157,7 @@ def linear_probe(bench: Bench, seed: int, features: dict) -> dict:
 
         def batches(epoch: int = 0):
             order = (
-                torch.randperm(len(y), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+                torch.randperm(len(y), generator=torch.Generator().manual_seed(epoch_seed(seed, epoch)))
                 if shuffle
                 else torch.arange(len(y))
             )

@@ -5,7 +5,7 @@ same model, data, classifier, splits and seeds.
     python -m benchmarks.run --model openai/clip-vit-base-patch32 --dataset uoft-cs/cifar10 --image-column img \\
         --templates cifar10
 
-Writes results/<name>.json (records, summary, machine, versions, command), results/<name>.md and two PNG plots.
+Writes benchmarks/results/<name>.json (records, summary, machine, versions, command), <name>.md and two PNG plots.
 """
 
 from __future__ import annotations
@@ -17,15 +17,16 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer
 
-from peft_residual import CentroidClassifier, ZeroShotClassifier
+from peft_residual import PRESETS as RESIDUAL_PRESETS
+from peft_residual import default_classifier, holdout
 from peft_residual.data import class_names, load_image_dataset, prepare, sample
 
 from . import methods, report
 from .measure import base_features
 from .presets import PRESETS
 
+RESULTS = Path(__file__).resolve().parent / "results"
 ALL_METHODS = ["zero-shot", "residual*", "residual", "coarse", "lora-qv", "lora-all", "linear-probe", "full-finetune"]
 CHEAP = {"zero-shot", "residual*", "residual", "coarse", "linear-probe"}
 QUICK = {"train_size": 300, "test_size": 200, "max_epochs": 8, "seeds": [0, 1, 2], "lora_seeds": [0]}
@@ -59,7 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help=f"small run: {QUICK}")
     parser.add_argument("--name", help="output name (default: derived from model, dataset and sizes)")
-    parser.add_argument("--out", type=Path, default=Path("results"))
+    parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     preset = PRESETS.get(args.preset, {})
@@ -83,13 +84,8 @@ def build(args: argparse.Namespace) -> tuple[methods.Bench, dict]:
     """Draw the splits, load the model and build the frozen classifier once for every method."""
     started = time.perf_counter()
     dataset = load_image_dataset(args.dataset)
-    pool = sample(dataset[args.train_split], args.train_size, args.data_seed)
-    n_val = max(1, round(args.val_fraction * len(pool)))
-    splits = {
-        "val": pool.select(range(n_val)),
-        "train": pool.select(range(n_val, len(pool))),
-        "test": sample(dataset[args.test_split], args.test_size, args.data_seed),
-    }
+    train, val = holdout(sample(dataset[args.train_split], args.train_size, args.data_seed), args.val_fraction)
+    splits = {"val": val, "train": train, "test": sample(dataset[args.test_split], args.test_size, args.data_seed)}
     names = class_names(splits["train"], args.label_column)
     splits = {
         key: prepare(split, args.model, args.image_size, args.image_column, args.label_column)
@@ -103,11 +99,9 @@ def build(args: argparse.Namespace) -> tuple[methods.Bench, dict]:
     features_started = time.perf_counter()
     features = {key: base_features(model, split, args.batch_size, args.workers) for key, split in splits.items()}
     features["seconds"] = time.perf_counter() - features_started
-    if hasattr(model, "get_text_features"):
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
-        bench.classifier = ZeroShotClassifier.from_clip(model, tokenizer, names, templates=args.templates)
-    else:
-        bench.classifier = CentroidClassifier.from_features(*features["train"], names)
+    bench.classifier = default_classifier(
+        model, names, tokenizer_source=args.model, templates=args.templates, train_features=features["train"]
+    )
     print(f"setup: {len(splits['train'])} train / {len(splits['val'])} val / {len(splits['test'])} test images, "
           f"{len(names)} classes, {time.perf_counter() - started:.0f} s")  # fmt: skip
     return bench, features
@@ -116,7 +110,7 @@ def build(args: argparse.Namespace) -> tuple[methods.Bench, dict]:
 def run_method(bench: methods.Bench, method: str, seed: int, features: dict, end_to_end: bool) -> dict:
     if method == "zero-shot":
         return methods.zero_shot(bench, seed)
-    if method in methods.RESIDUAL_CONFIGS:
+    if method in RESIDUAL_PRESETS:
         return methods.residual(bench, seed, method, cache=False if end_to_end else "auto")
     if method.startswith("lora-"):
         return methods.lora(bench, seed, method.removeprefix("lora-"))

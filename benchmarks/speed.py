@@ -3,7 +3,7 @@
     python -m benchmarks.speed
 
 Random weights and random images: the numbers are throughput and memory, never accuracy. Each method runs in its
-own process, so peak RSS is that method's alone. Writes results/speed_clip_b32_random.{json,md}.
+own process, so peak RSS is that method's alone. Writes benchmarks/results/speed_clip_b32_random.{json,md}.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--out", type=Path, default=Path("results"))
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     parser.add_argument("--only", choices=METHODS, help="run one method in this process and print its JSON")
     args = parser.parse_args(argv)
     if args.only:

@@ -14,9 +14,8 @@ from peft import get_peft_model
 from torch.utils.data import DataLoader
 
 import peft_residual
-from peft_residual.architectures import load_vision_model
+from peft_residual import default_accelerator, load_vision_model
 from peft_residual.data import class_names, load_image_dataset, prepare, sample
-from peft_residual.trainer import default_accelerator
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--model", required=True)
@@ -32,11 +31,13 @@ model = load_vision_model(args.model)
 pool = sample(load_image_dataset(args.dataset, "train"), args.train_samples, seed=0)
 names = class_names(pool)
 pool = prepare(pool, args.model, args.image_size)
-n_val = len(pool) // 10
-train, val = pool.select(range(n_val, len(pool))), pool.select(range(n_val))
+train, val = peft_residual.holdout(pool, 0.1)
 
-classifier = peft_residual.CentroidClassifier.from_model(model, DataLoader(train, batch_size=64), names)
-peft_model = get_peft_model(model, peft_residual.ResiDualConfig.residual_star())
+classifier = peft_residual.default_classifier(
+    model, names, tokenizer_source=args.model, train_batches=DataLoader(train, batch_size=64),
+    progress=accelerator.is_main_process,
+)  # fmt: skip
+peft_model = get_peft_model(model, peft_residual.ResiDualConfig.preset("residual*"))
 peft_residual.fit_residual_bases(peft_model, DataLoader(train, batch_size=64), progress=accelerator.is_main_process)
 result = peft_residual.train_residual(
     peft_model, classifier, train, val, max_epochs=args.epochs, accelerator=accelerator, output_dir=args.output

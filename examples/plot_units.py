@@ -1,11 +1,13 @@
 """Draw the unit decomposition of a model's output: how much each residual unit contributes, and that the units
-sum to the output. Writes docs/unit_decomposition.png.
+sum to the output. Writes the figure to --output (default: unit_decomposition.png in a new temporary directory;
+the copy in docs/ was made with --output docs/unit_decomposition.png).
 
     python examples/plot_units.py --model ~/.cache/residual-assets/models/dinov2-small-imgfocus \\
         --dataset ~/.cache/residual-assets/datasets/fashion-mnist --image-size 98
 """
 
 import argparse
+import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -15,8 +17,7 @@ import matplotlib.pyplot as plt
 import torch
 from torch.utils.data import DataLoader
 
-from peft_residual import Architecture, decompose_units, embed_images
-from peft_residual.architectures import load_vision_model
+from peft_residual import Architecture, decompose_units, embed_images, load_vision_model
 from peft_residual.data import load_image_dataset, prepare, sample
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -24,8 +25,9 @@ parser.add_argument("--model", required=True)
 parser.add_argument("--dataset", required=True)
 parser.add_argument("--image-size", type=int, default=None)
 parser.add_argument("--images", type=int, default=64)
-parser.add_argument("--output", type=Path, default=Path("docs/unit_decomposition.png"))
+parser.add_argument("--output", type=Path, help="PNG path (default: in a new temporary directory)")
 args = parser.parse_args()
+args.output = args.output or Path(tempfile.mkdtemp(prefix="residual-units-")) / "unit_decomposition.png"
 
 model = load_vision_model(args.model)
 data = prepare(sample(load_image_dataset(args.dataset, "train"), args.images, seed=0), args.model, args.image_size)

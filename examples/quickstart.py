@@ -9,13 +9,14 @@ Offline, with local model and data set directories (e.g. from shared/assets/prep
 
 import argparse
 import sys
+import tempfile
 
 import torch
 from peft import get_peft_model
 from torch.utils.data import DataLoader
 
 import peft_residual
-from peft_residual.architectures import load_vision_model
+from peft_residual import load_vision_model
 from peft_residual.data import class_names, load_image_dataset, prepare, sample
 
 OFFLINE = (
@@ -32,8 +33,9 @@ parser.add_argument("--train-samples", type=int, default=2000)
 parser.add_argument("--test-samples", type=int, default=1000)
 parser.add_argument("--templates", default="cifar10", help="prompt templates for CLIP zero-shot")
 parser.add_argument("--epochs", type=int, default=30)
-parser.add_argument("--output", default="residual-adapter")
+parser.add_argument("--output", help="directory for the adapter (default: a new temporary directory)")
 args = parser.parse_args()
+args.output = args.output or tempfile.mkdtemp(prefix="residual-adapter-")
 image_column = args.image_column or ("img" if args.dataset == "uoft-cs/cifar10" else "image")
 
 try:
@@ -47,23 +49,18 @@ except OSError as error:  # no network and no local copy
 pool = sample(dataset["train"], args.train_samples, seed=0)
 names = class_names(pool)
 pool = prepare(pool, args.model, args.image_size, image_column)
-n_val = len(pool) // 10
-train, val = pool.select(range(n_val, len(pool))), pool.select(range(n_val))
+train, val = peft_residual.holdout(pool, 0.1)
 test = prepare(sample(dataset["test"], args.test_samples, seed=0), args.model, args.image_size, image_column)
 
 # 2. the frozen classifier: CLIP's zero-shot text head, or class centroids for vision-only models
-if hasattr(model, "get_text_features"):
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    classifier = peft_residual.ZeroShotClassifier.from_clip(model, tokenizer, names, templates=args.templates)
-else:
-    classifier = peft_residual.CentroidClassifier.from_model(model, DataLoader(train, batch_size=64), names)
+classifier = peft_residual.default_classifier(
+    model, names, tokenizer_source=args.model, templates=args.templates, train_batches=DataLoader(train, batch_size=64)
+)
 
 # 3. ResiDual: PCA bases on the training images, then train the scales
 peft_model = get_peft_model(model, peft_residual.ResiDualConfig.residual())
 peft_residual.fit_residual_bases(peft_model, DataLoader(train, batch_size=64))
-result = peft_residual.train_residual(peft_model, classifier, train, val, max_epochs=args.epochs)
+result = peft_residual.train_residual(peft_model, classifier, train, val, lr=0.8, max_epochs=args.epochs)
 
 
 # 4. test accuracy of the frozen classifier on the base and on the adapted embeddings

@@ -8,81 +8,76 @@ Example:
     >>> from peft import get_peft_model
     >>> model = get_peft_model(clip_vision, peft_residual.ResiDualConfig(k=64))
     >>> peft_residual.fit_residual_bases(model, loader)
+
+Importing PEFT takes seconds, so this module imports it only when needed: at once if PEFT is already loaded,
+otherwise right after the first ``import peft`` (a one-shot import hook), and names below load on first use. Either
+way, the method is registered before any PEFT code can look it up.
 """
 
-from . import compat
+from __future__ import annotations
 
-compat.install()
+import importlib
+import importlib.abc
+import importlib.util
+import sys
 
-from .cache import StreamedUnits, UnitCache, encode_dataset  # noqa: E402
-from .classifiers import (  # noqa: E402
-    CentroidClassifier,
-    Classifier,
-    ZeroShotClassifier,
-    default_classifier,
-    load_templates,
-)
-from .data import holdout, stratified_split  # noqa: E402
-from .hub import model_card, push_adapter_to_hub  # noqa: E402
-from .inference import accuracy, embed_batches, embed_images  # noqa: E402
-from .lr_finder import find_learning_rate  # noqa: E402
-from .scales import ScaleSet  # noqa: E402
-from .steps import epoch_seed  # noqa: E402
-from .trainer import TrainingResult, default_accelerator, train_residual  # noqa: E402
-from .tuner import (  # noqa: E402
-    ARCHITECTURES,
-    PRESETS,
-    Architecture,
-    ArchitectureSpec,
-    FitReport,
-    ResiDualConfig,
-    ResiDualInputError,
-    ResiDualModel,
-    ResiDualReadoutLayer,
-    ResiDualUnitLayer,
-    Units,
-    decompose_units,
-    fit_residual_bases,
-    load_vision_model,
-)
+_EXPORTS = {
+    "cache": ["StreamedUnits", "UnitCache", "encode_dataset"],
+    "classifiers": ["CentroidClassifier", "Classifier", "ZeroShotClassifier", "default_classifier", "load_templates"],
+    "compat": ["RESIDUAL_PEFT_TYPE"],
+    "data": ["holdout", "stratified_split"],
+    "hub": ["model_card", "push_adapter_to_hub"],
+    "inference": ["accuracy", "embed_batches", "embed_images"],
+    "lr_finder": ["find_learning_rate"],
+    "scales": ["ScaleSet"],
+    "steps": ["epoch_seed"],
+    "trainer": ["TrainingResult", "default_accelerator", "train_residual"],
+    "tuner": [
+        "ARCHITECTURES", "PRESETS", "Architecture", "ArchitectureSpec", "FitReport", "ResiDualConfig",
+        "ResiDualInputError", "ResiDualModel", "ResiDualReadoutLayer", "ResiDualUnitLayer", "Units",
+        "decompose_units", "fit_residual_bases", "load_vision_model",
+    ],
+}  # fmt: skip
+_HOME = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_HOME)
 
-RESIDUAL_PEFT_TYPE = compat.RESIDUAL_PEFT_TYPE
 
-__all__ = [
-    "ARCHITECTURES",
-    "PRESETS",
-    "RESIDUAL_PEFT_TYPE",
-    "Architecture",
-    "ArchitectureSpec",
-    "CentroidClassifier",
-    "Classifier",
-    "FitReport",
-    "ResiDualConfig",
-    "ResiDualInputError",
-    "ResiDualModel",
-    "ResiDualReadoutLayer",
-    "ResiDualUnitLayer",
-    "ScaleSet",
-    "StreamedUnits",
-    "TrainingResult",
-    "UnitCache",
-    "Units",
-    "ZeroShotClassifier",
-    "accuracy",
-    "decompose_units",
-    "default_accelerator",
-    "default_classifier",
-    "embed_batches",
-    "embed_images",
-    "encode_dataset",
-    "epoch_seed",
-    "find_learning_rate",
-    "fit_residual_bases",
-    "holdout",
-    "load_templates",
-    "load_vision_model",
-    "model_card",
-    "push_adapter_to_hub",
-    "stratified_split",
-    "train_residual",
-]
+def __getattr__(name: str):
+    if name not in _HOME:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_HOME[name]}", __name__), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+def _register() -> None:
+    from . import compat, tuner  # noqa: F401  (importing the tuner registers "residual" with PEFT)
+
+    compat.install()
+
+
+class _RegisterAfterPeft(importlib.abc.MetaPathFinder):
+    """Runs :func:`_register` as soon as ``peft`` has finished importing, then removes itself."""
+
+    def find_spec(self, name: str, path=None, target=None):
+        if name != "peft":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.loader is not None:
+            exec_module = spec.loader.exec_module
+
+            def exec_then_register(module) -> None:
+                exec_module(module)
+                _register()
+
+            spec.loader.exec_module = exec_then_register
+        return spec
+
+
+if "peft" in sys.modules:
+    _register()
+elif not any(isinstance(finder, _RegisterAfterPeft) for finder in sys.meta_path):
+    sys.meta_path.insert(0, _RegisterAfterPeft())

@@ -152,7 +152,9 @@ class CentroidClassifier(Classifier):
             )
         missing = [class_names[i] for i in range(len(class_names)) if counts[i] == 0]
         if missing:
-            raise ResiDualInputError(f"Class {missing[0]!r} has no examples; every class needs at least one to get a centroid.")
+            raise ResiDualInputError(
+                f"Class {missing[0]!r} has no examples; every class needs at least one to get a centroid."
+            )
         sums = torch.zeros(len(class_names), features.shape[1], dtype=torch.float64)
         sums.index_add_(0, labels, features.double())
         return cls((sums / counts[:, None]).float(), scale, class_names)

@@ -6,35 +6,60 @@
         --image-column img
     peft-residual push --model openai/clip-vit-base-patch32 --adapter cifar10-residual --repo-id me/cifar10-residual
 
-Models and data sets are Hub ids or local directories (``save_pretrained`` / ``save_to_disk``).
+Models and data sets are Hub ids or local directories (``save_pretrained`` / ``save_to_disk``). Bad input exits
+with status 2 and one line on stderr. Offline, set HF_HUB_OFFLINE=1.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
-from torch.utils.data import DataLoader
+# Only the standard library is imported here, so that --help and --version answer at once; each command imports
+# what it needs.
 
-from .architectures import load_vision_model
-from .classifiers import CentroidClassifier, Classifier, ZeroShotClassifier
-from .config import ResiDualConfig
-from .data import class_names, load_image_dataset, prepare, sample
-from .decomposition import embed_batches
-from .pca import fit_residual_bases
-from .trainer import accuracy, train_residual
-
-METHODS = {
-    "residual": ResiDualConfig.residual,
-    "residual-star": ResiDualConfig.residual_star,
-    "coarse": ResiDualConfig.coarse,
-}
+PRESET_NAMES = ("residual", "residual*", "coarse")  # tuner.config.PRESETS, without importing torch for --help
+logger = logging.getLogger("peft_residual.cli")
 
 
 class CliError(Exception):
     """Bad input, reported as one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr, exit status 2."""
+
+    def error(self, message: str) -> None:
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        sys.exit(2)
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {value}")
+    return value
 
 
 def _looks_local(name: str) -> bool:
@@ -47,14 +72,26 @@ def _check_source(name: str, what: str) -> None:
 
 
 def _model(args: argparse.Namespace):
+    from .tuner import Architecture, load_vision_model
+
     _check_source(args.model, "model")
     try:
-        return load_vision_model(args.model)
+        model = load_vision_model(args.model)
     except OSError as error:
         raise CliError(f"cannot load model {args.model!r}: {str(error).splitlines()[0]}") from error
+    image_size = getattr(args, "image_size", None)
+    patch = Architecture(model).patch_size
+    if image_size is not None and (image_size % patch or image_size < patch):
+        raise CliError(
+            f"--image-size {image_size} is not a multiple of the model's {patch}-pixel patches; "
+            f"use e.g. {max(patch, round(image_size / patch) * patch)}"
+        )
+    return model
 
 
 def _split(args: argparse.Namespace, split: str, samples: int | None):
+    from .data import load_image_dataset, sample
+
     _check_source(args.dataset, "dataset")
     try:
         dataset = load_image_dataset(args.dataset, split)
@@ -64,39 +101,37 @@ def _split(args: argparse.Namespace, split: str, samples: int | None):
 
 
 def _prepared(args: argparse.Namespace, dataset):
+    from .data import prepare
+
     return prepare(dataset, args.model, args.image_size, args.image_column, args.label_column)
 
 
-def _config(args: argparse.Namespace) -> ResiDualConfig:
+def _config(args: argparse.Namespace):
+    from .tuner import ResiDualConfig
+
     overrides = {"seed": args.seed}
     if args.k is not None:
-        overrides["k"] = float(args.k) if "." in args.k else int(args.k)
-    return METHODS[args.method](**overrides)
+        try:
+            overrides["k"] = float(args.k) if "." in args.k else int(args.k)
+        except ValueError:
+            raise CliError(f"--k must be an int or a variance ratio such as 0.9, got {args.k!r}") from None
+    return ResiDualConfig.preset(args.method, **overrides)
 
 
-def _classifier(args: argparse.Namespace, model, dataset, names: list[str]) -> Classifier:
-    """The frozen head: zero-shot text for CLIP unless asked otherwise, class centroids for vision-only models."""
-    kind = args.classifier or ("zero-shot" if hasattr(model, "get_text_features") else "centroid")
-    if kind == "zero-shot":
-        if not hasattr(model, "get_text_features"):
-            raise CliError(f"{args.model} has no text tower for a zero-shot classifier; use --classifier centroid")
-        from transformers import AutoTokenizer
+def _loader(args: argparse.Namespace, dataset):
+    from torch.utils.data import DataLoader
 
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
-        templates = args.templates
-        if templates and Path(templates).is_file():
-            templates = [line for line in Path(templates).read_text().splitlines() if line.strip()]
-        return ZeroShotClassifier.from_clip(model, tokenizer, names, templates=templates or "imagenet")
-    loader = DataLoader(dataset, batch_size=args.batch_size)
-    return CentroidClassifier.from_model(model, loader, names, scale=args.centroid_scale)
+    return DataLoader(dataset, batch_size=args.batch_size)
 
 
 def cmd_fit(args: argparse.Namespace) -> None:
     from peft import get_peft_model
 
+    from .tuner import fit_residual_bases
+
     model = get_peft_model(_model(args), _config(args))
     data = _prepared(args, _split(args, args.split, args.samples))
-    report = fit_residual_bases(model, DataLoader(data, batch_size=args.batch_size))
+    report = fit_residual_bases(model, _loader(args, data), progress=not args.quiet)
     model.save_pretrained(args.output)
     print(f"fitted {report.num_scales:,} scales on {report.num_samples} images; adapter saved to {args.output}")
 
@@ -104,26 +139,33 @@ def cmd_fit(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     from peft import get_peft_model
 
+    from .classifiers import default_classifier
+    from .data import class_names, holdout
+    from .trainer import train_residual
+    from .tuner import fit_residual_bases
+
     base = _model(args)
     pool = _split(args, args.split, args.samples)
     names = class_names(pool, args.label_column)
-    data = _prepared(args, pool)
-    n_val = max(1, round(args.val_fraction * len(data)))
-    val, train = data.select(range(n_val)), data.select(range(n_val, len(data)))
-    classifier = _classifier(args, base, train, names)
+    train, val = holdout(_prepared(args, pool), args.val_fraction)
+    templates = args.templates
+    if templates and Path(templates).is_file():
+        templates = [line for line in Path(templates).read_text().splitlines() if line.strip()]
+    classifier = default_classifier(
+        base, names, tokenizer_source=args.model, templates=templates or "imagenet",
+        train_batches=_loader(args, train), kind=args.classifier, centroid_scale=args.centroid_scale,
+        progress=not args.quiet,
+    )  # fmt: skip
     model = get_peft_model(base, _config(args))
-    fit_residual_bases(model, DataLoader(train, batch_size=args.batch_size))
+    fit_residual_bases(model, _loader(args, train), progress=not args.quiet)
     lr = args.lr if args.lr == "auto" else float(args.lr)
     result = train_residual(
         model, classifier, train, val, lr=lr, batch_size=args.batch_size, max_epochs=args.epochs,
-        patience=args.patience, seed=args.seed, output_dir=Path(args.output) / "checkpoint",
+        patience=args.patience, seed=args.seed, output_dir=Path(args.output) / "checkpoint", progress=not args.quiet,
     )  # fmt: skip
     model.save_pretrained(args.output)
     classifier.save_pretrained(Path(args.output) / "classifier")
-    summary = {
-        "dataset": args.dataset, "best_validation_accuracy": result.best_val_accuracy, "epochs": result.epochs_run,
-        "learning_rate": result.lr, "training_samples": len(train), "validation_samples": len(val),
-    }  # fmt: skip
+    summary = {"dataset": args.dataset, **model.peft_config["default"].training_summary}
     (Path(args.output) / "training.json").write_text(json.dumps(summary, indent=1))
     print(f"best validation accuracy {100 * result.best_val_accuracy:.1f}% after {result.epochs_run} epochs; "
           f"adapter and classifier saved to {args.output}")  # fmt: skip
@@ -132,21 +174,39 @@ def cmd_train(args: argparse.Namespace) -> None:
 def _load_adapter(args: argparse.Namespace):
     from peft import PeftModel
 
+    from .tuner import ResiDualConfig
+
     _check_source(args.adapter, "adapter")
-    if _looks_local(args.adapter) and not (Path(args.adapter) / "adapter_config.json").exists():
-        raise CliError(f"{args.adapter} holds no adapter_config.json; give the directory written by fit or train")
+    config_path = Path(args.adapter) / "adapter_config.json"
+    if _looks_local(args.adapter):
+        if not config_path.exists():
+            raise CliError(f"{args.adapter} holds no adapter_config.json; give the directory written by fit or train")
+        ResiDualConfig.from_json_file(str(config_path))  # names the file if it is malformed
     return PeftModel.from_pretrained(_model(args), args.adapter)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
+    from .classifiers import Classifier
+    from .inference import accuracy, embed_batches
+
     model = _load_adapter(args)
-    classifier_dir = Path(args.classifier or Path(args.adapter) / "classifier")
-    if not (classifier_dir / "classifier.json").exists():
-        raise CliError(f"no classifier at {classifier_dir}; pass --classifier DIR (written by train)")
-    classifier = Classifier.from_pretrained(classifier_dir)
+    signature = model.peft_config["default"].base_signature or {}
+    fitted_size = signature.get("image_size")
+    if fitted_size and args.image_size is not None and [args.image_size] * 2 != fitted_size:
+        raise CliError(
+            f"the adapter was fitted on {fitted_size[0]}x{fitted_size[1]} px images but --image-size is "
+            f"{args.image_size}; evaluate at --image-size {fitted_size[0]}"
+        )
+    classifier = Classifier.from_pretrained(args.classifier or Path(args.adapter) / "classifier")
     data = _prepared(args, _split(args, args.split, args.samples))
-    base, labels = embed_batches(model, DataLoader(data, batch_size=args.batch_size), base=True)
-    adapted, _ = embed_batches(model, DataLoader(data, batch_size=args.batch_size))
+    options = {"progress": not args.quiet, "num_classes": classifier.num_classes}
+    base, labels = embed_batches(model, _loader(args, data), base=True, desc="Base embeddings", **options)
+    if fitted_size and list(data[0]["pixel_values"].shape[-2:]) != fitted_size:
+        raise CliError(
+            f"the adapter was fitted on {fitted_size[0]}x{fitted_size[1]} px images but this data comes out at "
+            f"{tuple(data[0]['pixel_values'].shape[-2:])}; pass --image-size {fitted_size[0]}"
+        )
+    adapted, _ = embed_batches(model, _loader(args, data), desc="ResiDual embeddings", **options)
     base, adapted = accuracy(classifier(base), labels), accuracy(classifier(adapted), labels)
     print(f"{len(labels)} images: zero-shot {100 * base:.2f}%  ResiDual {100 * adapted:.2f}%")
 
@@ -160,63 +220,76 @@ def cmd_push(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="peft-residual", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
-    source = argparse.ArgumentParser(add_help=False)
-    source.add_argument("--model", required=True, help="Hub id or local directory of a CLIP or DINOv2 model")
-    data = argparse.ArgumentParser(add_help=False)
+    parser = _Parser(prog="peft-residual", description=__doc__, formatter_class=_Formatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version('peft-residual')}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = _Parser(add_help=False)
+    common.add_argument("--quiet", action="store_true", help="no progress bars or log lines, only the result")
+    common.add_argument("--model", required=True, help="Hub id or local directory of a CLIP or DINOv2 model")
+    data = _Parser(add_help=False)
     data.add_argument("--dataset", required=True, help="Hub id or local save_to_disk directory")
     data.add_argument("--image-column", default="image")
     data.add_argument("--label-column", default="label")
-    data.add_argument("--image-size", type=int, help="resize images to this square side (default: the processor's)")
-    data.add_argument("--samples", type=int, help="use this many images, drawn with --seed (default: all)")
-    data.add_argument("--batch-size", type=int, default=64)
+    data.add_argument(
+        "--image-size", type=_positive_int, help="resize images to this square side (default: the processor's)"
+    )
+    data.add_argument("--samples", type=_positive_int, help="use this many images, drawn with --seed (default: all)")
+    data.add_argument("--batch-size", type=_positive_int, default=64)
     data.add_argument("--seed", type=int, default=0)
-    method = argparse.ArgumentParser(add_help=False)
-    method.add_argument("--method", choices=sorted(METHODS), default="residual")
+    method = _Parser(add_help=False)
+    method.add_argument("--method", choices=PRESET_NAMES, default="residual", help="the paper's setting")
     method.add_argument("--k", help="override the components per unit: an int, or a variance ratio such as 0.9")
 
-    fit = commands.add_parser("fit", parents=[source, data, method], help="fit the PCA bases and save the adapter")
+    def command(name: str, parents: list, summary: str, run) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, parents=parents, help=summary, description=summary, formatter_class=_Formatter)
+        sub.set_defaults(run=run)
+        return sub
+
+    fit = command("fit", [common, data, method], "fit the PCA bases on images and save the adapter", cmd_fit)
     fit.add_argument("--split", default="train")
     fit.add_argument("--output", required=True, help="directory for the adapter")
-    fit.set_defaults(run=cmd_fit)
 
-    train = commands.add_parser("train", parents=[source, data, method], help="fit the bases and train the scales")
+    train = command(
+        "train", [common, data, method], "fit the bases, train the scales against a frozen classifier, save", cmd_train
+    )
     train.add_argument("--split", default="train")
     train.add_argument("--classifier", choices=["zero-shot", "centroid"], help="default: zero-shot for CLIP")
     train.add_argument("--templates", help="template set (imagenet, cifar10, ...) or a file with one per line")
     train.add_argument("--centroid-scale", type=float, default=100.0)
-    train.add_argument("--val-fraction", type=float, default=0.1, help="the first part of the images validates")
-    train.add_argument("--epochs", type=int, default=30)
-    train.add_argument("--patience", type=int, default=5)
+    train.add_argument("--val-fraction", type=_fraction, default=0.1, help="the first part of the images validates")
+    train.add_argument("--epochs", type=_positive_int, default=30)
+    train.add_argument("--patience", type=_positive_int, default=5)
     train.add_argument("--lr", default="0.8", help="learning rate, or 'auto' for an LR range test")
     train.add_argument("--output", required=True, help="directory for the adapter, classifier and checkpoint")
-    train.set_defaults(run=cmd_train)
 
-    evaluate = commands.add_parser("eval", parents=[source, data], help="zero-shot and ResiDual test accuracy")
+    evaluate = command("eval", [common, data], "zero-shot and ResiDual test accuracy of a saved adapter", cmd_eval)
     evaluate.add_argument("--adapter", required=True, help="adapter directory or Hub id")
     evaluate.add_argument("--classifier", help="classifier directory (default: ADAPTER/classifier)")
     evaluate.add_argument("--split", default="test")
-    evaluate.set_defaults(run=cmd_eval)
 
-    push = commands.add_parser("push", parents=[source], help="upload an adapter with its model card")
+    push = command("push", [common], "upload a saved adapter with its ResiDual model card", cmd_push)
     push.add_argument("--adapter", required=True, help="adapter directory")
     push.add_argument("--repo-id", required=True)
     push.add_argument("--private", action="store_true")
     push.add_argument("--token", help="Hub token (default: HF_TOKEN or the stored login)")
-    push.set_defaults(run=cmd_push)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    if args.command == "train" and args.lr != "auto":
+        try:
+            float(args.lr)
+        except ValueError:
+            print(f"peft-residual: error: --lr must be a number or 'auto', got {args.lr!r}", file=sys.stderr)
+            return 2
+    from .tuner.errors import ResiDualInputError
+
     try:
         args.run(args)
-    except (CliError, ValueError, KeyError, TypeError, FileNotFoundError, OSError) as error:
-        message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
-        print(f"peft-residual: error: {str(message).splitlines()[0]}", file=sys.stderr)
+    except (CliError, ResiDualInputError, FileNotFoundError) as error:
+        print(f"peft-residual: error: {str(error).splitlines()[0]}", file=sys.stderr)
         return 2
     return 0
 

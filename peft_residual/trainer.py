@@ -83,7 +83,9 @@ class EarlyStopping:
         return improved
 
     def state(self) -> dict:
-        return {key: getattr(self, key) for key in ("epoch", "best_accuracy", "best_epoch", "bad_epochs", "done", "history")}
+        return {
+            key: getattr(self, key) for key in ("epoch", "best_accuracy", "best_epoch", "bad_epochs", "done", "history")
+        }
 
 
 @contextmanager
@@ -188,13 +190,15 @@ def train_residual(
     classifier = classifier.to(accelerator.device)
     seconds: dict[str, float] = {}
     use_cache = _use_cache(cache, len(train_dataset) + len(eval_dataset), scales, max_cache_bytes)
+    encoding = (use_cache, accelerator, label_column, batch_size, num_workers, classifier.num_classes, progress)
     with _timed(seconds, "cache"):
-        train, val = (_features(model, d, use_cache, accelerator, label_column, batch_size, num_workers,
-                                classifier.num_classes, progress, name)
-                      for d, name in ((train_dataset, "Caching train units"), (eval_dataset, "Caching val units")))  # fmt: skip
+        train = _features(model, train_dataset, *encoding, "Caching train units")
+        val = _features(model, eval_dataset, *encoding, "Caching val units")
     if checkpoint is None and lr == "auto":
         with _timed(seconds, "lr_range"):
-            lr = find_learning_rate(scales, classifier, train, seed=seed, batch_size=batch_size, accelerator=accelerator)
+            lr = find_learning_rate(
+                scales, classifier, train, seed=seed, batch_size=batch_size, accelerator=accelerator
+            )
     lr = checkpoint[1]["lr"] if checkpoint is not None else float(lr)
     optimizer = AdamWScheduleFree(scales.params, lr=lr)
     stopping, best = EarlyStopping(patience, max_epochs), scales.snapshot()

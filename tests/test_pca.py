@@ -4,8 +4,8 @@ import pytest
 import torch
 from peft import get_peft_model
 
-from peft_residual import ResiDualConfig, decompose_units, fit_residual_bases
-from peft_residual.pca import StreamingMoments
+from peft_residual import ResiDualConfig, ResiDualInputError, decompose_units, fit_residual_bases
+from peft_residual.tuner.pca import StreamingMoments
 
 from .conftest import images, loader, make_model
 
@@ -31,7 +31,7 @@ def test_bases_match_svd_of_stacked_data(kind):
     report = fit_residual_bases(model, data, progress=False)
     assert report.num_samples == 90
     stacked = _stacked_units(model, data)
-    for layer in model.base_model.unit_layers():
+    for layer in model.base_model.readout.layers_of("default"):
         basis = layer.residual_basis["default"].double().view(layer.num_units, 5, -1)
         for unit, name in enumerate(layer.unit_names):
             x = stacked[:, model.base_model.arch.unit_names.index(name)]
@@ -84,18 +84,43 @@ def test_lambda_inits():
     assert abs(float(lams[0].detach().mean()) - 1.0) < 1.0 and float(lams[0].detach().std()) > 0.3
 
 
-def test_empty_loader_is_an_error():
+@pytest.mark.parametrize("k", [None, 0.9, 3])
+@pytest.mark.parametrize("n", [0, 1])
+def test_fewer_than_two_images_is_an_error_for_every_k(k, n):
+    model = get_peft_model(make_model("clip_vision"), ResiDualConfig(k=k))
+    batches = [{"pixel_values": images(n)}] if n else []
+    with pytest.raises(ResiDualInputError, match=f"saw {n} image.*at least 2"):
+        fit_residual_bases(model, batches, progress=False)
+    assert model.base_model.readout.layers_of("default")[0].residual_basis["default"].numel() == 0
+
+
+def test_non_finite_pixels_are_an_error_naming_the_batch():
     model = get_peft_model(make_model("clip_vision"), ResiDualConfig(k=3))
-    with pytest.raises(ValueError, match="empty dataloader"):
-        fit_residual_bases(model, [], progress=False)
+    bad = images(8)
+    bad[2, 0, 0, 0] = math.nan
+    with pytest.raises(ResiDualInputError, match="batch 1: pixel_values hold NaN"):
+        fit_residual_bases(model, [{"pixel_values": images(8)}, {"pixel_values": bad}], progress=False)
 
 
 def test_non_finite_activations_are_an_error():
     model = get_peft_model(make_model("clip_vision"), ResiDualConfig(k=3))
-    bad = images(8)
-    bad[2, 0, 0, 0] = math.nan
-    with pytest.raises(ValueError, match="Non-finite activations in unit"):
-        fit_residual_bases(model, [{"pixel_values": bad}], progress=False)
+    huge = images(8) * 1e30  # finite pixels whose activations overflow float32
+    with pytest.raises(ResiDualInputError, match="Non-finite activations in unit"):
+        fit_residual_bases(model, [{"pixel_values": huge}], progress=False)
+
+
+@pytest.mark.parametrize(("shape", "message"), [((2, 3, 30, 32), "do not split into 8x8"), ((2, 3, 32), "tensor")])
+def test_bad_image_shapes_are_errors(shape, message):
+    model = get_peft_model(make_model("clip_vision"), ResiDualConfig(k=3))
+    with pytest.raises(ResiDualInputError, match=message):
+        fit_residual_bases(model, [{"pixel_values": torch.randn(shape)}], progress=False)
+
+
+def test_mixed_image_sizes_are_an_error():
+    model = get_peft_model(make_model("dinov2"), ResiDualConfig(k=3))
+    batches = [{"pixel_values": images(4)}, {"pixel_values": torch.randn(4, 3, 16, 16)}]
+    with pytest.raises(ResiDualInputError, match="one size"):
+        fit_residual_bases(model, batches, progress=False)
 
 
 def test_fewer_samples_than_components_is_an_error():
@@ -106,7 +131,7 @@ def test_fewer_samples_than_components_is_an_error():
 
 def test_batches_without_pixel_values_are_an_error():
     model = get_peft_model(make_model("clip_vision"), ResiDualConfig(k=3))
-    with pytest.raises(KeyError, match="pixel_values"):
+    with pytest.raises(ResiDualInputError, match="pixel_values"):
         fit_residual_bases(model, [{"image": images(4)}], progress=False)
 
 

@@ -1,3 +1,4 @@
+import copy
 import importlib
 import json
 
@@ -8,13 +9,13 @@ from peft.utils import PeftType
 from safetensors.torch import load_file
 
 import peft_residual
-from peft_residual import ResiDualConfig, fit_residual_bases
+from peft_residual import ResiDualConfig, ResiDualInputError, fit_residual_bases
 
 from .conftest import images, loader, make_model, model_output
 
 
 def fitted(kind, config, seed=0, **model_overrides):
-    model = get_peft_model(make_model(kind, seed, **model_overrides), config)
+    model = get_peft_model(make_model(kind, seed, **model_overrides), copy.deepcopy(config))
     fit_residual_bases(model, loader(), progress=False)
     return model
 
@@ -76,7 +77,7 @@ def reference_float64(model, x):
         direct["embedding" if name == "emb" else name] = c
 
     state = {}
-    for layer in tuner.unit_layers():
+    for layer in tuner.readout.layers_of("default"):
         k = layer.residual_rank["default"] if layer.is_transformed("default") else None
         start = 0
         for unit, name in enumerate(layer.unit_names):
@@ -197,7 +198,8 @@ def test_half_precision_base_transforms_in_float32(dtype):
 
 
 def test_registration_survives_reimport_and_reload():
-    importlib.reload(peft_residual.registration)
+    importlib.reload(peft_residual.compat)
+    importlib.reload(peft_residual.tuner)
     importlib.reload(peft_residual)
     assert PeftType("RESIDUAL") is PeftType.RESIDUAL
     assert list(PeftType).count(PeftType.RESIDUAL) == 1
@@ -238,18 +240,53 @@ def test_save_and_reload_is_bit_identical(tmp_path):
     assert isinstance(config, ResiDualConfig) and config.k == 3
 
 
-def test_loading_onto_another_shape_names_the_unit(tmp_path):
+def test_loading_onto_another_base_is_a_clear_error(tmp_path):
     model = fitted("clip_vision_projection", ResiDualConfig(k=3))
     model.save_pretrained(tmp_path)
+    signature = json.loads((tmp_path / "adapter_config.json").read_text())["base_signature"]
+    assert signature["image_size"] == [32, 32] and signature["num_tokens"] == 1 + 4 * 4
+    assert signature["patch_size"] == 8 and signature["hidden_size"] == 32
+    cases = [
+        ({"projection_dim": 16}, r"output_dim 24 vs 16"),
+        ({"num_hidden_layers": 3}, r"num_layers 2 vs 3"),
+        ({"hidden_size": 48, "intermediate_size": 96}, r"hidden_size 32 vs 48"),
+        ({"patch_size": 16}, r"patch_size 8 vs 16"),
+    ]
+    for overrides, message in cases:
+        with pytest.raises(ResiDualInputError, match=rf"fitted on another base model \({message}"):
+            PeftModel.from_pretrained(make_model("clip_vision_projection", **overrides), tmp_path)
+    with pytest.raises(ResiDualInputError, match=r"model_type 'CLIPVisionModelWithProjection' vs 'Dinov2Model'"):
+        PeftModel.from_pretrained(make_model("dinov2"), tmp_path)
+    with pytest.raises(ResiDualInputError, match="base weights"):  # same shapes, other weights
+        PeftModel.from_pretrained(make_model("clip_vision_projection", seed=1), tmp_path)
+    same_in_half = make_model("clip_vision_projection").half()  # a dtype cast is still the same base
+    assert isinstance(PeftModel.from_pretrained(same_in_half, tmp_path), PeftModel)
+
+
+def test_per_unit_shape_checks_name_the_unit(tmp_path):
+    model = fitted("clip_vision_projection", ResiDualConfig(k=3))
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config["base_signature"]["output_dim"] = 16  # a doctored signature: the tensor shapes still disagree
+    config["base_signature"].pop("weights_fingerprint")
+    path.write_text(json.dumps(config))
     other = make_model("clip_vision_projection", projection_dim=16)
-    with pytest.raises(ValueError, match=r"Unit layer0\.head0: the checkpoint's mean has shape \(4, 24\).*\(4, 16\)"):
+    with pytest.raises(
+        ResiDualInputError, match=r"Unit layer0\.head0: the checkpoint's mean has shape \(4, 24\).*\(4, 16\)"
+    ):
         PeftModel.from_pretrained(other, tmp_path)
-    deeper = make_model("clip_vision_projection", num_hidden_layers=3)
-    with pytest.raises(ValueError, match=r"layer2\.head0"):
-        PeftModel.from_pretrained(deeper, tmp_path)
-    shallower = make_model("clip_vision_projection", num_hidden_layers=1)
-    with pytest.raises(ValueError, match="has no unit for"):
-        PeftModel.from_pretrained(shallower, tmp_path)
+
+
+def test_loading_an_adapter_without_signature_is_an_error(tmp_path):
+    model = fitted("clip_vision", ResiDualConfig(k=2))
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config.pop("base_signature")
+    path.write_text(json.dumps(config))
+    with pytest.raises(ResiDualInputError, match="no base_signature"):
+        PeftModel.from_pretrained(make_model("clip_vision"), tmp_path)
 
 
 @pytest.mark.parametrize(

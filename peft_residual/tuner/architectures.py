@@ -89,8 +89,8 @@ def find_base_model(model: nn.Module) -> nn.Module:
             return candidate
     raise ResiDualInputError(
         f"ResiDual does not support {type(model).__name__}. Supported model classes: "
-        f"{', '.join(sorted(ARCHITECTURES))}. Add an ArchitectureSpec to peft_residual.tuner.architectures.ARCHITECTURES "
-        "for another pre-LN vision transformer."
+        f"{', '.join(sorted(ARCHITECTURES))}. Add an ArchitectureSpec to "
+        "peft_residual.tuner.architectures.ARCHITECTURES for another pre-LN vision transformer."
     )
 
 
@@ -170,13 +170,14 @@ class Architecture:
         """
         return min(self.head_dim + 1, self.output_dim) if kind == "heads" else self.output_dim
 
-
     def check_pixel_values(self, pixel_values: object, where: str) -> torch.Tensor:
         """``pixel_values`` if it is a finite ``[batch, channels, height, width]`` tensor whose sides are multiples
         of the patch size; otherwise an error naming ``where`` it came from."""
         if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4:
             shape = tuple(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values)
-            raise ResiDualInputError(f"{where}: pixel_values must be a [batch, channels, height, width] tensor, got {shape}.")
+            raise ResiDualInputError(
+                f"{where}: pixel_values must be a [batch, channels, height, width] tensor, got {shape}."
+            )
         if len(pixel_values) == 0:
             raise ResiDualInputError(f"{where}: the batch is empty.")
         height, width = pixel_values.shape[-2:]
@@ -216,7 +217,11 @@ class Architecture:
     def check_signature(self, signature: dict[str, Any]) -> None:
         """Refuse bases fitted on another base model: other sizes, or other weights."""
         current = self.structure()
-        differ = [f"{key} {signature.get(key)!r} vs {value!r}" for key, value in current.items() if signature.get(key) != value]
+        differ = [
+            f"{key} {signature.get(key)!r} vs {value!r}"
+            for key, value in current.items()
+            if signature.get(key) != value
+        ]
         saved_weights = signature.get("weights_fingerprint")
         if not differ and saved_weights is not None and not same_weights(saved_weights, self.weights_fingerprint()):
             differ.append("the base weights (fingerprint) differ")

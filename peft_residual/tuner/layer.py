@@ -246,7 +246,9 @@ class ResiDualReadoutLayer(nn.Module, ResiDualLayer):
 
     def lambdas(self, adapter_name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """All trainable scales of the adapter, one per component, in score order."""
-        return torch.cat([layer.component_lambdas(adapter_name, dtype) for layer in self.transformed_layers(adapter_name)])
+        return torch.cat(
+            [layer.component_lambdas(adapter_name, dtype) for layer in self.transformed_layers(adapter_name)]
+        )
 
     def basis(self, adapter_name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """All PCA components of the adapter, ``[sum(rank), dim]``, in score order."""

@@ -29,9 +29,7 @@ def _targets(arch: Architecture, config: ResiDualConfig) -> dict[str, _Target]:
     layers = range(arch.num_layers) if config.layers is None else config.layers
     bad = [i for i in layers if not 0 <= i < arch.num_layers]
     if bad:
-        raise ResiDualInputError(
-            f"ResiDualConfig.layers has {bad}, but the model has layers 0..{arch.num_layers - 1}."
-        )
+        raise ResiDualInputError(f"ResiDualConfig.layers has {bad}, but the model has layers 0..{arch.num_layers - 1}.")
     slices = {"embedding": lambda _: slice(0, 1), "heads": arch.heads_slice, "mlps": arch.mlp_slice}
     targets = {}
     for path, kind, layer in unit_modules(arch):
@@ -64,8 +62,6 @@ class ResiDualModel(BaseTuner):
     def _prepare_model(self, peft_config: ResiDualConfig, model: nn.Module) -> None:
         peft_config.validate()
         self.arch = Architecture(model)
-        if peft_config.base_signature is not None:
-            self.arch.check_signature(peft_config.base_signature)
         self._targets = _targets(self.arch, peft_config)
         peft_config.target_modules = list(self._targets)
 
@@ -118,8 +114,15 @@ class ResiDualModel(BaseTuner):
     ) -> dict[str, torch.Tensor]:
         """Check a checkpoint against this model unit by unit, then size the empty layers to receive it."""
         state_dict = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        arch = Architecture(model)
+        if config.base_signature is None:
+            raise ResiDualInputError(
+                f"The config of adapter '{adapter_name}' has no base_signature, so nothing says which base model its "
+                "bases belong to; it was saved unfitted or by an older version. Fit it and save it again."
+            )
+        arch.check_signature(config.base_signature)
         expected = set()
-        output_dim = Architecture(model).output_dim
+        output_dim = arch.output_dim
         for name, layer in model.named_modules():
             if not isinstance(layer, ResiDualUnitLayer) or not layer.holds(adapter_name):
                 continue

@@ -14,8 +14,7 @@ from peft import get_peft_model
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from peft_residual import CentroidClassifier, ResiDualConfig, fit_residual_bases, train_residual
-from peft_residual.trainer import default_accelerator
+from peft_residual import CentroidClassifier, ResiDualConfig, default_accelerator, fit_residual_bases, train_residual
 from tests.conftest import images, make_model
 
 parser = argparse.ArgumentParser()
@@ -25,6 +24,9 @@ parser.add_argument("--epochs", type=int, default=4)
 parser.add_argument("--sleep", type=float, default=0.0, help="seconds to pause after each epoch")
 parser.add_argument("--cache", choices=["true", "false"], default="true")
 args = parser.parse_args()
+# One intra-op thread in every process, so that each batch's float32 backbone arithmetic is the same whether one
+# process runs or two (a GEMM may split its reductions differently with another thread count).
+torch.set_num_threads(1)
 
 n = 256
 x, y = images(n, seed=3), torch.arange(n) % 4
@@ -35,7 +37,7 @@ data = datasets.Dataset.from_dict({"pixel_values": x.numpy(), "label": y.tolist(
 data = data.with_format("torch")
 model = get_peft_model(make_model("dinov2"), ResiDualConfig(k=4, units="heads+mlps"))
 fit_residual_bases(model, [{"pixel_values": x[i : i + 64]} for i in range(0, n, 64)], progress=False)
-classifier = CentroidClassifier.from_model(model, [{"pixel_values": x, "label": y}], list("abcd"))
+classifier = CentroidClassifier.from_model(model, [{"pixel_values": x, "label": y}], list("abcd"), progress=False)
 accelerator = default_accelerator()
 result = train_residual(
     model,
