@@ -34,7 +34,7 @@ class _Parser(argparse.ArgumentParser):
     """Usage errors as one line on stderr, exit status 2."""
 
     def error(self, message: str) -> None:
-        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        sys.stderr.write(f"peft-residual: error: {message}\n")
         sys.exit(2)
 
 
@@ -275,9 +275,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _silence_libraries() -> None:
+    """--quiet: no progress bars or advisory messages from the libraries underneath, only errors and results."""
+    import warnings
+
+    import datasets
+    import transformers
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    if args.quiet:
+        _silence_libraries()
     if args.command == "train" and args.lr != "auto":
         try:
             float(args.lr)

@@ -44,7 +44,7 @@ def test_fit_train_eval_on_tiny_dinov2(tiny_assets, tmp_path):
         "--k",
         "3",
         "--method",
-        "residual-star",
+        "residual*",
         "--output",
         tmp_path / "fit",
     )
@@ -68,7 +68,7 @@ def test_fit_train_eval_on_tiny_dinov2(tiny_assets, tmp_path):
 def test_train_with_clip_uses_zero_shot_text_head(tiny_assets, tmp_path):
     result = cli(
         "train", "--model", tiny_assets["clip"], "--dataset", tiny_assets["dataset"], "--templates", "cifar10",
-        "--method", "residual-star", "--epochs", "2", "--output", tmp_path,
+        "--method", "residual*", "--epochs", "2", "--output", tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert json.loads((tmp_path / "classifier" / "classifier.json").read_text())["kind"] == "zero_shot"
@@ -81,6 +81,11 @@ def test_train_with_clip_uses_zero_shot_text_head(tiny_assets, tmp_path):
         (["--model", "MODEL", "--dataset", "/no/such/data"], "no dataset at '/no/such/data'"),
         (["--model", "MODEL", "--dataset", "DATA", "--image-column", "picture"], "No column 'picture'"),
         (["--model", "BERT", "--dataset", "DATA"], "ResiDual does not support"),
+        (["--model", "MODEL", "--dataset", "DATA", "--image-size", "7"], "not a multiple of the model's 8-pixel"),
+        (["--model", "MODEL", "--dataset", "DATA", "--samples", "0"], "expected a positive integer, got 0"),
+        (["--model", "MODEL", "--dataset", "DATA", "--k", "abc"], "--k must be an int"),
+        (["--model", "MODEL", "--dataset", "DATA", "--method", "lora"], "invalid choice"),
+        (["--model", "MODEL", "--dataset", "DATA", "--samples", "1"], "saw 1 image"),
     ],
 )
 def test_bad_input_is_one_clear_line(tiny_assets, tmp_path, args, message):
@@ -92,11 +97,62 @@ def test_bad_input_is_one_clear_line(tiny_assets, tmp_path, args, message):
     ).save_pretrained(bert)
     names = {"MODEL": str(tiny_assets["dinov2"]), "DATA": str(tiny_assets["dataset"]), "BERT": str(bert)}
     args = [names.get(a, a) for a in args]
-    result = cli("fit", *args, "--output", tmp_path / "out")
+    result = cli("fit", "--quiet", *args, "--output", tmp_path / "out")
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert lines[-1].startswith("peft-residual: error:") and message in lines[-1]
-    assert not any("Traceback" in line for line in lines)
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("peft-residual: error:") and message in lines[0]
+
+
+def test_help_and_version_do_not_import_torch():
+    probe = (
+        "import sys, contextlib, io\n"
+        "from peft_residual.cli import build_parser\n"
+        "with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+        "    build_parser().parse_args(['train', '--help'])\n"
+        "print(sorted(m for m in ('torch', 'peft', 'transformers') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+    version = cli("--version")
+    assert version.returncode == 0 and version.stdout.startswith("peft-residual 0.")
+    train_help = cli("train", "--help").stdout
+    assert "(default: 0.8)" in train_help and "fit the bases, train the scales" in train_help
+
+
+def test_internal_errors_are_not_turned_into_one_liners(monkeypatch, tiny_assets, tmp_path):
+    import peft_residual.cli as cli_module
+
+    def broken(args):
+        raise RuntimeError("a bug, not bad input")
+
+    monkeypatch.setattr(cli_module, "cmd_fit", broken)
+    args = ["fit", "--model", str(tiny_assets["dinov2"]), "--dataset", str(tiny_assets["dataset"])]
+    with pytest.raises(RuntimeError, match="a bug"):
+        main([*args, "--output", str(tmp_path)])
+
+
+def test_eval_refuses_another_image_size_and_foreign_labels(tiny_assets, tmp_path):
+    model, dataset = tiny_assets["dinov2"], tiny_assets["dataset"]
+    out = tmp_path / "trained"
+    trained = cli("train", "--quiet", "--model", model, "--dataset", dataset, "--epochs", "1", "--output", out)
+    assert trained.returncode == 0, trained.stderr
+    other_size = cli("eval", "--quiet", "--model", model, "--dataset", dataset, "--adapter", out, "--image-size", "16")
+    assert other_size.returncode == 2 and "fitted on 32x32 px images but --image-size is 16" in other_size.stderr
+    classifier = json.loads((out / "classifier" / "classifier.json").read_text())
+    classifier["class_names"] = classifier["class_names"][:2]
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(out / "classifier" / "classifier.safetensors")["weights"][:2].contiguous()
+    small = tmp_path / "two_classes"
+    small.mkdir()
+    (small / "classifier.json").write_text(json.dumps(classifier))
+    save_file({"weights": weights}, small / "classifier.safetensors")
+    foreign = cli("eval", "--quiet", "--model", model, "--dataset", dataset, "--adapter", out, "--classifier", small)
+    assert foreign.returncode == 2 and "outside the classifier's 2 classes" in foreign.stderr
+    (out / "adapter_config.json").write_text("{not json")
+    broken = cli("eval", "--quiet", "--model", model, "--dataset", dataset, "--adapter", out)
+    assert broken.returncode == 2 and "adapter_config.json is not valid JSON" in broken.stderr
 
 
 def test_main_returns_an_exit_code_for_a_missing_adapter(tiny_assets, tmp_path, capsys):

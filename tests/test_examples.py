@@ -49,3 +49,27 @@ def test_compare_lora_example(tiny_assets, tmp_path):
         "--out", tmp_path, "--name", "cmp", "--no-progress",
     )  # fmt: skip
     assert "lora-qv" in result.stdout and (tmp_path / "cmp.json").exists()
+
+
+def _repository_files() -> set[str]:
+    listed = subprocess.run(
+        ["git", "ls-files", "--others", "--modified", "--exclude-standard"], capture_output=True, text=True, cwd=ROOT
+    )
+    return set(listed.stdout.split())
+
+
+def test_examples_never_write_into_the_repository(tiny_assets):
+    before, docs = _repository_files(), (ROOT / "docs" / "unit_decomposition.png").read_bytes()
+    quick = run(
+        sys.executable, "examples/quickstart.py", "--model", tiny_assets["dinov2"], "--dataset", tiny_assets["dataset"],
+        "--train-samples", "40", "--test-samples", "16", "--epochs", "1",
+    )  # fmt: skip
+    saved_to = Path(quick.stdout.strip().splitlines()[-1].removeprefix("adapter saved to "))
+    assert (saved_to / "adapter_config.json").exists() and ROOT not in saved_to.parents
+    plot = run(
+        sys.executable, "examples/plot_units.py", "--model", tiny_assets["dinov2"], "--dataset", tiny_assets["dataset"],
+        "--images", "8",
+    )  # fmt: skip
+    figure = Path(plot.stdout.split()[1].rstrip(";"))
+    assert figure.read_bytes()[:4] == b"\x89PNG" and ROOT not in figure.parents
+    assert _repository_files() == before and (ROOT / "docs" / "unit_decomposition.png").read_bytes() == docs

@@ -86,7 +86,7 @@ def test_private_repo_needs_the_token(hub, base_dir, tmp_path):
     assert not (tmp_path / "anonymous").exists()
 
 
-@pytest.mark.parametrize("failure", ["401", "500", "interrupted"])
+@pytest.mark.parametrize("failure", ["401", "500", pytest.param("interrupted", marks=pytest.mark.slow)])
 def test_failed_push_is_clear_and_leaves_local_files_alone(hub, base_dir, tmp_path, failure):
     if failure == "interrupted":
         hub.state.drop_commits = True
@@ -102,3 +102,21 @@ def test_failed_push_is_clear_and_leaves_local_files_alone(hub, base_dir, tmp_pa
     assert list((tmp_path / "tmp").iterdir()) == []  # the staging directory is gone
     repo = hub.state.repos.get(REPO)
     assert repo is None or repo.files == {}
+
+
+def test_importing_the_package_leaves_lora_save_and_push_byte_identical(hub, tmp_path):
+    script = CLIENT.parent / "lora_save_push.py"
+    env = {**os.environ, "HF_ENDPOINT": hub.endpoint, "HF_TOKEN": hub.state.token, "HF_HUB_DISABLE_TELEMETRY": "1"}
+    env["HF_HUB_OFFLINE"] = "0"
+    outputs = {}
+    for flag in ("", "--import-residual"):
+        repo = f"user/lora{flag.replace('-', '_')}"
+        command = [sys.executable, str(script), str(tmp_path / (flag or "plain")), repo, *([flag] if flag else [])]
+        result = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
+        assert result.stdout.strip().endswith(str(bool(flag)))
+        local = {p.name: p.read_bytes() for p in (tmp_path / (flag or "plain")).iterdir()}
+        outputs[flag] = (local, dict(hub.state.repos[repo].files))
+    plain, imported = outputs[""], outputs["--import-residual"]
+    assert sorted(plain[0]) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert plain[0] == imported[0]  # save_pretrained: the same bytes
+    assert plain[1] == imported[1] and "README.md" in plain[1]  # push_to_hub: the same uploaded files

@@ -27,7 +27,10 @@ from peft_residual.tuner import ResiDualLayer
 from .conftest import images, loader, make_model
 
 CONFIGS = {
-    **{name: ResiDualConfig.preset(name, k=3) if name == "residual*" else ResiDualConfig.preset(name) for name in PRESETS},
+    **{
+        name: ResiDualConfig.preset(name, k=3) if name == "residual*" else ResiDualConfig.preset(name)
+        for name in PRESETS
+    },
     "k3-mean": ResiDualConfig(k=3, rest="mean"),
     "layer1-mean-keep": ResiDualConfig(k=2, units="heads+mlps", layers=[1], rest="mean", remainder="keep"),
 }
