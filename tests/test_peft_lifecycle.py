@@ -289,3 +289,11 @@ def test_killed_save_leaves_the_old_or_the_new_adapter(tmp_path):
         assert torch.equal(lambdas, torch.full_like(lambdas, float(version))), "config and tensors of one save"
         seen.add(version)
     assert not [p for p in tmp_path.iterdir() if p.name != "adapter" and ".saving." not in p.name]
+
+
+def test_save_pretrained_writes_the_residual_card(fitted_models, tmp_path):
+    fresh(fitted_models, "dinov2", "residual").save_pretrained(tmp_path)
+    card = (tmp_path / "README.md").read_text()
+    assert card.startswith("---\n") and "# ResiDual adapter for" in card
+    assert "import peft_residual" in card and "Fitted at: 32x32 px" in card
+    assert "## Training procedure" not in card  # not PEFT's generic template

@@ -264,3 +264,45 @@ def test_finished_checkpoint_is_reused_and_another_run_is_refused(tmp_path):
     assert torch.equal(scales(model), trained) and again.history == first.history and again.seconds["train"] < 1
     with pytest.raises(ValueError, match="holds the checkpoint of another run"):
         train_residual(model, classifier, data, max_epochs=2, batch_size=32, output_dir=tmp_path, progress=False)
+
+
+def test_a_checkpoint_of_another_run_is_refused_before_any_encoding(tmp_path, monkeypatch):
+    model, classifier, data = fitted_with_classifier()
+    train_residual(model, classifier, data, max_epochs=1, batch_size=16, output_dir=tmp_path, progress=False)
+    import peft_residual.trainer as trainer
+
+    def no_encoding(*args, **kwargs):
+        raise AssertionError("encoded before refusing the checkpoint")
+
+    monkeypatch.setattr(trainer, "encode_dataset", no_encoding)
+    other_data = image_dataset(128, seed=9)  # dataset B after dataset A
+    other_classifier = CentroidClassifier.from_features(torch.randn(8, 32), torch.arange(8) % 4, list("abcd"))
+    for changes in ({"train_dataset": other_data}, {"classifier": other_classifier}, {"lr": 0.5}):
+        arguments = {"model": model, "classifier": classifier, "train_dataset": data, **changes}
+        with pytest.raises(ResiDualInputError, match="holds the checkpoint of another run"):
+            train_residual(**arguments, max_epochs=1, batch_size=16, output_dir=tmp_path, progress=False)
+
+
+def test_empty_sets_and_foreign_labels_are_refused_before_encoding(monkeypatch):
+    model, classifier, data = fitted_with_classifier()
+    import peft_residual.trainer as trainer
+
+    monkeypatch.setattr(trainer, "encode_dataset", lambda *a, **k: pytest.fail("encoded bad data"))
+    with pytest.raises(ResiDualInputError, match="eval_dataset is empty"):
+        train_residual(model, classifier, data, data.select([]), progress=False)
+    with pytest.raises(ResiDualInputError, match="train_dataset is empty"):
+        train_residual(model, classifier, data.select([]), data, progress=False)
+    six_classes = image_dataset(60, num_classes=6)
+    with pytest.raises(ResiDualInputError, match=r"labels in 0\.\.5, outside the classifier's 4 classes"):
+        train_residual(model, classifier, six_classes, data, progress=False)
+
+
+def test_non_finite_training_images_and_loss_are_clear_errors():
+    model, classifier, data = fitted_with_classifier()
+    bad = image_dataset(32).with_format(None).map(lambda row: {"pixel_values": [[[math.nan] * 32] * 32] * 3})
+    bad = bad.with_format("torch")
+    with pytest.raises(ResiDualInputError, match="batch 0: pixel_values hold NaN"):
+        train_residual(model, classifier, data, bad, progress=False)
+    broken = Classifier(torch.full((4, classifier.weights.shape[1]), math.nan), 100.0, list("abcd"))
+    with pytest.raises(ResiDualInputError, match="loss became nan.*check the classifier"):
+        train_residual(model, broken, data, max_epochs=2, batch_size=16, progress=False)
