@@ -53,9 +53,10 @@ def __dir__() -> list[str]:
 
 
 def _register() -> None:
-    from . import compat, tuner  # noqa: F401  (importing the tuner registers "residual" with PEFT)
+    from . import compat
 
-    compat.install()
+    compat.install()  # first: the tuner's registration needs PeftType.RESIDUAL
+    from . import tuner  # noqa: F401  (importing the tuner registers "residual" with PEFT)
 
 
 class _RegisterAfterPeft(importlib.abc.MetaPathFinder):

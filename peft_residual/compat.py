@@ -15,14 +15,16 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from peft import PeftModel
-from peft.utils import PeftType
+# PEFT is imported inside the functions: this module is imported while PEFT itself may still be loading (see the
+# package's import hook), and must then be usable at once.
 
 NAME = "residual"
 
 
-def extend_peft_type(name: str = NAME) -> PeftType:
+def extend_peft_type(name: str = NAME):
     """Add a member to ``PeftType`` once; later calls (re-imports, reloads) return the existing member."""
+    from peft.utils import PeftType
+
     key = name.upper()
     if key in PeftType.__members__:
         return PeftType[key]
@@ -38,19 +40,21 @@ def extend_peft_type(name: str = NAME) -> PeftType:
     return member
 
 
-def is_residual_model(model: PeftModel) -> bool:
+def is_residual_model(model) -> bool:
     """Whether every adapter of ``model`` is a ResiDual adapter (so ResiDual's saving and card apply)."""
     configs = getattr(model, "peft_config", {})
-    return bool(configs) and all(config.peft_type == PeftType.RESIDUAL for config in configs.values())
+    return bool(configs) and all(config.peft_type == NAME.upper() for config in configs.values())
 
 
 def _wrap(name: str, replacement) -> None:
+    from peft import PeftModel
+
     original = getattr(PeftModel, name)
     if getattr(original, "_residual_original", None) is not None:
         return
 
     @functools.wraps(original)
-    def method(self: PeftModel, *args: Any, **kwargs: Any) -> Any:
+    def method(self, *args: Any, **kwargs: Any) -> Any:
         if not is_residual_model(self):
             return original(self, *args, **kwargs)
         return replacement(original, self, *args, **kwargs)
@@ -59,7 +63,7 @@ def _wrap(name: str, replacement) -> None:
     setattr(PeftModel, name, method)
 
 
-def _save_pretrained(original, model: PeftModel, save_directory: str, *args: Any, **kwargs: Any) -> None:
+def _save_pretrained(original, model, save_directory: str, *args: Any, **kwargs: Any) -> None:
     from .hub import save_adapter_atomically
 
     if not kwargs.get("is_main_process", True):
@@ -68,13 +72,13 @@ def _save_pretrained(original, model: PeftModel, save_directory: str, *args: Any
     save_adapter_atomically(model, save_directory, save, kwargs.get("selected_adapters"))
 
 
-def _model_card(original, model: PeftModel, output_dir: str) -> None:
+def _model_card(original, model, output_dir: str) -> None:
     from .hub import write_model_card
 
     write_model_card(model, output_dir)
 
 
-def _push_to_hub(original, model: PeftModel, repo_id: str, *args: Any, **kwargs: Any) -> str:
+def _push_to_hub(original, model, repo_id: str, *args: Any, **kwargs: Any) -> str:
     from .hub import push_adapter_to_hub
 
     if args:
@@ -83,11 +87,15 @@ def _push_to_hub(original, model: PeftModel, repo_id: str, *args: Any, **kwargs:
 
 
 def install() -> None:
-    """Route ``save_pretrained``, ``create_or_update_model_card`` and ``push_to_hub`` of ResiDual models to
-    :mod:`peft_residual.hub`; idempotent."""
+    """Add ``PeftType.RESIDUAL`` and route ``save_pretrained``, ``create_or_update_model_card`` and ``push_to_hub``
+    of ResiDual models to :mod:`peft_residual.hub`; idempotent."""
+    extend_peft_type()
     _wrap("save_pretrained", _save_pretrained)
     _wrap("create_or_update_model_card", _model_card)
     _wrap("push_to_hub", _push_to_hub)
 
 
-RESIDUAL_PEFT_TYPE = extend_peft_type()
+def __getattr__(name: str):
+    if name == "RESIDUAL_PEFT_TYPE":
+        return extend_peft_type()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

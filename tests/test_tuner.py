@@ -333,3 +333,21 @@ def test_coarse_has_one_trainable_scale_per_head(tmp_path):
     again = PeftModel.from_pretrained(make_model("clip_vision"), tmp_path)
     with torch.no_grad():
         assert torch.equal(again(pixel_values=x).pooler_output, expected)
+
+
+@pytest.mark.parametrize("first", ["peft_residual", "peft_residual.trainer", "peft_residual.cli"])
+def test_any_import_order_registers_the_method_before_peft_is_used(first):
+    import subprocess
+    import sys
+
+    probe = (
+        f"import {first}, sys\n"
+        "assert 'peft' not in sys.modules or 'RESIDUAL' in __import__('peft').PeftType.__members__\n"
+        "from peft import PeftConfig, PeftModel, PeftType\n"
+        "from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING\n"
+        "print(PEFT_TYPE_TO_CONFIG_MAPPING[PeftType.RESIDUAL].__name__, hasattr(PeftModel.push_to_hub, "
+        "'_residual_original'))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["ResiDualConfig", "True"]
