@@ -304,5 +304,5 @@ def test_non_finite_training_images_and_loss_are_clear_errors():
     with pytest.raises(ResiDualInputError, match="batch 0: pixel_values hold NaN"):
         train_residual(model, classifier, data, bad, progress=False)
     broken = Classifier(torch.full((4, classifier.weights.shape[1]), math.nan), 100.0, list("abcd"))
-    with pytest.raises(ResiDualInputError, match="loss became nan.*check the classifier"):
+    with pytest.raises(ResiDualInputError, match=r"loss became nan.*check the classifier"):
         train_residual(model, broken, data, max_epochs=2, batch_size=16, progress=False)
