@@ -7,7 +7,7 @@ from peft import get_peft_model
 from peft_residual import ResiDualConfig, ResiDualInputError, decompose_units, fit_residual_bases
 from peft_residual.tuner.pca import StreamingMoments
 
-from .conftest import images, loader, make_model
+from .conftest import KINDS, images, loader, make_model
 
 
 def _stacked_units(model, data):
@@ -24,7 +24,7 @@ def test_streaming_moments_match_stacked_float64():
         torch.testing.assert_close(moments.covariance()[unit], torch.cov(data[:, unit].T))
 
 
-@pytest.mark.parametrize("kind", ["clip_vision_projection", "dinov2"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_bases_match_svd_of_stacked_data(kind):
     data = loader(n=90, batch=32)
     model = get_peft_model(make_model(kind), ResiDualConfig(k=5, units="heads+mlps"))
@@ -32,10 +32,11 @@ def test_bases_match_svd_of_stacked_data(kind):
     assert report.num_samples == 90
     stacked = _stacked_units(model, data)
     for layer in model.base_model.readout.layers_of("default"):
-        basis = layer.residual_basis["default"].double().view(layer.num_units, 5, -1)
+        mean, basis, _ = layer.output_space("default")
+        basis = basis.double().view(layer.num_units, 5, -1)
         for unit, name in enumerate(layer.unit_names):
             x = stacked[:, model.base_model.arch.unit_names.index(name)]
-            torch.testing.assert_close(layer.residual_mean["default"][unit].double(), x.mean(0), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(mean[unit].double(), x.mean(0), rtol=1e-5, atol=1e-6)
             _, s, vh = torch.linalg.svd(x - x.mean(0), full_matrices=False)
             # components agree up to sign
             dots = (basis[unit] * vh[:5]).sum(-1).abs()
@@ -141,3 +142,51 @@ def test_all_components_means_all_the_data_has():
     assert report.components["layer0.mlp"] == 19  # 20 centred samples span 19 directions < dim 32
     assert report.components["layer0.head0"] == 32 // 4 + 1
     assert not report.clamped
+
+
+ORACLE_CONFIGS = {
+    "k4": ResiDualConfig(k=4, units="heads+mlps"),
+    "residual": ResiDualConfig.preset("residual"),
+    "residual*": ResiDualConfig.preset("residual*"),
+    "coarse": ResiDualConfig.preset("coarse"),
+    "mean": ResiDualConfig(k=3, rest="mean", layers=[1]),
+}
+
+
+def output_space_oracle(contributions: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The PCA of one unit as the first landing computed it: output-space covariance, eigh, top-k rows."""
+    x = contributions.double()
+    mean = x.mean(0)
+    _, vectors = torch.linalg.eigh((x - mean).T @ (x - mean) / (len(x) - 1))
+    return mean, vectors.flip(-1)[:, :k].T
+
+
+@pytest.mark.parametrize("name", list(ORACLE_CONFIGS))
+@pytest.mark.parametrize("kind", KINDS)
+def test_head_coordinate_fit_matches_the_output_space_oracle(kind, name):
+    """Heads are fitted in head coordinates; rebuilt in output space they act exactly like output-space PCA."""
+    data = loader(n=96, batch=32)
+    model = get_peft_model(make_model(kind), ResiDualConfig(**ORACLE_CONFIGS[name].to_dict() | {"peft_type": None}))
+    report = fit_residual_bases(model, data, progress=False)
+    stacked, test = _stacked_units(model, data), decompose_units(model, images(6, seed=4)).contributions.double()
+    names = model.base_model.arch.unit_names
+    for layer in model.base_model.readout.layers_of("default"):
+        mean, basis, _ = layer.output_space("default")
+        transformed = layer.is_transformed("default")
+        lambdas = layer.component_lambdas("default").double() if transformed else None
+        start = 0
+        for unit, unit_name in enumerate(layer.unit_names):
+            index = names.index(unit_name)
+            oracle_mean, _ = output_space_oracle(stacked[:, index], 1)
+            torch.testing.assert_close(mean[unit].double(), oracle_mean, rtol=1e-5, atol=1e-6)
+            if not transformed:
+                continue
+            k = report.components[unit_name]
+            _, oracle_basis = output_space_oracle(stacked[:, index], k)
+            unit_basis, unit_lambdas = basis[start : start + k].double(), lambdas[start : start + k]
+            start += k
+            centred = test[:, index] - oracle_mean
+            ours = ((centred @ unit_basis.T) * unit_lambdas) @ unit_basis
+            oracle = ((centred @ oracle_basis.T) * unit_lambdas) @ oracle_basis
+            scale = float(oracle.abs().max()) + 1e-12
+            assert float((ours - oracle).abs().max()) <= 1e-5 * scale, (unit_name, k)

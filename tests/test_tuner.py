@@ -81,12 +81,12 @@ def reference_float64(model, x):
         k = layer.residual_rank["default"] if layer.is_transformed("default") else None
         start = 0
         for unit, name in enumerate(layer.unit_names):
-            mean = layer.residual_mean["default"][unit].double()
+            mean = layer.output_space("default")[0][unit].double()
             if k is None:
                 state[name] = (mean, None, None)
                 continue
             stop = start + int(k[unit])
-            basis = layer.residual_basis["default"][start:stop].double()
+            basis = layer.output_space("default")[1][start:stop].double()
             lam = layer.residual_lambda["default"].detach().double()
             lam = lam[unit].expand(stop - start) if config.scale_per == "unit" else lam[start:stop]
             state[name] = (mean, basis, lam)
@@ -264,7 +264,7 @@ def test_loading_onto_another_base_is_a_clear_error(tmp_path):
 
 
 def test_per_unit_shape_checks_name_the_unit(tmp_path):
-    model = fitted("clip_vision_projection", ResiDualConfig(k=3))
+    model = fitted("clip_vision_projection", ResiDualConfig(k=3, units="heads+mlps"))
     model.save_pretrained(tmp_path)
     path = tmp_path / "adapter_config.json"
     config = json.loads(path.read_text())
@@ -273,7 +273,7 @@ def test_per_unit_shape_checks_name_the_unit(tmp_path):
     path.write_text(json.dumps(config))
     other = make_model("clip_vision_projection", projection_dim=16)
     with pytest.raises(
-        ResiDualInputError, match=r"Unit layer0\.head0: the checkpoint's mean has shape \(4, 24\).*\(4, 16\)"
+        ResiDualInputError, match=r"Unit layer0\.mlp: the checkpoint's mean has shape \(1, 24\).*\(1, 16\)"
     ):
         PeftModel.from_pretrained(other, tmp_path)
 
@@ -351,3 +351,39 @@ def test_any_import_order_registers_the_method_before_peft_is_used(first):
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["ResiDualConfig", "True"]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_bases_round_trip_and_stay_close(tmp_path, dtype):
+    full = fitted("dinov2", ResiDualConfig.residual())
+    half = fitted("dinov2", ResiDualConfig.residual(basis_dtype=dtype))
+    x = images(4, seed=8)
+    with torch.no_grad():
+        expected, got = model_output(full, x), model_output(half, x)
+    assert float((got - expected).abs().max()) <= 2e-2 * float(expected.abs().max())
+    half.save_pretrained(tmp_path / "half")
+    full.save_pretrained(tmp_path / "full")
+    tensors = load_file(tmp_path / "half" / "adapter_model.safetensors")
+    bases = [t for key, t in tensors.items() if "residual_basis" in key]
+    assert bases and all(t.dtype == getattr(torch, dtype) for t in bases)
+    full_bases = [t for key, t in load_file(tmp_path / "full" / "adapter_model.safetensors").items() if "basis" in key]
+    assert sum(t.nbytes for t in bases) * 2 == sum(t.nbytes for t in full_bases)
+    sizes = {name: (tmp_path / name / "adapter_model.safetensors").stat().st_size for name in ("half", "full")}
+    assert sizes["half"] < sizes["full"] - sum(t.nbytes for t in bases) * 0.9
+    again = PeftModel.from_pretrained(make_model("dinov2"), tmp_path / "half")
+    with torch.no_grad():
+        assert torch.equal(model_output(again, x), got)
+    layer = again.base_model.readout.layers_of("default")[1]
+    basis = layer.output_space("default")[1][: int(layer.residual_rank["default"][0])].double()
+    torch.testing.assert_close(basis @ basis.T, torch.eye(len(basis), dtype=torch.float64), rtol=0, atol=1e-6)
+
+
+def test_head_bases_are_stored_in_head_coordinates(tmp_path):
+    model = fitted("clip_vision_projection", ResiDualConfig(k=3, units="heads+mlps"))
+    model.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    head = "base_model.model.vision_model.encoder.layers.0.self_attn.out_proj"
+    mlp = "base_model.model.vision_model.encoder.layers.0.mlp"
+    assert tensors[f"{head}.residual_basis"].shape == (4 * 3, 32 // 4 + 1)  # head_dim + 1 coefficients per row
+    assert tensors[f"{head}.residual_mean"].shape == (4, 32 // 4 + 1)
+    assert tensors[f"{mlp}.residual_basis"].shape == (3, 24)  # MLPs keep output-space rows

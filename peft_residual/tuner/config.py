@@ -16,6 +16,7 @@ REST_MODES = ("sum", "zero", "mean")
 LAMBDA_INITS = ("ones", "randn", "eigen")
 REMAINDER_MODES = ("drop", "keep")
 SCALE_PER = ("component", "unit")
+BASIS_DTYPES = ("float32", "float16", "bfloat16")
 SEMANTIC_FIELDS = ("k", "units", "layers", "rest", "remainder", "lambda_init", "scale_per", "seed")
 """Fields that change what a saved adapter computes: a saved config must hold every one of them."""
 
@@ -76,6 +77,13 @@ class ResiDualConfig(PeftConfig):
         },
     )
     seed: int = field(default=0, metadata={"help": "Seed of the 'randn' initialisation, in [0, 2**63)."})
+    basis_dtype: Literal["float32", "float16", "bfloat16"] = field(
+        default="float32",
+        metadata={
+            "help": "Storage dtype of the PCA bases in the saved adapter: 'float32', or 'float16'/'bfloat16' for half "
+            "the size. Bases are re-orthonormalised in float64 when rebuilt, and always applied in float32."
+        },
+    )
     target_modules: list[str] | None = field(
         default=None,
         metadata={"help": "Filled in from the architecture map when the adapter is injected; leave it as None."},
@@ -117,6 +125,7 @@ class ResiDualConfig(PeftConfig):
             ("remainder", REMAINDER_MODES),
             ("lambda_init", LAMBDA_INITS),
             ("scale_per", SCALE_PER),
+            ("basis_dtype", BASIS_DTYPES),
         ):
             if getattr(self, name) not in allowed:
                 raise ResiDualInputError(

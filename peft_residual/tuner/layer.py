@@ -26,6 +26,7 @@ from torch import nn
 from .architectures import Architecture
 from .decomposition import UnitRecord
 from .errors import ResiDualInputError
+from .head_space import head_frames, orthonormal_rows
 
 ROLES = ("transform", "mean", "record")
 """Per adapter, a unit layer transforms its units, replaces them by their mean, or only records them."""
@@ -68,11 +69,19 @@ class ResiDualUnitLayer(nn.Module, ResiDualLayer):
     Per adapter: ``residual_role`` (see :data:`ROLES`); ``residual_mean`` ``[units, dim]`` unless the role is
     "record"; for transformed units also ``residual_rank`` ``[units]`` (components per unit), ``residual_basis``
     ``[sum(rank), dim]`` (rows grouped by unit) and the trainable ``residual_lambda`` ``[sum(rank)]`` (``[units]``
-    with one scale per unit).
+    with one scale per unit). ``dim`` is the output dimension, except for heads, whose means and bases are stored
+    in head coordinates (``head_dim + 1``, see :mod:`.head_space`) and rebuilt in output space once per adapter.
     """
 
     def __init__(
-        self, base_layer: nn.Module, kind: str, layer: int | None, unit_slice: slice, unit_names: list[str], **kwargs
+        self,
+        base_layer: nn.Module,
+        kind: str,
+        layer: int | None,
+        unit_slice: slice,
+        unit_names: list[str],
+        arch: Architecture,
+        **kwargs,
     ) -> None:
         super().__init__()
         self._init_tuner_layer(base_layer)
@@ -80,7 +89,9 @@ class ResiDualUnitLayer(nn.Module, ResiDualLayer):
         self.layer = layer
         self.unit_slice = unit_slice
         self.unit_names = unit_names
+        self.arch = arch
         self.record: UnitRecord | None = None  # the readout's record, linked after injection
+        self._output_space: dict[str, tuple[torch.Tensor, ...]] = {}  # per adapter, rebuilt from the stored state
         self.residual_lambda = nn.ParameterDict({})
         self.residual_basis = BufferDict({}, persistent=True)
         self.residual_mean = BufferDict({}, persistent=True)
@@ -121,32 +132,82 @@ class ResiDualUnitLayer(nn.Module, ResiDualLayer):
         rank = self.residual_rank[adapter_name]
         return lambdas.repeat_interleave(rank) if len(lambdas) != int(rank.sum()) else lambdas
 
+    @property
+    def in_head_space(self) -> bool:
+        return self.kind == "heads"
+
+    def stored_dim(self) -> int:
+        """The width of this layer's stored means and bases."""
+        return self.arch.max_rank("heads") if self.in_head_space else self.arch.output_dim
+
     def set_fit(
-        self, adapter_name: str, mean: torch.Tensor, bases: list[torch.Tensor] | None, lambdas: list[torch.Tensor]
+        self,
+        adapter_name: str,
+        mean: torch.Tensor,
+        bases: list[torch.Tensor] | None,
+        lambdas: list[torch.Tensor],
+        basis_dtype: torch.dtype = torch.float32,
     ) -> None:
         """Store a fitted mean ``[units, dim]`` and, when transformed, per-unit bases ``[k_u, dim]`` and scales."""
         device = self._base_device()
+        self._output_space.pop(adapter_name, None)
         self.residual_mean[adapter_name] = mean.float().to(device)
         if self.is_transformed(adapter_name):
             self.residual_rank[adapter_name] = torch.tensor([b.shape[0] for b in bases], device=device)
-            self.residual_basis[adapter_name] = torch.cat(bases).float().to(device)
+            self.residual_basis[adapter_name] = torch.cat(bases).to(device, basis_dtype)
             with torch.no_grad():
                 self.residual_lambda[adapter_name] = nn.Parameter(
                     torch.cat(lambdas).float().to(device),
                     requires_grad=self.residual_lambda[adapter_name].requires_grad,
                 )
 
-    def allocate(self, adapter_name: str, shapes: dict[str, torch.Size]) -> None:
-        """Resize the empty state of ``adapter_name`` to a checkpoint's shapes, so that it can be loaded into."""
+    def allocate(self, adapter_name: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Resize the empty state of ``adapter_name`` to a checkpoint's shapes and dtypes, to load it into."""
         device = self._base_device()
-        for name, shape in shapes.items():
+        self._output_space.pop(adapter_name, None)
+        for name, tensor in tensors.items():
             container = getattr(self, name)
             if name == "residual_lambda":
                 container[adapter_name] = nn.Parameter(
-                    torch.zeros(shape, device=device), requires_grad=container[adapter_name].requires_grad
+                    torch.zeros(tensor.shape, device=device), requires_grad=container[adapter_name].requires_grad
                 )
             else:
-                container[adapter_name] = torch.zeros(shape, dtype=container[adapter_name].dtype, device=device)
+                container[adapter_name] = torch.zeros(tensor.shape, dtype=tensor.dtype, device=device)
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._output_space.clear()  # new stored state: rebuild the output-space bases on next use
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(self, fn, recurse: bool = True):
+        self._output_space.clear()  # moved or cast: rebuild on next use
+        return super()._apply(fn, recurse)
+
+    def output_space(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(mean [units, out], basis [sum(rank), out], padded basis [units, max_rank, out])`` in float32 on the
+        base device, rebuilt once per adapter from the stored state (orthonormalised in float64)."""
+        if adapter_name not in self._output_space:
+            self._output_space[adapter_name] = self._rebuild(adapter_name)
+        return self._output_space[adapter_name]
+
+    @torch.no_grad()
+    def _rebuild(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        device = self._base_device()
+        mean = self.residual_mean[adapter_name].double().cpu()
+        frames = head_frames(self.arch, self.layer) if self.in_head_space else None
+        if frames is not None:
+            mean = torch.einsum("nor,nr->no", frames[0], mean) + frames[1]
+        if not self.is_transformed(adapter_name):
+            empty = mean.new_zeros(0, mean.shape[1])
+            return mean.float().to(device), empty.float().to(device), empty[None].float().to(device)
+        rank = self.residual_rank[adapter_name].cpu().tolist()
+        rows = []
+        for unit, coefficients in enumerate(self.residual_basis[adapter_name].cpu().split(rank)):
+            coefficients = orthonormal_rows(coefficients)
+            rows.append(coefficients @ frames[0][unit].T if frames is not None else coefficients)
+        padded = mean.new_zeros(self.num_units, max(rank), mean.shape[1])
+        for unit, unit_rows in enumerate(rows):
+            padded[unit, : len(unit_rows)] = unit_rows
+        return mean.float().to(device), torch.cat(rows).float().to(device), padded.float().to(device)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         output = self.base_layer(*args, **kwargs)
@@ -154,23 +215,12 @@ class ResiDualUnitLayer(nn.Module, ResiDualLayer):
             self.record.capture(self.kind, self.layer, args, output)
         return output
 
-    def _padded_basis(self, adapter_name: str) -> torch.Tensor:
-        """The flat basis as ``[units, max_rank, dim]``, with zero rows where a unit has fewer components."""
-        rank = self.residual_rank[adapter_name]
-        basis = self.residual_basis[adapter_name].float()
-        owner = torch.repeat_interleave(torch.arange(self.num_units, device=rank.device), rank)
-        position = torch.arange(basis.shape[0], device=rank.device) - (torch.cumsum(rank, 0) - rank)[owner]
-        padded = basis.new_zeros(self.num_units, int(rank.max()), basis.shape[1])
-        padded[owner, position] = basis
-        return padded
-
     def scores_and_offset(self, adapter_name: str, units: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """PCA scores ``[batch, sum(rank)]`` and the scale-independent part ``[batch, dim]`` of these units."""
-        mean = self.residual_mean[adapter_name].float()
+        mean, _, padded = self.output_space(adapter_name)
         if not self.is_transformed(adapter_name):
             return units.new_zeros(units.shape[0], 0), mean.sum(0).expand(units.shape[0], -1)
         centred = units - mean
-        padded = self._padded_basis(adapter_name)
         padded_scores = torch.einsum("bnd,nkd->bnk", centred, padded)
         rank = self.residual_rank[adapter_name]
         valid = torch.arange(padded.shape[1], device=rank.device) < rank[:, None]
@@ -251,9 +301,9 @@ class ResiDualReadoutLayer(nn.Module, ResiDualLayer):
         )
 
     def basis(self, adapter_name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """All PCA components of the adapter, ``[sum(rank), dim]``, in score order."""
+        """All PCA components of the adapter in output space, ``[sum(rank), output_dim]``, in score order."""
         layers = self.transformed_layers(adapter_name)
-        return torch.cat([layer.residual_basis[adapter_name].to(dtype) for layer in layers])
+        return torch.cat([layer.output_space(adapter_name)[1].to(dtype) for layer in layers])
 
     def adapt(self, adapter_name: str, contributions: torch.Tensor) -> torch.Tensor:
         """The ResiDual output (float32) for unit contributions ``[batch, units, dim]``."""

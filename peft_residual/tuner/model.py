@@ -81,7 +81,7 @@ class ResiDualModel(BaseTuner):
                 new_module = ResiDualReadoutLayer(target, self.arch)
             else:
                 names = self.arch.unit_names[spec.unit_slice]
-                new_module = ResiDualUnitLayer(target, spec.kind, spec.layer, spec.unit_slice, names)
+                new_module = ResiDualUnitLayer(target, spec.kind, spec.layer, spec.unit_slice, names, self.arch)
             self._replace_module(parent, target_name, new_module, target)
             target = new_module
         inference_mode = peft_config.inference_mode
@@ -122,11 +122,10 @@ class ResiDualModel(BaseTuner):
             )
         arch.check_signature(config.base_signature)
         expected = set()
-        output_dim = arch.output_dim
         for name, layer in model.named_modules():
             if not isinstance(layer, ResiDualUnitLayer) or not layer.holds(adapter_name):
                 continue
-            shapes = {}
+            tensors = {}
             for attr in ("residual_mean", "residual_rank", "residual_basis", "residual_lambda"):
                 if adapter_name not in getattr(layer, attr):
                     continue
@@ -137,9 +136,9 @@ class ResiDualModel(BaseTuner):
                         f"The checkpoint has no {attr} for unit group {layer.unit_names[0]}..{layer.unit_names[-1]} "
                         f"({name}); it was saved for a different model or ResiDualConfig."
                     )
-                shapes[attr] = state_dict[key].shape
-            _check_shapes(layer, shapes, output_dim)
-            layer.allocate(adapter_name, shapes)
+                tensors[attr] = state_dict[key]
+            _check_shapes(layer, {attr: tensor.shape for attr, tensor in tensors.items()}, layer.stored_dim())
+            layer.allocate(adapter_name, tensors)
         unexpected = sorted(k for k in state_dict if k not in expected)
         if unexpected:
             raise ResiDualInputError(
@@ -149,28 +148,23 @@ class ResiDualModel(BaseTuner):
         return state_dict
 
 
-def _check_shapes(layer: ResiDualUnitLayer, shapes: dict[str, torch.Size], output_dim: int) -> None:
+def _check_shapes(layer: ResiDualUnitLayer, shapes: dict[str, torch.Size], dim: int) -> None:
     units = layer.num_units
     first = layer.unit_names[0]
     mean = shapes["residual_mean"]
-    if tuple(mean) != (units, output_dim):
+    if tuple(mean) != (units, dim):
         raise ResiDualInputError(
             f"Unit {first}: the checkpoint's mean has shape {tuple(mean)}, but this model's units need "
-            f"({units}, {output_dim}) ({units} units of output dimension {output_dim}). Load the adapter onto the base "
+            f"({units}, {dim}) ({units} units of stored dimension {dim}). Load the adapter onto the base "
             "model it was trained for."
         )
     if "residual_rank" not in shapes:
         return
     rank, basis, lambdas = shapes["residual_rank"], shapes["residual_basis"], shapes["residual_lambda"]
-    if (
-        tuple(rank) != (units,)
-        or len(basis) != 2
-        or basis[1] != output_dim
-        or tuple(lambdas) not in {(basis[0],), (units,)}
-    ):
+    if tuple(rank) != (units,) or len(basis) != 2 or basis[1] != dim or tuple(lambdas) not in {(basis[0],), (units,)}:
         raise ResiDualInputError(
             f"Unit {first}: the checkpoint's rank {tuple(rank)}, basis {tuple(basis)} and scales {tuple(lambdas)} do "
-            f"not fit {units} units of output dimension {output_dim}. Load the adapter onto the base model it was "
+            f"not fit {units} units of stored dimension {dim}. Load the adapter onto the base model it was "
             "trained for."
         )
 

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from .config import ResiDualConfig
 from .decomposition import unit_contributions
 from .errors import ResiDualInputError
+from .head_space import head_frames
 from .layer import ResiDualUnitLayer
 from .model import residual_tuner
 
@@ -133,6 +134,8 @@ def fit_residual_bases(
     arch = tuner.arch
     layers = tuner.readout.layers_of(adapter_name)
     moments = {id(layer): StreamingMoments(scatter=layer.is_transformed(adapter_name)) for layer in layers}
+    # heads are fitted in their head coordinates (see head_space): (head_dim + 1)^2 moments instead of output_dim^2
+    frames = {id(layer): head_frames(arch, layer.layer) for layer in layers if layer.in_head_space}
     reference = next(tuner.model.parameters())
     image_size = None
     was_training = tuner.model.training
@@ -156,7 +159,11 @@ def fit_residual_bases(
                     "model's dtype (fp16 can overflow: fit in float32)."
                 )
             for layer in layers:
-                moments[id(layer)].update(contributions[:, layer.unit_slice])
+                units = contributions[:, layer.unit_slice].double()
+                if id(layer) in frames:
+                    frame, offset = (t.to(units.device) for t in frames[id(layer)])
+                    units = torch.einsum("bno,nor->bnr", units - offset, frame)
+                moments[id(layer)].update(units)
     finally:
         tuner.model.train(was_training)
 
@@ -176,13 +183,14 @@ def fit_residual_bases(
     generator = torch.Generator().manual_seed(config.seed)
     transformed = [layer for layer in layers if layer.is_transformed(adapter_name)]
     logger.info("Eigendecomposition of %d unit groups", len(transformed))
+    basis_dtype = getattr(torch, config.basis_dtype)
     for layer in tqdm(layers, desc="ResiDual eigendecomposition", disable=not progress or not transformed):
         stats = moments[id(layer)]
         if not layer.is_transformed(adapter_name):
             layer.set_fit(adapter_name, stats.mean, None, [])
             continue
         bases, lambdas = _fit_layer(layer, stats, config, arch.max_rank(layer.kind), generator, report)
-        layer.set_fit(adapter_name, stats.mean, bases, lambdas)
+        layer.set_fit(adapter_name, stats.mean, bases, lambdas, basis_dtype)
     config.base_signature = arch.signature(image_size)
     tuner.readout.residual_tokens[adapter_name] = config.base_signature["num_tokens"]
     if report.clamped:
