@@ -22,7 +22,7 @@ import importlib.util
 import sys
 
 _EXPORTS = {
-    "cache": ["StreamedUnits", "UnitCache", "encode_dataset"],
+    "cache": ["StreamedUnits", "UnitCache", "adapted_embeddings", "encode_dataset"],
     "classifiers": ["CentroidClassifier", "Classifier", "ZeroShotClassifier", "default_classifier", "load_templates"],
     "compat": ["RESIDUAL_PEFT_TYPE"],
     "data": ["holdout", "stratified_split"],
@@ -34,8 +34,8 @@ _EXPORTS = {
     "trainer": ["TrainingResult", "default_accelerator", "train_residual"],
     "tuner": [
         "ARCHITECTURES", "PRESETS", "Architecture", "ArchitectureSpec", "FitReport", "ResiDualConfig",
-        "ResiDualInputError", "ResiDualModel", "ResiDualReadoutLayer", "ResiDualUnitLayer", "Units",
-        "decompose_units", "fit_residual_bases", "load_vision_model",
+        "ResiDualInputError", "ResiDualModel", "ResiDualReadoutLayer", "ResiDualUnitLayer", "UnitStore", "Units",
+        "collect_units", "decompose_units", "fit_residual_bases", "load_vision_model",
     ],
 }  # fmt: skip
 _HOME = {name: module for module, names in _EXPORTS.items() for name in names}

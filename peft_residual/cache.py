@@ -22,6 +22,8 @@ from tqdm.auto import tqdm
 from .inference import check_labels
 from .tuner import residual_tuner, unit_contributions
 from .tuner.errors import ResiDualInputError
+from .tuner.layer import combine
+from .tuner.unit_store import UnitStore
 
 CACHE_DTYPE = torch.float32
 
@@ -29,12 +31,15 @@ Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 """``(scores, offset, labels)`` of some images."""
 
 
-def encode_batch(model: nn.Module, pixel_values: torch.Tensor, where: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """PCA scores and offset of one batch of images, for the active adapter of ``model``."""
+def encode_batch(
+    model: nn.Module, pixel_values: torch.Tensor | None, where: str, contributions: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PCA scores and offset of one batch of images (or of its unit ``contributions``) for the active adapter."""
     tuner = residual_tuner(model)
-    pixel_values = tuner.arch.check_pixel_values(pixel_values, where)
-    reference = next(tuner.model.parameters())
-    contributions = unit_contributions(tuner.model, pixel_values.to(reference.device, reference.dtype))
+    if contributions is None:
+        pixel_values = tuner.arch.check_pixel_values(pixel_values, where)
+        reference = next(tuner.model.parameters())
+        contributions = unit_contributions(tuner.model, pixel_values.to(reference.device, reference.dtype))
     scores, offset = tuner.readout.scores_and_offset(tuner.active_adapters[0], contributions)
     if not (torch.isfinite(scores).all() and torch.isfinite(offset).all()):
         raise ResiDualInputError(f"{where}: the unit scores are not finite; check the images and the model's dtype.")
@@ -119,8 +124,9 @@ def encode_dataset(
 ) -> UnitCache:
     """Run the backbone once over ``dataset`` and keep every image's scores, offset and label.
 
-    Under Accelerate the work is split by whole batches, so every image is encoded in exactly the batch it would be
-    in on one process: the cache does not depend on the number of processes.
+    ``dataset`` may be a :class:`UnitStore` (e.g. ``FitReport.units``): then no backbone runs at all. Under
+    Accelerate the work is split by whole batches, so every image is encoded in exactly the batch it would be in on
+    one process: the cache does not depend on the number of processes.
 
     Example:
         >>> cache = encode_dataset(peft_model, train_dataset)
@@ -128,6 +134,8 @@ def encode_dataset(
     """
     if len(dataset) == 0:
         raise ResiDualInputError(f"{desc}: the data set is empty.")
+    if isinstance(dataset, UnitStore):
+        return _encode_store(model, dataset, batch_size, num_classes, desc)
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     index_batches = list(torch.arange(len(dataset)).split(batch_size))
     mine = [indices.tolist() for indices in index_batches[rank::world]]
@@ -150,3 +158,24 @@ def encode_dataset(
     sizes = [len(indices) for indices in index_batches]
     gather = (lambda t: _gather_batches(accelerator, t, sizes)) if accelerator else (lambda t: t)
     return UnitCache(gather(torch.cat(scores)), gather(torch.cat(offsets)), gather(torch.cat(labels)))
+
+
+def _encode_store(model: nn.Module, store: UnitStore, batch_size: int, num_classes: int | None, desc: str) -> UnitCache:
+    if store.labels is None:
+        raise ResiDualInputError(f"{desc}: the stored units have no labels; collect them from batches with labels.")
+    arch = residual_tuner(model).arch
+    scores, offsets = [], []
+    for step, (record, _) in enumerate(store.records(batch_size)):
+        batch_scores, batch_offset = encode_batch(model, None, f"{desc} batch {step}", record.contributions(arch))
+        scores.append(batch_scores)
+        offsets.append(batch_offset)
+    labels = check_labels(store.labels, num_classes, desc)
+    return UnitCache(torch.cat(scores), torch.cat(offsets), labels.to(scores[0].device))
+
+
+def adapted_embeddings(model: nn.Module, cache: UnitCache) -> torch.Tensor:
+    """The adapter's output for every image of ``cache``: what the model would return, without the backbone."""
+    tuner = residual_tuner(model)
+    adapter = tuner.active_adapters[0]
+    with torch.no_grad():
+        return combine(cache.scores, cache.offset, tuner.readout.lambdas(adapter), tuner.readout.basis(adapter))

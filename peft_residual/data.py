@@ -13,6 +13,7 @@ from torch.utils.data import Dataset
 from transformers import AutoImageProcessor
 
 from .tuner.errors import ResiDualInputError
+from .tuner.unit_store import UnitStore
 
 
 def load_image_dataset(name_or_path: str, split: str | None = None) -> datasets.Dataset | datasets.DatasetDict:
@@ -119,6 +120,8 @@ def stratified_split(
 
 def raw_labels(dataset: Dataset, label_column: str = "label") -> torch.Tensor | None:
     """The label column of a ``datasets.Dataset`` without running its image transform; None if not at hand."""
+    if isinstance(dataset, UnitStore):
+        return dataset.labels
     if isinstance(dataset, datasets.Dataset) and label_column in dataset.column_names:
         return torch.as_tensor(dataset.with_format(None)[label_column])
     return None
@@ -138,6 +141,8 @@ def check_dataset(dataset: Dataset, name: str, label_column: str, num_classes: i
 
 def dataset_fingerprint(dataset: Dataset) -> str:
     """A short hash of a data set's size and of its first, middle and last examples (images and labels)."""
+    if isinstance(dataset, UnitStore):
+        return dataset.fingerprint()
     digest = hashlib.sha256(str(len(dataset)).encode())
     for index in sorted({0, len(dataset) // 2, len(dataset) - 1}):
         for key, value in sorted(dataset[index].items()):

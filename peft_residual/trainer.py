@@ -33,6 +33,7 @@ from .lr_finder import find_learning_rate
 from .scales import ScaleSet
 from .steps import epoch_order, evaluate, global_batches, train_step
 from .tuner.errors import ResiDualInputError
+from .tuner.unit_store import UnitStore
 
 logger = logging.getLogger(__name__)
 
@@ -158,7 +159,9 @@ def train_residual(
 ) -> TrainingResult:
     """Train the ResiDual scales of ``model`` (fitted with :func:`fit_residual_bases`) against ``classifier``.
 
-    Datasets yield dicts with ``pixel_values`` and ``label_column``. Without ``eval_dataset``, a stratified
+    Datasets yield dicts with ``pixel_values`` and ``label_column``, or are :class:`UnitStore` s of the same images
+    (e.g. ``fit_residual_bases(..., keep_units=True).units``), which need no backbone pass. Without ``eval_dataset``,
+    a stratified
     ``val_fraction`` of ``train_dataset`` (a ``datasets.Dataset``) is held out with ``seed``. ``cache="auto"`` encodes
     both splits once into PCA scores when they fit in ``max_cache_bytes`` (default: half the available memory) and
     streams them through the backbone otherwise; ``True`` insists on the cache, ``False`` never uses it.
@@ -249,7 +252,7 @@ def _features(
     progress: bool,
     desc: str,
 ) -> UnitCache | StreamedUnits:
-    if not use_cache:
+    if not use_cache and not isinstance(dataset, UnitStore):  # stored units are cached without the backbone anyway
         return StreamedUnits(model, dataset, label_column, num_workers, num_classes)
     show = progress and accelerator.is_local_main_process
     return encode_dataset(model, dataset, accelerator, label_column, batch_size, num_workers, show, num_classes, desc)

@@ -32,7 +32,7 @@ def test_bases_match_svd_of_stacked_data(kind):
     assert report.num_samples == 90
     stacked = _stacked_units(model, data)
     for layer in model.base_model.readout.layers_of("default"):
-        mean, basis, _ = layer.output_space("default")
+        mean, basis = layer.output_space("default")[:2]
         basis = basis.double().view(layer.num_units, 5, -1)
         for unit, name in enumerate(layer.unit_names):
             x = stacked[:, model.base_model.arch.unit_names.index(name)]
@@ -171,7 +171,7 @@ def test_head_coordinate_fit_matches_the_output_space_oracle(kind, name):
     stacked, test = _stacked_units(model, data), decompose_units(model, images(6, seed=4)).contributions.double()
     names = model.base_model.arch.unit_names
     for layer in model.base_model.readout.layers_of("default"):
-        mean, basis, _ = layer.output_space("default")
+        mean, basis = layer.output_space("default")[:2]
         transformed = layer.is_transformed("default")
         lambdas = layer.component_lambdas("default").double() if transformed else None
         start = 0

@@ -306,3 +306,35 @@ def test_non_finite_training_images_and_loss_are_clear_errors():
     broken = Classifier(torch.full((4, classifier.weights.shape[1]), math.nan), 100.0, list("abcd"))
     with pytest.raises(ResiDualInputError, match=r"loss became nan.*check the classifier"):
         train_residual(model, broken, data, max_epochs=2, batch_size=16, progress=False)
+
+
+@pytest.mark.parametrize("budget", [None, 1], ids=["in_memory", "spilled"])
+def test_one_pass_cache_equals_the_two_pass_cache(budget):
+    from peft_residual import collect_units
+
+    model = get_peft_model(make_model("dinov2"), ResiDualConfig(k=4, units="heads+mlps", rest="mean"))
+    data = image_dataset(96)
+    batches = [data[i : i + 32] for i in range(0, 96, 32)]
+    report = fit_residual_bases(model, batches, progress=False, keep_units=True, max_unit_bytes=budget)
+    store = report.units
+    assert len(store) == 96 and store.spilled == (budget == 1) and torch.equal(store.labels, data[:]["label"])
+    spill = store._directory
+    two_pass = encode_dataset(model, data, batch_size=32, progress=False)  # the backbone batches of the fit
+    one_pass = encode_dataset(model, store, batch_size=32, progress=False)
+    torch.testing.assert_close(one_pass.scores, two_pass.scores, rtol=0, atol=0)
+    torch.testing.assert_close(one_pass.offset, two_pass.offset, rtol=0, atol=0)
+    assert torch.equal(one_pass.labels, two_pass.labels)
+    again = get_peft_model(make_model("dinov2"), ResiDualConfig(k=4, units="heads+mlps", rest="mean"))
+    fit_residual_bases(again, store, progress=False)  # fitting from the store: the same bases, no backbone
+    for ours, theirs in zip(
+        again.base_model.readout.transformed_layers("default"),
+        model.base_model.readout.transformed_layers("default"),
+        strict=True,
+    ):
+        assert torch.equal(ours.residual_basis["default"], theirs.residual_basis["default"])
+    val = collect_units(model, [data[i : i + 16] for i in range(0, 32, 16)], progress=False)
+    result = train_residual(model, CentroidClassifier.from_model(model, batches, list("abcd"), progress=False),
+                            store, val, max_epochs=2, batch_size=16, progress=False)  # fmt: skip
+    assert result.cached and result.epochs_run == 2
+    store.close()
+    assert spill is None or not spill.exists()

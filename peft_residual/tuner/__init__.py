@@ -10,7 +10,8 @@ from .decomposition import UnitRecord, Units, decompose_units, recording, unit_c
 from .errors import ResiDualInputError
 from .layer import ResiDualLayer, ResiDualReadoutLayer, ResiDualUnitLayer
 from .model import ResiDualModel, residual_tuner
-from .pca import FitReport, fit_residual_bases
+from .pca import FitReport, collect_units, fit_residual_bases
+from .unit_store import UnitStore
 
 __all__ = [
     "ARCHITECTURES",
@@ -25,7 +26,9 @@ __all__ = [
     "ResiDualReadoutLayer",
     "ResiDualUnitLayer",
     "UnitRecord",
+    "UnitStore",
     "Units",
+    "collect_units",
     "decompose_units",
     "fit_residual_bases",
     "load_vision_model",

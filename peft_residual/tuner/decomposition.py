@@ -147,12 +147,16 @@ def recording(model: nn.Module) -> Iterator[UnitRecord]:
 
 
 @torch.no_grad()
-def unit_contributions(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-    """Run only the vision backbone of ``model`` (no ResiDual readout) and return ``[batch, units, output_dim]``."""
-    arch = Architecture(model)
+def record_backbone(model: nn.Module, pixel_values: torch.Tensor) -> UnitRecord:
+    """Run only the vision backbone of ``model`` (no ResiDual readout) and return what its unit modules produced."""
     with recording(model) as record, readout_bypassed(model):
-        arch.tower(pixel_values=pixel_values)
-    return record.contributions(arch)
+        Architecture(model).tower(pixel_values=pixel_values)
+    return record
+
+
+def unit_contributions(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The direct contributions ``[batch, units, output_dim]`` of one batch, from one backbone pass."""
+    return record_backbone(model, pixel_values).contributions(Architecture(model))
 
 
 @contextmanager

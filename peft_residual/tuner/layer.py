@@ -182,23 +182,24 @@ class ResiDualUnitLayer(nn.Module, ResiDualLayer):
         self._output_space.clear()  # moved or cast: rebuild on next use
         return super()._apply(fn, recurse)
 
-    def output_space(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(mean [units, out], basis [sum(rank), out], padded basis [units, max_rank, out])`` in float32 on the
-        base device, rebuilt once per adapter from the stored state (orthonormalised in float64)."""
+    def output_space(self, adapter_name: str) -> tuple[torch.Tensor, ...]:
+        """``(mean [units, out], basis [sum(rank), out], padded basis [units, max_rank, out], valid [units,
+        max_rank])`` in float32 on the base device, rebuilt once per adapter from the stored state (orthonormalised
+        in float64); ``valid`` marks the padded rows that hold a component."""
         if adapter_name not in self._output_space:
             self._output_space[adapter_name] = self._rebuild(adapter_name)
         return self._output_space[adapter_name]
 
     @torch.no_grad()
-    def _rebuild(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _rebuild(self, adapter_name: str) -> tuple[torch.Tensor, ...]:
         device = self._base_device()
         mean = self.residual_mean[adapter_name].double().cpu()
         frames = head_frames(self.arch, self.layer) if self.in_head_space else None
         if frames is not None:
             mean = torch.einsum("nor,nr->no", frames[0], mean) + frames[1]
         if not self.is_transformed(adapter_name):
-            empty = mean.new_zeros(0, mean.shape[1])
-            return mean.float().to(device), empty.float().to(device), empty[None].float().to(device)
+            empty = mean.new_zeros(0, mean.shape[1]).float().to(device)
+            return mean.float().to(device), empty, empty[None], torch.zeros(0, 0, dtype=torch.bool, device=device)
         rank = self.residual_rank[adapter_name].cpu().tolist()
         rows = []
         for unit, coefficients in enumerate(self.residual_basis[adapter_name].cpu().split(rank)):
@@ -207,7 +208,8 @@ class ResiDualUnitLayer(nn.Module, ResiDualLayer):
         padded = mean.new_zeros(self.num_units, max(rank), mean.shape[1])
         for unit, unit_rows in enumerate(rows):
             padded[unit, : len(unit_rows)] = unit_rows
-        return mean.float().to(device), torch.cat(rows).float().to(device), padded.float().to(device)
+        valid = torch.arange(max(rank))[None, :] < torch.tensor(rank)[:, None]
+        return mean.float().to(device), torch.cat(rows).float().to(device), padded.float().to(device), valid.to(device)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         output = self.base_layer(*args, **kwargs)
@@ -217,19 +219,32 @@ class ResiDualUnitLayer(nn.Module, ResiDualLayer):
 
     def scores_and_offset(self, adapter_name: str, units: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """PCA scores ``[batch, sum(rank)]`` and the scale-independent part ``[batch, dim]`` of these units."""
-        mean, _, padded = self.output_space(adapter_name)
+        mean, _, padded, valid = self.output_space(adapter_name)
         if not self.is_transformed(adapter_name):
             return units.new_zeros(units.shape[0], 0), mean.sum(0).expand(units.shape[0], -1)
         centred = units - mean
         padded_scores = torch.einsum("bnd,nkd->bnk", centred, padded)
-        rank = self.residual_rank[adapter_name]
-        valid = torch.arange(padded.shape[1], device=rank.device) < rank[:, None]
         scores = padded_scores[:, valid]
         if self.residual_remainder[adapter_name] == "keep":
             offset = centred.sum(1) - torch.einsum("bnk,nkd->bd", padded_scores, padded)
         else:
             offset = centred.new_zeros(centred.shape[0], centred.shape[2])
         return scores, offset
+
+    def adapted(self, adapter_name: str, units: torch.Tensor) -> torch.Tensor:
+        """What these units add to the adapted output, ``[batch, out]``: ``offset + (scores * lambda) @ basis``
+        computed per unit on the padded basis, without gathering scores."""
+        mean, _, padded, valid = self.output_space(adapter_name)
+        if not self.is_transformed(adapter_name):
+            return mean.sum(0).expand(units.shape[0], -1)
+        centred = units - mean
+        padded_scores = torch.einsum("bnd,nkd->bnk", centred, padded)
+        lambdas = padded_scores.new_zeros(valid.shape)
+        lambdas[valid] = self.component_lambdas(adapter_name)
+        out = torch.einsum("bnk,nkd->bd", padded_scores * lambdas, padded)
+        if self.residual_remainder[adapter_name] == "keep":
+            out = out + centred.sum(1) - torch.einsum("bnk,nkd->bd", padded_scores, padded)
+        return out
 
 
 class ResiDualReadoutLayer(nn.Module, ResiDualLayer):
@@ -306,9 +321,17 @@ class ResiDualReadoutLayer(nn.Module, ResiDualLayer):
         return torch.cat([layer.output_space(adapter_name)[1].to(dtype) for layer in layers])
 
     def adapt(self, adapter_name: str, contributions: torch.Tensor) -> torch.Tensor:
-        """The ResiDual output (float32) for unit contributions ``[batch, units, dim]``."""
-        scores, offset = self.scores_and_offset(adapter_name, contributions)
-        return combine(scores.float(), offset.float(), self.lambdas(adapter_name), self.basis(adapter_name))
+        """The ResiDual output (float32) for unit contributions ``[batch, units, dim]``; the same sum as
+        ``combine(*scores_and_offset(...), lambdas, basis)``, layer by layer."""
+        self.check_fitted(adapter_name)
+        covered = torch.zeros(contributions.shape[1], dtype=torch.bool, device=contributions.device)
+        out = contributions.new_zeros(contributions.shape[0], contributions.shape[2])
+        for layer in self.layers_of(adapter_name):
+            out = out + layer.adapted(adapter_name, contributions[:, layer.unit_slice])
+            covered[layer.unit_slice] = True
+        if self.residual_rest[adapter_name] == "sum":
+            out = out + contributions[:, ~covered].sum(1)
+        return out
 
     def _check_image_size(self, adapter_name: str, num_tokens: int | None) -> None:
         fitted = self.residual_tokens.get(adapter_name)

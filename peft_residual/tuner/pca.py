@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from itertools import islice
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .architectures import Architecture
 from .config import ResiDualConfig
-from .decomposition import unit_contributions
+from .decomposition import UnitRecord, record_backbone
 from .errors import ResiDualInputError
 from .head_space import head_frames
 from .layer import ResiDualUnitLayer
 from .model import residual_tuner
+from .unit_store import UnitStore
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +67,8 @@ class FitReport:
     explained_variance: dict[str, float] = field(default_factory=dict)
     clamped: dict[str, tuple[int, int]] = field(default_factory=dict)
     """Units whose requested k exceeded their rank: name -> (requested, used)."""
+    units: UnitStore | None = None
+    """With ``keep_units=True``: the raw pieces of every image seen, to cache them without another backbone pass."""
 
     @property
     def num_scales(self) -> int:
@@ -79,6 +84,50 @@ def pixel_values_of(batch: object) -> torch.Tensor:
     if isinstance(batch, torch.Tensor):
         return batch
     raise ResiDualInputError(f"Batches must be dicts with 'pixel_values' or tensors, got {type(batch).__name__}.")
+
+
+def recorded_batches(
+    model: nn.Module, data: Iterable | UnitStore, where: str, label_column: str = "label"
+) -> Iterator[tuple[UnitRecord, torch.Tensor | None, tuple[int, int]]]:
+    """``(record, labels, image size)`` of every batch of ``data``: images through the backbone once each, or the
+    pieces of a :class:`UnitStore` as they were recorded. All images must have one size."""
+    if isinstance(data, UnitStore):
+        for record, labels in data.records():
+            yield record, labels, data.image_size
+        return
+    arch = Architecture(model)
+    reference = next(model.parameters())
+    image_size = None
+    for step, batch in enumerate(data):
+        pixel_values = arch.check_pixel_values(pixel_values_of(batch), f"{where} batch {step}")
+        if image_size not in (None, tuple(pixel_values.shape[-2:])):
+            raise ResiDualInputError(
+                f"{where} batch {step} has images of {tuple(pixel_values.shape[-2:])} px after {image_size}; use "
+                "images of one size (the size the adapter will see)."
+            )
+        image_size = tuple(pixel_values.shape[-2:])
+        labels = torch.as_tensor(batch[label_column]) if isinstance(batch, Mapping) and label_column in batch else None
+        yield record_backbone(model, pixel_values.to(reference.device, reference.dtype)), labels, image_size
+
+
+def collect_units(
+    model: nn.Module, batches: Iterable, max_bytes: int | None = None, progress: bool = True, desc: str = "Units"
+) -> UnitStore:
+    """One backbone pass over ``batches``, keeping every image's raw pieces (and labels) in a :class:`UnitStore`.
+
+    Example:
+        >>> test_units = collect_units(peft_model, DataLoader(test, batch_size=64))
+    """
+    store = UnitStore(Architecture(model), max_bytes)
+    total = len(batches) if hasattr(batches, "__len__") else None
+    for record, labels, image_size in recorded_batches(
+        model, tqdm(batches, desc=desc, total=total, disable=not progress), desc
+    ):
+        store.add(record, labels)
+        store.image_size = image_size
+    if len(store) == 0:
+        raise ResiDualInputError(f"{desc}: no images; the data set is empty.")
+    return store
 
 
 def choose_components(eigenvalues: torch.Tensor, k: int | float | None, max_rank: int) -> int:
@@ -112,11 +161,16 @@ def fit_residual_bases(
     adapter_name: str | None = None,
     max_batches: int | None = None,
     progress: bool = True,
+    keep_units: bool = False,
+    max_unit_bytes: int | None = None,
 ) -> FitReport:
     """Fit every unit's PCA basis and mean on reference images, then initialise the scales.
 
     ``dataloader`` yields dicts with ``pixel_values`` (or tensors), all of one image size, which is recorded in the
-    config (``base_signature``) with the base model's sizes and a weights fingerprint. Covariances are accumulated per
+    config (``base_signature``) with the base model's sizes and a weights fingerprint; it may also be a
+    :class:`UnitStore`, which needs no backbone pass. ``keep_units=True`` keeps the raw pieces of every image in
+    ``FitReport.units`` (in memory up to ``max_unit_bytes``, then in a temporary file), so that the same images
+    can be cached for training without running the backbone again. Covariances are accumulated per
     unit in float64, never holding the encodings. ``k`` from the config is clamped to each unit's rank
     (``head_dim + 1`` for a head), and clamping is reported in the returned :class:`FitReport` and as a warning.
     Refitting an adapter resets its scales to their initial values (a warning says so if they were trained).
@@ -136,22 +190,23 @@ def fit_residual_bases(
     moments = {id(layer): StreamingMoments(scatter=layer.is_transformed(adapter_name)) for layer in layers}
     # heads are fitted in their head coordinates (see head_space): (head_dim + 1)^2 moments instead of output_dim^2
     frames = {id(layer): head_frames(arch, layer.layer) for layer in layers if layer.in_head_space}
-    reference = next(tuner.model.parameters())
+    store = UnitStore(arch, max_unit_bytes) if keep_units else None
     image_size = None
     was_training = tuner.model.training
     tuner.model.eval()
+    total = max_batches if max_batches is not None else (len(dataloader) if hasattr(dataloader, "__len__") else None)
+    if isinstance(dataloader, UnitStore):
+        source = dataloader
+    else:
+        source = tqdm(dataloader, desc="ResiDual PCA", total=total, disable=not progress)
     try:
-        for step, batch in enumerate(tqdm(dataloader, desc="ResiDual PCA", disable=not progress, total=max_batches)):
-            if max_batches is not None and step >= max_batches:
-                break
-            pixel_values = arch.check_pixel_values(pixel_values_of(batch), f"fit_residual_bases batch {step}")
-            if image_size not in (None, tuple(pixel_values.shape[-2:])):
-                raise ResiDualInputError(
-                    f"fit_residual_bases batch {step} has images of {tuple(pixel_values.shape[-2:])} px after "
-                    f"{image_size}; fit on images of one size (the size the adapter will see)."
-                )
-            image_size = tuple(pixel_values.shape[-2:])
-            contributions = unit_contributions(tuner.model, pixel_values.to(reference.device, reference.dtype))
+        for step, (record, labels, image_size) in enumerate(
+            islice(recorded_batches(tuner.model, source, "fit_residual_bases"), max_batches)
+        ):
+            if store is not None:
+                store.add(record, labels)
+                store.image_size = image_size
+            contributions = record.contributions(arch)
             if not torch.isfinite(contributions).all():
                 unit = arch.unit_names[int((~torch.isfinite(contributions)).any(-1).any(0).nonzero()[0])]
                 raise ResiDualInputError(
@@ -179,7 +234,7 @@ def fit_residual_bases(
             stacklevel=2,
         )
         config.training_summary = None
-    report = FitReport(num_samples=num_samples)
+    report = FitReport(num_samples=num_samples, units=store)
     generator = torch.Generator().manual_seed(config.seed)
     transformed = [layer for layer in layers if layer.is_transformed(adapter_name)]
     logger.info("Eigendecomposition of %d unit groups", len(transformed))

@@ -1,0 +1,126 @@
+"""Raw CLS pieces of many images, kept once so that fitting, caching and scoring need one backbone pass.
+
+Per image the pieces are ``(2L + 1) x hidden`` floats (the embedding, each layer's concatenated head outputs and MLP
+output at CLS); every unit contribution, the final norm's statistics included, follows from them exactly (see
+:class:`~.decomposition.UnitRecord`). The store keeps them in memory up to a byte budget and spills everything to a
+memory-mapped file in a temporary directory beyond it; the file goes when the store is closed or collected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import tempfile
+import weakref
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .architectures import Architecture
+from .decomposition import UnitRecord
+
+DEFAULT_MAX_BYTES = 2 * 2**30
+
+
+class UnitStore:
+    """The pieces ``[n, 2L + 1, hidden]`` (float32) and labels ``[n]`` of a data set, in its order.
+
+    Example:
+        >>> report = fit_residual_bases(peft_model, loader, keep_units=True)
+        >>> cache = encode_dataset(peft_model, report.units)  # no second backbone pass
+    """
+
+    def __init__(self, arch: Architecture, max_bytes: int | None = None) -> None:
+        self.arch = arch
+        self.max_bytes = DEFAULT_MAX_BYTES if max_bytes is None else max_bytes
+        self.piece_shape = (2 * arch.num_layers + 1, arch.hidden_size)
+        self._chunks: list[torch.Tensor] = []
+        self._labels: list[torch.Tensor] = []
+        self._sizes: list[int] = []
+        self._count = 0
+        self._directory: Path | None = None
+        self._mapped: np.memmap | None = None
+        self._cleanup: weakref.finalize | None = None
+        self.image_size: tuple[int, int] | None = None
+        """The images' height and width."""
+
+    def __len__(self) -> int:
+        return self._count
+
+    @property
+    def spilled(self) -> bool:
+        """Whether the pieces live in a file rather than in memory."""
+        return self._directory is not None
+
+    @property
+    def nbytes(self) -> int:
+        return self._count * int(np.prod(self.piece_shape)) * 4
+
+    @property
+    def labels(self) -> torch.Tensor | None:
+        """Labels of every image, or None if the batches had none."""
+        return torch.cat(self._labels) if self._labels and len(self._labels) == len(self._sizes) else None
+
+    def add(self, record: UnitRecord, labels: torch.Tensor | None = None) -> None:
+        """Append the pieces of one recorded batch (and its labels)."""
+        layers = range(self.arch.num_layers)
+        pieces = [record.embedding, *(p for layer in layers for p in (record.heads[layer], record.mlps[layer]))]
+        pieces = torch.stack(pieces, dim=1).float().cpu()
+        self._sizes.append(len(pieces))
+        if labels is not None:
+            self._labels.append(torch.as_tensor(labels).cpu())
+        self._count += len(pieces)
+        if self._directory is None and self.nbytes > self.max_bytes:
+            self._spill()
+        if self._directory is not None:
+            with open(self._directory / "pieces.f32", "ab") as handle:
+                handle.write(pieces.numpy().tobytes())
+            self._mapped = None
+        else:
+            self._chunks.append(pieces)
+
+    def _spill(self) -> None:
+        self._directory = Path(tempfile.mkdtemp(prefix="residual-units-"))
+        self._cleanup = weakref.finalize(self, shutil.rmtree, self._directory, True)
+        with open(self._directory / "pieces.f32", "wb") as handle:
+            for chunk in self._chunks:
+                handle.write(chunk.numpy().tobytes())
+        self._chunks = []
+
+    def pieces(self, start: int, stop: int) -> torch.Tensor:
+        """Pieces of images ``start:stop``, ``[stop - start, 2L + 1, hidden]``."""
+        if self._directory is None:
+            if len(self._chunks) > 1:
+                self._chunks = [torch.cat(self._chunks)]
+            return self._chunks[0][start:stop]
+        if self._mapped is None:
+            shape = (self._count, *self.piece_shape)
+            self._mapped = np.memmap(self._directory / "pieces.f32", dtype=np.float32, mode="r", shape=shape)
+        return torch.from_numpy(np.array(self._mapped[start:stop]))
+
+    def records(self, batch_size: int = 256) -> Iterator[tuple[UnitRecord, torch.Tensor | None]]:
+        """``(record, labels)`` of consecutive batches, as if the backbone had just run on them."""
+        labels = self.labels
+        for start in range(0, self._count, batch_size):
+            pieces = self.pieces(start, start + batch_size)
+            record = UnitRecord(embedding=pieces[:, 0])
+            for layer in range(self.arch.num_layers):
+                record.heads[layer], record.mlps[layer] = pieces[:, 1 + 2 * layer], pieces[:, 2 + 2 * layer]
+            yield record, None if labels is None else labels[start : start + len(pieces)]
+
+    def fingerprint(self) -> str:
+        """A short hash of the size, the labels and the first and last images' pieces."""
+        digest = hashlib.sha256(str(self._count).encode())
+        if self.labels is not None:
+            digest.update(self.labels.numpy().tobytes())
+        for index in sorted({0, self._count - 1}):
+            digest.update(self.pieces(index, index + 1).numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+    def close(self) -> None:
+        """Delete any spill file now."""
+        if self._cleanup is not None:
+            self._cleanup()
+        self._directory, self._mapped = None, None
