@@ -65,8 +65,3 @@ def test_accuracy(model: nn.Module, classifier: Classifier, dataset, batch_size:
     features, labels = embed_batches(model, DataLoader(dataset, batch_size=batch_size, num_workers=workers))
     with torch.no_grad():
         return accuracy(classifier(features), labels)
-
-
-def base_features(model: nn.Module, dataset, batch_size: int, workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Embeddings of the unadapted model and the labels."""
-    return embed_batches(model, DataLoader(dataset, batch_size=batch_size, num_workers=workers), base=True)

@@ -15,7 +15,11 @@ from peft_residual import (
     Architecture,
     Classifier,
     ResiDualConfig,
+    UnitStore,
+    accuracy,
+    adapted_embeddings,
     embed_images,
+    encode_dataset,
     epoch_seed,
     fit_residual_bases,
     train_residual,
@@ -41,6 +45,9 @@ class Bench:
     workers: int = 0
     progress: bool = True
     base_latency_ms: float | None = None
+    units: dict[str, UnitStore] | None = None
+    """Per split, the raw unit pieces from the one backbone pass each split gets (see run.build)."""
+    encode_seconds: dict[str, float] | None = None
 
     def loader(self, dataset, shuffle_seed: int | None = None) -> DataLoader:
         generator = torch.Generator().manual_seed(shuffle_seed) if shuffle_seed is not None else None
@@ -60,34 +67,47 @@ def _record(method: str, seed: int, **fields) -> dict:
     return {"method": method, "seed": seed, **fields}
 
 
-def zero_shot(bench: Bench, seed: int) -> dict:
+def zero_shot(bench: Bench, seed: int, features: dict) -> dict:
+    """The frozen classifier on the base model's test embeddings (from the test split's single backbone pass)."""
     model = load_backbone(bench.model_path)
-    with PeakRSS() as rss:
-        accuracy = test_accuracy(model, bench.classifier, bench.test, bench.batch_size, bench.workers)
+    with PeakRSS() as rss, torch.no_grad():
+        score = accuracy(bench.classifier(features["test"][0]), features["test"][1])
     bench.base_latency_ms = latency_ms(model, bench.latency_batch())
     return _record(
-        "zero-shot", seed, test_accuracy=accuracy, trainable_params=0, adapter_bytes=0, epochs=0,
+        "zero-shot", seed, test_accuracy=score, trainable_params=0, adapter_bytes=0, epochs=0,
         seconds={"pca": 0.0, "cache": 0.0, "train": 0.0}, peak_rss_mib=rss.mib, latency_ms=bench.base_latency_ms,
     )  # fmt: skip
 
 
-def residual(bench: Bench, seed: int, method: str, cache: bool | str = "auto") -> dict:
+def residual(bench: Bench, seed: int, method: str, end_to_end: bool = False) -> dict:
+    """Fit, train and score one ResiDual variant. By default on the splits' stored units: no backbone pass here,
+    and the run is charged the encoding of its train and validation images. ``end_to_end`` runs the backbone for
+    the fit and at every training step instead."""
     model = get_peft_model(load_backbone(bench.model_path), ResiDualConfig.preset(method, seed=seed))
+    train, val = (bench.train, bench.val) if end_to_end else (bench.units["train"], bench.units["val"])
+    encoding = 0.0 if end_to_end else bench.encode_seconds["train"] + bench.encode_seconds["val"]
     with PeakRSS() as rss:
         started = time.perf_counter()
-        fit_residual_bases(model, bench.loader(bench.train), progress=bench.progress)
+        fitted = fit_residual_bases(model, bench.loader(bench.train) if end_to_end else train, progress=bench.progress)
         pca_seconds = time.perf_counter() - started
         result = train_residual(
-            model, bench.classifier, bench.train, bench.val, batch_size=bench.batch_size, max_epochs=bench.max_epochs,
-            patience=bench.patience, seed=seed, cache=cache, num_workers=bench.workers, progress=bench.progress,
+            model, bench.classifier, train, val, batch_size=bench.batch_size, max_epochs=bench.max_epochs,
+            patience=bench.patience, seed=seed, cache=not end_to_end, num_workers=bench.workers,
+            progress=bench.progress,
         )  # fmt: skip
-    accuracy = test_accuracy(model, bench.classifier, bench.test, bench.batch_size, bench.workers)
+    if end_to_end:
+        score = test_accuracy(model, bench.classifier, bench.test, bench.batch_size, bench.workers)
+    else:
+        test = encode_dataset(model, bench.units["test"], progress=False)
+        with torch.no_grad():
+            score = accuracy(bench.classifier(adapted_embeddings(model, test)), test.labels)
     size = saved_bytes(model.save_pretrained)
     return _record(
-        method, seed, test_accuracy=accuracy, val_accuracy=result.best_val_accuracy,
+        method, seed, test_accuracy=score, val_accuracy=result.best_val_accuracy,
         trainable_params=model.get_nb_trainable_parameters()[0], adapter_bytes=size, epochs=result.epochs_run,
-        seconds={"pca": pca_seconds, "cache": result.seconds["cache"], "train": result.seconds["train"]},
-        peak_rss_mib=rss.mib, latency_ms=latency_ms(model, bench.latency_batch()), lr=result.lr, cached=result.cached,
+        seconds={"pca": pca_seconds, "cache": encoding + result.seconds["cache"], "train": result.seconds["train"]},
+        eigen_seconds=fitted.eigen_seconds, peak_rss_mib=rss.mib, latency_ms=latency_ms(model, bench.latency_batch()),
+        lr=result.lr, cached=result.cached,
     )  # fmt: skip
 
 

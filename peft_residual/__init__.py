@@ -22,7 +22,7 @@ import importlib.util
 import sys
 
 _EXPORTS = {
-    "cache": ["StreamedUnits", "UnitCache", "adapted_embeddings", "encode_dataset"],
+    "cache": ["StreamedUnits", "UnitCache", "adapted_embeddings", "base_embeddings", "encode_dataset"],
     "classifiers": ["CentroidClassifier", "Classifier", "ZeroShotClassifier", "default_classifier", "load_templates"],
     "compat": ["RESIDUAL_PEFT_TYPE"],
     "data": ["holdout", "stratified_split"],

@@ -179,3 +179,10 @@ def adapted_embeddings(model: nn.Module, cache: UnitCache) -> torch.Tensor:
     adapter = tuner.active_adapters[0]
     with torch.no_grad():
         return combine(cache.scores, cache.offset, tuner.readout.lambdas(adapter), tuner.readout.basis(adapter))
+
+
+@torch.no_grad()
+def base_embeddings(store: UnitStore) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The base model's embeddings of the stored images (their units' sum, exactly) and their labels."""
+    features = [record.contributions(store.arch).sum(1) for record, _ in store.records()]
+    return torch.cat(features), store.labels

@@ -154,6 +154,7 @@ def record_backbone(model: nn.Module, pixel_values: torch.Tensor) -> UnitRecord:
     return record
 
 
+@torch.no_grad()
 def unit_contributions(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
     """The direct contributions ``[batch, units, output_dim]`` of one batch, from one backbone pass."""
     return record_backbone(model, pixel_values).contributions(Architecture(model))

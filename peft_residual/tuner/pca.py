@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -69,6 +70,8 @@ class FitReport:
     """Units whose requested k exceeded their rank: name -> (requested, used)."""
     units: UnitStore | None = None
     """With ``keep_units=True``: the raw pieces of every image seen, to cache them without another backbone pass."""
+    eigen_seconds: float = 0.0
+    """Wall time of the eigendecompositions (and basis building) after the moments were accumulated."""
 
     @property
     def num_scales(self) -> int:
@@ -239,6 +242,7 @@ def fit_residual_bases(
     transformed = [layer for layer in layers if layer.is_transformed(adapter_name)]
     logger.info("Eigendecomposition of %d unit groups", len(transformed))
     basis_dtype = getattr(torch, config.basis_dtype)
+    started = time.perf_counter()
     for layer in tqdm(layers, desc="ResiDual eigendecomposition", disable=not progress or not transformed):
         stats = moments[id(layer)]
         if not layer.is_transformed(adapter_name):
@@ -246,6 +250,7 @@ def fit_residual_bases(
             continue
         bases, lambdas = _fit_layer(layer, stats, config, arch.max_rank(layer.kind), generator, report)
         layer.set_fit(adapter_name, stats.mean, bases, lambdas, basis_dtype)
+    report.eigen_seconds = time.perf_counter() - started
     config.base_signature = arch.signature(image_size)
     tuner.readout.residual_tokens[adapter_name] = config.base_signature["num_tokens"]
     if report.clamped:
