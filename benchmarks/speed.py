@@ -9,6 +9,7 @@ own process, so peak RSS is that method's alone. Writes benchmarks/results/speed
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from peft_residual import CentroidClassifier, ResiDualConfig, embed_images, fit_
 from .measure import PeakRSS, saved_bytes
 from .report import environment
 
-METHODS = ("residual-cached", "residual-end-to-end", "lora-qv")
+METHODS = ("frozen-forward", "residual-cached", "residual-end-to-end", "lora-qv")
 
 
 def _setup(images: int, seed: int = 0):
@@ -41,25 +42,44 @@ def _setup(images: int, seed: int = 0):
     return model, x, labels, data.with_format("torch")
 
 
+def _save_half(model, directory: Path) -> None:
+    """Save a copy of the adapter with float16 bases (what ``basis_dtype="float16"`` would have fitted)."""
+    half = copy.deepcopy(model)
+    half.peft_config["default"].basis_dtype = "float16"
+    for layer in half.base_model.readout.transformed_layers("default"):
+        layer.residual_basis["default"] = layer.residual_basis["default"].half()
+    half.save_pretrained(directory)
+
+
 def measure(method: str, images: int, epochs: int, batch_size: int) -> dict:
     model, x, labels, data = _setup(images)
     classifier = CentroidClassifier.from_model(
         model, [{"pixel_values": x, "label": labels}], [str(i) for i in range(10)]
     )
     record = {"method": method, "images": images, "epochs": epochs, "batch_size": batch_size}
+    batches = [{"pixel_values": x[i : i + 64], "label": labels[i : i + 64]} for i in range(0, images, 64)]
     with PeakRSS() as rss:
+        if method == "frozen-forward":  # the yardstick: one no-grad pass of the base model over the images
+            started = time.perf_counter()
+            with torch.no_grad():
+                for batch in batches:
+                    embed_images(model, batch["pixel_values"])
+            record.update(pca_s=0.0, cache_s=0.0, train_s=time.perf_counter() - started, adapter_bytes=0)
+            record.update(trainable_params=0, peak_rss_mib=rss.mib, total_s=record["train_s"], train_images_per_s=0)
+            return record
         if method.startswith("residual"):
+            cached = method == "residual-cached"
             peft_model = get_peft_model(model, ResiDualConfig(k=64))
             started = time.perf_counter()
-            fit_residual_bases(
-                peft_model, [{"pixel_values": x[i : i + 64]} for i in range(0, images, 64)], progress=False
-            )
-            record["pca_s"] = time.perf_counter() - started
+            report = fit_residual_bases(peft_model, batches, progress=False, keep_units=cached)
+            record.update(pca_s=time.perf_counter() - started, eigen_s=report.eigen_seconds)
+            train = report.units if cached else data  # one pass: the fit's stored units are the training cache
             result = train_residual(
-                peft_model, classifier, data, data, max_epochs=epochs, patience=epochs, batch_size=batch_size,
-                cache=method == "residual-cached", progress=False,
+                peft_model, classifier, train, train, max_epochs=epochs, patience=epochs, batch_size=batch_size,
+                cache=cached, progress=False,
             )  # fmt: skip
             record.update(cache_s=result.seconds["cache"], train_s=result.seconds["train"])
+            record["adapter_bytes_float16"] = saved_bytes(lambda d: _save_half(peft_model, d))
         else:
             peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
             params = [p for p in peft_model.parameters() if p.requires_grad]
@@ -106,21 +126,27 @@ def main(argv: list[str] | None = None) -> None:
         records.append(json.loads(output.strip().splitlines()[-1]))
         print(records[-1], flush=True)
     lora = next(r for r in records if r["method"] == "lora-qv")
+    forward = next(r for r in records if r["method"] == "frozen-forward")
     lines = [
         "### Speed only: random-weight CLIP ViT-B/32-shaped vision model, 224 px (no accuracy meaning)",
         "",
         f"{args.images} random images, {args.epochs} epochs, batch {args.batch_size}, one process per method; every "
-        "method validates on the same images after each epoch (included in train s).",
+        "method validates on the same images after each epoch (included in train s). frozen-forward is one no-grad "
+        "pass of the base model over the images.",
         "",
-        "| method | trainable params | adapter bytes | PCA s | cache s | train s | total s | train img/s "
-        "| total ÷ LoRA | peak RSS MiB |",
+        "| method | trainable params | adapter bytes (fp32 / fp16 bases) | PCA s (eigen s) | cache s | train s "
+        "| total s | ÷ frozen forward | ÷ LoRA | peak RSS MiB |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
+        size = f"{r['adapter_bytes']:,}" + (
+            f" / {r['adapter_bytes_float16']:,}" if "adapter_bytes_float16" in r else ""
+        )
+        pca = f"{r['pca_s']:.1f}" + (f" ({r['eigen_s']:.2f})" if "eigen_s" in r else "")
         lines.append(
-            f"| {r['method']} | {r['trainable_params']:,} | {r['adapter_bytes']:,} | {r['pca_s']:.1f} "
-            f"| {r['cache_s']:.1f} | {r['train_s']:.1f} | {r['total_s']:.1f} | {r['train_images_per_s']:.0f} "
-            f"| {r['total_s'] / lora['total_s']:.2f} | {r['peak_rss_mib']:.0f} |"
+            f"| {r['method']} | {r['trainable_params']:,} | {size} | {pca} | {r['cache_s']:.1f} | {r['train_s']:.1f} "
+            f"| {r['total_s']:.1f} | {r['total_s'] / forward['total_s']:.2f} | {r['total_s'] / lora['total_s']:.3f} "
+            f"| {r['peak_rss_mib']:.0f} |"
         )
     args.out.mkdir(parents=True, exist_ok=True)
     payload = {"command": "python -m benchmarks.speed " + " ".join(argv or sys.argv[1:]), "records": records}
