@@ -14,6 +14,17 @@ def cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", **_env()})
 
 
+def run_main(capfd, *args) -> tuple[int, str, str]:
+    """The CLI in this process (sparing a Python start per call): exit code, stdout, stderr."""
+    capfd.readouterr()
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as stop:
+        code = stop.code
+    captured = capfd.readouterr()
+    return code, captured.out, captured.err
+
+
 def _env() -> dict:
     import os
 
@@ -33,36 +44,29 @@ def test_help_lists_the_commands():
     assert "--image-column" in train_help and "--templates" in train_help
 
 
-def test_fit_train_eval_on_tiny_dinov2(tiny_assets, tmp_path):
+def test_fit_train_eval_on_tiny_dinov2(tiny_assets, tmp_path, capfd):
     model, dataset = tiny_assets["dinov2"], tiny_assets["dataset"]
-    fitted = cli(
-        "fit",
-        "--model",
-        model,
-        "--dataset",
-        dataset,
-        "--k",
-        "3",
-        "--method",
-        "residual*",
-        "--output",
-        tmp_path / "fit",
+    code, out, err = run_main(
+        capfd, "fit", "--model", model, "--dataset", dataset, "--k", "3", "--method", "residual*",
+        "--output", tmp_path / "fit",
+    )  # fmt: skip
+    assert code == 0, err
+    assert "fitted" in out and (tmp_path / "fit" / "adapter_model.safetensors").exists()
+
+    trained = tmp_path / "trained"
+    code, out, err = run_main(
+        capfd, "train", "--model", model, "--dataset", dataset, "--epochs", "3", "--output", trained
     )
-    assert fitted.returncode == 0, fitted.stderr
-    assert "fitted" in fitted.stdout and (tmp_path / "fit" / "adapter_model.safetensors").exists()
-
-    out = tmp_path / "trained"
-    trained = cli("train", "--model", model, "--dataset", dataset, "--epochs", "3", "--output", out)
-    assert trained.returncode == 0, trained.stderr
-    assert "best validation accuracy" in trained.stdout
-    summary = json.loads((out / "training.json").read_text())
+    assert code == 0, err
+    assert "best validation accuracy" in out
+    summary = json.loads((trained / "training.json").read_text())
     assert summary["training_samples"] + summary["validation_samples"] == 96 and summary["epochs"] <= 3
-    assert json.loads((out / "classifier" / "classifier.json").read_text())["kind"] == "centroid"
-    assert any("residual_lambda" in key for key in load_file(out / "adapter_model.safetensors"))
+    assert json.loads((trained / "classifier" / "classifier.json").read_text())["kind"] == "centroid"
+    assert any("residual_lambda" in key for key in load_file(trained / "adapter_model.safetensors"))
 
-    evaluated = cli("eval", "--model", model, "--dataset", dataset, "--adapter", out)
-    assert evaluated.returncode == 0, evaluated.stderr
-    assert "48 images: zero-shot" in evaluated.stdout and "ResiDual" in evaluated.stdout
+    code, out, err = run_main(capfd, "eval", "--model", model, "--dataset", dataset, "--adapter", trained)
+    assert code == 0, err
+    assert "48 images: zero-shot" in out and "ResiDual" in out
 
 
 def test_train_with_clip_uses_zero_shot_text_head(tiny_assets, tmp_path):
@@ -137,27 +141,27 @@ def test_internal_errors_are_not_turned_into_one_liners(monkeypatch, tiny_assets
         main([*args, "--output", str(tmp_path)])
 
 
-def test_eval_refuses_another_image_size_and_foreign_labels(tiny_assets, tmp_path):
+def test_eval_refuses_another_image_size_and_foreign_labels(tiny_assets, tmp_path, capfd):
     model, dataset = tiny_assets["dinov2"], tiny_assets["dataset"]
     out = tmp_path / "trained"
-    trained = cli("train", "--quiet", "--model", model, "--dataset", dataset, "--epochs", "1", "--output", out)
-    assert trained.returncode == 0, trained.stderr
-    other_size = cli("eval", "--quiet", "--model", model, "--dataset", dataset, "--adapter", out, "--image-size", "16")
-    assert other_size.returncode == 2 and "fitted on 32x32 px images but --image-size is 16" in other_size.stderr
+    source = ["--quiet", "--model", model, "--dataset", dataset]
+    assert run_main(capfd, "train", *source, "--epochs", "1", "--output", out)[0] == 0
+    code, _, err = run_main(capfd, "eval", *source, "--adapter", out, "--image-size", "16")
+    assert code == 2 and "fitted on 32x32 px images but --image-size is 16" in err
     classifier = json.loads((out / "classifier" / "classifier.json").read_text())
     classifier["class_names"] = classifier["class_names"][:2]
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     weights = load_file(out / "classifier" / "classifier.safetensors")["weights"][:2].contiguous()
     small = tmp_path / "two_classes"
     small.mkdir()
     (small / "classifier.json").write_text(json.dumps(classifier))
     save_file({"weights": weights}, small / "classifier.safetensors")
-    foreign = cli("eval", "--quiet", "--model", model, "--dataset", dataset, "--adapter", out, "--classifier", small)
-    assert foreign.returncode == 2 and "outside the classifier's 2 classes" in foreign.stderr
+    code, _, err = run_main(capfd, "eval", *source, "--adapter", out, "--classifier", small)
+    assert code == 2 and "outside the classifier's 2 classes" in err
     (out / "adapter_config.json").write_text("{not json")
-    broken = cli("eval", "--quiet", "--model", model, "--dataset", dataset, "--adapter", out)
-    assert broken.returncode == 2 and "adapter_config.json is not valid JSON" in broken.stderr
+    code, _, err = run_main(capfd, "eval", *source, "--adapter", out)
+    assert code == 2 and "adapter_config.json is not valid JSON" in err and len(err.strip().splitlines()) == 1
 
 
 def test_main_returns_an_exit_code_for_a_missing_adapter(tiny_assets, tmp_path, capsys):
