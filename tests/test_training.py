@@ -318,7 +318,7 @@ def test_one_pass_cache_equals_the_two_pass_cache(budget):
     report = fit_residual_bases(model, batches, progress=False, keep_units=True, max_unit_bytes=budget)
     store = report.units
     assert len(store) == 96 and store.spilled == (budget == 1) and torch.equal(store.labels, data[:]["label"])
-    spill = store._directory
+    spill = store.spill_directory
     two_pass = encode_dataset(model, data, batch_size=32, progress=False)  # the backbone batches of the fit
     one_pass = encode_dataset(model, store, batch_size=32, progress=False)
     torch.testing.assert_close(one_pass.scores, two_pass.scores, rtol=0, atol=0)

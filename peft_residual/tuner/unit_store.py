@@ -55,6 +55,11 @@ class UnitStore:
         return self._directory is not None
 
     @property
+    def spill_directory(self) -> Path | None:
+        """The temporary directory of the spill file, if any."""
+        return self._directory
+
+    @property
     def nbytes(self) -> int:
         return self._count * int(np.prod(self.piece_shape)) * 4
 
