@@ -42,6 +42,7 @@ class ResiDualLayer(BaseTunerLayer):
         "residual_rank",
         "residual_remainder",
         "residual_role",
+        "residual_output_space",  # a cache, but per adapter: delete_adapter must drop it too
     )
 
     def _init_tuner_layer(self, base_layer: nn.Module) -> None:
@@ -91,7 +92,9 @@ class ResiDualUnitLayer(nn.Module, ResiDualLayer):
         self.unit_names = unit_names
         self.arch = arch
         self.record: UnitRecord | None = None  # the readout's record, linked after injection
-        self._output_space: dict[str, tuple[torch.Tensor, ...]] = {}  # per adapter, rebuilt from the stored state
+        self.residual_output_space: dict[
+            str, tuple[torch.Tensor, ...]
+        ] = {}  # per adapter, rebuilt from the stored state
         self.residual_lambda = nn.ParameterDict({})
         self.residual_basis = BufferDict({}, persistent=True)
         self.residual_mean = BufferDict({}, persistent=True)
@@ -150,7 +153,7 @@ class ResiDualUnitLayer(nn.Module, ResiDualLayer):
     ) -> None:
         """Store a fitted mean ``[units, dim]`` and, when transformed, per-unit bases ``[k_u, dim]`` and scales."""
         device = self._base_device()
-        self._output_space.pop(adapter_name, None)
+        self.residual_output_space.pop(adapter_name, None)
         self.residual_mean[adapter_name] = mean.float().to(device)
         if self.is_transformed(adapter_name):
             self.residual_rank[adapter_name] = torch.tensor([b.shape[0] for b in bases], device=device)
@@ -164,7 +167,7 @@ class ResiDualUnitLayer(nn.Module, ResiDualLayer):
     def allocate(self, adapter_name: str, tensors: dict[str, torch.Tensor]) -> None:
         """Resize the empty state of ``adapter_name`` to a checkpoint's shapes and dtypes, to load it into."""
         device = self._base_device()
-        self._output_space.pop(adapter_name, None)
+        self.residual_output_space.pop(adapter_name, None)
         for name, tensor in tensors.items():
             container = getattr(self, name)
             if name == "residual_lambda":
@@ -175,20 +178,20 @@ class ResiDualUnitLayer(nn.Module, ResiDualLayer):
                 container[adapter_name] = torch.zeros(tensor.shape, dtype=tensor.dtype, device=device)
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        self._output_space.clear()  # new stored state: rebuild the output-space bases on next use
+        self.residual_output_space.clear()  # new stored state: rebuild the output-space bases on next use
         super()._load_from_state_dict(*args, **kwargs)
 
     def _apply(self, fn, recurse: bool = True):
-        self._output_space.clear()  # moved or cast: rebuild on next use
+        self.residual_output_space.clear()  # moved or cast: rebuild on next use
         return super()._apply(fn, recurse)
 
     def output_space(self, adapter_name: str) -> tuple[torch.Tensor, ...]:
         """``(mean [units, out], basis [sum(rank), out], padded basis [units, max_rank, out], valid [units,
         max_rank])`` in float32 on the base device, rebuilt once per adapter from the stored state (orthonormalised
         in float64); ``valid`` marks the padded rows that hold a component."""
-        if adapter_name not in self._output_space:
-            self._output_space[adapter_name] = self._rebuild(adapter_name)
-        return self._output_space[adapter_name]
+        if adapter_name not in self.residual_output_space:
+            self.residual_output_space[adapter_name] = self._rebuild(adapter_name)
+        return self.residual_output_space[adapter_name]
 
     @torch.no_grad()
     def _rebuild(self, adapter_name: str) -> tuple[torch.Tensor, ...]:
