@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,6 +32,7 @@ def test_quickstart_without_network_says_so_in_one_line(tmp_path):
     assert result.stdout.startswith("Cannot load openai/clip-vit-base-patch32") and "Offline, run:" in result.stdout
 
 
+@pytest.mark.slow
 def test_accelerate_example_on_two_processes(tiny_assets, tmp_path):
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
@@ -42,6 +44,7 @@ def test_accelerate_example_on_two_processes(tiny_assets, tmp_path):
     assert "residual_lambda" in " ".join(load_file(tmp_path / "adapter_model.safetensors"))
 
 
+@pytest.mark.slow
 def test_compare_lora_example(tiny_assets, tmp_path):
     result = run(
         sys.executable, "examples/compare_lora.py", "--model", tiny_assets["dinov2"],

@@ -64,6 +64,7 @@ def test_push_uploads_adapter_and_our_card_then_reloads(hub, base_dir, tmp_path)
     assert torch.equal(embeds(tmp_path / "pulled"), embeds(tmp_path / "pushed"))
 
 
+@pytest.mark.slow
 def test_second_push_updates_the_scales(hub, base_dir, tmp_path):
     client(hub, "push", base_dir, REPO, tmp_path / "first", tmp=tmp_path)
     first = dict(hub.state.repos[REPO].files)
@@ -76,6 +77,7 @@ def test_second_push_updates_the_scales(hub, base_dir, tmp_path):
     assert not torch.equal(embeds(tmp_path / "pulled"), embeds(tmp_path / "first"))
 
 
+@pytest.mark.slow
 def test_private_repo_needs_the_token(hub, base_dir, tmp_path):
     client(hub, "push", base_dir, REPO, tmp_path / "pushed", "--private", tmp=tmp_path)
     assert hub.state.repos[REPO].private
@@ -104,6 +106,7 @@ def test_failed_push_is_clear_and_leaves_local_files_alone(hub, base_dir, tmp_pa
     assert repo is None or repo.files == {}
 
 
+@pytest.mark.slow
 def test_importing_the_package_leaves_lora_save_and_push_byte_identical(hub, tmp_path):
     script = CLIENT.parent / "lora_save_push.py"
     env = {**os.environ, "HF_ENDPOINT": hub.endpoint, "HF_TOKEN": hub.state.token, "HF_HUB_DISABLE_TELEMETRY": "1"}

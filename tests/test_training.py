@@ -223,6 +223,7 @@ def _run_script(*args: str, env=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env, check=True)
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_scales(tmp_path):
     reference = tmp_path / "reference"
     _run_script("--out", str(reference), "--epochs", "6")
@@ -242,6 +243,7 @@ def test_killed_run_resumes_to_the_same_scales(tmp_path):
     torch.testing.assert_close(resumed, load_file(reference / "lambdas.safetensors")["lambdas"], rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
     _run_script("--out", str(tmp_path / "one"))
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]

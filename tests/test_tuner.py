@@ -335,7 +335,9 @@ def test_coarse_has_one_trainable_scale_per_head(tmp_path):
         assert torch.equal(again(pixel_values=x).pooler_output, expected)
 
 
-@pytest.mark.parametrize("first", ["peft_residual", "peft_residual.trainer", "peft_residual.cli"])
+@pytest.mark.parametrize(
+    "first", [pytest.param("peft_residual", marks=pytest.mark.slow), "peft_residual.trainer", "peft_residual.cli"]
+)
 def test_any_import_order_registers_the_method_before_peft_is_used(first):
     import subprocess
     import sys
