@@ -45,6 +45,7 @@ class Bench:
     workers: int = 0
     progress: bool = True
     base_latency_ms: float | None = None
+    basis_dtype: str = "float32"
     units: dict[str, UnitStore] | None = None
     """Per split, the raw unit pieces from the one backbone pass each split gets (see run.build)."""
     encode_seconds: dict[str, float] | None = None
@@ -83,7 +84,8 @@ def residual(bench: Bench, seed: int, method: str, end_to_end: bool = False) -> 
     """Fit, train and score one ResiDual variant. By default on the splits' stored units: no backbone pass here,
     and the run is charged the encoding of its train and validation images. ``end_to_end`` runs the backbone for
     the fit and at every training step instead."""
-    model = get_peft_model(load_backbone(bench.model_path), ResiDualConfig.preset(method, seed=seed))
+    config = ResiDualConfig.preset(method, seed=seed, basis_dtype=bench.basis_dtype)
+    model = get_peft_model(load_backbone(bench.model_path), config)
     train, val = (bench.train, bench.val) if end_to_end else (bench.units["train"], bench.units["val"])
     encoding = 0.0 if end_to_end else bench.encode_seconds["train"] + bench.encode_seconds["val"]
     with PeakRSS() as rss:
