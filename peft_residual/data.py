@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import Dataset
 from transformers import AutoImageProcessor
 
+from .inference import check_labels
 from .tuner.errors import ResiDualInputError
 from .tuner.unit_store import UnitStore
 
@@ -132,11 +133,8 @@ def check_dataset(dataset: Dataset, name: str, label_column: str, num_classes: i
     if len(dataset) == 0:
         raise ResiDualInputError(f"{name} is empty; give it labelled images.")
     labels = raw_labels(dataset, label_column)
-    if labels is not None and len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-        raise ResiDualInputError(
-            f"{name} has labels in {int(labels.min())}..{int(labels.max())}, outside the classifier's {num_classes} "
-            f"classes (0..{num_classes - 1}); build the classifier from this data set's class names."
-        )
+    if labels is not None:
+        check_labels(labels, num_classes, name)
 
 
 def dataset_fingerprint(dataset: Dataset) -> str:
