@@ -22,10 +22,6 @@ from torch import nn
 
 from .architectures import Architecture
 
-UNIT_SOURCES = ("embedding", "heads", "mlps")
-"""Module roles that produce units: the embedding output, the attention output projection's input, the MLP output."""
-
-
 def cls_piece(kind: str, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
     """What a unit module of ``kind`` adds at the CLS token: the heads enter the output projection as its input."""
     source = inputs[0] if kind == "heads" else output
