@@ -22,6 +22,7 @@ from torch import nn
 
 from .architectures import Architecture
 
+
 def cls_piece(kind: str, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
     """What a unit module of ``kind`` adds at the CLS token: the heads enter the output projection as its input."""
     source = inputs[0] if kind == "heads" else output
