@@ -58,21 +58,29 @@ def summarise(records: list[dict]) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict], title: str) -> str:
+def markdown(rows: list[dict], title: str, frozen_forward_s: float | None = None) -> str:
+    """The summary table; totals are also shown over one frozen forward of the training images (when timed) and
+    over LoRA q,v (when it ran), both measured in the same run."""
+    lora = next((r["total_s"] for r in rows if r["method"] == "lora-qv"), None)
+    ratios = [("÷ frozen fwd", frozen_forward_s), ("÷ LoRA q,v", lora)]
+    ratios = [(name, value) for name, value in ratios if value]
     lines = [
         f"### {title}",
         "",
         "| method | seeds | test acc. (mean ± std) | trainable params | adapter bytes | PCA s | cache s | train s "
-        "| total s | epochs | peak RSS MiB | latency@32 ms |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| total s | " + "".join(f"{name} | " for name, _ in ratios) + "epochs | peak RSS MiB | latency@32 ms |",
+        "|---|---|---|---|---|---|---|---|---|" + "---|" * len(ratios) + "---|---|---|",
     ]
     for r in rows:
+        shown = "".join(f"{r['total_s'] / value:.3f} | " if r["total_s"] else "— | " for _, value in ratios)
         lines.append(
             f"| {r['method']} | {r['seeds']} | {100 * r['accuracy']:.1f} ± {100 * r['accuracy_std']:.1f} "
             f"| {r['trainable_params']:,} | {r['adapter_bytes']:,} | {r['pca_s']:.1f} | {r['cache_s']:.1f} "
-            f"| {r['train_s']:.1f} | {r['total_s']:.1f} | {r['epochs']:.1f} | {r['peak_rss_mib']:.0f} "
+            f"| {r['train_s']:.1f} | {r['total_s']:.1f} | {shown}{r['epochs']:.1f} | {r['peak_rss_mib']:.0f} "
             f"| {r['latency_ms']:.1f} |"
         )
+    if frozen_forward_s:
+        lines += ["", f"One frozen forward over the training images: {frozen_forward_s:.1f} s."]
     return "\n".join(lines) + "\n"
 
 
@@ -117,6 +125,6 @@ def write(out_dir: Path, name: str, payload: dict, title: str) -> dict[str, Path
     json_path = out_dir / f"{name}.json"
     json_path.write_text(json.dumps(payload, indent=1))
     md_path = out_dir / f"{name}.md"
-    md_path.write_text(markdown(rows, title))
+    md_path.write_text(markdown(rows, title, payload.get("frozen_forward_train_s")))
     accuracy_png, time_png = plots(rows, out_dir / name, title)
     return {"json": json_path, "markdown": md_path, "accuracy_png": accuracy_png, "time_png": time_png}

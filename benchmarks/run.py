@@ -99,7 +99,9 @@ def build(args: argparse.Namespace) -> tuple[methods.Bench, dict]:
     )  # fmt: skip
     # One backbone pass per split: its unit pieces serve every ResiDual variant, the base features (their sum) the
     # zero-shot score, the centroids and the linear probe. A plain frozen forward over the training images is timed
-    # on its own, as the yardstick of the ResiDual totals.
+    # on its own, as the yardstick of the ResiDual totals: once before and once after the unit passes, averaged,
+    # since on a shared 2-core machine either order alone is off by 10-20 %.
+    frozen_forward = [_frozen_forward_seconds(model, bench.loader(splits["train"]))]
     bench.units, bench.encode_seconds, features = {}, {}, {}
     for key, split in splits.items():
         started_split = time.perf_counter()
@@ -107,15 +109,21 @@ def build(args: argparse.Namespace) -> tuple[methods.Bench, dict]:
         bench.encode_seconds[key] = time.perf_counter() - started_split
         features[key] = base_embeddings(bench.units[key])
     features["seconds"] = sum(bench.encode_seconds.values())
-    started_forward = time.perf_counter()
-    embed_batches(model, bench.loader(splits["train"]), base=True, progress=False)
-    features["frozen_forward_train_s"] = time.perf_counter() - started_forward
+    frozen_forward.append(_frozen_forward_seconds(model, bench.loader(splits["train"])))
+    features["frozen_forward_train_s"] = sum(frozen_forward) / len(frozen_forward)
+    features["frozen_forward_runs_s"] = frozen_forward
     bench.classifier = default_classifier(
         model, names, tokenizer_source=args.model, templates=args.templates, train_features=features["train"]
     )
     print(f"setup: {len(splits['train'])} train / {len(splits['val'])} val / {len(splits['test'])} test images, "
           f"{len(names)} classes, {time.perf_counter() - started:.0f} s")  # fmt: skip
     return bench, features
+
+
+def _frozen_forward_seconds(model, batches) -> float:
+    started = time.perf_counter()
+    embed_batches(model, batches, base=True, progress=False)
+    return time.perf_counter() - started
 
 
 def run_method(bench: methods.Bench, method: str, seed: int, features: dict, end_to_end: bool) -> dict:
@@ -152,6 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "records": records,
         "frozen_forward_train_s": features["frozen_forward_train_s"],
+        "frozen_forward_runs_s": features["frozen_forward_runs_s"],
         "encode_seconds": bench.encode_seconds,
     }
     title = f"{Path(args.model.rstrip('/')).name} on {Path(args.dataset.rstrip('/')).name} ({len(bench.train)} train)"

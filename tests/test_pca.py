@@ -188,5 +188,5 @@ def test_head_coordinate_fit_matches_the_output_space_oracle(kind, name):
             centred = test[:, index] - oracle_mean
             ours = ((centred @ unit_basis.T) * unit_lambdas) @ unit_basis
             oracle = ((centred @ oracle_basis.T) * unit_lambdas) @ oracle_basis
-            scale = float(oracle.abs().max()) + 1e-12
+            scale = float(oracle.detach().abs().max()) + 1e-12
             assert float((ours - oracle).abs().max()) <= 1e-5 * scale, (unit_name, k)

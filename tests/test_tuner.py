@@ -386,6 +386,7 @@ def test_head_bases_are_stored_in_head_coordinates(tmp_path):
     tensors = load_file(tmp_path / "adapter_model.safetensors")
     head = "base_model.model.vision_model.encoder.layers.0.self_attn.out_proj"
     mlp = "base_model.model.vision_model.encoder.layers.0.mlp"
-    assert tensors[f"{head}.residual_basis"].shape == (4 * 3, 32 // 4 + 1)  # head_dim + 1 coefficients per row
-    assert tensors[f"{head}.residual_mean"].shape == (4, 32 // 4 + 1)
-    assert tensors[f"{mlp}.residual_basis"].shape == (3, 24)  # MLPs keep output-space rows
+    # 3 rows of head_dim + 1 = 9 coefficients per head (3*9 - 6 reflector values), 3 output-space rows per MLP
+    assert tensors[f"{head}.residual_basis"].shape == (4 * (3 * 9 - 6),)
+    assert tensors[f"{head}.residual_mean"].shape == (4, 9)
+    assert tensors[f"{mlp}.residual_basis"].shape == (3 * 24 - 6,)

@@ -6,8 +6,8 @@ frozen final norm (and projection ``P``), ``sigma`` the per-sample norm statisti
 norm and projection biases. So ``c - t_h`` always lies in the span of ``A_h = [M W_h, M b_h]``, at most
 ``head_dim + 1`` directions fixed by the base weights. With ``Q_h`` an orthonormal basis of that span (float64 QR,
 signs fixed so the result is deterministic), a head's PCA runs on ``y = Q_h^T (c - t_h)``: covariances of
-``(head_dim+1)^2`` instead of ``output_dim^2``, and bases stored as coefficients ``[k, head_dim + 1]``, rebuilt as
-``coefficients @ Q_h^T``.
+``(head_dim+1)^2`` instead of ``output_dim^2``, and bases stored as coefficients ``[k, head_dim + 1]`` (packed, see
+:mod:`.packing`), rebuilt as ``coefficients @ Q_h^T``.
 """
 
 from __future__ import annotations
@@ -49,13 +49,3 @@ def head_frames(arch: Architecture, layer: int) -> tuple[torch.Tensor, torch.Ten
     if projection is not None and projection.bias is not None:
         offset = offset + projection.bias.detach().double().cpu()
     return frames, (share * offset).expand(heads, -1).clone()
-
-
-def orthonormal_rows(rows: torch.Tensor) -> torch.Tensor:
-    """``rows`` ``[k, n]`` made exactly orthonormal (float64 QR in row order), each keeping its direction's sign;
-    the identity up to rounding for rows that already are, a small correction for half-precision ones."""
-    if len(rows) == 0:
-        return rows.double()
-    frame, triangular = torch.linalg.qr(rows.double().T)
-    signs = torch.sign(torch.diagonal(triangular))
-    return (frame * torch.where(signs == 0, torch.ones_like(signs), signs)).T

@@ -26,7 +26,8 @@ from torch import nn
 from .architectures import Architecture
 from .decomposition import UnitRecord
 from .errors import ResiDualInputError
-from .head_space import head_frames, orthonormal_rows
+from .head_space import head_frames
+from .packing import pack_orthonormal, packed_size, unpack_orthonormal
 
 ROLES = ("transform", "mean", "record")
 """Per adapter, a unit layer transforms its units, replaces them by their mean, or only records them."""
@@ -69,9 +70,10 @@ class ResiDualUnitLayer(nn.Module, ResiDualLayer):
 
     Per adapter: ``residual_role`` (see :data:`ROLES`); ``residual_mean`` ``[units, dim]`` unless the role is
     "record"; for transformed units also ``residual_rank`` ``[units]`` (components per unit), ``residual_basis``
-    ``[sum(rank), dim]`` (rows grouped by unit) and the trainable ``residual_lambda`` ``[sum(rank)]`` (``[units]``
-    with one scale per unit). ``dim`` is the output dimension, except for heads, whose means and bases are stored
-    in head coordinates (``head_dim + 1``, see :mod:`.head_space`) and rebuilt in output space once per adapter.
+    (each unit's ``[rank, dim]`` orthonormal rows as Householder reflectors, see :mod:`.packing`, concatenated) and
+    the trainable ``residual_lambda`` ``[sum(rank)]`` (``[units]`` with one scale per unit). ``dim`` is the output
+    dimension, except for heads, whose means and bases are stored in head coordinates (``head_dim + 1``, see
+    :mod:`.head_space`). Output-space bases are rebuilt from the stored state once per adapter.
     """
 
     def __init__(
@@ -157,7 +159,9 @@ class ResiDualUnitLayer(nn.Module, ResiDualLayer):
         self.residual_mean[adapter_name] = mean.float().to(device)
         if self.is_transformed(adapter_name):
             self.residual_rank[adapter_name] = torch.tensor([b.shape[0] for b in bases], device=device)
-            self.residual_basis[adapter_name] = torch.cat(bases).to(device, basis_dtype)
+            self.residual_basis[adapter_name] = torch.cat([pack_orthonormal(rows) for rows in bases]).to(
+                device, basis_dtype
+            )
             with torch.no_grad():
                 self.residual_lambda[adapter_name] = nn.Parameter(
                     torch.cat(lambdas).float().to(device),
@@ -187,8 +191,8 @@ class ResiDualUnitLayer(nn.Module, ResiDualLayer):
 
     def output_space(self, adapter_name: str) -> tuple[torch.Tensor, ...]:
         """``(mean [units, out], basis [sum(rank), out], padded basis [units, max_rank, out], valid [units,
-        max_rank])`` in float32 on the base device, rebuilt once per adapter from the stored state (orthonormalised
-        in float64); ``valid`` marks the padded rows that hold a component."""
+        max_rank])`` in float32 on the base device, rebuilt once per adapter from the stored state (unpacked in
+        float64); ``valid`` marks the padded rows that hold a component."""
         if adapter_name not in self.residual_output_space:
             self.residual_output_space[adapter_name] = self._rebuild(adapter_name)
         return self.residual_output_space[adapter_name]
@@ -204,9 +208,11 @@ class ResiDualUnitLayer(nn.Module, ResiDualLayer):
             empty = mean.new_zeros(0, mean.shape[1]).float().to(device)
             return mean.float().to(device), empty, empty[None], torch.zeros(0, 0, dtype=torch.bool, device=device)
         rank = self.residual_rank[adapter_name].cpu().tolist()
+        dim = self.stored_dim()
         rows = []
-        for unit, coefficients in enumerate(self.residual_basis[adapter_name].cpu().split(rank)):
-            coefficients = orthonormal_rows(coefficients)
+        packed = self.residual_basis[adapter_name].cpu().split([packed_size(k, dim) for k in rank])
+        for unit, (unit_rank, unit_packed) in enumerate(zip(rank, packed, strict=True)):
+            coefficients = unpack_orthonormal(unit_packed, unit_rank, dim)
             rows.append(coefficients @ frames[0][unit].T if frames is not None else coefficients)
         padded = mean.new_zeros(self.num_units, max(rank), mean.shape[1])
         for unit, unit_rows in enumerate(rows):

@@ -14,6 +14,7 @@ from .config import ResiDualConfig
 from .decomposition import unit_modules
 from .errors import ResiDualInputError
 from .layer import ResiDualLayer, ResiDualReadoutLayer, ResiDualUnitLayer
+from .packing import packed_size
 
 
 @dataclass(frozen=True)
@@ -137,7 +138,7 @@ class ResiDualModel(BaseTuner):
                         f"({name}); it was saved for a different model or ResiDualConfig."
                     )
                 tensors[attr] = state_dict[key]
-            _check_shapes(layer, {attr: tensor.shape for attr, tensor in tensors.items()}, layer.stored_dim())
+            _check_shapes(layer, tensors, layer.stored_dim())
             layer.allocate(adapter_name, tensors)
         unexpected = sorted(k for k in state_dict if k not in expected)
         if unexpected:
@@ -148,24 +149,36 @@ class ResiDualModel(BaseTuner):
         return state_dict
 
 
-def _check_shapes(layer: ResiDualUnitLayer, shapes: dict[str, torch.Size], dim: int) -> None:
+def _check_shapes(layer: ResiDualUnitLayer, tensors: dict[str, torch.Tensor], dim: int) -> None:
     units = layer.num_units
     first = layer.unit_names[0]
-    mean = shapes["residual_mean"]
-    if tuple(mean) != (units, dim):
+    mean = tuple(tensors["residual_mean"].shape)
+    if mean != (units, dim):
         raise ResiDualInputError(
-            f"Unit {first}: the checkpoint's mean has shape {tuple(mean)}, but this model's units need "
+            f"Unit {first}: the checkpoint's mean has shape {mean}, but this model's units need "
             f"({units}, {dim}) ({units} units of stored dimension {dim}). Load the adapter onto the base "
             "model it was trained for."
         )
-    if "residual_rank" not in shapes:
+    if "residual_rank" not in tensors:
         return
-    rank, basis, lambdas = shapes["residual_rank"], shapes["residual_basis"], shapes["residual_lambda"]
-    if tuple(rank) != (units,) or len(basis) != 2 or basis[1] != dim or tuple(lambdas) not in {(basis[0],), (units,)}:
+    rank, basis, lambdas = (tensors[key] for key in ("residual_rank", "residual_basis", "residual_lambda"))
+    if basis.dim() != 1:
         raise ResiDualInputError(
-            f"Unit {first}: the checkpoint's rank {tuple(rank)}, basis {tuple(basis)} and scales {tuple(lambdas)} do "
-            f"not fit {units} units of stored dimension {dim}. Load the adapter onto the base model it was "
-            "trained for."
+            f"Unit {first}: the checkpoint stores its basis as a {tuple(basis.shape)} matrix, the format of "
+            "peft_residual before bases were packed as Householder reflectors. Refit the adapter with this version "
+            "(fit_residual_bases) and save it again."
+        )
+    components = [int(k) for k in rank.tolist()] if tuple(rank.shape) == (units,) else None
+    if (
+        components is None
+        or not all(0 < k <= dim for k in components)
+        or len(basis) != sum(packed_size(k, dim) for k in components)
+        or tuple(lambdas.shape) not in {(sum(components),), (units,)}
+    ):
+        raise ResiDualInputError(
+            f"Unit {first}: the checkpoint's rank {tuple(rank.shape)}, basis {tuple(basis.shape)} and scales "
+            f"{tuple(lambdas.shape)} do not fit {units} units of stored dimension {dim}. Load the adapter onto the "
+            "base model it was trained for."
         )
 
 

@@ -20,6 +20,7 @@ from .errors import ResiDualInputError
 from .head_space import head_frames
 from .layer import ResiDualUnitLayer
 from .model import residual_tuner
+from .packing import canonical_signs
 from .unit_store import UnitStore
 
 logger = logging.getLogger(__name__)
@@ -151,12 +152,6 @@ def _initial_lambdas(init: str, eigenvalues: torch.Tensor, generator: torch.Gene
     return (eigenvalues / eigenvalues.mean().clamp_min(torch.finfo(eigenvalues.dtype).tiny)).float()
 
 
-def _canonical_signs(vectors: torch.Tensor) -> torch.Tensor:
-    """Flip each component (row) so its largest-magnitude entry is positive, making bases reproducible."""
-    index = vectors.abs().argmax(dim=1, keepdim=True)
-    return vectors * torch.sign(vectors.gather(1, index))
-
-
 @torch.no_grad()
 def fit_residual_bases(
     model: nn.Module,
@@ -286,7 +281,7 @@ def _fit_layer(
                 f"needs more than k samples. Pass more reference images or lower k."
             )
         values = eigenvalues[unit, :k]
-        bases.append(_canonical_signs(eigenvectors[unit, :, :k].T))
+        bases.append(canonical_signs(eigenvectors[unit, :, :k].T))
         per_unit = config.scale_per == "unit"
         lambdas.append(_initial_lambdas(config.lambda_init, values[:1] if per_unit else values, generator))
         report.components[name] = k
