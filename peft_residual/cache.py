@@ -20,7 +20,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .inference import check_labels
-from .tuner import residual_tuner, unit_contributions
+from .tuner import residual_tuner
+from .tuner.decomposition import UnitRecord, record_backbone
 from .tuner.errors import ResiDualInputError
 from .tuner.layer import combine
 from .tuner.unit_store import UnitStore
@@ -32,15 +33,17 @@ Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def encode_batch(
-    model: nn.Module, pixel_values: torch.Tensor | None, where: str, contributions: torch.Tensor | None = None
+    model: nn.Module, pixel_values: torch.Tensor | None, where: str, record: UnitRecord | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """PCA scores and offset of one batch of images (or of its unit ``contributions``) for the active adapter."""
+    """PCA scores and offset of one batch of images (or of its recorded unit pieces) for the active adapter."""
     tuner = residual_tuner(model)
-    if contributions is None:
+    adapter = tuner.active_adapters[0]
+    if record is None:
         pixel_values = tuner.arch.check_pixel_values(pixel_values, where)
         reference = next(tuner.model.parameters())
-        contributions = unit_contributions(tuner.model, pixel_values.to(reference.device, reference.dtype))
-    scores, offset = tuner.readout.scores_and_offset(tuner.active_adapters[0], contributions)
+        record = record_backbone(tuner.model, pixel_values.to(reference.device, reference.dtype))
+    contributions = record.contributions(tuner.arch, tuner.readout.residual_ln_mean[adapter])
+    scores, offset = tuner.readout.scores_and_offset(adapter, contributions)
     if not (torch.isfinite(scores).all() and torch.isfinite(offset).all()):
         raise ResiDualInputError(f"{where}: the unit scores are not finite; check the images and the model's dtype.")
     return scores.to(CACHE_DTYPE), offset.to(CACHE_DTYPE)
@@ -163,10 +166,9 @@ def encode_dataset(
 def _encode_store(model: nn.Module, store: UnitStore, batch_size: int, num_classes: int | None, desc: str) -> UnitCache:
     if store.labels is None:
         raise ResiDualInputError(f"{desc}: the stored units have no labels; collect them from batches with labels.")
-    arch = residual_tuner(model).arch
     scores, offsets = [], []
     for step, (record, _) in enumerate(store.records(batch_size)):
-        batch_scores, batch_offset = encode_batch(model, None, f"{desc} batch {step}", record.contributions(arch))
+        batch_scores, batch_offset = encode_batch(model, None, f"{desc} batch {step}", record)
         scores.append(batch_scores)
         offsets.append(batch_offset)
     labels = check_labels(store.labels, num_classes, desc)

@@ -128,8 +128,15 @@ class ZeroShotClassifier(Classifier):
         return cls(torch.stack(weights).cpu(), float(clip_model.logit_scale.detach().exp()), class_names)
 
 
+CENTROID_AVERAGES = ("features", "normalized")
+"""How a class centroid averages its examples: the raw features, or (the paper's code) each normalised first."""
+
+
 class CentroidClassifier(Classifier):
     """Vision-only head: normalised class means of the base model's encodings, with a fixed logit scale.
+
+    ``average="normalized"`` averages unit-norm features (as the paper's code and the zero-shot text head do);
+    the default ``"features"`` averages the raw ones.
 
     Example:
         >>> clf = CentroidClassifier.from_model(dinov2, train_loader, class_names)
@@ -139,8 +146,15 @@ class CentroidClassifier(Classifier):
 
     @classmethod
     def from_features(
-        cls, features: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str], scale: float = 100.0
+        cls,
+        features: torch.Tensor,
+        labels: torch.Tensor,
+        class_names: Sequence[str],
+        scale: float = 100.0,
+        average: str = "features",
     ) -> CentroidClassifier:
+        if average not in CENTROID_AVERAGES:
+            raise ResiDualInputError(f"Centroid average must be one of {CENTROID_AVERAGES}, got {average!r}.")
         if len(class_names) == 0:
             raise ResiDualInputError("The class list is empty; give at least one class name.")
         if len(labels) == 0:
@@ -155,8 +169,9 @@ class CentroidClassifier(Classifier):
             raise ResiDualInputError(
                 f"Class {missing[0]!r} has no examples; every class needs at least one to get a centroid."
             )
+        features = F.normalize(features.double(), dim=-1) if average == "normalized" else features.double()
         sums = torch.zeros(len(class_names), features.shape[1], dtype=torch.float64)
-        sums.index_add_(0, labels, features.double())
+        sums.index_add_(0, labels, features)
         return cls((sums / counts[:, None]).float(), scale, class_names)
 
     @classmethod
@@ -168,13 +183,14 @@ class CentroidClassifier(Classifier):
         scale: float = 100.0,
         label_column: str = "label",
         progress: bool = True,
+        average: str = "features",
     ) -> CentroidClassifier:
         """Centroids of the *base* model's embeddings (any adapter bypassed) over batches with pixel_values/labels."""
         features, labels = embed_batches(
             model, batches, label_column, base=True, progress=progress, num_classes=len(class_names),
             desc="Class centroids",
         )  # fmt: skip
-        return cls.from_features(features, labels, class_names, scale)
+        return cls.from_features(features, labels, class_names, scale, average)
 
 
 def default_classifier(
@@ -187,6 +203,7 @@ def default_classifier(
     train_features: tuple[torch.Tensor, torch.Tensor] | None = None,
     kind: str | None = None,
     centroid_scale: float = 100.0,
+    centroid_average: str = "features",
     progress: bool = True,
 ) -> Classifier:
     """The frozen head ResiDual aligns to: CLIP's zero-shot text head when ``model`` has a text tower, class
@@ -214,5 +231,7 @@ def default_classifier(
     if train_features is None:
         if train_batches is None:
             raise ResiDualInputError("Class centroids need train_features or train_batches.")
-        return CentroidClassifier.from_model(model, train_batches, class_names, centroid_scale, progress=progress)
-    return CentroidClassifier.from_features(*train_features, class_names, scale=centroid_scale)
+        return CentroidClassifier.from_model(
+            model, train_batches, class_names, centroid_scale, progress=progress, average=centroid_average
+        )
+    return CentroidClassifier.from_features(*train_features, class_names, centroid_scale, centroid_average)

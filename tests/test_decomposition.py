@@ -7,10 +7,11 @@ from peft_residual.tuner.architectures import find_base_model
 from .conftest import images, make_model, model_output
 
 
-def test_units_sum_to_model_output(kind):
+@pytest.mark.parametrize("ln_mean", ["shared", "unit"])
+def test_units_sum_to_model_output(kind, ln_mean):
     model = make_model(kind)
     x = images(6)
-    units = decompose_units(model, x)
+    units = decompose_units(model, x, ln_mean=ln_mean)
     arch = Architecture(model)
     assert units.contributions.shape == (6, arch.num_units, arch.output_dim)
     assert units.names[0] == "embedding" and units.names[-1] == f"layer{arch.num_layers - 1}.mlp"
@@ -30,8 +31,10 @@ def test_unsupported_model_names_supported_types():
         find_base_model(torch.nn.Linear(2, 2))
 
 
-def test_heads_match_float64_recomputation():
-    """A head's direct contribution, recomputed from raw weights in float64, equals the decomposition's."""
+@pytest.mark.parametrize("ln_mean", ["shared", "unit"])
+def test_heads_match_float64_recomputation(ln_mean):
+    """A head's direct contribution, recomputed from raw weights in float64, equals the decomposition's: centred
+    on its own mean, or (the paper's code) on its bias share of the whole residual's mean."""
     model = make_model("dinov2")
     x = images(3)
     captured = {}
@@ -46,7 +49,7 @@ def test_heads_match_float64_recomputation():
 
     handle = layer.attention.o_proj.register_forward_pre_hook(keep_heads)
     handle2 = model.encoder.register_forward_hook(keep_residual)
-    units = decompose_units(model, x)
+    units = decompose_units(model, x, ln_mean=ln_mean)
     handle.remove()
     handle2.remove()
     arch = Architecture(model)
@@ -56,9 +59,18 @@ def test_heads_match_float64_recomputation():
     ls = layer.layer_scale1.lambda1.double()
     r = hidden["r"].double()
     std = (r.var(-1, unbiased=False) + model.layernorm.eps).sqrt()
+    share = 1.0 / ((2 * arch.num_layers + 1) * arch.num_heads)
     for h in range(arch.num_heads):
         u = (z[:, h] @ w[:, h].T + b / arch.num_heads) * ls
-        direct = model.layernorm.weight.double() * (u - u.mean(-1, keepdim=True)) / std[:, None]
-        direct = direct + model.layernorm.bias.double() / ((2 * arch.num_layers + 1) * arch.num_heads)
+        mean = share * r.mean(-1, keepdim=True) if ln_mean == "shared" else u.mean(-1, keepdim=True)
+        direct = model.layernorm.weight.double() * (u - mean) / std[:, None] + model.layernorm.bias.double() * share
         index = units.names.index(f"layer1.head{h}")
         torch.testing.assert_close(units.contributions[:, index].double(), direct, rtol=1e-5, atol=1e-6)
+
+
+def test_the_two_mean_splits_differ_per_unit_but_not_in_sum():
+    model = make_model("clip_vision_projection")
+    x = images(4)
+    shared, own = (decompose_units(model, x, ln_mean=m).contributions for m in ("shared", "unit"))
+    assert float((shared - own).abs().max()) > 1e-3
+    torch.testing.assert_close(shared.sum(1), own.sum(1), rtol=1e-5, atol=1e-5)

@@ -10,8 +10,9 @@ from peft_residual.tuner.pca import StreamingMoments
 from .conftest import KINDS, images, loader, make_model
 
 
-def _stacked_units(model, data):
-    return torch.cat([decompose_units(model, batch["pixel_values"]).contributions for batch in data]).double()
+def _stacked_units(model, data, ln_mean="shared"):
+    units = [decompose_units(model, batch["pixel_values"], ln_mean).contributions for batch in data]
+    return torch.cat(units).double()
 
 
 def test_streaming_moments_match_stacked_float64():
@@ -61,7 +62,7 @@ def test_k_above_head_rank_is_clamped_and_reported():
     model = get_peft_model(make_model("clip_vision"), ResiDualConfig(k=30))
     with pytest.warns(UserWarning, match="clamped"):
         report = fit_residual_bases(model, loader(n=64), progress=False)
-    head_rank = 32 // 4 + 1
+    head_rank = 32 // 4 + 2  # head_dim + 1, plus the direction of the shared norm mean
     assert set(report.components.values()) == {head_rank}
     assert report.clamped["layer0.head0"] == (30, head_rank)
     assert report.num_scales == 2 * 4 * head_rank
@@ -140,8 +141,11 @@ def test_all_components_means_all_the_data_has():
     model = get_peft_model(make_model("clip_vision"), ResiDualConfig.residual())
     report = fit_residual_bases(model, [{"pixel_values": images(20)}], progress=False)
     assert report.components["layer0.mlp"] == 19  # 20 centred samples span 19 directions < dim 32
-    assert report.components["layer0.head0"] == 32 // 4 + 1
+    assert report.components["layer0.head0"] == 32 // 4 + 2
     assert not report.clamped
+    own_mean = get_peft_model(make_model("clip_vision"), ResiDualConfig.residual(ln_mean="unit"))
+    report = fit_residual_bases(own_mean, [{"pixel_values": images(20)}], progress=False)
+    assert report.components["layer0.head0"] == 32 // 4 + 1
 
 
 ORACLE_CONFIGS = {
@@ -150,14 +154,17 @@ ORACLE_CONFIGS = {
     "residual*": ResiDualConfig.preset("residual*"),
     "coarse": ResiDualConfig.preset("coarse"),
     "mean": ResiDualConfig(k=3, rest="mean", layers=[1]),
+    "unit-mean": ResiDualConfig(k=4, units="heads+mlps", ln_mean="unit"),
+    "uncentred": ResiDualConfig(k=4, centre=False, rest="mean"),
 }
 
 
-def output_space_oracle(contributions: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The PCA of one unit as the first landing computed it: output-space covariance, eigh, top-k rows."""
+def output_space_oracle(contributions: torch.Tensor, k: int, centre: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """The PCA of one unit as the first landing computed it: output-space covariance (or, uncentred, the second
+    moment about zero), eigh, top-k rows."""
     x = contributions.double()
-    mean = x.mean(0)
-    _, vectors = torch.linalg.eigh((x - mean).T @ (x - mean) / (len(x) - 1))
+    mean = x.mean(0) if centre else torch.zeros_like(x[0])
+    _, vectors = torch.linalg.eigh((x - mean).T @ (x - mean) / (len(x) - centre))
     return mean, vectors.flip(-1)[:, :k].T
 
 
@@ -168,7 +175,9 @@ def test_head_coordinate_fit_matches_the_output_space_oracle(kind, name):
     data = loader(n=96, batch=32)
     model = get_peft_model(make_model(kind), ResiDualConfig(**ORACLE_CONFIGS[name].to_dict() | {"peft_type": None}))
     report = fit_residual_bases(model, data, progress=False)
-    stacked, test = _stacked_units(model, data), decompose_units(model, images(6, seed=4)).contributions.double()
+    config = model.peft_config["default"]
+    stacked = _stacked_units(model, data, config.ln_mean)
+    test = decompose_units(model, images(6, seed=4), config.ln_mean).contributions.double()
     names = model.base_model.arch.unit_names
     for layer in model.base_model.readout.layers_of("default"):
         mean, basis = layer.output_space("default")[:2]
@@ -177,16 +186,16 @@ def test_head_coordinate_fit_matches_the_output_space_oracle(kind, name):
         start = 0
         for unit, unit_name in enumerate(layer.unit_names):
             index = names.index(unit_name)
-            oracle_mean, _ = output_space_oracle(stacked[:, index], 1)
+            oracle_mean, _ = output_space_oracle(stacked[:, index], 1, centre=config.centre or not transformed)
             torch.testing.assert_close(mean[unit].double(), oracle_mean, rtol=1e-5, atol=1e-6)
             if not transformed:
                 continue
             k = report.components[unit_name]
-            _, oracle_basis = output_space_oracle(stacked[:, index], k)
+            _, oracle_basis = output_space_oracle(stacked[:, index], k, config.centre)
             unit_basis, unit_lambdas = basis[start : start + k].double(), lambdas[start : start + k]
             start += k
             centred = test[:, index] - oracle_mean
             ours = ((centred @ unit_basis.T) * unit_lambdas) @ unit_basis
             oracle = ((centred @ oracle_basis.T) * unit_lambdas) @ oracle_basis
             scale = float(oracle.detach().abs().max()) + 1e-12
-            assert float((ours - oracle).abs().max()) <= 1e-5 * scale, (unit_name, k)
+            assert float((ours - oracle).detach().abs().max()) <= 1e-5 * scale, (unit_name, k)

@@ -106,6 +106,19 @@ def test_centroid_classifier_and_round_trip(tmp_path):
         CentroidClassifier.from_features(features, labels, ["x", "y", "z", "w"])
 
 
+def test_official_centroids_average_normalised_features():
+    features = torch.randn(12, 6) * torch.linspace(0.1, 10, 12)[:, None]  # norms differ, so the two forms differ
+    labels = torch.tensor([0, 1, 2] * 4)
+    official = CentroidClassifier.from_features(features, labels, ["x", "y", "z"], average="normalized")
+    raw = CentroidClassifier.from_features(features, labels, ["x", "y", "z"])
+    for c in range(3):
+        expected = F.normalize(F.normalize(features[labels == c].double(), dim=-1).mean(0), dim=-1)
+        torch.testing.assert_close(official.weights[c].double(), expected, rtol=1e-6, atol=1e-7)
+    assert float((official.weights - raw.weights).abs().max()) > 1e-2
+    with pytest.raises(ValueError, match="average must be one of"):
+        CentroidClassifier.from_features(features, labels, ["x", "y", "z"], average="median")
+
+
 def test_centroids_use_the_base_model_even_when_adapted():
     model, classifier, data = fitted_with_classifier()
     with torch.no_grad(), model.disable_adapter():

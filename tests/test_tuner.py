@@ -9,7 +9,7 @@ from peft.utils import PeftType
 from safetensors.torch import load_file
 
 import peft_residual
-from peft_residual import ResiDualConfig, ResiDualInputError, fit_residual_bases
+from peft_residual import ResiDualConfig, ResiDualInputError, decompose_units, fit_residual_bases
 
 from .conftest import images, loader, make_model, model_output
 
@@ -71,7 +71,8 @@ def reference_float64(model, x):
     direct = {}
     for name, u in raw.items():
         share = 1 / (blocks * n_heads) if ".head" in name else 1 / blocks
-        c = norm.weight.double() * (u - u.mean(-1, keepdim=True)) / std[:, None] + share * norm.bias.double()
+        centre = share * r.mean(-1, keepdim=True) if config.ln_mean == "shared" else u.mean(-1, keepdim=True)
+        c = norm.weight.double() * (u - centre) / std[:, None] + share * norm.bias.double()
         if hasattr(base, "visual_projection"):
             c = c @ unwrap(base.visual_projection).weight.double().T
         direct["embedding" if name == "emb" else name] = c
@@ -112,10 +113,14 @@ CONFIGS = [
     ResiDualConfig.residual_star(),
     ResiDualConfig.coarse(),
     ResiDualConfig(k=3, units="heads+mlps", layers=[1], rest="mean", remainder="keep", lambda_init="eigen"),
+    ResiDualConfig(k=4, ln_mean="unit"),
+    ResiDualConfig.residual(ln_mean="unit"),
+    ResiDualConfig(k=0.9, centre=False, rest="sum", remainder="keep"),
 ]
+IDS = ["k4", "residual", "residual_star", "coarse", "mean_keep", "k4_unit_mean", "residual_unit_mean", "uncentred"]
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=["k4", "residual", "residual_star", "coarse", "mean_keep"])
+@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
 @pytest.mark.parametrize("kind", ["clip_vision_projection", "dinov2", "clip_vision"])
 def test_adapted_output_matches_independent_float64(kind, config):
     model = fitted(kind, config)
@@ -386,7 +391,24 @@ def test_head_bases_are_stored_in_head_coordinates(tmp_path):
     tensors = load_file(tmp_path / "adapter_model.safetensors")
     head = "base_model.model.vision_model.encoder.layers.0.self_attn.out_proj"
     mlp = "base_model.model.vision_model.encoder.layers.0.mlp"
-    # 3 rows of head_dim + 1 = 9 coefficients per head (3*9 - 6 reflector values), 3 output-space rows per MLP
-    assert tensors[f"{head}.residual_basis"].shape == (4 * (3 * 9 - 6),)
-    assert tensors[f"{head}.residual_mean"].shape == (4, 9)
+    # 3 rows of head_dim + 2 = 10 coefficients per head (3*10 - 6 reflector values; the shared norm mean adds a
+    # direction to head_dim + 1), 3 output-space rows per MLP
+    assert tensors[f"{head}.residual_basis"].shape == (4 * (3 * 10 - 6),)
+    assert tensors[f"{head}.residual_mean"].shape == (4, 10)
     assert tensors[f"{mlp}.residual_basis"].shape == (3 * 24 - 6,)
+
+
+@pytest.mark.parametrize("kind", ["clip_vision_projection", "dinov2"])
+def test_coarse_scales_each_raw_head_and_drops_the_rest(kind):
+    """The paper's coarse baseline: the output is sum_h lambda_h * u_h over the raw head contributions."""
+    model = fitted(kind, ResiDualConfig.coarse())
+    x = images(5, seed=3)
+    units = decompose_units(model.get_base_model(), x)
+    lambdas = {}
+    for layer in model.base_model.readout.transformed_layers("default"):
+        lambdas.update(zip(layer.unit_names, layer.residual_lambda["default"].detach().double(), strict=True))
+    expected = sum(
+        lambdas[name] * units.contributions[:, i].double() for i, name in enumerate(units.names) if name in lambdas
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(model_output(model, x).double(), expected, rtol=1e-4, atol=1e-5)

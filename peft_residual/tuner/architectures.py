@@ -162,13 +162,16 @@ class Architecture:
         start = 1 + layer * (self.num_heads + 1) + self.num_heads
         return slice(start, start + 1)
 
-    def max_rank(self, kind: str) -> int:
-        """Upper bound on the rank of a unit's centred contributions over any data set.
+    def max_rank(self, kind: str, ln_mean: str = "shared", centre: bool = True) -> int:
+        """Upper bound on the rank of a unit's (centred) contributions over any data set.
 
         A head's contribution is an affine image of a ``head_dim`` vector rescaled per sample by the final norm,
-        so it spans at most ``head_dim + 1`` directions; other units may span the whole output space.
+        so it spans at most ``head_dim + 1`` directions, one more with the shared mean of the norm (``ln_mean``)
+        and one more uncentred (see :mod:`.head_space`); other units may span the whole output space.
         """
-        return min(self.head_dim + 1, self.output_dim) if kind == "heads" else self.output_dim
+        if kind != "heads":
+            return self.output_dim
+        return min(self.head_dim + 1 + (ln_mean == "shared") + (not centre), self.output_dim)
 
     def check_pixel_values(self, pixel_values: object, where: str) -> torch.Tensor:
         """``pixel_values`` if it is a finite ``[batch, channels, height, width]`` tensor whose sides are multiples

@@ -9,6 +9,7 @@ from typing import Any, Literal
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
+from .decomposition import LN_MEANS
 from .errors import ResiDualInputError
 
 UNIT_KINDS = ("heads", "heads+mlps")
@@ -17,7 +18,9 @@ LAMBDA_INITS = ("ones", "randn", "eigen")
 REMAINDER_MODES = ("drop", "keep")
 SCALE_PER = ("component", "unit")
 BASIS_DTYPES = ("float32", "float16", "bfloat16")
-SEMANTIC_FIELDS = ("k", "units", "layers", "rest", "remainder", "lambda_init", "scale_per", "seed")
+SEMANTIC_FIELDS = (
+    "k", "units", "layers", "rest", "remainder", "lambda_init", "scale_per", "seed", "ln_mean", "centre",
+)  # fmt: skip
 """Fields that change what a saved adapter computes: a saved config must hold every one of them."""
 
 
@@ -76,6 +79,22 @@ class ResiDualConfig(PeftConfig):
             "its components (the paper's coarse baseline)."
         },
     )
+    ln_mean: Literal["shared", "unit"] = field(
+        default="shared",
+        metadata={
+            "help": "How the final norm's centring is split among the units: 'shared' (the paper's code: the "
+            "residual's mean is shared like the norm's bias, 1/(2L+1) per block, split among heads) or 'unit' (each "
+            "unit centred on its own mean). Both sum exactly to the output; the units, their PCA and means differ."
+        },
+    )
+    centre: bool = field(
+        default=True,
+        metadata={
+            "help": "Subtract each unit's mean before the transform (ResiDual). False fits the PCA on the raw second "
+            "moment and transforms the raw unit; with k=None and scale_per='unit' that is the paper's coarse "
+            "baseline lambda_h * u_h."
+        },
+    )
     seed: int = field(default=0, metadata={"help": "Seed of the 'randn' initialisation, in [0, 2**63)."})
     basis_dtype: Literal["float32", "float16", "bfloat16"] = field(
         default="float32",
@@ -126,6 +145,7 @@ class ResiDualConfig(PeftConfig):
             ("lambda_init", LAMBDA_INITS),
             ("scale_per", SCALE_PER),
             ("basis_dtype", BASIS_DTYPES),
+            ("ln_mean", LN_MEANS),
         ):
             if getattr(self, name) not in allowed:
                 raise ResiDualInputError(
@@ -143,6 +163,8 @@ class ResiDualConfig(PeftConfig):
                     "e.g. layers=[5] for one layer."
                 )
             self.layers = sorted(set(layers))
+        if not isinstance(self.centre, bool):
+            raise ResiDualInputError(f"ResiDualConfig.centre must be True or False, got {self.centre!r}.")
         seed = self.seed
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
             raise ResiDualInputError(f"ResiDualConfig.seed must be an int in [0, 2**63), got {seed!r}.")
@@ -171,7 +193,7 @@ class ResiDualConfig(PeftConfig):
 
     @classmethod
     def coarse(cls, **overrides: Any) -> ResiDualConfig:
-        """Coarse baseline: one scale per head, on all its components; the other units added back."""
+        """The paper's coarse baseline: ``lambda_h * u_h`` on the raw heads (no mean removed), the rest dropped."""
         return cls.preset("coarse", **overrides)
 
     @classmethod
@@ -193,7 +215,7 @@ class ResiDualConfig(PeftConfig):
 PRESETS: dict[str, dict[str, Any]] = {
     "residual": {"k": None, "units": "heads+mlps", "rest": "sum"},
     "residual*": {"k": 0.9, "units": "heads", "rest": "zero"},
-    "coarse": {"k": None, "units": "heads", "rest": "sum", "scale_per": "unit"},
+    "coarse": {"k": None, "units": "heads", "rest": "zero", "scale_per": "unit", "centre": False},
 }
 """The paper's settings by name: ResiDual (heads and MLPs, all components, embedding added back), ResiDual* (heads,
-90% explained variance, the rest dropped) and the coarse baseline (one scale per head)."""
+90% explained variance, the rest dropped) and the coarse baseline (one scale per raw head, the rest dropped)."""

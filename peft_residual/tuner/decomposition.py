@@ -3,9 +3,13 @@
 For a pre-LN ViT the CLS residual entering the final norm is ``r = e + sum_l (sum_h a_lh + m_l)``: the embedding, every
 attention head (its slice of the output projection applied to that head's output, plus ``bias / H``, times any layer
 scale) and every MLP. Freezing the final LayerNorm's per-sample statistics ``mean(r)`` and ``std(r)`` makes it linear,
-so each unit ``u`` gets a direct contribution ``gamma * (u - mean(u)) / std(r) + beta_share``, followed by the
-projection where the model has one. The norm's (and the projection's) bias is shared ``1 / (2L + 1)`` per residual
-block, an attention block's share split evenly among its heads, so the contributions sum exactly to the model's output.
+followed by the projection where the model has one. The norm's (and the projection's) bias is shared ``1 / (2L + 1)``
+per residual block, an attention block's share split evenly among its heads. The norm's centring can be split two
+ways (:data:`LN_MEANS`), both summing exactly to the model's output:
+
+- ``"shared"`` (the paper's code): the residual's mean is shared like the bias, so a unit with share ``s`` gets
+  ``gamma * (u - s * mean(r)) / std(r) + s * beta``;
+- ``"unit"``: each unit is centred on its own mean, ``gamma * (u - mean(u)) / std(r) + s * beta``.
 
 The CLS pieces come from a :class:`UnitRecord`, filled either by the ResiDual layers themselves during an adapted
 forward, or by :func:`recording`, which hooks the base modules for the duration of one block.
@@ -21,6 +25,9 @@ import torch
 from torch import nn
 
 from .architectures import Architecture
+
+LN_MEANS = ("shared", "unit")
+"""How the final norm's mean is split among the units (see the module docstring)."""
 
 
 def cls_piece(kind: str, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
@@ -72,9 +79,9 @@ class UnitRecord:
             units += [heads, self.mlps[layer].float().unsqueeze(1)]
         return torch.cat(units, dim=1)
 
-    def contributions(self, arch: Architecture) -> torch.Tensor:
+    def contributions(self, arch: Architecture, ln_mean: str = "shared") -> torch.Tensor:
         """Direct contributions in output space, ``[batch, units, output_dim]`` in float32; they sum to the output."""
-        return linearise(self.raw_units(arch), arch)
+        return linearise(self.raw_units(arch), arch, ln_mean)
 
 
 def unit_modules(arch: Architecture) -> Iterator[tuple[str, str, int | None]]:
@@ -94,13 +101,19 @@ def bias_shares(arch: Architecture) -> torch.Tensor:
     return shares
 
 
-def linearise(raw_units: torch.Tensor, arch: Architecture) -> torch.Tensor:
-    """Push raw residual units through the final norm, frozen at each sample's statistics, and the projection."""
+def linearise(raw_units: torch.Tensor, arch: Architecture, ln_mean: str = "shared") -> torch.Tensor:
+    """Push raw residual units through the final norm, frozen at each sample's statistics, and the projection;
+    ``ln_mean`` says how the norm's mean is split among the units (:data:`LN_MEANS`)."""
+    if ln_mean not in LN_MEANS:
+        raise ValueError(f"ln_mean must be one of {LN_MEANS}, got {ln_mean!r}.")
     norm = arch.final_norm
     residual = raw_units.sum(dim=1)
     std = torch.sqrt(residual.var(dim=-1, unbiased=False) + norm.eps)
-    centred = raw_units - raw_units.mean(dim=-1, keepdim=True)
     shares = bias_shares(arch).to(raw_units)
+    if ln_mean == "shared":
+        centred = raw_units - shares[None, :, None] * residual.mean(dim=-1)[:, None, None]
+    else:
+        centred = raw_units - raw_units.mean(dim=-1, keepdim=True)
     out = centred / std[:, None, None]
     if norm.weight is not None:
         out = out * norm.weight.float()
@@ -152,9 +165,9 @@ def record_backbone(model: nn.Module, pixel_values: torch.Tensor) -> UnitRecord:
 
 
 @torch.no_grad()
-def unit_contributions(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+def unit_contributions(model: nn.Module, pixel_values: torch.Tensor, ln_mean: str = "shared") -> torch.Tensor:
     """The direct contributions ``[batch, units, output_dim]`` of one batch, from one backbone pass."""
-    return record_backbone(model, pixel_values).contributions(Architecture(model))
+    return record_backbone(model, pixel_values).contributions(Architecture(model), ln_mean)
 
 
 @contextmanager
@@ -180,14 +193,15 @@ class Units:
     names: list[str]
 
 
-def decompose_units(model: nn.Module, pixel_values: torch.Tensor) -> Units:
+def decompose_units(model: nn.Module, pixel_values: torch.Tensor, ln_mean: str = "shared") -> Units:
     """Decompose the model's pooled (or projected) CLS output into per-unit direct contributions.
 
-    ``contributions.sum(1)`` equals the base model's ``pooler_output`` (``image_embeds`` with a projection).
+    ``contributions.sum(1)`` equals the base model's ``pooler_output`` (``image_embeds`` with a projection) for
+    either split of the norm's mean (``ln_mean``, see :data:`LN_MEANS`).
 
     Example:
         >>> units = decompose_units(CLIPVisionModelWithProjection(config), pixel_values)
         >>> torch.allclose(units.contributions.sum(1), model(pixel_values=pixel_values).image_embeds, atol=1e-5)
         True
     """
-    return Units(unit_contributions(model, pixel_values), list(Architecture(model).unit_names))
+    return Units(unit_contributions(model, pixel_values, ln_mean), list(Architecture(model).unit_names))

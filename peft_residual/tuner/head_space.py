@@ -1,13 +1,16 @@
 """Head coordinates: the small subspace in which a head's direct contribution lives.
 
-A head's contribution is ``c = M (W_h z + b_h) / sigma + t_h`` with ``z`` the head's output, ``W_h`` its slice of
-the attention output projection, ``b_h`` its bias share, ``M = P diag(gamma) (I - 11^T / d) diag(layer scale)`` the
-frozen final norm (and projection ``P``), ``sigma`` the per-sample norm statistic and ``t_h`` the head's share of the
-norm and projection biases. So ``c - t_h`` always lies in the span of ``A_h = [M W_h, M b_h]``, at most
-``head_dim + 1`` directions fixed by the base weights. With ``Q_h`` an orthonormal basis of that span (float64 QR,
-signs fixed so the result is deterministic), a head's PCA runs on ``y = Q_h^T (c - t_h)``: covariances of
-``(head_dim+1)^2`` instead of ``output_dim^2``, and bases stored as coefficients ``[k, head_dim + 1]`` (packed, see
-:mod:`.packing`), rebuilt as ``coefficients @ Q_h^T``.
+A head's contribution is ``c = M (W_h z + b_h) / sigma - m_h P gamma / sigma + t_h`` with ``z`` the head's output,
+``W_h`` its slice of the attention output projection, ``b_h`` its bias share, ``M`` the frozen final norm's linear
+part times the projection ``P`` (``P diag(gamma) diag(layer scale)``, with the norm's centring ``I - 11^T / d`` in
+between when each unit is centred on its own mean), ``sigma`` the per-sample norm statistic, ``m_h`` the head's
+share of the residual's mean (zero when each unit is centred on its own mean) and ``t_h`` the head's share of the
+norm and projection biases. So ``c - t_h`` always lies in the span of ``A_h = [M W_h, M b_h (, P gamma)]``: at most
+``head_dim + 1`` directions fixed by the base weights (``head_dim + 2`` with the shared mean). With ``Q_h`` an
+orthonormal basis of that span (float64 QR, signs fixed so the result is deterministic), a head's PCA runs on
+``y = Q_h^T (c - t_h)``: covariances of ``r^2`` instead of ``output_dim^2``, and bases stored as coefficients
+``[k, r]`` (packed, see :mod:`.packing`), rebuilt as ``coefficients @ Q_h^T``. An uncentred fit (the coarse
+baseline scales the raw ``c``) adds ``t_h`` as one more direction and uses no offset.
 """
 
 from __future__ import annotations
@@ -18,34 +21,46 @@ from .architectures import Architecture
 from .decomposition import bias_shares
 
 
+def _float64(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().double().cpu()
+
+
 @torch.no_grad()
-def head_frames(arch: Architecture, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+def head_frames(
+    arch: Architecture, layer: int, ln_mean: str = "shared", centre: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(Q, t)`` for the heads of ``layer``: orthonormal frames ``[heads, output_dim, r]`` and offsets
-    ``[heads, output_dim]``, in float64, from the base weights alone."""
+    ``[heads, output_dim]``, in float64, from the base weights alone (``r`` is ``arch.max_rank("heads", ...)``)."""
     hidden, heads, head_dim = arch.hidden_size, arch.num_heads, arch.head_dim
     norm, projection = arch.final_norm, arch.projection
     out_proj = arch.module(arch.spec.attention_out, layer)
-    mixing = torch.eye(hidden, dtype=torch.float64) - 1.0 / hidden  # the norm's centring
-    scale = arch.attention_layer_scale(layer)
-    if scale is not None:
-        mixing = mixing * scale.detach().double().cpu()
+    # the frozen norm's linear part, left of the layer scale: centring (own-mean split only), gamma, projection
+    linear = torch.eye(hidden, dtype=torch.float64)
+    if ln_mean == "unit":
+        linear = linear - 1.0 / hidden
     if norm.weight is not None:
-        mixing = norm.weight.detach().double().cpu()[:, None] * mixing
+        linear = _float64(norm.weight)[:, None] * linear
     if projection is not None:
-        mixing = projection.weight.detach().double().cpu() @ mixing
-    weight = out_proj.weight.detach().double().cpu().view(hidden, heads, head_dim)
-    bias = out_proj.bias.detach().double().cpu() / heads if out_proj.bias is not None else torch.zeros(hidden).double()
-    spans = torch.cat(
-        [torch.einsum("oh,hnk->nok", mixing, weight), (mixing @ bias)[None, :, None].expand(heads, -1, 1)], 2
-    )
-    frames, triangular = torch.linalg.qr(spans)
-    signs = torch.sign(torch.diagonal(triangular, dim1=-2, dim2=-1))
-    frames = frames * torch.where(signs == 0, torch.ones_like(signs), signs)[:, None, :]
+        linear = _float64(projection.weight) @ linear
+    scale = arch.attention_layer_scale(layer)
+    mixing = linear * _float64(scale) if scale is not None else linear
+    weight = _float64(out_proj.weight).view(hidden, heads, head_dim)
+    bias = _float64(out_proj.bias) / heads if out_proj.bias is not None else torch.zeros(hidden, dtype=torch.float64)
+    columns = [torch.einsum("oh,hnk->nok", mixing, weight), (mixing @ bias)[None, :, None].expand(heads, -1, 1)]
+    if ln_mean == "shared":  # the direction the shared mean of the residual moves a unit along
+        columns.append(linear.sum(1)[None, :, None].expand(heads, -1, 1))
     share = float(bias_shares(arch)[arch.heads_slice(layer)][0])
     offset = torch.zeros(arch.output_dim, dtype=torch.float64)
     if norm.bias is not None:
-        beta = norm.bias.detach().double().cpu()
-        offset = projection.weight.detach().double().cpu() @ beta if projection is not None else beta
+        beta = _float64(norm.bias)
+        offset = _float64(projection.weight) @ beta if projection is not None else beta
     if projection is not None and projection.bias is not None:
-        offset = offset + projection.bias.detach().double().cpu()
-    return frames, (share * offset).expand(heads, -1).clone()
+        offset = offset + _float64(projection.bias)
+    offset = (share * offset).expand(heads, -1).clone()
+    if not centre:
+        columns.append(offset[:, :, None])
+        offset = torch.zeros_like(offset)
+    frames, triangular = torch.linalg.qr(torch.cat(columns, 2))
+    signs = torch.sign(torch.diagonal(triangular, dim1=-2, dim2=-1))
+    frames = frames * torch.where(signs == 0, torch.ones_like(signs), signs)[:, None, :]
+    return frames[:, :, : arch.max_rank("heads", ln_mean, centre)], offset

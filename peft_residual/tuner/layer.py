@@ -43,6 +43,8 @@ class ResiDualLayer(BaseTunerLayer):
         "residual_rank",
         "residual_remainder",
         "residual_role",
+        "residual_ln_mean",
+        "residual_centre",
         "residual_output_space",  # a cache, but per adapter: delete_adapter must drop it too
     )
 
@@ -103,15 +105,27 @@ class ResiDualUnitLayer(nn.Module, ResiDualLayer):
         self.residual_rank = BufferDict({}, persistent=True)
         self.residual_remainder: dict[str, str] = {}
         self.residual_role: dict[str, str] = {}
+        self.residual_ln_mean: dict[str, str] = {}
+        self.residual_centre: dict[str, bool] = {}
 
     @property
     def num_units(self) -> int:
         return len(self.unit_names)
 
-    def update_layer(self, adapter_name: str, role: str, remainder: str, inference_mode: bool = False) -> None:
+    def update_layer(
+        self,
+        adapter_name: str,
+        role: str,
+        remainder: str,
+        ln_mean: str = "shared",
+        centre: bool = True,
+        inference_mode: bool = False,
+    ) -> None:
         """Create empty state for ``adapter_name``; :meth:`set_fit` or a checkpoint load fills it."""
         device = self._base_device()
         self.residual_role[adapter_name] = role
+        self.residual_ln_mean[adapter_name] = ln_mean
+        self.residual_centre[adapter_name] = centre
         if role != "record":
             self.residual_mean[adapter_name] = torch.empty(0, device=device)
         if role == "transform":
@@ -141,9 +155,22 @@ class ResiDualUnitLayer(nn.Module, ResiDualLayer):
     def in_head_space(self) -> bool:
         return self.kind == "heads"
 
-    def stored_dim(self) -> int:
-        """The width of this layer's stored means and bases."""
-        return self.arch.max_rank("heads") if self.in_head_space else self.arch.output_dim
+    def max_rank(self, adapter_name: str) -> int:
+        """The most components a unit of this layer can have under the adapter's convention."""
+        convention = self.residual_ln_mean[adapter_name], self.residual_centre[adapter_name]
+        return self.arch.max_rank(self.kind, *convention)
+
+    def stored_dim(self, adapter_name: str) -> int:
+        """The width of this layer's stored means and bases for ``adapter_name``."""
+        return self.max_rank(adapter_name) if self.in_head_space else self.arch.output_dim
+
+    def frames(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Head coordinates ``(Q, t)`` (see :mod:`.head_space`) for a layer of heads, else ``None``."""
+        if not self.in_head_space:
+            return None
+        return head_frames(
+            self.arch, self.layer, self.residual_ln_mean[adapter_name], self.residual_centre[adapter_name]
+        )
 
     def set_fit(
         self,
@@ -201,14 +228,14 @@ class ResiDualUnitLayer(nn.Module, ResiDualLayer):
     def _rebuild(self, adapter_name: str) -> tuple[torch.Tensor, ...]:
         device = self._base_device()
         mean = self.residual_mean[adapter_name].double().cpu()
-        frames = head_frames(self.arch, self.layer) if self.in_head_space else None
+        frames = self.frames(adapter_name)
         if frames is not None:
             mean = torch.einsum("nor,nr->no", frames[0], mean) + frames[1]
         if not self.is_transformed(adapter_name):
             empty = mean.new_zeros(0, mean.shape[1]).float().to(device)
             return mean.float().to(device), empty, empty[None], torch.zeros(0, 0, dtype=torch.bool, device=device)
         rank = self.residual_rank[adapter_name].cpu().tolist()
-        dim = self.stored_dim()
+        dim = self.stored_dim(adapter_name)
         rows = []
         packed = self.residual_basis[adapter_name].cpu().split([packed_size(k, dim) for k in rank])
         for unit, (unit_rank, unit_packed) in enumerate(zip(rank, packed, strict=True)):
@@ -265,7 +292,7 @@ class ResiDualReadoutLayer(nn.Module, ResiDualLayer):
     """
 
     adapter_layer_names: tuple[str, ...] = ()
-    other_param_names: tuple[str, ...] = ("residual_rest", "residual_tokens")
+    other_param_names: tuple[str, ...] = ("residual_rest", "residual_tokens", "residual_ln_mean")
 
     def __init__(self, base_layer: nn.Module, arch: Architecture, **kwargs) -> None:
         super().__init__()
@@ -277,10 +304,19 @@ class ResiDualReadoutLayer(nn.Module, ResiDualLayer):
         self.residual_rest: dict[str, str] = {}
         self.residual_tokens: dict[str, int | None] = {}
         """Per adapter, the token count the bases were fitted at (None before fitting), to flag other image sizes."""
+        self.residual_ln_mean: dict[str, str] = {}
 
-    def update_layer(self, adapter_name: str, rest: str, num_tokens: int | None, inference_mode: bool = False) -> None:
+    def update_layer(
+        self,
+        adapter_name: str,
+        rest: str,
+        num_tokens: int | None,
+        ln_mean: str = "shared",
+        inference_mode: bool = False,
+    ) -> None:
         self.residual_rest[adapter_name] = rest
         self.residual_tokens[adapter_name] = num_tokens
+        self.residual_ln_mean[adapter_name] = ln_mean
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
     def link(self, unit_layers: list[ResiDualUnitLayer]) -> None:
@@ -361,7 +397,8 @@ class ResiDualReadoutLayer(nn.Module, ResiDualLayer):
             raise ResiDualInputError(f"ResiDual runs one adapter at a time, but {self.active_adapters} are active.")
         adapter_name = self.active_adapters[0]
         self._check_image_size(adapter_name, self.record.num_tokens)
-        adapted = self.adapt(adapter_name, self.record.contributions(self.arch)).to(result.dtype)
+        contributions = self.record.contributions(self.arch, self.residual_ln_mean[adapter_name])
+        adapted = self.adapt(adapter_name, contributions).to(result.dtype)
         self.record.clear()
         if result.dim() == 3:  # a final norm over the whole sequence: only the CLS token is ResiDual's
             return torch.cat([adapted.unsqueeze(1), result[:, 1:]], dim=1)

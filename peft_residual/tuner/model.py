@@ -88,9 +88,11 @@ class ResiDualModel(BaseTuner):
         inference_mode = peft_config.inference_mode
         if spec.kind == "readout":
             tokens = (peft_config.base_signature or {}).get("num_tokens")
-            target.update_layer(adapter_name, peft_config.rest, tokens, inference_mode=inference_mode)
+            target.update_layer(adapter_name, peft_config.rest, tokens, peft_config.ln_mean, inference_mode)
         else:
-            target.update_layer(adapter_name, spec.role, peft_config.remainder, inference_mode=inference_mode)
+            target.update_layer(
+                adapter_name, spec.role, peft_config.remainder, peft_config.ln_mean, peft_config.centre, inference_mode
+            )
         if adapter_name not in self.active_adapters:
             target.requires_grad_(False)
 
@@ -138,7 +140,7 @@ class ResiDualModel(BaseTuner):
                         f"({name}); it was saved for a different model or ResiDualConfig."
                     )
                 tensors[attr] = state_dict[key]
-            _check_shapes(layer, tensors, layer.stored_dim())
+            _check_shapes(layer, tensors, layer.stored_dim(adapter_name))
             layer.allocate(adapter_name, tensors)
         unexpected = sorted(k for k in state_dict if k not in expected)
         if unexpected:

@@ -17,7 +17,6 @@ from .architectures import Architecture
 from .config import ResiDualConfig
 from .decomposition import UnitRecord, record_backbone
 from .errors import ResiDualInputError
-from .head_space import head_frames
 from .layer import ResiDualUnitLayer
 from .model import residual_tuner
 from .packing import canonical_signs
@@ -58,6 +57,10 @@ class StreamingMoments:
 
     def covariance(self) -> torch.Tensor:
         return self.scatter / (self.count - 1)
+
+    def second_moment(self) -> torch.Tensor:
+        """``E[x x^T]`` about zero, for an uncentred PCA."""
+        return (self.scatter + self.count * torch.einsum("ud,ue->ude", self.mean, self.mean)) / self.count
 
 
 @dataclass
@@ -187,7 +190,7 @@ def fit_residual_bases(
     layers = tuner.readout.layers_of(adapter_name)
     moments = {id(layer): StreamingMoments(scatter=layer.is_transformed(adapter_name)) for layer in layers}
     # heads are fitted in their head coordinates (see head_space): (head_dim + 1)^2 moments instead of output_dim^2
-    frames = {id(layer): head_frames(arch, layer.layer) for layer in layers if layer.in_head_space}
+    frames = {id(layer): layer.frames(adapter_name) for layer in layers if layer.in_head_space}
     store = UnitStore(arch, max_unit_bytes) if keep_units else None
     image_size = None
     was_training = tuner.model.training
@@ -204,7 +207,7 @@ def fit_residual_bases(
             if store is not None:
                 store.add(record, labels)
                 store.image_size = image_size
-            contributions = record.contributions(arch)
+            contributions = record.contributions(arch, config.ln_mean)
             if not torch.isfinite(contributions).all():
                 unit = arch.unit_names[int((~torch.isfinite(contributions)).any(-1).any(0).nonzero()[0])]
                 raise ResiDualInputError(
@@ -243,8 +246,9 @@ def fit_residual_bases(
         if not layer.is_transformed(adapter_name):
             layer.set_fit(adapter_name, stats.mean, None, [])
             continue
-        bases, lambdas = _fit_layer(layer, stats, config, arch.max_rank(layer.kind), generator, report)
-        layer.set_fit(adapter_name, stats.mean, bases, lambdas, basis_dtype)
+        bases, lambdas = _fit_layer(layer, stats, config, layer.max_rank(adapter_name), generator, report)
+        mean = stats.mean if config.centre else torch.zeros_like(stats.mean)
+        layer.set_fit(adapter_name, mean, bases, lambdas, basis_dtype)
     report.eigen_seconds = time.perf_counter() - started
     config.base_signature = arch.signature(image_size)
     tuner.readout.residual_tokens[adapter_name] = config.base_signature["num_tokens"]
@@ -266,12 +270,12 @@ def _fit_layer(
     generator: torch.Generator,
     report: FitReport,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    eigenvalues, eigenvectors = torch.linalg.eigh(stats.covariance())
+    eigenvalues, eigenvectors = torch.linalg.eigh(stats.covariance() if config.centre else stats.second_moment())
     eigenvalues, eigenvectors = eigenvalues.flip(-1).clamp_min(0.0), eigenvectors.flip(-1)
     bases, lambdas = [], []
     for unit, name in enumerate(layer.unit_names):
         # "all components" means all the data has: a centred sample of n spans at most n - 1 directions
-        rank = max_rank if config.k is not None else min(max_rank, stats.count - 1)
+        rank = max_rank if config.k is not None else min(max_rank, stats.count - config.centre)
         k = choose_components(eigenvalues[unit], config.k, rank)
         if isinstance(config.k, int) and config.k > max_rank:
             report.clamped[name] = (config.k, k)
