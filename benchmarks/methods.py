@@ -80,11 +80,13 @@ def zero_shot(bench: Bench, seed: int, features: dict) -> dict:
     )  # fmt: skip
 
 
-def residual(bench: Bench, seed: int, method: str, end_to_end: bool = False) -> dict:
+def residual(
+    bench: Bench, seed: int, method: str, end_to_end: bool = False, lr: float | str = 0.8, **config_overrides
+) -> dict:
     """Fit, train and score one ResiDual variant. By default on the splits' stored units: no backbone pass here,
     and the run is charged the encoding of its train and validation images. ``end_to_end`` runs the backbone for
-    the fit and at every training step instead."""
-    config = ResiDualConfig.preset(method, seed=seed, basis_dtype=bench.basis_dtype)
+    the fit and at every training step instead. ``config_overrides`` change the preset's config."""
+    config = ResiDualConfig.preset(method, seed=seed, basis_dtype=bench.basis_dtype, **config_overrides)
     model = get_peft_model(load_backbone(bench.model_path), config)
     train, val = (bench.train, bench.val) if end_to_end else (bench.units["train"], bench.units["val"])
     encoding = 0.0 if end_to_end else bench.encode_seconds["train"] + bench.encode_seconds["val"]
@@ -95,7 +97,7 @@ def residual(bench: Bench, seed: int, method: str, end_to_end: bool = False) -> 
         result = train_residual(
             model, bench.classifier, train, val, batch_size=bench.batch_size, max_epochs=bench.max_epochs,
             patience=bench.patience, seed=seed, cache=not end_to_end, num_workers=bench.workers,
-            progress=bench.progress,
+            progress=bench.progress, lr=lr,
         )  # fmt: skip
     if end_to_end:
         score = test_accuracy(model, bench.classifier, bench.test, bench.batch_size, bench.workers)

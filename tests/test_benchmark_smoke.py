@@ -32,3 +32,20 @@ def test_harness_writes_well_formed_outputs(tiny_assets, tmp_path, model):
     assert table.count("\n|") == 2 + len(run.ALL_METHODS)
     for png in outcome["outputs"]["accuracy_png"], outcome["outputs"]["time_png"]:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_fidelity_runs_every_variant_on_one_encoding(tiny_assets, tmp_path):
+    from benchmarks import fidelity
+
+    args = ["--model", str(tiny_assets["dinov2"]), "--dataset", str(tiny_assets["dataset"]), "--train-size", "64"]
+    args += ["--test-size", "32", "--seeds", "0", "--max-epochs", "2", "--out", str(tmp_path), "--no-progress"]
+    payload = fidelity.main(args)
+    variants = {row["variant"] for row in payload["rows"]}
+    assert variants == set(fidelity.VARIANTS)  # a centroid head: the normalised-centroid variant runs too
+    unit_mean = next(r for r in payload["records"] if r["variant"] == "ln_mean=unit" and r["method"] == "residual*")
+    official = next(r for r in payload["records"] if r["variant"] == "official" and r["method"] == "residual*")
+    assert unit_mean["adapter_bytes"] < official["adapter_bytes"]  # one head coordinate fewer per head
+    auto = [r for r in payload["records"] if r["variant"] == 'lr="auto"']
+    assert auto and all(r["lr"] != 0.8 for r in auto)
+    table = next(tmp_path.glob("fidelity_*.md")).read_text()
+    assert table.count("\n|") == 2 + len(payload["rows"])
