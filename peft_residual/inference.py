@@ -18,7 +18,8 @@ from .tuner.pca import pixel_values_of
 
 
 def embed_images(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-    """The model's image embedding: ``image_embeds`` with a projection, else ``pooler_output``.
+    """The model's image embedding: ``image_embeds`` with a projection, else ``pooler_output`` (the normed CLS
+    token for ViT, whose pooler is a further tanh layer).
 
     For a ``PeftModel`` with an active ResiDual adapter this is the adapted embedding.
 
@@ -31,7 +32,9 @@ def embed_images(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
         return model.get_image_features(pixel_values=pixel_values).pooler_output
     output = model(pixel_values=pixel_values)
     embeds = getattr(output, "image_embeds", None)
-    return output.pooler_output if embeds is None else embeds
+    if embeds is not None:
+        return embeds
+    return output.last_hidden_state[:, 0] if arch.spec.pooled == "cls" else output.pooler_output
 
 
 @contextmanager

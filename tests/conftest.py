@@ -12,6 +12,8 @@ from transformers import (
     CLIPVisionModelWithProjection,
     Dinov2Config,
     Dinov2Model,
+    ViTConfig,
+    ViTModel,
 )
 
 import peft_residual  # noqa: F401  (registers the method)
@@ -50,12 +52,15 @@ def make_model(kind: str, seed: int = 0, **overrides) -> torch.nn.Module:
     elif kind == "dinov2":
         vision.pop("projection_dim")
         model = Dinov2Model(Dinov2Config(**vision, layerscale_value=0.7))
+    elif kind == "vit":
+        vision.pop("projection_dim")
+        model = ViTModel(ViTConfig(**vision))
     else:
         raise ValueError(kind)
     return model.eval()
 
 
-KINDS = ["clip_vision", "clip_vision_projection", "clip", "dinov2"]
+KINDS = ["clip_vision", "clip_vision_projection", "clip", "dinov2", "vit"]
 
 
 def model_output(model: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -64,6 +69,8 @@ def model_output(model: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Te
     if isinstance(base, CLIPModel):
         return model.get_image_features(pixel_values=pixel_values).pooler_output
     out = model(pixel_values=pixel_values)
+    if isinstance(base, ViTModel):  # its pooler is a tanh layer on top; the embedding is the normed CLS token
+        return out.last_hidden_state[:, 0]
     return out.image_embeds if hasattr(out, "image_embeds") else out.pooler_output
 
 

@@ -27,8 +27,33 @@ def test_decomposition_is_not_trivial(kind):
 
 
 def test_unsupported_model_names_supported_types():
-    with pytest.raises(ValueError, match=r"CLIPVisionModel.*Dinov2Model"):
+    with pytest.raises(ValueError, match=r"CLIPVisionModel.*Dinov2Model.*ViTModel"):
         find_base_model(torch.nn.Linear(2, 2))
+
+
+def test_siglip_is_refused_with_the_reason():
+    from peft import get_peft_model
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    from peft_residual import ResiDualConfig, ResiDualInputError
+
+    config = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    model = SiglipVisionModel(SiglipVisionConfig(**config.to_dict() | {"image_size": 32, "patch_size": 8}))
+    with pytest.raises(ResiDualInputError, match=r"SiglipVisionModel.*attention-pooling head.*not a sum of residual"):
+        get_peft_model(model, ResiDualConfig(k=2))
+    with pytest.raises(ResiDualInputError, match="no CLS token"):
+        decompose_units(model, torch.randn(1, 3, 32, 32))
+
+
+def test_vit_embedding_is_the_normed_cls_token_not_the_tanh_pooler():
+    from peft_residual import embed_images
+
+    model = make_model("vit")
+    x = images(3)
+    with torch.no_grad():
+        out = model(pixel_values=x)
+    torch.testing.assert_close(embed_images(model, x), out.last_hidden_state[:, 0])
+    assert not torch.allclose(out.pooler_output, out.last_hidden_state[:, 0])
 
 
 @pytest.mark.parametrize("ln_mean", ["shared", "unit"])

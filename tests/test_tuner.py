@@ -31,7 +31,8 @@ def reference_float64(model, x):
     config = tuner.peft_config["default"]
     tower = getattr(base, "vision_model", base)
     is_clip = hasattr(tower, "pre_layrnorm")
-    layers = tower.encoder.layers if is_clip else tower.encoder.layer
+    is_vit = hasattr(tower, "pooler") and hasattr(tower, "layers")  # ViT: like DINOv2 without layer scale
+    layers = tower.encoder.layers if is_clip else tower.layers if is_vit else tower.encoder.layer
     captured = {}
 
     def save(name, from_input):
@@ -44,7 +45,7 @@ def reference_float64(model, x):
     for i, layer in enumerate(layers):
         out_proj = layer.self_attn.out_proj if is_clip else layer.attention.o_proj
         modules += [(unwrap(out_proj), f"z{i}", True)]
-        modules += [(unwrap(layer.mlp if is_clip else layer.layer_scale2), f"m{i}", False)]
+        modules += [(unwrap(layer.mlp if is_clip or is_vit else layer.layer_scale2), f"m{i}", False)]
     handles = [
         m.register_forward_pre_hook(save(n, True)) if inp else m.register_forward_hook(save(n, False))
         for m, n, inp in modules
@@ -62,7 +63,7 @@ def reference_float64(model, x):
         d = w.shape[1] // n_heads
         for h in range(n_heads):
             u = captured[f"z{i}"][:, h * d : (h + 1) * d] @ w[:, h * d : (h + 1) * d].T + b / n_heads
-            raw[f"layer{i}.head{h}"] = u if is_clip else u * layer.layer_scale1.lambda1.double()
+            raw[f"layer{i}.head{h}"] = u if is_clip or is_vit else u * layer.layer_scale1.lambda1.double()
         raw[f"layer{i}.mlp"] = captured[f"m{i}"]
     norm = unwrap(tower.post_layernorm if is_clip else tower.layernorm)
     r = sum(raw.values())
@@ -121,7 +122,7 @@ IDS = ["k4", "residual", "residual_star", "coarse", "mean_keep", "k4_unit_mean",
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=IDS)
-@pytest.mark.parametrize("kind", ["clip_vision_projection", "dinov2", "clip_vision"])
+@pytest.mark.parametrize("kind", ["clip_vision_projection", "dinov2", "clip_vision", "vit"])
 def test_adapted_output_matches_independent_float64(kind, config):
     model = fitted(kind, config)
     x = images(5, seed=7)

@@ -3,7 +3,8 @@
 Each supported model class gets one :class:`ArchitectureSpec` naming, as dotted module paths (``{i}`` stands for the
 layer index), the module whose output is the embedding unit, the attention output projection whose input holds the
 concatenated heads, the module whose output is a layer's full MLP contribution, the final norm and the optional
-projection. Supporting a new pre-LN ViT (ViT, SigLIP, ...) is one more entry in :data:`ARCHITECTURES`.
+projection. Supporting a new pre-LN ViT is one more entry in :data:`ARCHITECTURES`; :data:`REFUSED` names the
+models that cannot be decomposed, and why.
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ class ArchitectureSpec:
     """Linear map from the pooled output to the embedding space, if any."""
     tower: str | None = None
     """Submodule that runs the vision backbone on ``pixel_values``, or ``None`` if the model itself does."""
+    pooled: str = "pooler_output"
+    """Where the model's output gives the decomposed embedding: ``"pooler_output"``, or ``"cls"`` for
+    ``last_hidden_state[:, 0]`` when the model's pooler is a further non-linear layer (ViT's tanh pooler)."""
 
 
 _CLIP_TOWER = ArchitectureSpec(
@@ -74,8 +78,26 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
         mlp_out="encoder.layer.{i}.layer_scale2",
         final_norm="layernorm",
     ),
+    # ViTModel's pooler_output is tanh(dense(CLS)), not linear in the units: the embedding is the normed CLS token,
+    # which is also what ViTForImageClassification classifies.
+    "ViTModel": ArchitectureSpec(
+        vision_config=None,
+        embedding="embeddings",
+        attention_out="layers.{i}.attention.o_proj",
+        mlp_out="layers.{i}.mlp",
+        final_norm="layernorm",
+        pooled="cls",
+    ),
 }
 """Supported model classes, by class name."""
+
+REFUSED: dict[str, str] = {
+    name: "SigLIP has no CLS token: its pooled output comes from an attention-pooling head whose softmax weights "
+    "depend on every token, so it is not a sum of residual units, and no single token's residual is either. ResiDual "
+    "needs a pooled output that is a linear readout of one token (CLIP, DINOv2, ViT)."
+    for name in ("SiglipVisionModel", "SiglipModel", "Siglip2VisionModel", "Siglip2Model")
+}
+"""Model classes ResiDual cannot decompose, with the reason given to the user."""
 
 
 def _unwrap(module: nn.Module) -> nn.Module:
@@ -87,6 +109,10 @@ def find_base_model(model: nn.Module) -> nn.Module:
     for candidate in model.modules():
         if type(candidate).__name__ in ARCHITECTURES:
             return candidate
+        if type(candidate).__name__ in REFUSED:
+            raise ResiDualInputError(
+                f"ResiDual cannot adapt {type(candidate).__name__}. {REFUSED[type(candidate).__name__]}"
+            )
     raise ResiDualInputError(
         f"ResiDual does not support {type(model).__name__}. Supported model classes: "
         f"{', '.join(sorted(ARCHITECTURES))}. Add an ArchitectureSpec to "

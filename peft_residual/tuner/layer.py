@@ -33,6 +33,17 @@ ROLES = ("transform", "mean", "record")
 """Per adapter, a unit layer transforms its units, replaces them by their mean, or only records them."""
 
 
+def _getattr_or_base(self: nn.Module, name: str) -> Any:
+    # The base model may read attributes of a module it owns (ViTModel reads embeddings.patch_embeddings), so what
+    # a wrapper lacks is looked up on the wrapped module.
+    try:
+        return nn.Module.__getattr__(self, name)
+    except AttributeError:
+        if name == "base_layer":
+            raise
+        return getattr(self.base_layer, name)
+
+
 class ResiDualLayer(BaseTunerLayer):
     """Common base of the ResiDual layers: they wrap a module and pass its output through."""
 
@@ -77,6 +88,8 @@ class ResiDualUnitLayer(nn.Module, ResiDualLayer):
     dimension, except for heads, whose means and bases are stored in head coordinates (``head_dim + 1``, see
     :mod:`.head_space`). Output-space bases are rebuilt from the stored state once per adapter.
     """
+
+    __getattr__ = _getattr_or_base
 
     def __init__(
         self,
@@ -293,6 +306,8 @@ class ResiDualReadoutLayer(nn.Module, ResiDualLayer):
 
     adapter_layer_names: tuple[str, ...] = ()
     other_param_names: tuple[str, ...] = ("residual_rest", "residual_tokens", "residual_ln_mean")
+
+    __getattr__ = _getattr_or_base
 
     def __init__(self, base_layer: nn.Module, arch: Architecture, **kwargs) -> None:
         super().__init__()
