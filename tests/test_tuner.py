@@ -97,7 +97,7 @@ def reference_float64(model, x):
     for name, c in direct.items():
         mean, basis, lam = state.get(name, (None, None, None))
         if basis is not None:
-            centred = c - mean
+            centred = c - mean if config.centre else c
             out += (centred @ basis.T * lam) @ basis
             if config.remainder == "keep":
                 out += centred - (centred @ basis.T) @ basis
@@ -413,3 +413,49 @@ def test_coarse_scales_each_raw_head_and_drops_the_rest(kind):
     )
     with torch.no_grad():
         torch.testing.assert_close(model_output(model, x).double(), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("rest", ["zero", "mean", "sum"])
+def test_selected_heads_alone_are_transformed(tmp_path, rest):
+    """With heads=..., lambda = 1 and raw units, the output is the selected heads plus the rest as `rest` says."""
+    chosen = ["layer1.head2", "layer0.head1", "layer1.head0"]
+    config = ResiDualConfig(heads=chosen, k=None, centre=False, lambda_init="ones", scale_per="unit", rest=rest)
+    model = fitted("dinov2", config)
+    assert model.peft_config["default"].heads == ["layer0.head1", "layer1.head0", "layer1.head2"]
+    assert model.get_nb_trainable_parameters()[0] == 3  # one scale per selected head
+    reference = decompose_units(model.get_base_model(), torch.cat([b["pixel_values"] for b in loader()])).contributions
+    x = images(4, seed=5)
+    units = decompose_units(model.get_base_model(), x)
+    others = [i for i, name in enumerate(units.names) if name not in chosen]
+    expected = sum(units.contributions[:, units.names.index(name)].double() for name in chosen)
+    if rest == "mean":
+        expected = expected + reference[:, others].double().mean(0).sum(0)
+    elif rest == "sum":
+        expected = expected + units.contributions[:, others].double().sum(1)
+    with torch.no_grad():
+        torch.testing.assert_close(model_output(model, x).double(), expected, rtol=1e-4, atol=1e-5)
+    model.save_pretrained(tmp_path)
+    again = PeftModel.from_pretrained(make_model("dinov2"), tmp_path)
+    with torch.no_grad():
+        assert torch.equal(model_output(again, x), model_output(model, x))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"heads": ["layer9.head0"]}, "names layer9.head0, which this model does not have"),
+        ({"heads": ["layer0.head7"]}, "heads 0..3"),
+    ],
+)
+def test_heads_the_model_lacks_are_clear_errors(kwargs, message):
+    with pytest.raises(ResiDualInputError, match=message):
+        get_peft_model(make_model("dinov2"), ResiDualConfig(**kwargs))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"heads": ["head3"]}, "names like 'layer11.head3'"), ({"heads": ["layer0.head1"], "layers": [0]}, "not both")],
+)
+def test_malformed_head_selections_are_clear_errors(kwargs, message):
+    with pytest.raises(ResiDualInputError, match=message):
+        ResiDualConfig(**kwargs)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -19,8 +20,9 @@ REMAINDER_MODES = ("drop", "keep")
 SCALE_PER = ("component", "unit")
 BASIS_DTYPES = ("float32", "float16", "bfloat16")
 SEMANTIC_FIELDS = (
-    "k", "units", "layers", "rest", "remainder", "lambda_init", "scale_per", "seed", "ln_mean", "centre",
+    "k", "units", "layers", "heads", "rest", "remainder", "lambda_init", "scale_per", "seed", "ln_mean", "centre",
 )  # fmt: skip
+HEAD_NAME = re.compile(r"layer(\d+)\.head(\d+)")
 """Fields that change what a saved adapter computes: a saved config must hold every one of them."""
 
 
@@ -51,6 +53,14 @@ class ResiDualConfig(PeftConfig):
     )
     layers: list[int] | None = field(
         default=None, metadata={"help": "Indices of the layers whose units are transformed; None means all."}
+    )
+    heads: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Names of the heads to transform, e.g. ['layer11.head3', 'layer10.head0'] (as rank_heads returns "
+            "them); None transforms every head of `layers`. The other heads are handled as `rest` says. Give "
+            "`layers` or `heads`, not both."
+        },
     )
     rest: Literal["sum", "zero", "mean"] = field(
         default="sum",
@@ -165,6 +175,19 @@ class ResiDualConfig(PeftConfig):
             self.layers = sorted(set(layers))
         if not isinstance(self.centre, bool):
             raise ResiDualInputError(f"ResiDualConfig.centre must be True or False, got {self.centre!r}.")
+        heads = self.heads
+        if heads is not None:
+            if (
+                not isinstance(heads, (list, tuple))
+                or not heads
+                or not all(isinstance(h, str) and HEAD_NAME.fullmatch(h) for h in heads)
+            ):
+                raise ResiDualInputError(
+                    f"ResiDualConfig.heads must be a non-empty list of names like 'layer11.head3', got {heads!r}."
+                )
+            if layers is not None:
+                raise ResiDualInputError("Give ResiDualConfig.layers or ResiDualConfig.heads, not both.")
+            self.heads = sorted(set(heads), key=lambda h: tuple(map(int, HEAD_NAME.fullmatch(h).groups())))
         seed = self.seed
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
             raise ResiDualInputError(f"ResiDualConfig.seed must be an int in [0, 2**63), got {seed!r}.")

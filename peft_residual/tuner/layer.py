@@ -16,6 +16,7 @@ where ``scores`` and ``offset`` do not depend on ``lambda``. The cached training
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -52,10 +53,7 @@ class ResiDualLayer(BaseTunerLayer):
         "residual_basis",
         "residual_mean",
         "residual_rank",
-        "residual_remainder",
-        "residual_role",
-        "residual_ln_mean",
-        "residual_centre",
+        "residual_settings",
         "residual_output_space",  # a cache, but per adapter: delete_adapter must drop it too
     )
 
@@ -78,15 +76,31 @@ class ResiDualLayer(BaseTunerLayer):
         return tensor.device if tensor is not None else torch.device("cpu")
 
 
+@dataclass(frozen=True)
+class UnitSettings:
+    """What one adapter does with the units of one unit layer (from its :class:`~.config.ResiDualConfig`)."""
+
+    role: str = "record"
+    """See :data:`ROLES`."""
+    remainder: str = "drop"
+    rest: str = "sum"
+    """The config's ``rest``: what the units of a transformed layer that are not selected become."""
+    ln_mean: str = "shared"
+    centre: bool = True
+    selected: tuple[bool, ...] | None = None
+    """For a transformed layer, which of its units are transformed (``None``: all); the others have rank 0."""
+
+
 class ResiDualUnitLayer(nn.Module, ResiDualLayer):
     """Records and holds the ResiDual state of the units produced by one module.
 
-    Per adapter: ``residual_role`` (see :data:`ROLES`); ``residual_mean`` ``[units, dim]`` unless the role is
-    "record"; for transformed units also ``residual_rank`` ``[units]`` (components per unit), ``residual_basis``
-    (each unit's ``[rank, dim]`` orthonormal rows as Householder reflectors, see :mod:`.packing`, concatenated) and
-    the trainable ``residual_lambda`` ``[sum(rank)]`` (``[units]`` with one scale per unit). ``dim`` is the output
-    dimension, except for heads, whose means and bases are stored in head coordinates (``head_dim + 1``, see
-    :mod:`.head_space`). Output-space bases are rebuilt from the stored state once per adapter.
+    Per adapter: ``residual_settings`` (a :class:`UnitSettings`); ``residual_mean`` ``[units, dim]`` unless the
+    role is "record"; for transformed units also ``residual_rank`` ``[units]`` (components per unit, 0 for a unit
+    that is not selected), ``residual_basis`` (each unit's ``[rank, dim]`` orthonormal rows as Householder
+    reflectors, see :mod:`.packing`, concatenated) and the trainable ``residual_lambda`` ``[sum(rank)]`` (one per
+    selected unit with one scale per unit). ``dim`` is the output dimension, except for heads, whose means and bases
+    are stored in head coordinates (see :mod:`.head_space`). Output-space bases are rebuilt from the stored state
+    once per adapter.
     """
 
     __getattr__ = _getattr_or_base
@@ -109,51 +123,49 @@ class ResiDualUnitLayer(nn.Module, ResiDualLayer):
         self.unit_names = unit_names
         self.arch = arch
         self.record: UnitRecord | None = None  # the readout's record, linked after injection
-        self.residual_output_space: dict[
-            str, tuple[torch.Tensor, ...]
-        ] = {}  # per adapter, rebuilt from the stored state
+        self.residual_output_space: dict[str, tuple[torch.Tensor, ...]] = {}  # per adapter, rebuilt from the state
         self.residual_lambda = nn.ParameterDict({})
         self.residual_basis = BufferDict({}, persistent=True)
         self.residual_mean = BufferDict({}, persistent=True)
         self.residual_rank = BufferDict({}, persistent=True)
-        self.residual_remainder: dict[str, str] = {}
-        self.residual_role: dict[str, str] = {}
-        self.residual_ln_mean: dict[str, str] = {}
-        self.residual_centre: dict[str, bool] = {}
+        self.residual_settings: dict[str, UnitSettings] = {}
 
     @property
     def num_units(self) -> int:
         return len(self.unit_names)
 
-    def update_layer(
-        self,
-        adapter_name: str,
-        role: str,
-        remainder: str,
-        ln_mean: str = "shared",
-        centre: bool = True,
-        inference_mode: bool = False,
-    ) -> None:
+    def update_layer(self, adapter_name: str, settings: UnitSettings, inference_mode: bool = False) -> None:
         """Create empty state for ``adapter_name``; :meth:`set_fit` or a checkpoint load fills it."""
         device = self._base_device()
-        self.residual_role[adapter_name] = role
-        self.residual_ln_mean[adapter_name] = ln_mean
-        self.residual_centre[adapter_name] = centre
-        if role != "record":
+        self.residual_settings[adapter_name] = settings
+        if settings.role != "record":
             self.residual_mean[adapter_name] = torch.empty(0, device=device)
-        if role == "transform":
+        if settings.role == "transform":
             self.residual_rank[adapter_name] = torch.empty(0, dtype=torch.long, device=device)
             self.residual_basis[adapter_name] = torch.empty(0, device=device)
             self.residual_lambda[adapter_name] = nn.Parameter(torch.empty(0, device=device))
-            self.residual_remainder[adapter_name] = remainder
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def settings(self, adapter_name: str) -> UnitSettings:
+        return self.residual_settings.get(adapter_name, UnitSettings())
 
     def holds(self, adapter_name: str) -> bool:
         """Whether these units take part in ``adapter_name`` (transformed or mean-replaced)."""
-        return self.residual_role.get(adapter_name, "record") != "record"
+        return self.settings(adapter_name).role != "record"
 
     def is_transformed(self, adapter_name: str) -> bool:
-        return self.residual_role.get(adapter_name) == "transform"
+        return self.settings(adapter_name).role == "transform"
+
+    def selected(self, adapter_name: str) -> list[bool]:
+        """Per unit, whether ``adapter_name`` transforms it."""
+        chosen = self.settings(adapter_name).selected
+        return [self.is_transformed(adapter_name)] * self.num_units if chosen is None else list(chosen)
+
+    def covers(self, adapter_name: str) -> torch.Tensor:
+        """Per unit, whether this layer accounts for it in the adapted output (the readout adds the others)."""
+        if self.settings(adapter_name).role == "mean":
+            return torch.ones(self.num_units, dtype=torch.bool)
+        return torch.tensor(self.selected(adapter_name), dtype=torch.bool)
 
     def is_fitted(self, adapter_name: str) -> bool:
         return self.residual_mean[adapter_name].numel() > 0
@@ -162,7 +174,7 @@ class ResiDualUnitLayer(nn.Module, ResiDualLayer):
         """One scale per component, ``[sum(rank)]``, repeating per-unit scales over their unit's components."""
         lambdas = self.residual_lambda[adapter_name].to(dtype)
         rank = self.residual_rank[adapter_name]
-        return lambdas.repeat_interleave(rank) if len(lambdas) != int(rank.sum()) else lambdas
+        return lambdas.repeat_interleave(rank[rank > 0]) if len(lambdas) != int(rank.sum()) else lambdas
 
     @property
     def in_head_space(self) -> bool:
@@ -170,8 +182,8 @@ class ResiDualUnitLayer(nn.Module, ResiDualLayer):
 
     def max_rank(self, adapter_name: str) -> int:
         """The most components a unit of this layer can have under the adapter's convention."""
-        convention = self.residual_ln_mean[adapter_name], self.residual_centre[adapter_name]
-        return self.arch.max_rank(self.kind, *convention)
+        settings = self.settings(adapter_name)
+        return self.arch.max_rank(self.kind, settings.ln_mean, settings.centre)
 
     def stored_dim(self, adapter_name: str) -> int:
         """The width of this layer's stored means and bases for ``adapter_name``."""
@@ -181,9 +193,8 @@ class ResiDualUnitLayer(nn.Module, ResiDualLayer):
         """Head coordinates ``(Q, t)`` (see :mod:`.head_space`) for a layer of heads, else ``None``."""
         if not self.in_head_space:
             return None
-        return head_frames(
-            self.arch, self.layer, self.residual_ln_mean[adapter_name], self.residual_centre[adapter_name]
-        )
+        settings = self.settings(adapter_name)
+        return head_frames(self.arch, self.layer, settings.ln_mean, settings.centre)
 
     def set_fit(
         self,
@@ -266,34 +277,40 @@ class ResiDualUnitLayer(nn.Module, ResiDualLayer):
             self.record.capture(self.kind, self.layer, args, output)
         return output
 
+    def _transform_parts(
+        self, adapter_name: str, units: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(padded scores [batch, units, max_rank], padded basis, valid, offset [batch, out])`` of a transformed
+        layer: the offset holds any kept remainder and the means of mean-ablated unselected units."""
+        mean, _, padded, valid = self.output_space(adapter_name)
+        settings = self.settings(adapter_name)
+        centred = units - mean if settings.centre else units
+        padded_scores = torch.einsum("bnd,nkd->bnk", centred, padded)
+        offset = centred.new_zeros(centred.shape[0], centred.shape[2])
+        selected = torch.tensor(self.selected(adapter_name), device=units.device)
+        if settings.remainder == "keep":
+            offset = offset + centred[:, selected].sum(1) - torch.einsum("bnk,nkd->bd", padded_scores, padded)
+        if settings.rest == "mean":
+            offset = offset + mean[~selected].sum(0)
+        return padded_scores, padded, valid, offset
+
     def scores_and_offset(self, adapter_name: str, units: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """PCA scores ``[batch, sum(rank)]`` and the scale-independent part ``[batch, dim]`` of these units."""
-        mean, _, padded, valid = self.output_space(adapter_name)
         if not self.is_transformed(adapter_name):
+            mean = self.output_space(adapter_name)[0]
             return units.new_zeros(units.shape[0], 0), mean.sum(0).expand(units.shape[0], -1)
-        centred = units - mean
-        padded_scores = torch.einsum("bnd,nkd->bnk", centred, padded)
-        scores = padded_scores[:, valid]
-        if self.residual_remainder[adapter_name] == "keep":
-            offset = centred.sum(1) - torch.einsum("bnk,nkd->bd", padded_scores, padded)
-        else:
-            offset = centred.new_zeros(centred.shape[0], centred.shape[2])
-        return scores, offset
+        padded_scores, _, valid, offset = self._transform_parts(adapter_name, units)
+        return padded_scores[:, valid], offset
 
     def adapted(self, adapter_name: str, units: torch.Tensor) -> torch.Tensor:
         """What these units add to the adapted output, ``[batch, out]``: ``offset + (scores * lambda) @ basis``
         computed per unit on the padded basis, without gathering scores."""
-        mean, _, padded, valid = self.output_space(adapter_name)
         if not self.is_transformed(adapter_name):
-            return mean.sum(0).expand(units.shape[0], -1)
-        centred = units - mean
-        padded_scores = torch.einsum("bnd,nkd->bnk", centred, padded)
+            return self.output_space(adapter_name)[0].sum(0).expand(units.shape[0], -1)
+        padded_scores, padded, valid, offset = self._transform_parts(adapter_name, units)
         lambdas = padded_scores.new_zeros(valid.shape)
         lambdas[valid] = self.component_lambdas(adapter_name)
-        out = torch.einsum("bnk,nkd->bd", padded_scores * lambdas, padded)
-        if self.residual_remainder[adapter_name] == "keep":
-            out = out + centred.sum(1) - torch.einsum("bnk,nkd->bd", padded_scores, padded)
-        return out
+        return offset + torch.einsum("bnk,nkd->bd", padded_scores * lambdas, padded)
 
 
 class ResiDualReadoutLayer(nn.Module, ResiDualLayer):
@@ -364,7 +381,7 @@ class ResiDualReadoutLayer(nn.Module, ResiDualLayer):
             layer_scores, layer_offset = layer.scores_and_offset(adapter_name, contributions[:, layer.unit_slice])
             scores.append(layer_scores)
             offset = offset + layer_offset
-            covered[layer.unit_slice] = True
+            covered[layer.unit_slice] = layer.covers(adapter_name).to(covered.device)
         if self.residual_rest[adapter_name] == "sum":
             offset = offset + contributions[:, ~covered].sum(1)
         return torch.cat(scores, dim=1), offset
@@ -388,7 +405,7 @@ class ResiDualReadoutLayer(nn.Module, ResiDualLayer):
         out = contributions.new_zeros(contributions.shape[0], contributions.shape[2])
         for layer in self.layers_of(adapter_name):
             out = out + layer.adapted(adapter_name, contributions[:, layer.unit_slice])
-            covered[layer.unit_slice] = True
+            covered[layer.unit_slice] = layer.covers(adapter_name).to(covered.device)
         if self.residual_rest[adapter_name] == "sum":
             out = out + contributions[:, ~covered].sum(1)
         return out

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -13,7 +13,7 @@ from .architectures import Architecture
 from .config import ResiDualConfig
 from .decomposition import unit_modules
 from .errors import ResiDualInputError
-from .layer import ResiDualLayer, ResiDualReadoutLayer, ResiDualUnitLayer
+from .layer import ResiDualLayer, ResiDualReadoutLayer, ResiDualUnitLayer, UnitSettings
 from .packing import packed_size
 
 
@@ -22,7 +22,7 @@ class _Target:
     kind: str  # "embedding" | "heads" | "mlps" | "readout"
     layer: int | None = None
     unit_slice: slice | None = None
-    role: str = "record"  # see layer.ROLES
+    settings: UnitSettings = field(default_factory=UnitSettings)
 
 
 def _targets(arch: Architecture, config: ResiDualConfig) -> dict[str, _Target]:
@@ -31,12 +31,26 @@ def _targets(arch: Architecture, config: ResiDualConfig) -> dict[str, _Target]:
     bad = [i for i in layers if not 0 <= i < arch.num_layers]
     if bad:
         raise ResiDualInputError(f"ResiDualConfig.layers has {bad}, but the model has layers 0..{arch.num_layers - 1}.")
+    heads = set(config.heads or ())
+    unknown = sorted(heads - set(arch.unit_names))
+    if unknown:
+        raise ResiDualInputError(
+            f"ResiDualConfig.heads names {unknown[0]}, which this model does not have (layers "
+            f"0..{arch.num_layers - 1}, heads 0..{arch.num_heads - 1})."
+        )
     slices = {"embedding": lambda _: slice(0, 1), "heads": arch.heads_slice, "mlps": arch.mlp_slice}
+    convention = dict(remainder=config.remainder, rest=config.rest, ln_mean=config.ln_mean, centre=config.centre)
     targets = {}
     for path, kind, layer in unit_modules(arch):
-        transformed = layer in layers and (kind == "heads" or (kind == "mlps" and config.units == "heads+mlps"))
+        unit_slice = slices[kind](layer)
+        selected = None
+        if kind == "heads" and config.heads is not None:
+            selected = tuple(name in heads for name in arch.unit_names[unit_slice])
+            transformed = any(selected)
+        else:
+            transformed = layer in layers and (kind == "heads" or (kind == "mlps" and config.units == "heads+mlps"))
         role = "transform" if transformed else "mean" if config.rest == "mean" else "record"
-        targets[path] = _Target(kind, layer, slices[kind](layer), role)
+        targets[path] = _Target(kind, layer, unit_slice, UnitSettings(role, selected=selected, **convention))
     targets[arch.readout_path] = _Target("readout")
     return targets
 
@@ -90,9 +104,7 @@ class ResiDualModel(BaseTuner):
             tokens = (peft_config.base_signature or {}).get("num_tokens")
             target.update_layer(adapter_name, peft_config.rest, tokens, peft_config.ln_mean, inference_mode)
         else:
-            target.update_layer(
-                adapter_name, spec.role, peft_config.remainder, peft_config.ln_mean, peft_config.centre, inference_mode
-            )
+            target.update_layer(adapter_name, spec.settings, inference_mode)
         if adapter_name not in self.active_adapters:
             target.requires_grad_(False)
 
@@ -140,7 +152,7 @@ class ResiDualModel(BaseTuner):
                         f"({name}); it was saved for a different model or ResiDualConfig."
                     )
                 tensors[attr] = state_dict[key]
-            _check_shapes(layer, tensors, layer.stored_dim(adapter_name))
+            _check_shapes(layer, adapter_name, tensors, layer.stored_dim(adapter_name))
             layer.allocate(adapter_name, tensors)
         unexpected = sorted(k for k in state_dict if k not in expected)
         if unexpected:
@@ -151,7 +163,7 @@ class ResiDualModel(BaseTuner):
         return state_dict
 
 
-def _check_shapes(layer: ResiDualUnitLayer, tensors: dict[str, torch.Tensor], dim: int) -> None:
+def _check_shapes(layer: ResiDualUnitLayer, adapter_name: str, tensors: dict[str, torch.Tensor], dim: int) -> None:
     units = layer.num_units
     first = layer.unit_names[0]
     mean = tuple(tensors["residual_mean"].shape)
@@ -173,9 +185,11 @@ def _check_shapes(layer: ResiDualUnitLayer, tensors: dict[str, torch.Tensor], di
     components = [int(k) for k in rank.tolist()] if tuple(rank.shape) == (units,) else None
     if (
         components is None
-        or not all(0 < k <= dim for k in components)
+        or not all(0 <= k <= dim for k in components)
+        or components
+        != [k if chosen else 0 for k, chosen in zip(components, layer.selected(adapter_name), strict=True)]
         or len(basis) != sum(packed_size(k, dim) for k in components)
-        or tuple(lambdas.shape) not in {(sum(components),), (units,)}
+        or tuple(lambdas.shape) not in {(sum(components),), (sum(k > 0 for k in components),)}
     ):
         raise ResiDualInputError(
             f"Unit {first}: the checkpoint's rank {tuple(rank.shape)}, basis {tuple(basis.shape)} and scales "

@@ -246,9 +246,8 @@ def fit_residual_bases(
         if not layer.is_transformed(adapter_name):
             layer.set_fit(adapter_name, stats.mean, None, [])
             continue
-        bases, lambdas = _fit_layer(layer, stats, config, layer.max_rank(adapter_name), generator, report)
-        mean = stats.mean if config.centre else torch.zeros_like(stats.mean)
-        layer.set_fit(adapter_name, mean, bases, lambdas, basis_dtype)
+        bases, lambdas = _fit_layer(layer, adapter_name, stats, config, generator, report)
+        layer.set_fit(adapter_name, stats.mean, bases, lambdas, basis_dtype)
     report.eigen_seconds = time.perf_counter() - started
     config.base_signature = arch.signature(image_size)
     tuner.readout.residual_tokens[adapter_name] = config.base_signature["num_tokens"]
@@ -264,16 +263,20 @@ def fit_residual_bases(
 
 def _fit_layer(
     layer: ResiDualUnitLayer,
+    adapter_name: str,
     stats: StreamingMoments,
     config: ResiDualConfig,
-    max_rank: int,
     generator: torch.Generator,
     report: FitReport,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     eigenvalues, eigenvectors = torch.linalg.eigh(stats.covariance() if config.centre else stats.second_moment())
     eigenvalues, eigenvectors = eigenvalues.flip(-1).clamp_min(0.0), eigenvectors.flip(-1)
+    max_rank = layer.max_rank(adapter_name)
     bases, lambdas = [], []
-    for unit, name in enumerate(layer.unit_names):
+    for unit, (name, selected) in enumerate(zip(layer.unit_names, layer.selected(adapter_name), strict=True)):
+        if not selected:  # a head left out by ResiDualConfig.heads: no components, handled as `rest` says
+            bases.append(eigenvectors.new_zeros(0, eigenvectors.shape[1]))
+            continue
         # "all components" means all the data has: a centred sample of n spans at most n - 1 directions
         rank = max_rank if config.k is not None else min(max_rank, stats.count - config.centre)
         k = choose_components(eigenvalues[unit], config.k, rank)
