@@ -29,6 +29,7 @@ _EXPORTS = {
     "hub": ["model_card", "push_adapter_to_hub"],
     "inference": ["accuracy", "embed_batches", "embed_images"],
     "lr_finder": ["find_learning_rate"],
+    "ranking": ["HeadRanking", "ablated_output", "ablation_accuracy", "rank_heads", "ranking_curves"],
     "scales": ["ScaleSet"],
     "steps": ["epoch_seed"],
     "trainer": ["TrainingResult", "default_accelerator", "train_residual"],

@@ -5,6 +5,7 @@
     peft-residual eval --model openai/clip-vit-base-patch32 --adapter cifar10-residual --dataset uoft-cs/cifar10 \\
         --image-column img
     peft-residual push --model openai/clip-vit-base-patch32 --adapter cifar10-residual --repo-id me/cifar10-residual
+    peft-residual rank-heads --model facebook/dinov2-small --dataset ylecun/mnist --samples 1000 --output heads/
 
 Models and data sets are Hub ids or local directories (``save_pretrained`` / ``save_to_disk``). Bad input exits
 with status 2 and one line on stderr. Offline, set HF_HUB_OFFLINE=1.
@@ -136,10 +137,22 @@ def cmd_fit(args: argparse.Namespace) -> None:
     print(f"fitted {report.num_scales:,} scales on {report.num_samples} images; adapter saved to {args.output}")
 
 
+def _classifier(args: argparse.Namespace, base, names: list[str], **train_data):
+    """The frozen head: CLIP zero-shot from --templates, or class centroids of the training images."""
+    from .classifiers import default_classifier
+
+    templates = args.templates
+    if templates and Path(templates).is_file():
+        templates = [line for line in Path(templates).read_text().splitlines() if line.strip()]
+    return default_classifier(
+        base, names, tokenizer_source=args.model, templates=templates or "imagenet", kind=args.classifier,
+        centroid_scale=args.centroid_scale, progress=not args.quiet, **train_data,
+    )  # fmt: skip
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from peft import get_peft_model
 
-    from .classifiers import default_classifier
     from .data import class_names, holdout
     from .trainer import train_residual
     from .tuner import fit_residual_bases
@@ -148,14 +161,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     pool = _split(args, args.split, args.samples)
     names = class_names(pool, args.label_column)
     train, val = holdout(_prepared(args, pool), args.val_fraction)
-    templates = args.templates
-    if templates and Path(templates).is_file():
-        templates = [line for line in Path(templates).read_text().splitlines() if line.strip()]
-    classifier = default_classifier(
-        base, names, tokenizer_source=args.model, templates=templates or "imagenet",
-        train_batches=_loader(args, train), kind=args.classifier, centroid_scale=args.centroid_scale,
-        progress=not args.quiet,
-    )  # fmt: skip
+    classifier = _classifier(args, base, names, train_batches=_loader(args, train))
     model = get_peft_model(base, _config(args))
     fit_residual_bases(model, _loader(args, train), progress=not args.quiet)
     lr = args.lr if args.lr == "auto" else float(args.lr)
@@ -211,6 +217,34 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(f"{len(labels)} images: zero-shot {100 * base:.2f}%  ResiDual {100 * adapted:.2f}%")
 
 
+def cmd_rank_heads(args: argparse.Namespace) -> None:
+    from .cache import base_embeddings
+    from .data import class_names
+    from .plots import ranking_plot
+    from .ranking import ranking_curves
+    from .tuner import Architecture, collect_units
+
+    model = _model(args)
+    pool = _split(args, args.split, args.samples)
+    names = class_names(pool, args.label_column)
+    reference = collect_units(model, _loader(args, _prepared(args, pool)), progress=not args.quiet, desc="Reference")
+    test_data = _prepared(args, _split(args, args.test_split, args.test_samples))
+    test = collect_units(model, _loader(args, test_data), progress=not args.quiet, desc="Test")
+    classifier = _classifier(args, model, names, train_features=base_embeddings(reference))
+    curves = ranking_curves(
+        reference.contributions(), reference.labels, test.contributions(), test.labels, classifier,
+        Architecture(model).unit_names,
+    )  # fmt: skip
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "heads.json").write_text(json.dumps(curves, indent=1))
+    ranking_plot(curves, output / "heads.png", f"{Path(args.model).name} on {Path(args.dataset).name}")
+    top = curves["curves"]["S"]["mean"]
+    print(f"full model {100 * curves['full_accuracy']:.1f}%; top heads by S, the rest mean-ablated: "
+          + ", ".join(f"{100 * float(f):g}% {100 * acc[0]:.1f}%" for f, acc in top.items())
+          + f"; written to {output}/heads.json and heads.png")  # fmt: skip
+
+
 def cmd_push(args: argparse.Namespace) -> None:
     model = _load_adapter(args)
     summary_path = Path(args.adapter) / "training.json"
@@ -249,13 +283,16 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--split", default="train")
     fit.add_argument("--output", required=True, help="directory for the adapter")
 
+    head = _Parser(add_help=False)
+    head.add_argument("--classifier", choices=["zero-shot", "centroid"], help="default: zero-shot for CLIP")
+    head.add_argument("--templates", help="template set (imagenet, cifar10, ...) or a file with one per line")
+    head.add_argument("--centroid-scale", type=float, default=100.0)
+
     train = command(
-        "train", [common, data, method], "fit the bases, train the scales against a frozen classifier, save", cmd_train
-    )
+        "train", [common, data, method, head], "fit the bases, train the scales against a frozen classifier, save",
+        cmd_train,
+    )  # fmt: skip
     train.add_argument("--split", default="train")
-    train.add_argument("--classifier", choices=["zero-shot", "centroid"], help="default: zero-shot for CLIP")
-    train.add_argument("--templates", help="template set (imagenet, cifar10, ...) or a file with one per line")
-    train.add_argument("--centroid-scale", type=float, default=100.0)
     train.add_argument("--val-fraction", type=_fraction, default=0.1, help="the first part of the images validates")
     train.add_argument("--epochs", type=_positive_int, default=30)
     train.add_argument("--patience", type=_positive_int, default=5)
@@ -266,6 +303,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--adapter", required=True, help="adapter directory or Hub id")
     evaluate.add_argument("--classifier", help="classifier directory (default: ADAPTER/classifier)")
     evaluate.add_argument("--split", default="test")
+
+    rank = command(
+        "rank-heads", [common, data, head],
+        "rank heads by S, U, U|T and random; accuracy keeping the top 1-50%% of heads, the rest zero- or mean-ablated",
+        cmd_rank_heads,
+    )  # fmt: skip
+    rank.add_argument("--split", default="train", help="reference images: the ranking, centroids and means")
+    rank.add_argument("--test-split", default="test")
+    rank.add_argument("--test-samples", type=_positive_int, help="test images, drawn with --seed (default: all)")
+    rank.add_argument("--output", required=True, help="directory for heads.json and heads.png")
 
     push = command("push", [common], "upload a saved adapter with its ResiDual model card", cmd_push)
     push.add_argument("--adapter", required=True, help="adapter directory")

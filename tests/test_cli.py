@@ -38,7 +38,7 @@ def test_console_script_is_installed():
 def test_help_lists_the_commands():
     result = cli("--help")
     assert result.returncode == 0
-    for command in ("fit", "train", "eval", "push"):
+    for command in ("fit", "train", "eval", "push", "rank-heads"):
         assert command in result.stdout
     train_help = cli("train", "--help").stdout
     assert "--image-column" in train_help and "--templates" in train_help
@@ -184,3 +184,16 @@ def test_cli_presets_are_the_tuner_presets():
     from peft_residual.cli import PRESET_NAMES
 
     assert list(PRESET_NAMES) == list(PRESETS)
+
+
+def test_rank_heads_writes_curves_and_plot(tiny_assets, tmp_path, capfd):
+    code, out, err = run_main(
+        capfd, "rank-heads", "--model", tiny_assets["dinov2"], "--dataset", tiny_assets["dataset"], "--quiet",
+        "--output", tmp_path / "heads",
+    )  # fmt: skip
+    assert code == 0, err
+    assert out.startswith("full model") and "top heads by S" in out
+    curves = json.loads((tmp_path / "heads" / "heads.json").read_text())
+    assert set(curves["curves"]) == {"S", "U", "U|T", "random"} and curves["num_heads"] == 8
+    assert sorted(curves["rankings"]["U"]) == sorted(f"layer{i}.head{h}" for i in range(2) for h in range(4))
+    assert (tmp_path / "heads" / "heads.png").read_bytes()[:4] == b"\x89PNG"

@@ -115,6 +115,11 @@ class UnitStore:
                 record.heads[layer], record.mlps[layer] = pieces[:, 1 + 2 * layer], pieces[:, 2 + 2 * layer]
             yield record, None if labels is None else labels[start : start + len(pieces)]
 
+    @torch.no_grad()
+    def contributions(self, ln_mean: str = "shared") -> torch.Tensor:
+        """Every stored image's direct contributions, ``[n, units, output_dim]`` float32 (held in memory)."""
+        return torch.cat([record.contributions(self.arch, ln_mean) for record, _ in self.records()])
+
     def fingerprint(self) -> str:
         """A short hash of the size, the labels and the first and last images' pieces."""
         digest = hashlib.sha256(str(self._count).encode())
