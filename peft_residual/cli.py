@@ -245,6 +245,69 @@ def cmd_rank_heads(args: argparse.Namespace) -> None:
           + f"; written to {output}/heads.json and heads.png")  # fmt: skip
 
 
+def _units(args: argparse.Namespace, model, dataset: str, desc: str):
+    """One backbone pass over ``--samples`` images of ``dataset``'s ``--split``."""
+    from .tuner import collect_units
+
+    source = argparse.Namespace(**{**vars(args), "dataset": dataset})
+    data = _prepared(source, _split(source, args.split, args.samples))
+    return collect_units(model, _loader(args, data), progress=not args.quiet, desc=desc)
+
+
+def cmd_analyze(args: argparse.Namespace) -> None:
+    from . import analysis
+    from .plots import dimension_plot, similarity_heatmap
+    from .tuner import Architecture
+
+    model = _model(args)
+    names = Architecture(model).unit_names
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    units = _units(args, model, args.dataset, "Units").contributions()
+    dims = analysis.unit_dimensions(units, names, max_samples=args.max_samples, seed=args.seed)
+    profile = analysis.layer_profile(dims)
+    hunchback = {
+        f"{estimate} {kind}": analysis.is_hunchback(profile[estimate][kind])
+        for estimate in profile
+        for kind in ("heads", "mlp")
+    }
+    report = {"units": dims, "layer_profile": profile, "hunchback": hunchback}
+    (output / "intrinsic_dimension.json").write_text(json.dumps(report, indent=1))
+    title = f"{Path(args.model).name} on {Path(args.dataset).name}"
+    dimension_plot(profile, output / "intrinsic_dimension.png", title)
+    print("hunchback (ID rising then falling with depth): "
+          + ", ".join(f"{key} {'yes' if value else 'no'}" for key, value in hunchback.items()))  # fmt: skip
+    if args.compare_dataset:
+        other = _units(args, model, args.compare_dataset, "Units (compared)").contributions()
+        spectra = analysis.unit_spectra(units, names), analysis.unit_spectra(other, names)
+        matrix = analysis.similarity_matrix(*spectra, names)
+        same = matrix.diagonal()
+        (output / "spectral_similarity.json").write_text(
+            json.dumps(
+                {"names": names, "matrix": matrix.tolist(), "same_unit": dict(zip(names, same.tolist(), strict=True))}
+            )
+        )
+        pair = (Path(args.dataset).name, Path(args.compare_dataset).name)
+        similarity_heatmap(matrix, names, output / "spectral_similarity.png", "spectral similarity", pair)
+        print(f"spectral similarity of each unit with itself across data sets: mean {float(same.mean()):.3f}, "
+              f"min {float(same.min()):.3f} ({names[int(same.argmin())]})")  # fmt: skip
+    if hasattr(model, "get_text_features"):
+        from transformers import AutoTokenizer
+
+        bank = analysis.default_text_bank()
+        if args.text_bank:
+            bank = [line.strip() for line in Path(args.text_bank).read_text().splitlines() if line.strip()]
+        texts = analysis.embed_texts(model, AutoTokenizer.from_pretrained(args.model), bank)
+        spans = {
+            name: [(bank[i], share) for i, share in analysis.text_span(units[:, unit], texts, args.text_steps)]
+            for unit, name in enumerate(names)
+            if ".head" in name
+        }
+        (output / "textspan.json").write_text(json.dumps(spans, indent=1))
+        print(f"TextSpan descriptions of {len(spans)} heads written (meaningful only with real CLIP weights)")
+    print(f"written to {output}")
+
+
 def cmd_push(args: argparse.Namespace) -> None:
     model = _load_adapter(args)
     summary_path = Path(args.adapter) / "training.json"
@@ -313,6 +376,18 @@ def build_parser() -> argparse.ArgumentParser:
     rank.add_argument("--test-split", default="test")
     rank.add_argument("--test-samples", type=_positive_int, help="test images, drawn with --seed (default: all)")
     rank.add_argument("--output", required=True, help="directory for heads.json and heads.png")
+
+    analyze = command(
+        "analyze", [common, data],
+        "per-unit intrinsic dimension and its depth profile; spectral similarity to another data set; TextSpan",
+        cmd_analyze,
+    )  # fmt: skip
+    analyze.add_argument("--split", default="train")
+    analyze.add_argument("--compare-dataset", help="also fit on this data set and compare the units' spectra")
+    analyze.add_argument("--max-samples", type=_positive_int, default=2000, help="images per unit for TwoNN")
+    analyze.add_argument("--text-bank", help="CLIP only: a file of descriptions, one per line (default: shipped)")
+    analyze.add_argument("--text-steps", type=_positive_int, default=5, help="CLIP only: TextSpan texts per head")
+    analyze.add_argument("--output", required=True, help="directory for the JSON reports and plots")
 
     push = command("push", [common], "upload a saved adapter with its ResiDual model card", cmd_push)
     push.add_argument("--adapter", required=True, help="adapter directory")

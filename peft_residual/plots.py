@@ -46,3 +46,43 @@ def ranking_plot(curves: dict, path: str | Path, title: str) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def dimension_plot(profile: dict, path: str | Path, title: str) -> Path:
+    """Intrinsic dimension against depth (see ``analysis.layer_profile``): TwoNN and linear, heads and MLPs."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, (estimate, label) in zip(axes, (("two_nn", "TwoNN"), ("linear", "linear (99 % variance)")), strict=True):
+        for kind, marker in (("heads", "o"), ("mlp", "s")):
+            values = profile[estimate][kind]
+            ax.plot(range(len(values)), values, marker=marker, label="heads (mean)" if kind == "heads" else "MLP")
+        ax.set_xlabel("layer")
+        ax.set_ylabel(f"{label} dimension")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def similarity_heatmap(matrix, names: list[str], path: str | Path, title: str, labels: tuple[str, str]) -> Path:
+    """A unit x unit spectral similarity matrix (see ``analysis.similarity_matrix``)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 6))
+    image = ax.imshow(matrix, vmin=0.0, vmax=1.0, cmap="viridis")
+    step = max(1, len(names) // 12)
+    ticks = list(range(0, len(names), step))
+    ax.set_xticks(ticks, [names[i] for i in ticks], rotation=90, fontsize=6)
+    ax.set_yticks(ticks, [names[i] for i in ticks], fontsize=6)
+    ax.set_xlabel(f"units fitted on {labels[1]}")
+    ax.set_ylabel(f"units fitted on {labels[0]}")
+    fig.colorbar(image, ax=ax, label="spectral similarity")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

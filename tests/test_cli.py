@@ -38,7 +38,7 @@ def test_console_script_is_installed():
 def test_help_lists_the_commands():
     result = cli("--help")
     assert result.returncode == 0
-    for command in ("fit", "train", "eval", "push", "rank-heads"):
+    for command in ("fit", "train", "eval", "push", "rank-heads", "analyze"):
         assert command in result.stdout
     train_help = cli("train", "--help").stdout
     assert "--image-column" in train_help and "--templates" in train_help
@@ -197,3 +197,20 @@ def test_rank_heads_writes_curves_and_plot(tiny_assets, tmp_path, capfd):
     assert set(curves["curves"]) == {"S", "U", "U|T", "random"} and curves["num_heads"] == 8
     assert sorted(curves["rankings"]["U"]) == sorted(f"layer{i}.head{h}" for i in range(2) for h in range(4))
     assert (tmp_path / "heads" / "heads.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_analyze_reports_dimensions_similarity_and_textspan(tiny_assets, tmp_path, capfd):
+    code, out, err = run_main(
+        capfd, "analyze", "--model", tiny_assets["clip"], "--dataset", tiny_assets["dataset"], "--quiet",
+        "--compare-dataset", tiny_assets["dataset"], "--samples", "40", "--text-steps", "3", "--output", tmp_path,
+    )  # fmt: skip
+    assert code == 0, err
+    assert "hunchback" in out and "TextSpan descriptions of 8 heads" in out
+    dims = json.loads((tmp_path / "intrinsic_dimension.json").read_text())
+    assert len(dims["layer_profile"]["two_nn"]["heads"]) == 2 and "layer1.mlp" in dims["units"]
+    spectral = json.loads((tmp_path / "spectral_similarity.json").read_text())
+    assert all(abs(v - 1.0) < 1e-6 for v in spectral["same_unit"].values())  # the same images twice
+    spans = json.loads((tmp_path / "textspan.json").read_text())
+    assert len(spans["layer0.head0"]) == 3 and all(isinstance(text, str) for text, _ in spans["layer0.head0"])
+    for png in ("intrinsic_dimension.png", "spectral_similarity.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
