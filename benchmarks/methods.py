@@ -81,18 +81,26 @@ def zero_shot(bench: Bench, seed: int, features: dict) -> dict:
 
 
 def residual(
-    bench: Bench, seed: int, method: str, end_to_end: bool = False, lr: float | str = 0.8, **config_overrides
+    bench: Bench,
+    seed: int,
+    method: str,
+    end_to_end: bool = False,
+    lr: float | str = 0.8,
+    fit_on: UnitStore | None = None,
+    **config_overrides,
 ) -> dict:
     """Fit, train and score one ResiDual variant. By default on the splits' stored units: no backbone pass here,
     and the run is charged the encoding of its train and validation images. ``end_to_end`` runs the backbone for
-    the fit and at every training step instead. ``config_overrides`` change the preset's config."""
+    the fit and at every training step instead. ``fit_on`` fits the bases on other stored units (another data
+    set's); ``config_overrides`` change the preset's config."""
     config = ResiDualConfig.preset(method, seed=seed, basis_dtype=bench.basis_dtype, **config_overrides)
     model = get_peft_model(load_backbone(bench.model_path), config)
     train, val = (bench.train, bench.val) if end_to_end else (bench.units["train"], bench.units["val"])
     encoding = 0.0 if end_to_end else bench.encode_seconds["train"] + bench.encode_seconds["val"]
     with PeakRSS() as rss:
         started = time.perf_counter()
-        fitted = fit_residual_bases(model, bench.loader(bench.train) if end_to_end else train, progress=bench.progress)
+        reference = bench.loader(bench.train) if end_to_end else train if fit_on is None else fit_on
+        fitted = fit_residual_bases(model, reference, progress=bench.progress)
         pca_seconds = time.perf_counter() - started
         result = train_residual(
             model, bench.classifier, train, val, batch_size=bench.batch_size, max_epochs=bench.max_epochs,

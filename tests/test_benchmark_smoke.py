@@ -49,3 +49,17 @@ def test_fidelity_runs_every_variant_on_one_encoding(tiny_assets, tmp_path):
     assert auto and all(r["lr"] != 0.8 for r in auto)
     table = next(tmp_path.glob("fidelity_*.md")).read_text()
     assert table.count("\n|") == 2 + len(payload["rows"])
+
+
+def test_ablate_runs_every_factor(tiny_assets, tmp_path):
+    from benchmarks import ablate
+
+    args = ["--model", str(tiny_assets["dinov2"]), "--dataset", str(tiny_assets["dataset"]), "--train-size", "64"]
+    args += ["--test-size", "32", "--seeds", "0", "--max-epochs", "1", "--out", str(tmp_path), "--no-progress"]
+    payload = ablate.main([*args, "--other-dataset", str(tiny_assets["dataset"])])
+    levels = {(row["factor"], row["level"]) for row in payload["rows"]}
+    assert levels == {(factor, level) for factor, options in ablate.FACTORS.items() for level in options}
+    scales = {row["level"]: row["scales"] for row in payload["rows"] if row["factor"] == "units"}
+    assert scales["heads"] + scales["MLPs"] == scales["both"]
+    assert (tmp_path / "ablate_images.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "ablate_images.md").read_text().count("\n|") == 2 + len(levels)

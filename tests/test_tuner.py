@@ -117,8 +117,12 @@ CONFIGS = [
     ResiDualConfig(k=4, ln_mean="unit"),
     ResiDualConfig.residual(ln_mean="unit"),
     ResiDualConfig(k=0.9, centre=False, rest="sum", remainder="keep"),
+    ResiDualConfig(k=3, units="mlps", rest="mean"),
 ]
-IDS = ["k4", "residual", "residual_star", "coarse", "mean_keep", "k4_unit_mean", "residual_unit_mean", "uncentred"]
+IDS = [
+    "k4", "residual", "residual_star", "coarse", "mean_keep", "k4_unit_mean", "residual_unit_mean", "uncentred",
+    "mlps_only",
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=IDS)

@@ -13,7 +13,7 @@ from peft.utils import PeftType
 from .decomposition import LN_MEANS
 from .errors import ResiDualInputError
 
-UNIT_KINDS = ("heads", "heads+mlps")
+UNIT_KINDS = ("heads", "mlps", "heads+mlps")
 REST_MODES = ("sum", "zero", "mean")
 LAMBDA_INITS = ("ones", "randn", "eigen")
 REMAINDER_MODES = ("drop", "keep")
@@ -48,8 +48,8 @@ class ResiDualConfig(PeftConfig):
             "unit's rank."
         },
     )
-    units: Literal["heads", "heads+mlps"] = field(
-        default="heads", metadata={"help": "Which units are transformed: 'heads' or 'heads+mlps'."}
+    units: Literal["heads", "mlps", "heads+mlps"] = field(
+        default="heads", metadata={"help": "Which units are transformed: 'heads', 'mlps' or 'heads+mlps'."}
     )
     layers: list[int] | None = field(
         default=None, metadata={"help": "Indices of the layers whose units are transformed; None means all."}

@@ -48,7 +48,7 @@ def _targets(arch: Architecture, config: ResiDualConfig) -> dict[str, _Target]:
             selected = tuple(name in heads for name in arch.unit_names[unit_slice])
             transformed = any(selected)
         else:
-            transformed = layer in layers and (kind == "heads" or (kind == "mlps" and config.units == "heads+mlps"))
+            transformed = layer in layers and kind != "embedding" and kind in config.units.split("+")
         role = "transform" if transformed else "mean" if config.rest == "mean" else "record"
         targets[path] = _Target(kind, layer, unit_slice, UnitSettings(role, selected=selected, **convention))
     targets[arch.readout_path] = _Target("readout")
