@@ -305,7 +305,7 @@ def test_loading_an_adapter_without_signature_is_an_error(tmp_path):
         ({"k": 0}, "at least 1"),
         ({"k": 1.5}, r"in \(0, 1\)"),
         ({"k": "64"}, "must be an int"),
-        ({"units": "mlps"}, "units must be one of"),
+        ({"units": "embedding"}, "units must be one of"),
         ({"rest": "drop"}, "rest must be one of"),
         ({"lambda_init": "zeros"}, "lambda_init must be one of"),
         ({"remainder": "both"}, "remainder must be one of"),
