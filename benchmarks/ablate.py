@@ -14,18 +14,16 @@ Writes benchmarks/results/ablate_<dataset>.{json,md,png}.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import statistics
 import sys
-import time
 from pathlib import Path
 
 from peft_residual import collect_units
 from peft_residual.data import load_image_dataset, prepare, sample
 
 from . import methods, run
-from .report import environment
+from .report import mean_and_spread, write_study
 
 FACTORS: dict[str, dict[str, dict]] = {
     "k": {str(k): {"k": k} for k in (4, 16, 64, 0.5, 0.9, 0.99)} | {"all": {"k": None}},
@@ -85,14 +83,8 @@ def main(argv: list[str] | None = None) -> dict:
                 if other is None:
                     continue
                 change["fit_on"] = other
-            runs = []
-            for seed in args.seeds:
-                started = time.perf_counter()
-                record = methods.residual(bench, seed, "residual", **change)
-                record["wall_s"] = time.perf_counter() - started
-                records.append({"factor": factor, "level": level, **record})
-                runs.append(record)
-                print(f"{factor:>6} {level:>16} seed {seed}: {100 * record['test_accuracy']:.1f}%", flush=True)
+            runs = methods.residual_seeds(bench, args.seeds, "residual", {"factor": factor, "level": level}, **change)
+            records += runs
             rows.append(
                 {
                     "factor": factor,
@@ -116,26 +108,16 @@ def main(argv: list[str] | None = None) -> dict:
         "|---|---|---|---|---|",
     ]
     for row in rows:
-        acc = [100 * a for a in row["accuracy"]]
-        spread = statistics.stdev(acc) if len(acc) > 1 else 0.0
         lines.append(
-            f"| {row['factor']} | {row['level']} | {statistics.mean(acc):.1f} ± {spread:.1f} | {row['scales']:,} "
+            f"| {row['factor']} | {row['level']} | {mean_and_spread(row['accuracy'])} | {row['scales']:,} "
             f"| {statistics.mean(row['epochs']):.1f} |"
         )
-    stem = args.out / f"ablate_{dataset.replace('-', '_')}"
-    stem.parent.mkdir(parents=True, exist_ok=True)
     for record in records:
         record.pop("fit_on", None)
-    payload = {
-        "command": "python -m benchmarks.ablate " + " ".join(shlex.quote(a) for a in argv),
-        "rows": rows,
-        "records": records,
-        "environment": environment(),
-    }
-    stem.with_suffix(".json").write_text(json.dumps(payload, indent=1, default=str))
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    plot(rows, stem.with_suffix(".png"), title)
-    print("\n".join(lines))
+    name = f"ablate_{dataset.replace('-', '_')}"
+    command = "python -m benchmarks.ablate " + " ".join(shlex.quote(a) for a in argv)
+    payload = write_study(args.out, name, command, rows, records, lines)
+    plot(rows, args.out / f"{name}.png", title)
     return payload
 
 

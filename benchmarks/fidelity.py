@@ -11,7 +11,6 @@ Writes benchmarks/results/fidelity_<dataset>.{json,md}.
 from __future__ import annotations
 
 import dataclasses
-import json
 import shlex
 import statistics
 import sys
@@ -20,7 +19,7 @@ from pathlib import Path
 from peft_residual import CentroidClassifier, accuracy
 
 from . import methods, run
-from .report import environment
+from .report import mean_and_spread, write_study
 
 VARIANTS: dict[str, dict] = {
     "official": {},
@@ -49,14 +48,9 @@ def main(argv: list[str] | None = None) -> dict:
         zero_shot = accuracy(classifier(features["test"][0]), features["test"][1])
         rows.append({"variant": variant, "method": "zero-shot", "accuracy": [zero_shot], "epochs": [0], "lr": [None]})
         for preset in PRESETS:
-            runs = []
-            for seed in args.seeds:
-                record = methods.residual(
-                    variant_bench, seed, preset, lr=change.get("lr", 0.8), **change.get("config", {})
-                )
-                records.append({"variant": variant, **record})
-                runs.append(record)
-                print(f"{variant:>34} {preset:>10} seed {seed}: {100 * record['test_accuracy']:.1f}%", flush=True)
+            options = {"lr": change.get("lr", 0.8), **change.get("config", {})}
+            runs = methods.residual_seeds(variant_bench, args.seeds, preset, {"variant": variant}, **options)
+            records += runs
             rows.append(
                 {
                     "variant": variant,
@@ -77,25 +71,13 @@ def main(argv: list[str] | None = None) -> dict:
         "|---|---|---|---|---|",
     ]
     for row in rows:
-        acc = [100 * a for a in row["accuracy"]]
-        spread = statistics.stdev(acc) if len(acc) > 1 else 0.0
         lrs = sorted({f"{lr:.3g}" for lr in row["lr"] if lr is not None}) or ["—"]
         lines.append(
-            f"| {row['variant']} | {row['method']} | {statistics.mean(acc):.1f} ± {spread:.1f} "
+            f"| {row['variant']} | {row['method']} | {mean_and_spread(row['accuracy'])} "
             f"| {statistics.mean(row['epochs']):.1f} | {', '.join(lrs)} |"
         )
-    out = args.out / f"fidelity_{dataset.replace('-', '_')}"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "command": "python -m benchmarks.fidelity " + " ".join(shlex.quote(a) for a in argv),
-        "rows": rows,
-        "records": records,
-        "environment": environment(),
-    }
-    out.with_suffix(".json").write_text(json.dumps(payload, indent=1, default=str))
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return payload
+    command = "python -m benchmarks.fidelity " + " ".join(shlex.quote(a) for a in argv)
+    return write_study(args.out, f"fidelity_{dataset.replace('-', '_')}", command, rows, records, lines)
 
 
 if __name__ == "__main__":

@@ -123,6 +123,19 @@ def residual(
     )  # fmt: skip
 
 
+def residual_seeds(bench: Bench, seeds: list[int], method: str, tags: dict, **options) -> list[dict]:
+    """:func:`residual` once per seed, each record tagged with ``tags`` and printed as it lands."""
+    records = []
+    for seed in seeds:
+        started = time.perf_counter()
+        record = {**tags, **residual(bench, seed, method, **options)}
+        record["wall_s"] = time.perf_counter() - started
+        records.append(record)
+        label = " ".join(f"{value:>16}" for value in tags.values())
+        print(f"{label} {method:>10} seed {seed}: {100 * record['test_accuracy']:.1f}%", flush=True)
+    return records
+
+
 def _vision_linear_names(model: nn.Module, which: str) -> str:
     """A regex for PEFT's target_modules: the attention q/v projections, or every linear layer, of the vision tower."""
     arch = Architecture(model)

@@ -128,3 +128,22 @@ def write(out_dir: Path, name: str, payload: dict, title: str) -> dict[str, Path
     md_path.write_text(markdown(rows, title, payload.get("frozen_forward_train_s")))
     accuracy_png, time_png = plots(rows, out_dir / name, title)
     return {"json": json_path, "markdown": md_path, "accuracy_png": accuracy_png, "time_png": time_png}
+
+
+def mean_and_spread(accuracies: list[float]) -> str:
+    """``"mean ± std"`` in percent over seeds (std 0 for one seed)."""
+    values = [100 * a for a in accuracies]
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.1f} ± {spread:.1f}"
+
+
+def write_study(
+    out_dir: Path, name: str, command: str, rows: list[dict], records: list[dict], lines: list[str]
+) -> dict:
+    """A one-factor study's JSON (rows, records, command, environment) and Markdown table, printed too."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    payload = {"command": command, "rows": rows, "records": records, "environment": environment()}
+    (out_dir / f"{name}.json").write_text(json.dumps(payload, indent=1, default=str))
+    (out_dir / f"{name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return payload

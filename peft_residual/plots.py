@@ -21,6 +21,14 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, path: str | Path) -> Path:
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def ranking_plot(curves: dict, path: str | Path, title: str) -> Path:
     """Accuracy against the fraction of heads kept, one line per criterion and ablation (see ``ranking_curves``)."""
     plt = _pyplot()
@@ -41,11 +49,7 @@ def ranking_plot(curves: dict, path: str | Path, title: str) -> Path:
     axes[0].set_ylabel("test accuracy (%)")
     axes[1].legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def dimension_plot(profile: dict, path: str | Path, title: str) -> Path:
@@ -61,11 +65,7 @@ def dimension_plot(profile: dict, path: str | Path, title: str) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def similarity_heatmap(matrix, names: list[str], path: str | Path, title: str, labels: tuple[str, str]) -> Path:
@@ -81,8 +81,4 @@ def similarity_heatmap(matrix, names: list[str], path: str | Path, title: str, l
     ax.set_ylabel(f"units fitted on {labels[0]}")
     fig.colorbar(image, ax=ax, label="spectral similarity")
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
