@@ -24,6 +24,7 @@ from pathlib import Path
 # what it needs.
 
 PRESET_NAMES = ("residual", "residual*", "coarse")  # tuner.config.PRESETS, without importing torch for --help
+ANALYSIS_SAMPLES = 2000  # rank-heads and analyze hold every unit of every image: the default --samples there
 logger = logging.getLogger("peft_residual.cli")
 
 
@@ -225,7 +226,7 @@ def cmd_rank_heads(args: argparse.Namespace) -> None:
     from .tuner import Architecture, collect_units
 
     model = _model(args)
-    pool = _split(args, args.split, args.samples)
+    pool = _split(args, args.split, args.samples or ANALYSIS_SAMPLES)
     names = class_names(pool, args.label_column)
     reference = collect_units(model, _loader(args, _prepared(args, pool)), progress=not args.quiet, desc="Reference")
     test_data = _prepared(args, _split(args, args.test_split, args.test_samples))
@@ -250,7 +251,7 @@ def _units(args: argparse.Namespace, model, dataset: str, desc: str):
     from .tuner import collect_units
 
     source = argparse.Namespace(**{**vars(args), "dataset": dataset})
-    data = _prepared(source, _split(source, args.split, args.samples))
+    data = _prepared(source, _split(source, args.split, args.samples or ANALYSIS_SAMPLES))
     return collect_units(model, _loader(args, data), progress=not args.quiet, desc=desc)
 
 
@@ -330,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument(
         "--image-size", type=_positive_int, help="resize images to this square side (default: the processor's)"
     )
-    data.add_argument("--samples", type=_positive_int, help="use this many images, drawn with --seed (default: all)")
+    data.add_argument("--samples", type=_positive_int, help="use this many images, drawn with --seed; None: all")
     data.add_argument("--batch-size", type=_positive_int, default=64)
     data.add_argument("--seed", type=int, default=0)
     method = _Parser(add_help=False)
@@ -369,17 +370,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     rank = command(
         "rank-heads", [common, data, head],
-        "rank heads by S, U, U|T and random; accuracy keeping the top 1-50%% of heads, the rest zero- or mean-ablated",
+        "rank heads by S, U, U|T and random; accuracy keeping the top 1 to 50 percent, the rest zero- or "
+        f"mean-ablated ({ANALYSIS_SAMPLES} images unless --samples: every unit of every image is held)",
         cmd_rank_heads,
     )  # fmt: skip
     rank.add_argument("--split", default="train", help="reference images: the ranking, centroids and means")
     rank.add_argument("--test-split", default="test")
-    rank.add_argument("--test-samples", type=_positive_int, help="test images, drawn with --seed (default: all)")
+    rank.add_argument(
+        "--test-samples", type=_positive_int, default=ANALYSIS_SAMPLES, help="test images, drawn with --seed"
+    )
     rank.add_argument("--output", required=True, help="directory for heads.json and heads.png")
 
     analyze = command(
         "analyze", [common, data],
-        "per-unit intrinsic dimension and its depth profile; spectral similarity to another data set; TextSpan",
+        "per-unit intrinsic dimension and its depth profile; spectral similarity to another data set; TextSpan "
+        f"({ANALYSIS_SAMPLES} images per data set unless --samples: every unit of every image is held)",
         cmd_analyze,
     )  # fmt: skip
     analyze.add_argument("--split", default="train")
