@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .tuner import residual_tuner
-from .tuner.layer import combine
+from .tuner.layer import combine, per_component
 
 TRAINING_DTYPE = torch.float64
 """The scales train in float64: they are few, and exact sums make multi-process runs match single-process ones."""
@@ -51,12 +51,7 @@ class ScaleSet:
 
     def lambdas(self) -> torch.Tensor:
         """One scale per component, in score order."""
-        return torch.cat(
-            [
-                param.repeat_interleave(rank) if len(param) != int(rank.sum()) else param
-                for param, rank in zip(self.params, self.ranks, strict=True)
-            ]
-        )
+        return torch.cat([per_component(param, rank) for param, rank in zip(self.params, self.ranks, strict=True)])
 
     def output(self, scores: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
         """The adapted embedding of cached or streamed ``scores`` and ``offset``."""

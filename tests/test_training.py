@@ -353,3 +353,16 @@ def test_one_pass_cache_equals_the_two_pass_cache(budget):
     assert result.cached and result.epochs_run == 2
     store.close()
     assert spill is None or not spill.exists()
+
+
+def test_an_adapter_of_selected_heads_trains_one_scale_per_head():
+    model = get_peft_model(
+        make_model("dinov2"), ResiDualConfig.coarse(heads=["layer0.head1", "layer1.head3"], lambda_init="ones")
+    )
+    data = image_dataset(48)
+    fit_residual_bases(model, loader(48), progress=False)
+    classifier = CentroidClassifier.from_model(model, [data[:]], list("abcd"), progress=False)
+    result = train_residual(model, classifier, data, data, max_epochs=3, patience=3, progress=False)
+    lambdas = [p for n, p in model.named_parameters() if "residual_lambda" in n and p.numel()]
+    assert sorted(p.numel() for p in lambdas) == [1, 1] and result.epochs_run >= 1
+    assert any(not torch.equal(p.detach(), torch.ones(1)) for p in lambdas)  # the two scales moved

@@ -172,9 +172,7 @@ class ResiDualUnitLayer(nn.Module, ResiDualLayer):
 
     def component_lambdas(self, adapter_name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """One scale per component, ``[sum(rank)]``, repeating per-unit scales over their unit's components."""
-        lambdas = self.residual_lambda[adapter_name].to(dtype)
-        rank = self.residual_rank[adapter_name]
-        return lambdas.repeat_interleave(rank[rank > 0]) if len(lambdas) != int(rank.sum()) else lambdas
+        return per_component(self.residual_lambda[adapter_name].to(dtype), self.residual_rank[adapter_name])
 
     @property
     def in_head_space(self) -> bool:
@@ -435,6 +433,12 @@ class ResiDualReadoutLayer(nn.Module, ResiDualLayer):
         if result.dim() == 3:  # a final norm over the whole sequence: only the CLS token is ResiDual's
             return torch.cat([adapted.unsqueeze(1), result[:, 1:]], dim=1)
         return adapted
+
+
+def per_component(lambdas: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:
+    """Scales ``[sum(rank)]``: as they are if there is one per component, else one per transformed unit (rank > 0)
+    repeated over that unit's components."""
+    return lambdas if len(lambdas) == int(rank.sum()) else lambdas.repeat_interleave(rank[rank > 0])
 
 
 def combine(scores: torch.Tensor, offset: torch.Tensor, lambdas: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
