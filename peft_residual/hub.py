@@ -21,6 +21,7 @@ from huggingface_hub import HfApi, ModelCard, ModelCardData
 from peft import PeftModel
 
 from .tuner import ResiDualConfig, residual_tuner
+from .tuner.config import SEMANTIC_FIELDS
 from .tuner.errors import ResiDualInputError
 
 logger = logging.getLogger(__name__)
@@ -44,11 +45,7 @@ def model_card(model: PeftModel, adapter_name: str | None = None, training: dict
     scales = sum(p.numel() for n, p in model.named_parameters() if n.endswith(f"residual_lambda.{adapter_name}"))
     tags = ["residual", "peft_residual", *([base_model] if base_model else [])]
     data = ModelCardData(library_name="peft", base_model=base_model, tags=tags, datasets=training.get("datasets"))
-    settings = {
-        key: value
-        for key, value in config.to_dict().items()
-        if key in ("k", "units", "layers", "rest", "remainder", "lambda_init", "scale_per", "seed")
-    }
+    settings = {key: value for key, value in config.to_dict().items() if key in SEMANTIC_FIELDS}
     signature = config.base_signature or {}
     lines = [
         f"# ResiDual adapter for {base_model or 'a vision transformer'}",
