@@ -173,8 +173,9 @@ def fit_residual_bases(
     ``FitReport.units`` (in memory up to ``max_unit_bytes``, then in a temporary file), so that the same images
     can be cached for training without running the backbone again. Covariances are accumulated per
     unit in float64, never holding the encodings. ``k`` from the config is clamped to each unit's rank
-    (``head_dim + 1`` for a head), and clamping is reported in the returned :class:`FitReport` and as a warning.
-    Refitting an adapter resets its scales to their initial values (a warning says so if they were trained).
+    (``head_dim + 2`` for a head under the shared norm mean, see ``Architecture.max_rank``), and clamping is
+    reported in the returned :class:`FitReport` and as a warning. Refitting an adapter resets its scales to their
+    initial values (a warning says so if they were trained).
 
     Example:
         >>> model = get_peft_model(clip_vision, ResiDualConfig(k=64))
@@ -189,7 +190,7 @@ def fit_residual_bases(
     arch = tuner.arch
     layers = tuner.readout.layers_of(adapter_name)
     moments = {id(layer): StreamingMoments(scatter=layer.is_transformed(adapter_name)) for layer in layers}
-    # heads are fitted in their head coordinates (see head_space): (head_dim + 1)^2 moments instead of output_dim^2
+    # heads are fitted in their head coordinates (see head_space): (head_dim + 2)^2 moments instead of output_dim^2
     frames = {id(layer): layer.frames(adapter_name) for layer in layers if layer.in_head_space}
     store = UnitStore(arch, max_unit_bytes) if keep_units else None
     image_size = None
