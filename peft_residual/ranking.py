@@ -109,7 +109,8 @@ def ablated_output(
     over reference images (``"mean"``, ``means`` ``[units, dim]``)."""
     if ablation not in ABLATIONS:
         raise ResiDualInputError(f"Ablation must be one of {ABLATIONS}, got {ablation!r}.")
-    kept = torch.tensor([name in set(keep) for name in names])
+    keep = set(keep)
+    kept = torch.tensor([name in keep for name in names])
     output = contributions[:, kept].sum(1)
     if ablation == "mean":
         if means is None:

@@ -164,8 +164,8 @@ class ResiDualUnitLayer(nn.Module, ResiDualLayer):
     def covers(self, adapter_name: str) -> torch.Tensor:
         """Per unit, whether this layer accounts for it in the adapted output (the readout adds the others)."""
         if self.settings(adapter_name).role == "mean":
-            return torch.ones(self.num_units, dtype=torch.bool)
-        return torch.tensor(self.selected(adapter_name), dtype=torch.bool)
+            return torch.ones(self.num_units, dtype=torch.bool, device=self._base_device())
+        return self.output_space(adapter_name)[4]
 
     def is_fitted(self, adapter_name: str) -> bool:
         return self.residual_mean[adapter_name].numel() > 0
@@ -240,8 +240,9 @@ class ResiDualUnitLayer(nn.Module, ResiDualLayer):
 
     def output_space(self, adapter_name: str) -> tuple[torch.Tensor, ...]:
         """``(mean [units, out], basis [sum(rank), out], padded basis [units, max_rank, out], valid [units,
-        max_rank])`` in float32 on the base device, rebuilt once per adapter from the stored state (unpacked in
-        float64); ``valid`` marks the padded rows that hold a component."""
+        max_rank], selected [units])`` on the base device (float32, masks bool), rebuilt once per adapter from the
+        stored state (unpacked in float64); ``valid`` marks the padded rows that hold a component, ``selected`` the
+        units that are transformed."""
         if adapter_name not in self.residual_output_space:
             self.residual_output_space[adapter_name] = self._rebuild(adapter_name)
         return self.residual_output_space[adapter_name]
@@ -253,9 +254,11 @@ class ResiDualUnitLayer(nn.Module, ResiDualLayer):
         frames = self.frames(adapter_name)
         if frames is not None:
             mean = torch.einsum("nor,nr->no", frames[0], mean) + frames[1]
+        selected = torch.tensor(self.selected(adapter_name), dtype=torch.bool, device=device)
         if not self.is_transformed(adapter_name):
             empty = mean.new_zeros(0, mean.shape[1]).float().to(device)
-            return mean.float().to(device), empty, empty[None], torch.zeros(0, 0, dtype=torch.bool, device=device)
+            no_rows = torch.zeros(0, 0, dtype=torch.bool, device=device)
+            return mean.float().to(device), empty, empty[None], no_rows, selected
         rank = self.residual_rank[adapter_name].cpu().tolist()
         dim = self.stored_dim(adapter_name)
         rows = []
@@ -267,7 +270,8 @@ class ResiDualUnitLayer(nn.Module, ResiDualLayer):
         for unit, unit_rows in enumerate(rows):
             padded[unit, : len(unit_rows)] = unit_rows
         valid = torch.arange(max(rank))[None, :] < torch.tensor(rank)[:, None]
-        return mean.float().to(device), torch.cat(rows).float().to(device), padded.float().to(device), valid.to(device)
+        basis = torch.cat(rows).float().to(device)
+        return mean.float().to(device), basis, padded.float().to(device), valid.to(device), selected
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         output = self.base_layer(*args, **kwargs)
@@ -280,12 +284,11 @@ class ResiDualUnitLayer(nn.Module, ResiDualLayer):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(padded scores [batch, units, max_rank], padded basis, valid, offset [batch, out])`` of a transformed
         layer: the offset holds any kept remainder and the means of mean-ablated unselected units."""
-        mean, _, padded, valid = self.output_space(adapter_name)
+        mean, _, padded, valid, selected = self.output_space(adapter_name)
         settings = self.settings(adapter_name)
         centred = units - mean if settings.centre else units
         padded_scores = torch.einsum("bnd,nkd->bnk", centred, padded)
         offset = centred.new_zeros(centred.shape[0], centred.shape[2])
-        selected = torch.tensor(self.selected(adapter_name), device=units.device)
         if settings.remainder == "keep":
             offset = offset + centred[:, selected].sum(1) - torch.einsum("bnk,nkd->bd", padded_scores, padded)
         if settings.rest == "mean":
