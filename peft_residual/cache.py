@@ -83,13 +83,29 @@ class StreamedUnits:
         return len(self.dataset)
 
     def batches(self, index_batches: Sequence[torch.Tensor]) -> Iterator[Batch]:
-        samplers = [indices.tolist() for indices in index_batches]
-        loader = DataLoader(self.dataset, batch_sampler=samplers, num_workers=self.num_workers)
-        for step, batch in enumerate(loader):
+        samplers = [indices.tolist() for indices in index_batches if len(indices)]
+        loader = iter(DataLoader(self.dataset, batch_sampler=samplers, num_workers=self.num_workers))
+        for step, indices in enumerate(index_batches):
+            if not len(indices):  # this process's share of a small batch: no tile
+                yield empty_batch(self.model)
+                continue
+            batch = next(loader)
             where = f"training batch {step}"
             scores, offset = encode_batch(self.model, batch["pixel_values"], where)
             labels = check_labels(torch.as_tensor(batch[self.label_column]), self.num_classes, where)
             yield scores, offset, labels.to(scores.device)
+
+
+def empty_batch(model: nn.Module) -> Batch:
+    """The scores, offset and labels of no images, for a process with no share of some work."""
+    tuner = residual_tuner(model)
+    adapter = tuner.active_adapters[0]
+    device = next(tuner.model.parameters()).device
+    return (
+        torch.empty(0, len(tuner.readout.lambdas(adapter)), dtype=CACHE_DTYPE, device=device),
+        torch.empty(0, tuner.arch.output_dim, dtype=CACHE_DTYPE, device=device),
+        torch.empty(0, dtype=torch.long, device=device),
+    )
 
 
 def available_memory_bytes() -> int:
@@ -152,12 +168,7 @@ def encode_dataset(
         batch_labels = check_labels(torch.as_tensor(batch[label_column]), num_classes, where)
         labels.append(batch_labels.to(batch_scores.device))
     if not mine:  # more processes than batches: this one encoded nothing but still takes part in the gather
-        tuner = residual_tuner(model)
-        adapter = tuner.active_adapters[0]
-        device = next(tuner.model.parameters()).device
-        scores = [torch.empty(0, len(tuner.readout.lambdas(adapter)), dtype=CACHE_DTYPE, device=device)]
-        offsets = [torch.empty(0, tuner.arch.output_dim, dtype=CACHE_DTYPE, device=device)]
-        labels = [torch.empty(0, dtype=torch.long, device=device)]
+        scores, offsets, labels = ([part] for part in empty_batch(model))
     sizes = [len(indices) for indices in index_batches]
     gather = (lambda t: _gather_batches(accelerator, t, sizes)) if accelerator else (lambda t: t)
     return UnitCache(gather(torch.cat(scores)), gather(torch.cat(offsets)), gather(torch.cat(labels)))

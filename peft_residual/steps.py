@@ -1,8 +1,8 @@
 """One training step and one evaluation pass on the scales, shared by training and the LR range test.
 
-Every process walks the same global batches and takes its ``rank::world`` share of each; gradients and counts are
-summed across processes, and the loss is normalised by the global batch, so any number of processes computes the
-same update.
+Every process walks the same global batches and takes its share of each in whole tiles (tiles ``rank, rank + world,
+...`` of :data:`~.scales.TILE` samples); gradients and counts are summed across processes, and the loss is
+normalised by the global batch, so any number of processes computes the same update.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from schedulefree import AdamWScheduleFree
 
 from .cache import StreamedUnits, UnitCache
 from .classifiers import Classifier
-from .scales import ScaleSet
+from .scales import TILE, ScaleSet
 from .tuner.errors import ResiDualInputError
 
 
@@ -36,9 +36,14 @@ def global_batches(
     """``(scores, offset, labels, global batch size)`` of this process's share of each batch of ``order``."""
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     batches = list(order.split(batch_size))
-    local = [batch[rank::world] for batch in batches]
+    local = [_share(batch, rank, world) for batch in batches]
     for (scores, offset, labels), batch in zip(features.batches(local), batches, strict=True):
         yield scores, offset, labels, len(batch)
+
+
+def _share(batch: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    tiles = batch.split(TILE)[rank::world]
+    return torch.cat(tiles) if tiles else batch[:0]
 
 
 def _sum(accelerator: Accelerator | None, value: torch.Tensor) -> torch.Tensor:
@@ -63,7 +68,7 @@ def train_step(
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     value = float(_sum(accelerator, loss.detach()))
-    if check_finite and not (math.isfinite(value) and all(torch.isfinite(p).all() for p in scales.params)):
+    if check_finite and not (math.isfinite(value) and bool(torch.isfinite(torch.cat(scales.params)).all())):
         raise ResiDualInputError(
             f"The training loss became {value} (scales non-finite); lower the learning rate "
             f"(now {optimizer.param_groups[0]['lr']}) or check the classifier."

@@ -49,7 +49,7 @@ class TrainingResult:
     cached: bool
     history: list[dict] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
-    """Wall time of the phases: ``cache`` (encoding), ``lr_range`` and ``train``."""
+    """Wall time of the phases, ``cache`` (encoding), ``lr_range`` and ``train``, and ``total``, the whole call."""
 
 
 def default_accelerator() -> Accelerator:
@@ -173,6 +173,7 @@ def train_residual(
         >>> result = train_residual(peft_model, classifier, train_dataset, lr=0.8)
         >>> result.best_val_accuracy, result.epochs_run
     """
+    started = time.perf_counter()
     _check_arguments(lr, batch_size, max_epochs, patience, cache)
     accelerator = accelerator or default_accelerator()
     scales = ScaleSet(model, accelerator.device)
@@ -234,6 +235,7 @@ def train_residual(
         "training_samples": len(train), "validation_samples": len(val), "learning_rate": lr,
         "best_validation_accuracy": round(stopping.best_accuracy, 4), "epochs": stopping.epoch,
     }  # fmt: skip
+    seconds["total"] = time.perf_counter() - started
     return TrainingResult(
         lr=lr, best_val_accuracy=stopping.best_accuracy, best_epoch=stopping.best_epoch, epochs_run=stopping.epoch,
         cached=use_cache, history=stopping.history, seconds=seconds,

@@ -20,6 +20,30 @@ def test_units_sum_to_model_output(kind, ln_mean):
     torch.testing.assert_close(units.contributions.sum(1), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_recording_pass_runs_the_last_block_on_cls_only_with_the_same_pieces(kind):
+    """The recording pass feeds the last block's output projection and MLP the CLS token alone; every piece equals
+    the one a full forward produces, and the model's own forward is left whole afterwards."""
+    from peft_residual.tuner.decomposition import record_backbone, recording
+
+    model = make_model(kind)
+    arch = Architecture(model)
+    x = images(5)
+    with torch.no_grad(), recording(model) as full:
+        arch.tower(pixel_values=x)
+    widths = []
+    mlp = arch.module(arch.spec.mlp or arch.spec.mlp_out, arch.num_layers - 1)
+    handle = mlp.register_forward_hook(lambda module, args, output: widths.append(args[0].shape[1]))
+    cut = record_backbone(model, x)
+    with torch.no_grad():
+        model_output(model, x)
+    handle.remove()
+    assert widths == [1, full.num_tokens]  # CLS only while recording, the whole sequence in a plain forward
+    for layer in range(arch.num_layers):
+        torch.testing.assert_close(cut.heads[layer], full.heads[layer], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(cut.mlps[layer], full.mlps[layer], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(cut.embedding, full.embedding, rtol=0, atol=0)
+
+
 def test_decomposition_is_not_trivial(kind):
     """Every unit carries signal: dropping any single one changes the sum."""
     units = decompose_units(make_model(kind), images(4)).contributions

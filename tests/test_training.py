@@ -366,3 +366,49 @@ def test_an_adapter_of_selected_heads_trains_one_scale_per_head():
     lambdas = [p for n, p in model.named_parameters() if "residual_lambda" in n and p.numel()]
     assert sorted(p.numel() for p in lambdas) == [1, 1] and result.epochs_run >= 1
     assert any(not torch.equal(p.detach(), torch.ones(1)) for p in lambdas)  # the two scales moved
+
+
+def test_training_readout_matches_float64_and_gives_a_tile_the_same_result_in_any_batch():
+    from peft_residual.scales import TILE, _Readout
+
+    generator = torch.Generator().manual_seed(0)
+    n, components, dim = 2 * TILE + 5, 50, 8
+    scores, offset = torch.randn(n, components, generator=generator), torch.randn(n, dim, generator=generator)
+    basis = torch.randn(components, dim, generator=generator)
+    lambdas = (1 + torch.randn(components, dtype=torch.float64, generator=generator)).requires_grad_()
+    weights = torch.randn(n, dim, dtype=torch.float64, generator=generator)
+    out = _Readout.apply(scores, offset, lambdas, basis)
+    (out * weights).sum().backward()
+    exact = offset.double() + (scores.double() * lambdas.detach()) @ basis.double()
+    assert out.dtype == lambdas.grad.dtype == torch.float64
+    torch.testing.assert_close(out, exact, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        lambdas.grad, ((weights @ basis.double().T) * scores.double()).sum(0), rtol=1e-5, atol=1e-5
+    )
+    tile = slice(TILE, 2 * TILE)
+    assert torch.equal(_Readout.apply(scores[tile], offset[tile], lambdas.detach(), basis), out.detach()[tile])
+
+
+def test_processes_share_each_batch_by_whole_tiles():
+    from types import SimpleNamespace
+
+    from peft_residual.cache import UnitCache
+    from peft_residual.scales import TILE
+    from peft_residual.steps import global_batches
+
+    n = 3 * TILE + 3
+    features = UnitCache(torch.zeros(n, 1), torch.zeros(n, 1), torch.arange(n))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    shares = [
+        [
+            labels
+            for _, _, labels, _ in global_batches(
+                features, order, 2 * TILE, SimpleNamespace(process_index=rank, num_processes=2)
+            )
+        ]
+        for rank in range(2)
+    ]
+    first, second = order[: 2 * TILE].split(TILE), order[2 * TILE :].split(TILE)
+    assert torch.equal(shares[0][0], first[0]) and torch.equal(shares[0][1], second[0])
+    assert torch.equal(shares[1][0], first[1]) and torch.equal(shares[1][1], second[1])
+    assert [len(s) for s in shares[0]] == [TILE, TILE] and [len(s) for s in shares[1]] == [TILE, 3]

@@ -35,6 +35,9 @@ class ArchitectureSpec:
     """Module whose output (at CLS) is a layer's whole MLP contribution, layer scale included."""
     final_norm: str
     """The LayerNorm that produces the pooled output."""
+    mlp: str | None = None
+    """Module running a layer's MLP on the normed stream, if it is not ``mlp_out`` itself (recording passes feed the
+    last layer's MLP the CLS token alone)."""
     attention_layer_scale: str | None = None
     """Parameter scaling the attention output before the residual add, if any (e.g. DINOv2's ``lambda1``)."""
     projection: str | None = None
@@ -56,9 +59,8 @@ _CLIP_TOWER = ArchitectureSpec(
 
 
 def _under(prefix: str, spec: ArchitectureSpec, **changes: str | None) -> ArchitectureSpec:
-    paths = {
-        name: f"{prefix}.{getattr(spec, name)}" for name in ("embedding", "attention_out", "mlp_out", "final_norm")
-    }
+    names = ("embedding", "attention_out", "mlp_out", "mlp", "final_norm")
+    paths = {name: f"{prefix}.{getattr(spec, name)}" for name in names if getattr(spec, name) is not None}
     return ArchitectureSpec(**{**spec.__dict__, **paths, **changes})
 
 
@@ -76,6 +78,7 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
         attention_out="encoder.layer.{i}.attention.o_proj",
         attention_layer_scale="encoder.layer.{i}.layer_scale1.lambda1",
         mlp_out="encoder.layer.{i}.layer_scale2",
+        mlp="encoder.layer.{i}.mlp",
         final_norm="layernorm",
     ),
     # ViTModel's pooler_output is tanh(dense(CLS)), not linear in the units: the embedding is the normed CLS token,

@@ -156,11 +156,35 @@ def recording(model: nn.Module) -> Iterator[UnitRecord]:
             handle.remove()
 
 
+def _first_token_only(module: nn.Module, args: tuple) -> tuple:
+    return (args[0][:, :1], *args[1:])
+
+
+@contextmanager
+def last_block_at_cls(arch: Architecture) -> Iterator[None]:
+    """Run the last block's attention output projection and MLP on the CLS token alone for the duration.
+
+    Only CLS leaves the last block toward the pooled output, so the other tokens' projections and MLPs there are
+    wasted work in a pass that only records units (a twelfth of a 12-layer model's MLP and projection work). The
+    block's residual adds then broadcast CLS over the sequence: every token but CLS of its output is wrong, so the
+    model's outputs must not be used in the block.
+    """
+    last = arch.num_layers - 1
+    paths = (arch.spec.attention_out, arch.spec.mlp or arch.spec.mlp_out)
+    handles = [arch.module(path, last).register_forward_pre_hook(_first_token_only) for path in paths]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 @torch.no_grad()
 def record_backbone(model: nn.Module, pixel_values: torch.Tensor) -> UnitRecord:
     """Run only the vision backbone of ``model`` (no ResiDual readout) and return what its unit modules produced."""
-    with recording(model) as record, readout_bypassed(model):
-        Architecture(model).tower(pixel_values=pixel_values)
+    arch = Architecture(model)
+    with recording(model) as record, readout_bypassed(model), last_block_at_cls(arch):
+        arch.tower(pixel_values=pixel_values)
     return record
 
 

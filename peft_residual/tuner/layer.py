@@ -201,10 +201,11 @@ class ResiDualUnitLayer(nn.Module, ResiDualLayer):
         bases: list[torch.Tensor] | None,
         lambdas: list[torch.Tensor],
         basis_dtype: torch.dtype = torch.float32,
+        frames: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
-        """Store a fitted mean ``[units, dim]`` and, when transformed, per-unit bases ``[k_u, dim]`` and scales."""
+        """Store a fitted mean ``[units, dim]`` and, when transformed, per-unit bases ``[k_u, dim]`` and scales, and
+        build the output-space bases (with ``frames``, the head coordinates the fit used, if given)."""
         device = self._base_device()
-        self.residual_output_space.pop(adapter_name, None)
         self.residual_mean[adapter_name] = mean.float().to(device)
         if self.is_transformed(adapter_name):
             self.residual_rank[adapter_name] = torch.tensor([b.shape[0] for b in bases], device=device)
@@ -216,6 +217,7 @@ class ResiDualUnitLayer(nn.Module, ResiDualLayer):
                     torch.cat(lambdas).float().to(device),
                     requires_grad=self.residual_lambda[adapter_name].requires_grad,
                 )
+        self.residual_output_space[adapter_name] = self._rebuild(adapter_name, frames)
 
     def allocate(self, adapter_name: str, tensors: dict[str, torch.Tensor]) -> None:
         """Resize the empty state of ``adapter_name`` to a checkpoint's shapes and dtypes, to load it into."""
@@ -248,10 +250,12 @@ class ResiDualUnitLayer(nn.Module, ResiDualLayer):
         return self.residual_output_space[adapter_name]
 
     @torch.no_grad()
-    def _rebuild(self, adapter_name: str) -> tuple[torch.Tensor, ...]:
+    def _rebuild(
+        self, adapter_name: str, frames: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, ...]:
         device = self._base_device()
         mean = self.residual_mean[adapter_name].double().cpu()
-        frames = self.frames(adapter_name)
+        frames = frames if frames is not None else self.frames(adapter_name)
         if frames is not None:
             mean = torch.einsum("nor,nr->no", frames[0], mean) + frames[1]
         selected = torch.tensor(self.selected(adapter_name), dtype=torch.bool, device=device)

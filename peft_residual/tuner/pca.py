@@ -245,10 +245,10 @@ def fit_residual_bases(
     for layer in tqdm(layers, desc="ResiDual eigendecomposition", disable=not progress or not transformed):
         stats = moments[id(layer)]
         if not layer.is_transformed(adapter_name):
-            layer.set_fit(adapter_name, stats.mean, None, [])
+            layer.set_fit(adapter_name, stats.mean, None, [], frames=frames.get(id(layer)))
             continue
         bases, lambdas = _fit_layer(layer, adapter_name, stats, config, generator, report)
-        layer.set_fit(adapter_name, stats.mean, bases, lambdas, basis_dtype)
+        layer.set_fit(adapter_name, stats.mean, bases, lambdas, basis_dtype, frames.get(id(layer)))
     report.eigen_seconds = time.perf_counter() - started
     config.base_signature = arch.signature(image_size)
     tuner.readout.residual_tokens[adapter_name] = config.base_signature["num_tokens"]
