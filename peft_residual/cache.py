@@ -86,7 +86,7 @@ class StreamedUnits:
         samplers = [indices.tolist() for indices in index_batches if len(indices)]
         loader = iter(DataLoader(self.dataset, batch_sampler=samplers, num_workers=self.num_workers))
         for step, indices in enumerate(index_batches):
-            if not len(indices):  # this process's share of a small batch: no tile
+            if not len(indices):  # a batch with fewer samples than there are processes left this one none
                 yield empty_batch(self.model)
                 continue
             batch = next(loader)

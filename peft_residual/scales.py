@@ -12,11 +12,11 @@ from .tuner.layer import per_component
 TRAINING_DTYPE = torch.float64
 """The scales, their optimiser state, the adapted output and every sum over samples are float64."""
 READOUT_DTYPE = torch.float32
-"""The products of the scores with the basis, nearly all of a step's arithmetic, run in float32: twice as fast as
-float64 on a CPU."""
+"""The products of the scores with the basis, nearly all of a step's arithmetic, run in float32: about 1.7 times as
+fast as float64 on a CPU."""
 TILE = 32
 """Samples per readout product. A float32 product's rounding depends on its shape, so every product is one tile of
-exactly this many samples (zero-padded), and processes share a batch by whole tiles (:func:`.steps.global_batches`):
+exactly this many samples (zero-padded), and processes share a cached batch by whole tiles (:mod:`.steps`):
 each sample's arithmetic is then the same for any number of processes, and only the float64 sums over tiles are
 associated differently. Smaller tiles would spread a batch of 64 over more processes, but they stream the basis
 once per tile: at 16 the products already lose half their speed on a CPU."""

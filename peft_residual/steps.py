@@ -1,8 +1,11 @@
 """One training step and one evaluation pass on the scales, shared by training and the LR range test.
 
-Every process walks the same global batches and takes its share of each in whole tiles (tiles ``rank, rank + world,
-...`` of :data:`~.scales.TILE` samples); gradients and counts are summed across processes, and the loss is
-normalised by the global batch, so any number of processes computes the same update.
+Every process walks the same global batches and takes its share of each: on the unit cache, whole tiles (tiles
+``rank, rank + world, ...`` of :data:`~.scales.TILE` samples), so that every sample's arithmetic is the same for any
+number of processes; streamed through the backbone, samples ``rank, rank + world, ...``, so that every process gets
+backbone work (the backbone's own float32 products depend on the batch anyway). Gradients and counts are summed
+across processes, and the loss is normalised by the global batch, so any number of processes computes the same
+update.
 """
 
 from __future__ import annotations
@@ -35,15 +38,16 @@ def global_batches(
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]:
     """``(scores, offset, labels, global batch size)`` of this process's share of each batch of ``order``."""
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    granule = TILE if isinstance(features, UnitCache) else 1
     batches = list(order.split(batch_size))
-    local = [_share(batch, rank, world) for batch in batches]
+    local = [_share(batch.split(granule), rank, world) for batch in batches]
     for (scores, offset, labels), batch in zip(features.batches(local), batches, strict=True):
         yield scores, offset, labels, len(batch)
 
 
-def _share(batch: torch.Tensor, rank: int, world: int) -> torch.Tensor:
-    tiles = batch.split(TILE)[rank::world]
-    return torch.cat(tiles) if tiles else batch[:0]
+def _share(granules: tuple[torch.Tensor, ...], rank: int, world: int) -> torch.Tensor:
+    mine = granules[rank::world]
+    return torch.cat(mine) if mine else granules[0][:0]
 
 
 def _sum(accelerator: Accelerator | None, value: torch.Tensor) -> torch.Tensor:

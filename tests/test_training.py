@@ -389,26 +389,32 @@ def test_training_readout_matches_float64_and_gives_a_tile_the_same_result_in_an
     assert torch.equal(_Readout.apply(scores[tile], offset[tile], lambdas.detach(), basis), out.detach()[tile])
 
 
-def test_processes_share_each_batch_by_whole_tiles():
+def test_processes_share_cached_batches_by_whole_tiles_and_streamed_ones_by_sample():
     from types import SimpleNamespace
 
+    from peft_residual import StreamedUnits
     from peft_residual.cache import UnitCache
     from peft_residual.scales import TILE
     from peft_residual.steps import global_batches
 
-    n = 3 * TILE + 3
-    features = UnitCache(torch.zeros(n, 1), torch.zeros(n, 1), torch.arange(n))
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
-    shares = [
-        [
-            labels
-            for _, _, labels, _ in global_batches(
-                features, order, 2 * TILE, SimpleNamespace(process_index=rank, num_processes=2)
-            )
+    def shares(features, order, batch_size):
+        return [
+            [
+                labels
+                for _, _, labels, _ in global_batches(
+                    features, order, batch_size, SimpleNamespace(process_index=r, num_processes=2)
+                )
+            ]
+            for r in range(2)
         ]
-        for rank in range(2)
-    ]
-    first, second = order[: 2 * TILE].split(TILE), order[2 * TILE :].split(TILE)
-    assert torch.equal(shares[0][0], first[0]) and torch.equal(shares[0][1], second[0])
-    assert torch.equal(shares[1][0], first[1]) and torch.equal(shares[1][1], second[1])
-    assert [len(s) for s in shares[0]] == [TILE, TILE] and [len(s) for s in shares[1]] == [TILE, 3]
+
+    n = 3 * TILE + 3
+    cached = shares(UnitCache(torch.zeros(n, 1), torch.zeros(n, 1), torch.arange(n)), torch.randperm(n), 2 * TILE)
+    order = torch.cat([labels for rank in cached for labels in rank]).sort().values
+    assert torch.equal(order, torch.arange(n))  # every sample once
+    assert [len(s) for s in cached[0]] == [TILE, TILE] and [len(s) for s in cached[1]] == [TILE, 3]
+    model, _, data = fitted_with_classifier(n=16)
+    labels = torch.as_tensor(data["label"])
+    streamed = shares(StreamedUnits(model, data), torch.arange(7), 5)
+    expected = [[[0, 2, 4], [5]], [[1, 3], [6]]]  # sample by sample: a batch of 5 is less than one tile
+    assert [[s.tolist() for s in rank] for rank in streamed] == [[labels[i].tolist() for i in r] for r in expected]
