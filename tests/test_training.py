@@ -409,10 +409,11 @@ def test_processes_share_cached_batches_by_whole_tiles_and_streamed_ones_by_samp
         ]
 
     n = 3 * TILE + 3
-    cached = shares(UnitCache(torch.zeros(n, 1), torch.zeros(n, 1), torch.arange(n)), torch.randperm(n), 2 * TILE)
-    order = torch.cat([labels for rank in cached for labels in rank]).sort().values
-    assert torch.equal(order, torch.arange(n))  # every sample once
-    assert [len(s) for s in cached[0]] == [TILE, TILE] and [len(s) for s in cached[1]] == [TILE, 3]
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    cached = shares(UnitCache(torch.zeros(n, 1), torch.zeros(n, 1), torch.arange(n)), order, 2 * TILE)
+    tiles = order.split(TILE)  # batch 0 is tiles 0 and 1, batch 1 is tile 2 and the last 3 samples
+    assert [s.tolist() for s in cached[0]] == [tiles[0].tolist(), tiles[2].tolist()]
+    assert [s.tolist() for s in cached[1]] == [tiles[1].tolist(), tiles[3].tolist()]
     model, _, data = fitted_with_classifier(n=16)
     labels = torch.as_tensor(data["label"])
     streamed = shares(StreamedUnits(model, data), torch.arange(7), 5)
