@@ -24,7 +24,9 @@ once per tile: at 16 the products already lose half their speed on a CPU."""
 
 def _tiled(rows: torch.Tensor) -> torch.Tensor:
     """``[n, c]`` as ``[ceil(n / TILE), TILE, c]``, the last tile padded with zeros."""
-    return F.pad(rows, (0, 0, 0, -len(rows) % TILE)).view(-1, TILE, rows.shape[-1])
+    if len(rows) % TILE:
+        rows = F.pad(rows, (0, 0, 0, TILE - len(rows) % TILE))
+    return rows.view(-1, TILE, rows.shape[-1])
 
 
 class _Readout(torch.autograd.Function):
@@ -32,26 +34,25 @@ class _Readout(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, scores, offset, lambdas, basis):
-        weighted = _tiled(scores.to(basis.dtype) * lambdas.to(basis.dtype))
-        products = torch.bmm(weighted, basis.expand(len(weighted), *basis.shape)).flatten(0, 1)[: len(scores)]
-        ctx.save_for_backward(scores, basis)
-        return offset.to(lambdas.dtype) + products.to(lambdas.dtype)
+        tiles = _tiled(scores.to(basis.dtype))
+        products = torch.bmm(tiles * lambdas.to(basis.dtype), basis.expand(len(tiles), *basis.shape))
+        ctx.save_for_backward(tiles, basis)
+        return offset.to(lambdas.dtype) + products.flatten(0, 1)[: len(scores)].to(lambdas.dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        scores, basis = ctx.saved_tensors
-        grad_tiles = _tiled(grad.to(basis.dtype))
-        projected = torch.bmm(basis.expand(len(grad_tiles), *basis.shape), grad_tiles.transpose(1, 2))
-        per_tile = torch.sum(projected * _tiled(scores.to(basis.dtype)).transpose(1, 2), 2, dtype=grad.dtype)
+        tiles, basis = ctx.saved_tensors
+        projected = torch.bmm(basis.expand(len(tiles), *basis.shape), _tiled(grad.to(basis.dtype)).transpose(1, 2))
+        per_tile = torch.sum(projected * tiles.transpose(1, 2), 2, dtype=grad.dtype)
         return None, None, per_tile.sum(0), None
 
 
 class ScaleSet:
-    """Float64 copies of an adapter's λ (one leaf per unit group) and its float32 basis; :meth:`write_back` stores
-    the scales.
+    """Float64 copies of an adapter's λ, every unit group's in one leaf, and its float32 basis; :meth:`write_back`
+    stores the scales.
 
     The adapted output of cached or streamed ``(scores, offset)`` is ``offset + (scores * λ) @ basis``, so training
-    needs nothing else from the model.
+    needs nothing else from the model. One leaf, not one per layer, so that the optimiser updates one tensor a step.
 
     Example:
         >>> scales = ScaleSet(peft_model)
@@ -65,10 +66,15 @@ class ScaleSet:
         readout.check_fitted(self.adapter)
         self.config = tuner.peft_config[self.adapter]
         self.layers = readout.transformed_layers(self.adapter)
-        self.params = [
-            nn.Parameter(layer.residual_lambda[self.adapter].detach().to(device, dtype)) for layer in self.layers
-        ]
-        self.ranks = [layer.residual_rank[self.adapter].to(device) for layer in self.layers]
+        groups = [layer.residual_lambda[self.adapter].detach() for layer in self.layers]
+        self.sizes = [len(group) for group in groups]
+        """The number of scales of each layer, in :attr:`values`' order."""
+        self.values = nn.Parameter(torch.cat(groups).to(device, dtype))
+        ranks = [layer.residual_rank[self.adapter] for layer in self.layers]
+        scale_ids = torch.arange(sum(self.sizes)).split(self.sizes)
+        index = torch.cat([per_component(ids, rank) for ids, rank in zip(scale_ids, ranks, strict=True)])
+        self._index = None if len(index) == len(self.values) else index.to(device)
+        """Which scale each component takes, where some layers have one scale per unit."""
         self.basis = readout.basis(self.adapter, READOUT_DTYPE).to(device)
         self.fitted_state = [
             tensor
@@ -81,27 +87,35 @@ class ScaleSet:
         """The mean and basis tensors the scales act on (for run fingerprints)."""
 
     @property
+    def params(self) -> list[nn.Parameter]:
+        """The leaves to optimise."""
+        return [self.values]
+
+    @property
     def count(self) -> int:
-        return sum(param.numel() for param in self.params)
+        return self.values.numel()
 
     def lambdas(self) -> torch.Tensor:
         """One scale per component, in score order."""
-        return torch.cat([per_component(param, rank) for param, rank in zip(self.params, self.ranks, strict=True)])
+        return self.values if self._index is None else self.values[self._index]
 
     def output(self, scores: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
         """The adapted embedding of cached or streamed ``scores`` and ``offset``."""
         return _Readout.apply(scores, offset, self.lambdas(), self.basis)
 
-    def snapshot(self) -> list[torch.Tensor]:
-        return [param.detach().clone() for param in self.params]
+    def per_layer(self, values: torch.Tensor) -> list[torch.Tensor]:
+        """``values`` shaped like :attr:`values` (the scales, or optimiser state), split into one tensor per layer."""
+        return [part.clone() for part in values.detach().split(self.sizes)]
+
+    def snapshot(self) -> torch.Tensor:
+        return self.values.detach().clone()
 
     @torch.no_grad()
-    def load(self, values: list[torch.Tensor]) -> None:
-        for param, value in zip(self.params, values, strict=True):
-            param.copy_(value)
+    def load(self, values: torch.Tensor) -> None:
+        self.values.copy_(values)
 
     @torch.no_grad()
     def write_back(self) -> None:
         """Store the current scales in the model's adapter (in its dtype)."""
-        for layer, param in zip(self.layers, self.params, strict=True):
-            layer.residual_lambda[self.adapter].copy_(param)
+        for layer, part in zip(self.layers, self.values.split(self.sizes), strict=True):
+            layer.residual_lambda[self.adapter].copy_(part)

@@ -72,7 +72,7 @@ def train_step(
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     value = float(_sum(accelerator, loss.detach()))
-    if check_finite and not (math.isfinite(value) and bool(torch.isfinite(torch.cat(scales.params)).all())):
+    if check_finite and not (math.isfinite(value) and bool(torch.isfinite(scales.values).all())):
         raise ResiDualInputError(
             f"The training loss became {value} (scales non-finite); lower the learning rate "
             f"(now {optimizer.param_groups[0]['lr']}) or check the classifier."

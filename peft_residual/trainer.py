@@ -268,16 +268,14 @@ def _save(
     scales: ScaleSet,
     optimizer: AdamWScheduleFree,
     stopping: EarlyStopping,
-    best: list[torch.Tensor],
+    best: torch.Tensor,
     lr: float,
     fingerprint: str,
 ) -> None:
-    tensors = {}
-    for i, param in enumerate(scales.params):
-        tensors[f"lambda.{i}"] = param
-        tensors[f"best.{i}"] = best[i]
-        for name, value in optimizer.state[param].items():
-            tensors[f"optimizer.{name}.{i}"] = value
+    # per layer, as the adapter holds them, so the layout does not follow how the optimiser groups the scales
+    state = optimizer.state[scales.values]
+    named = {"lambda": scales.values, "best": best, **{f"optimizer.{name}": value for name, value in state.items()}}
+    tensors = {f"{name}.{i}": part for name, value in named.items() for i, part in enumerate(scales.per_layer(value))}
     groups = {name: optimizer.param_groups[0][name] for name in _GROUP_SCALARS}
     save_checkpoint(directory, tensors, {**stopping.state(), "optimizer": groups, "lr": lr, "fingerprint": fingerprint})
 
@@ -288,13 +286,15 @@ def _restore(
     stopping: EarlyStopping,
     tensors: dict[str, torch.Tensor],
     state: dict,
-) -> list[torch.Tensor]:
-    scales.load([tensors[f"lambda.{i}"] for i in range(len(scales.params))])
-    for i, param in enumerate(scales.params):
-        names = [key.split(".")[1] for key in tensors if key.startswith("optimizer.") and key.endswith(f".{i}")]
-        optimizer.state[param] = {name: tensors[f"optimizer.{name}.{i}"].to(param.device) for name in names}
+) -> torch.Tensor:
+    def joined(name: str) -> torch.Tensor:
+        return torch.cat([tensors[f"{name}.{i}"] for i in range(len(scales.sizes))]).to(scales.values.device)
+
+    scales.load(joined("lambda"))
+    names = {key.split(".")[1] for key in tensors if key.startswith("optimizer.")}
+    optimizer.state[scales.values] = {name: joined(f"optimizer.{name}") for name in sorted(names)}
     for group in optimizer.param_groups:
         group.update({name: state["optimizer"][name] for name in _GROUP_SCALARS})
     for key, value in stopping.state().items():
         setattr(stopping, key, state.get(key, value))
-    return [tensors[f"best.{i}"].to(param.device) for i, param in enumerate(scales.params)]
+    return joined("best")

@@ -281,6 +281,21 @@ def test_finished_checkpoint_is_reused_and_another_run_is_refused(tmp_path):
         train_residual(model, classifier, data, max_epochs=2, batch_size=32, output_dir=tmp_path, progress=False)
 
 
+def test_a_checkpoint_holds_the_scales_and_optimiser_state_per_layer_as_the_adapter_does(tmp_path):
+    model, classifier, data = fitted_with_classifier()
+    train_residual(model, classifier, data, max_epochs=3, batch_size=16, output_dir=tmp_path, progress=False)
+    tensors = load_file(tmp_path / CHECKPOINT_NAME)
+    layers = model.base_model.readout.transformed_layers("default")
+    assert len(layers) > 1 and {key.rsplit(".", 1)[0] for key in tensors} == {
+        "lambda", "best", "optimizer.z", "optimizer.exp_avg_sq"
+    }  # fmt: skip
+    for i, layer in enumerate(layers):
+        adapter = layer.residual_lambda["default"]
+        assert all(tensors[f"{name}.{i}"].shape == adapter.shape for name in ("lambda", "optimizer.z"))
+        assert torch.equal(tensors[f"best.{i}"].to(adapter.dtype), adapter)  # the best epoch's scales, restored
+    assert f"lambda.{len(layers)}" not in tensors
+
+
 def test_a_checkpoint_of_another_run_is_refused_before_any_encoding(tmp_path, monkeypatch):
     model, classifier, data = fitted_with_classifier()
     train_residual(model, classifier, data, max_epochs=1, batch_size=16, output_dir=tmp_path, progress=False)
