@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 import tempfile
 import threading
@@ -15,6 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from peft_residual import Classifier, accuracy, embed_batches, embed_images
+from peft_residual.scales import TILE
 
 
 class PeakRSS:
@@ -52,6 +54,45 @@ def latency_ms(model: nn.Module, pixel_values: torch.Tensor, repeats: int = 5) -
         embed_images(model, pixel_values)
         times.append(time.perf_counter() - started)
     return 1000 * statistics.median(times)
+
+
+def readout_products_seconds(
+    components: int, dim: int, train_batches: list[int], val_batches: list[int], epochs: float, repeats: int = 5
+) -> float:
+    """A lower bound on any float32 training of ``components`` scales on this machine: the wall time of only the
+    products that every step needs, ``(scores * λ) @ basis`` and, for the λ-gradient, ``basis @ grad`` (validation:
+    the first alone), over ``epochs`` epochs of batches of these sizes. Each product is timed as one matrix product
+    and as the readout's tiles of ``TILE`` samples, and the faster is taken."""
+    basis = torch.randn(components, dim)
+    stacked = basis.expand(math.ceil(max(train_batches + val_batches) / TILE), -1, -1)
+
+    def forward(size: int) -> float:
+        rows, tiles = torch.randn(size, components), torch.randn(math.ceil(size / TILE), TILE, components)
+        return min(
+            _median_seconds(lambda: rows @ basis, repeats),
+            _median_seconds(lambda: torch.bmm(tiles, stacked[: len(tiles)]), repeats),
+        )
+
+    def backward(size: int) -> float:
+        rows, tiles = torch.randn(dim, size), torch.randn(math.ceil(size / TILE), dim, TILE)
+        return min(
+            _median_seconds(lambda: basis @ rows, repeats),
+            _median_seconds(lambda: torch.bmm(stacked[: len(tiles)], tiles), repeats),
+        )
+
+    step = {size: forward(size) + backward(size) for size in set(train_batches)}
+    evaluation = {size: forward(size) for size in set(val_batches)}
+    return epochs * (sum(step[size] for size in train_batches) + sum(evaluation[size] for size in val_batches))
+
+
+def _median_seconds(call: Callable[[], object], repeats: int) -> float:
+    call()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
 
 
 def saved_bytes(save: Callable[[Path], object]) -> int:

@@ -27,7 +27,7 @@ from peft_residual import (
 from peft_residual import load_vision_model as load_backbone
 
 from .baselines import LEARNING_RATES, train_parameters
-from .measure import PeakRSS, latency_ms, saved_bytes, test_accuracy
+from .measure import PeakRSS, latency_ms, readout_products_seconds, saved_bytes, test_accuracy
 
 
 @dataclass
@@ -114,6 +114,12 @@ def residual(
         with torch.no_grad():
             score = accuracy(bench.classifier(adapted_embeddings(model, test)), test.labels)
     size = saved_bytes(model.save_pretrained)
+    components = len(model.base_model.readout.lambdas(model.active_adapter))
+    floor = None
+    if not end_to_end:  # what the one backbone pass and the epochs' readout products alone take, and nothing else
+        sizes = [[len(batch) for batch in torch.arange(len(split)).split(bench.batch_size)] for split in (train, val)]
+        dim = model.base_model.arch.output_dim
+        floor = encoding + readout_products_seconds(components, dim, *sizes, result.epochs_run)
     cache_seconds = result.seconds["cache"]
     train_seconds = result.seconds["total"] - cache_seconds  # all the rest: setup, any LR range test, the epochs
     return _record(
@@ -121,7 +127,8 @@ def residual(
         trainable_params=model.get_nb_trainable_parameters()[0], adapter_bytes=size, epochs=result.epochs_run,
         seconds={"pca": pca_seconds, "cache": encoding + cache_seconds, "train": train_seconds},
         eigen_seconds=fitted.eigen_seconds, peak_rss_mib=rss.mib, latency_ms=latency_ms(model, bench.latency_batch()),
-        lr=result.lr, cached=result.cached,
+        lr=result.lr, cached=result.cached, components=components,
+        floor_seconds=floor,
     )  # fmt: skip
 
 

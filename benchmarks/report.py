@@ -53,6 +53,7 @@ def summarise(records: list[dict]) -> list[dict]:
                 "epochs": statistics.mean(r["epochs"] for r in runs),
                 "peak_rss_mib": max(r["peak_rss_mib"] for r in runs),
                 "latency_ms": statistics.mean(r["latency_ms"] for r in runs if r["latency_ms"] is not None),
+                "floor_s": statistics.mean(r["floor_seconds"] for r in runs) if runs[0].get("floor_seconds") else None,
             }
         )
     return rows
@@ -81,6 +82,14 @@ def markdown(rows: list[dict], title: str, frozen_forward_s: float | None = None
         )
     if frozen_forward_s:
         lines += ["", f"One frozen forward over the training images: {frozen_forward_s:.1f} s."]
+        floors = [f"{r['method']} {r['floor_s'] / frozen_forward_s:.3f}" for r in rows if r.get("floor_s")]
+        if floors:
+            lines += [
+                "",
+                "A lower bound on total ÷ frozen fwd, measured in the same run: the one backbone pass over the train "
+                "and validation images plus only the float32 readout products of the epochs run, with no fit and no "
+                f"other work (`benchmarks.measure.readout_products_seconds`): {', '.join(floors)}.",
+            ]
     return "\n".join(lines) + "\n"
 
 

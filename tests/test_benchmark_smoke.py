@@ -28,8 +28,12 @@ def test_harness_writes_well_formed_outputs(tiny_assets, tmp_path, model):
     assert residual_star["trainable_params"] < lora["trainable_params"]
     assert residual_star["seconds"]["pca"] > 0 and residual_star["adapter_bytes"] > 0
     assert payload["command"].startswith("python -m benchmarks.run") and "packages" in payload["environment"]
+    for record in payload["records"]:  # the lower bound: the encoding plus a little, under the total
+        if record["method"] in run.RESIDUAL_PRESETS:
+            encoding = sum(payload["encode_seconds"][split] for split in ("train", "val"))
+            assert encoding < record["floor_seconds"] < sum(record["seconds"].values())
     table = (tmp_path / "smoke.md").read_text()
-    assert table.count("\n|") == 2 + len(run.ALL_METHODS)
+    assert table.count("\n|") == 2 + len(run.ALL_METHODS) and "A lower bound on total" in table
     for png in outcome["outputs"]["accuracy_png"], outcome["outputs"]["time_png"]:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -209,8 +209,11 @@ def fit_residual_bases(
                 store.add(record, labels)
                 store.image_size = image_size
             contributions = record.contributions(arch, config.ln_mean)
-            if not torch.isfinite(contributions).all():
-                unit = arch.unit_names[int((~torch.isfinite(contributions)).any(-1).any(0).nonzero()[0])]
+            # one reduction instead of an elementwise test: a NaN or inf anywhere makes its unit's sum non-finite,
+            # and a float64 sum of float32 values cannot overflow
+            per_unit = contributions.sum((0, 2), dtype=torch.float64)
+            if not torch.isfinite(per_unit).all():
+                unit = arch.unit_names[int((~torch.isfinite(per_unit)).nonzero()[0])]
                 raise ResiDualInputError(
                     f"Non-finite activations in unit {unit} at batch {step}; check the inputs' normalisation and the "
                     "model's dtype (fp16 can overflow: fit in float32)."
