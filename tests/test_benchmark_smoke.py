@@ -28,6 +28,7 @@ def test_harness_writes_well_formed_outputs(tiny_assets, tmp_path, model):
     assert residual_star["trainable_params"] < lora["trainable_params"]
     assert residual_star["seconds"]["pca"] > 0 and residual_star["adapter_bytes"] > 0
     assert payload["command"].startswith("python -m benchmarks.run") and "packages" in payload["environment"]
+    assert payload["frozen_forward_train_s"] > 0 and payload["encode_seconds"]["train"] > 0  # timed side by side
     for record in payload["records"]:  # the lower bound: the encoding plus a little, under the total
         if record["method"] in run.RESIDUAL_PRESETS:
             encoding = sum(payload["encode_seconds"][split] for split in ("train", "val"))
