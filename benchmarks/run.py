@@ -14,6 +14,7 @@ import argparse
 import shlex
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -99,8 +100,8 @@ def build(args: argparse.Namespace) -> tuple[methods.Bench, dict]:
     )  # fmt: skip
     # One backbone pass per split: its unit pieces serve every ResiDual variant, the base features (their sum) the
     # zero-shot score, the centroids and the linear probe. The yardstick of the ResiDual totals, a plain frozen
-    # forward over the training images, is timed batch by batch alongside the training images' unit pass, since on
-    # a shared 2-core machine two passes timed apart differ by 10-20 %, after a warm-up that no timed pass pays for.
+    # forward over the training images, is timed batch by batch alongside their unit pass, after one untimed warm-up
+    # batch: two passes timed minutes apart differed by 10-20 % on this shared 2-core machine.
     embed_batches(model, [next(iter(bench.loader(splits["val"])))], base=True, progress=False)  # untimed warm-up
     yardstick = FrozenAlongside(model, bench.loader(splits["train"]))
     bench.units, bench.encode_seconds, features = {}, {}, {}
@@ -132,7 +133,7 @@ class FrozenAlongside:
     def __len__(self) -> int:
         return len(self.batches)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[dict]:
         batches = iter(self.batches)
         for step in range(len(self.batches)):
             started = time.perf_counter()
