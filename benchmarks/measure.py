@@ -47,13 +47,7 @@ class PeakRSS:
 @torch.no_grad()
 def latency_ms(model: nn.Module, pixel_values: torch.Tensor, repeats: int = 5) -> float:
     """Median wall time of one image-embedding forward on ``pixel_values``, after a warm-up."""
-    embed_images(model, pixel_values)
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        embed_images(model, pixel_values)
-        times.append(time.perf_counter() - started)
-    return 1000 * statistics.median(times)
+    return 1000 * _median_seconds(lambda: embed_images(model, pixel_values), repeats)
 
 
 def readout_products_seconds(
@@ -86,6 +80,7 @@ def readout_products_seconds(
 
 
 def _median_seconds(call: Callable[[], object], repeats: int) -> float:
+    """Median wall time of ``call`` over ``repeats`` calls, after one warm-up call."""
     call()
     times = []
     for _ in range(repeats):
