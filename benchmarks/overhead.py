@@ -1,57 +1,90 @@
-"""Inference overhead of the ResiDual readout against the base forward, in one process, interleaved.
+"""Inference overhead of a ResiDual-adapted model against the bare base model, in one process, interleaved.
 
     python -m benchmarks.overhead --model ~/.cache/residual-assets/models/dinov2-small-imgfocus --image-size 98
 
-Prints, per batch size and configuration, the median wall time of the base model and of the adapted model
-(alternating calls, after a warm-up) and their ratio. The bases are fitted on random images: only speed matters.
+The yardstick is the base model itself (a deep copy taken before ``get_peft_model``), so the cost of PEFT's wrappers
+and of ResiDual's layers is counted, not only the readout. Per batch size and configuration it prints the median
+wall time of the bare model and of the adapted model (alternating calls, after a warm-up, one thread by default)
+and their ratio, and writes them to ``--output`` as JSON. The bases are fitted on random images: only speed matters.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import json
+import platform
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from peft import get_peft_model
 
 from peft_residual import ResiDualConfig, embed_images, fit_residual_bases, load_vision_model
 
+CONFIGS = {"k=64 heads": ResiDualConfig(k=64), "ResiDual": ResiDualConfig.preset("residual")}
 
-def interleaved_ms(adapted, pixel_values: torch.Tensor, repeats: int) -> tuple[float, float]:
-    """Median ms of the base forward (adapter bypassed) and of the adapted forward, alternating."""
-    base, ours = [], []
-    with torch.no_grad():
-        for _ in range(3):
-            embed_images(adapted, pixel_values)
-        for _ in range(repeats):
-            started = time.perf_counter()
-            with adapted.disable_adapter():
-                embed_images(adapted, pixel_values)
-            base.append(time.perf_counter() - started)
-            started = time.perf_counter()
-            embed_images(adapted, pixel_values)
-            ours.append(time.perf_counter() - started)
-    return 1000 * statistics.median(base), 1000 * statistics.median(ours)
+
+def interleaved_ms(bare, adapted, pixel_values: torch.Tensor, repeats: int) -> tuple[float, float]:
+    """Median ms of the bare base model and of the adapted model on the same batch, alternating which goes first."""
+    timings = {"bare": [], "adapted": []}
+    models = {"bare": bare, "adapted": adapted}
+    with torch.inference_mode():
+        for model in models.values():
+            for _ in range(3):
+                embed_images(model, pixel_values)
+        for repeat in range(repeats):
+            for name in ("bare", "adapted") if repeat % 2 == 0 else ("adapted", "bare"):
+                started = time.perf_counter()
+                embed_images(models[name], pixel_values)
+                timings[name].append(time.perf_counter() - started)
+    return 1000 * statistics.median(timings["bare"]), 1000 * statistics.median(timings["adapted"])
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True)
+    parser.add_argument("--model", required=True, help="Hub id or local directory of a supported model")
     parser.add_argument("--image-size", type=int, default=98)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
-    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (the measurement used 1)")
+    parser.add_argument("--output", type=Path, default=Path("benchmarks/results/overhead_dinov2.json"))
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     size = args.image_size
-    for name, config in (("k=64 heads", ResiDualConfig(k=64)), ("ResiDual", ResiDualConfig.preset("residual"))):
-        model = get_peft_model(load_vision_model(args.model), config)
+    rows = []
+    for name, config in CONFIGS.items():
+        base = load_vision_model(args.model)
+        bare = copy.deepcopy(base)
+        model = get_peft_model(base, config)
         fit_residual_bases(model, [{"pixel_values": torch.randn(64, 3, size, size)} for _ in range(8)], progress=False)
         for batch in args.batch_sizes:
-            base, ours = interleaved_ms(model, torch.randn(batch, 3, size, size), args.repeats)
-            print(
-                f"{name:>10}  batch {batch:>3}: base {base:8.2f} ms  ResiDual {ours:8.2f} ms  ratio {ours / base:.3f}"
+            bare_ms, adapted_ms = interleaved_ms(bare, model, torch.randn(batch, 3, size, size), args.repeats)
+            rows.append(
+                {
+                    "config": name,
+                    "batch": batch,
+                    "bare_ms": bare_ms,
+                    "adapted_ms": adapted_ms,
+                    "ratio": adapted_ms / bare_ms,
+                }
             )
+            print(f"{name:>10}  batch {batch:>3}: bare {bare_ms:8.2f} ms  ResiDual {adapted_ms:8.2f} ms  "
+                  f"ratio {adapted_ms / bare_ms:.3f}")  # fmt: skip
+    record = {
+        "command": "python -m benchmarks.overhead " + " ".join(argv or []),
+        "model": args.model,
+        "image_size": size,
+        "repeats": args.repeats,
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "machine": platform.processor() or platform.machine(),
+        "rows": rows,
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(record, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from .inference import check_labels
 from .tuner import residual_tuner
 from .tuner.decomposition import UnitRecord, record_backbone
 from .tuner.errors import ResiDualInputError
-from .tuner.layer import combine
+from .tuner.layer import readout
 from .tuner.unit_store import UnitStore
 
 CACHE_DTYPE = torch.float32
@@ -41,8 +41,8 @@ def encode_batch(
     if record is None:
         pixel_values = tuner.arch.check_pixel_values(pixel_values, where)
         reference = next(tuner.model.parameters())
-        record = record_backbone(tuner.model, pixel_values.to(reference.device, reference.dtype))
-    contributions = record.contributions(tuner.arch, tuner.readout.residual_ln_mean[adapter])
+        record = record_backbone(tuner.arch, pixel_values.to(reference.device, reference.dtype))
+    contributions = record.contributions(tuner.arch, tuner.peft_config[adapter].ln_mean)
     scores, offset = tuner.readout.scores_and_offset(adapter, contributions)
     if not (torch.isfinite(scores).all() and torch.isfinite(offset).all()):
         raise ResiDualInputError(f"{where}: the unit scores are not finite; check the images and the model's dtype.")
@@ -191,7 +191,8 @@ def adapted_embeddings(model: nn.Module, cache: UnitCache) -> torch.Tensor:
     tuner = residual_tuner(model)
     adapter = tuner.active_adapters[0]
     with torch.no_grad():
-        return combine(cache.scores, cache.offset, tuner.readout.lambdas(adapter), tuner.readout.basis(adapter))
+        basis = tuner.readout.basis(adapter)
+        return readout(cache.scores.to(basis), tuner.readout.lambdas(adapter).to(basis), basis, cache.offset.to(basis))
 
 
 @torch.no_grad()

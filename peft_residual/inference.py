@@ -42,7 +42,7 @@ def base_outputs(model: nn.Module) -> Iterator[None]:
     """Make ``model`` give its base model's outputs for the block: any ResiDual readout passes through, any other
     PEFT adapter is disabled."""
     other_peft = hasattr(model, "disable_adapter") and not is_residual_model(model)
-    with model.disable_adapter() if other_peft else readout_bypassed(model):
+    with model.disable_adapter() if other_peft else readout_bypassed():
         yield
 
 

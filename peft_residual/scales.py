@@ -3,48 +3,16 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .tuner import residual_tuner
-from .tuner.layer import per_component
+from .tuner.layer import readout
 
 TRAINING_DTYPE = torch.float64
 """The scales, their optimiser state, the adapted output and every sum over samples are float64."""
 READOUT_DTYPE = torch.float32
-"""The products of the scores with the basis, nearly all of a step's arithmetic, run in float32: about 1.7 times as
-fast as float64 on a CPU."""
-TILE = 32
-"""Samples per readout product. A float32 product's rounding depends on its shape, so every product is one tile of
-exactly this many samples (zero-padded), and processes share a cached batch by whole tiles (:mod:`.steps`):
-each sample's arithmetic is then the same for any number of processes, and only the float64 sums over tiles are
-associated differently. Smaller tiles would spread a batch of 64 over more processes, but they stream the basis
-once per tile: at 16 the products already lose half their speed on a CPU."""
-
-
-def _tiled(rows: torch.Tensor) -> torch.Tensor:
-    """``[n, c]`` as ``[ceil(n / TILE), TILE, c]``, the last tile padded with zeros."""
-    if len(rows) % TILE:
-        rows = F.pad(rows, (0, 0, 0, TILE - len(rows) % TILE))
-    return rows.view(-1, TILE, rows.shape[-1])
-
-
-class _Readout(torch.autograd.Function):
-    """``offset + (scores * lambdas) @ basis`` in ``lambdas``' dtype, the products tile by tile in ``basis``' dtype."""
-
-    @staticmethod
-    def forward(ctx, scores, offset, lambdas, basis):
-        tiles = _tiled(scores.to(basis.dtype))
-        products = torch.bmm(tiles * lambdas.to(basis.dtype), basis.expand(len(tiles), *basis.shape))
-        ctx.save_for_backward(tiles, basis)
-        return offset.to(lambdas.dtype) + products.flatten(0, 1)[: len(scores)].to(lambdas.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        tiles, basis = ctx.saved_tensors
-        projected = torch.bmm(basis.expand(len(tiles), *basis.shape), _tiled(grad.to(basis.dtype)).transpose(1, 2))
-        per_tile = torch.sum(projected * tiles.transpose(1, 2), 2, dtype=grad.dtype)
-        return None, None, per_tile.sum(0), None
+"""The products of the scores with the basis, nearly all of a step's arithmetic, run in float32 (the tiled form of
+:func:`~.tuner.layer.readout`): about 1.7 times as fast as float64 on a CPU."""
 
 
 class ScaleSet:
@@ -70,12 +38,13 @@ class ScaleSet:
         self.sizes = [len(group) for group in groups]
         """The number of scales of each layer, in :attr:`values`' order."""
         self.values = nn.Parameter(torch.cat(groups).to(device, dtype))
-        ranks = [layer.residual_rank[self.adapter] for layer in self.layers]
-        scale_ids = torch.arange(sum(self.sizes)).split(self.sizes)
-        index = torch.cat([per_component(ids, rank) for ids, rank in zip(scale_ids, ranks, strict=True)])
-        self._index = None if len(index) == len(self.values) else index.to(device)
-        """Which scale each component takes, where some layers have one scale per unit."""
-        self.basis = readout.basis(self.adapter, READOUT_DTYPE).to(device)
+        plan = readout.plan(self.adapter)
+        index = plan.lambda_index[plan.components]
+        self._index = (
+            None if torch.equal(index, torch.arange(len(self.values), device=index.device)) else index.to(device)
+        )
+        """Which scale each component takes, where some layers have one scale per unit or the order differs."""
+        self.basis = readout.basis(self.adapter).to(device, READOUT_DTYPE)
         self.fitted_state = [
             tensor
             for layer in readout.layers_of(self.adapter)
@@ -101,7 +70,7 @@ class ScaleSet:
 
     def output(self, scores: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
         """The adapted embedding of cached or streamed ``scores`` and ``offset``."""
-        return _Readout.apply(scores, offset, self.lambdas(), self.basis)
+        return readout(scores, self.lambdas(), self.basis, offset, tiled=True)
 
     def per_layer(self, values: torch.Tensor) -> list[torch.Tensor]:
         """``values`` shaped like :attr:`values` (the scales, or optimiser state), split into one tensor per layer."""

@@ -20,8 +20,9 @@ from schedulefree import AdamWScheduleFree
 
 from .cache import StreamedUnits, UnitCache
 from .classifiers import Classifier
-from .scales import TILE, ScaleSet
+from .scales import ScaleSet
 from .tuner.errors import ResiDualInputError
+from .tuner.layer import TILE
 
 
 def epoch_seed(seed: int, epoch: int) -> int:

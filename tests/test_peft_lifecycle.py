@@ -118,7 +118,7 @@ def test_second_adapter_switch_save_selected_and_delete(fitted_models, tmp_path)
     assert not torch.allclose(first, other)
     model.set_adapter("default")
     torch.testing.assert_close(output(model), first, rtol=0, atol=0)
-    assert any("other" in layer.residual_output_space for layer in model.base_model.unit_layers())
+    assert "other" in model.base_model.readout.residual_plan
 
     model.save_pretrained(tmp_path / "both")
     assert (tmp_path / "both" / "other" / "adapter_config.json").exists()

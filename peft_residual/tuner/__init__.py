@@ -6,7 +6,7 @@ from peft.utils import PeftType, register_peft_method
 
 from .architectures import ARCHITECTURES, Architecture, ArchitectureSpec, load_vision_model
 from .config import PRESETS, ResiDualConfig
-from .decomposition import UnitRecord, Units, decompose_units, recording, unit_contributions
+from .decomposition import UnitRecord, Units, decompose_units, recording
 from .errors import ResiDualInputError
 from .layer import ResiDualLayer, ResiDualReadoutLayer, ResiDualUnitLayer
 from .model import ResiDualModel, residual_tuner
@@ -34,7 +34,6 @@ __all__ = [
     "load_vision_model",
     "recording",
     "residual_tuner",
-    "unit_contributions",
 ]
 
 if PeftType.RESIDUAL not in PEFT_TYPE_TO_TUNER_MAPPING:  # registered once per process, whatever is reloaded

@@ -172,6 +172,32 @@ class Architecture:
         return self.model.get_parameter(path.format(i=layer)) if path else None
 
     @cached_property
+    def attention_outputs(self) -> list[nn.Linear]:
+        """Each layer's attention output projection (the base module, looked up once)."""
+        return [self.module(self.spec.attention_out, layer) for layer in range(self.num_layers)]
+
+    def head_contributions(self, layer: int, head_inputs: torch.Tensor) -> torch.Tensor:
+        """What each head of ``layer`` adds to the residual stream, ``[batch, heads, hidden]``, from the
+        concatenated head outputs ``[batch, hidden]`` entering the output projection (in their dtype)."""
+        out_proj, dtype = self.attention_outputs[layer], head_inputs.dtype
+        weight = out_proj.weight.to(dtype).view(self.hidden_size, self.num_heads, self.head_dim)
+        heads = torch.einsum("bhk,dhk->bhd", head_inputs.view(-1, self.num_heads, self.head_dim), weight)
+        if out_proj.bias is not None:
+            heads = heads + out_proj.bias.to(dtype) / self.num_heads
+        scale = self.attention_layer_scale(layer)
+        return heads * scale.to(dtype) if scale is not None else heads
+
+    @cached_property
+    def bias_shares(self) -> torch.Tensor:
+        """Each unit's share of a constant added after the residual stream: ``1/(2L+1)`` per block, split among
+        heads (float64)."""
+        blocks = 2 * self.num_layers + 1
+        shares = torch.full((self.num_units,), 1.0 / blocks, dtype=torch.float64)
+        for layer in range(self.num_layers):
+            shares[self.heads_slice(layer)] = 1.0 / (blocks * self.num_heads)
+        return shares
+
+    @cached_property
     def unit_names(self) -> list[str]:
         """Names of the units, in the order of :meth:`unit_slices`: embedding, then per layer its heads and MLP."""
         names = ["embedding"]

@@ -11,15 +11,20 @@ ways (:data:`LN_MEANS`), both summing exactly to the model's output:
   ``gamma * (u - s * mean(r)) / std(r) + s * beta``;
 - ``"unit"``: each unit is centred on its own mean, ``gamma * (u - mean(u)) / std(r) + s * beta``.
 
-The CLS pieces come from a :class:`UnitRecord`, filled either by the ResiDual layers themselves during an adapted
-forward, or by :func:`recording`, which hooks the base modules for the duration of one block.
+The CLS pieces of one forward pass go into a :class:`UnitRecord` that lives only as long as that call: records sit
+on a stack private to the calling thread (:func:`current_record`). The embedding's unit module opens a record when
+none is waiting and the output module consumes it, so two threads, replicas sharing modules, and a forward nested
+inside another each read their own pieces. The ResiDual layers capture their own pieces; :func:`recording` hooks the
+modules of a bare model instead.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -30,58 +35,116 @@ LN_MEANS = ("shared", "unit")
 """How the final norm's mean is split among the units (see the module docstring)."""
 
 
-def cls_piece(kind: str, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-    """What a unit module of ``kind`` adds at the CLS token: the heads enter the output projection as its input."""
-    source = inputs[0] if kind == "heads" else output
-    return source[:, 0].detach().clone()  # a copy, so that the record does not keep the whole sequence alive
-
-
-@dataclass
+@dataclass(eq=False)
 class UnitRecord:
-    """The raw CLS pieces of one forward pass: the embedding, each layer's concatenated heads and each MLP output."""
+    """The raw CLS pieces of one forward pass: the embedding, each layer's concatenated heads and each MLP output.
+
+    The pieces keep their autograd graph: a gradient of the adapted output reaches the input and the backbone.
+    """
 
     embedding: torch.Tensor | None = None
     heads: dict[int, torch.Tensor] = field(default_factory=dict)
     mlps: dict[int, torch.Tensor] = field(default_factory=dict)
     num_tokens: int | None = None
     """Sequence length of the embedding output, which tells the image size the model saw."""
+    adapt: bool = True
+    """Whether a ResiDual readout replaces the output (``False`` in passes that only record)."""
+    cls_only: bool = False
+    """Whether the last block runs on the CLS token alone (see :func:`last_block_at_cls`)."""
+    opened_by_embedding: bool = False
+    """Opened by the embedding module because no record was waiting, so the readout closes it."""
 
     def capture(self, kind: str, layer: int | None, inputs: tuple, output: torch.Tensor) -> None:
         """Store what the unit module of ``kind`` (in ``layer``) produced in one forward call."""
-        piece = cls_piece(kind, inputs, output)
+        source = inputs[0] if kind == "heads" else output  # the heads enter the output projection as its input
+        piece = source[:, 0].clone()  # a copy, so that the record never holds the whole sequence alive
         if kind == "embedding":
             self.embedding, self.num_tokens = piece, output.shape[1]
         else:
             (self.heads if kind == "heads" else self.mlps)[layer] = piece
 
-    def clear(self) -> None:
-        self.embedding, self.num_tokens = None, None
-        self.heads.clear()
-        self.mlps.clear()
-
-    def raw_units(self, arch: Architecture) -> torch.Tensor:
-        """The units as they enter the residual stream at CLS, ``[batch, units, hidden]`` in float32."""
+    def raw_units(self, arch: Architecture, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The units as they enter the residual stream at CLS, ``[batch, units, hidden]`` (at least float32)."""
         complete = range(arch.num_layers)
-        if self.embedding is None or sorted(self.heads) != list(complete) or sorted(self.mlps) != list(complete):
+        if self.embedding is None or len(self.heads) != arch.num_layers or len(self.mlps) != arch.num_layers:
             raise RuntimeError("No complete forward pass was recorded; run the model on pixel_values first.")
-        batch = self.embedding.shape[0]
-        units = [self.embedding.float().unsqueeze(1)]
+        dtype = torch.promote_types(dtype, self.embedding.dtype)
+        units = [self.embedding.to(dtype).unsqueeze(1)]
         for layer in complete:
-            out_proj = arch.module(arch.spec.attention_out, layer)
-            weight = out_proj.weight.float().view(arch.hidden_size, arch.num_heads, arch.head_dim)
-            head_inputs = self.heads[layer].float().view(batch, arch.num_heads, arch.head_dim)
-            heads = torch.einsum("bhk,dhk->bhd", head_inputs, weight)
-            if out_proj.bias is not None:
-                heads = heads + out_proj.bias.float() / arch.num_heads
-            scale = arch.attention_layer_scale(layer)
-            if scale is not None:
-                heads = heads * scale.float()
-            units += [heads, self.mlps[layer].float().unsqueeze(1)]
+            units += [arch.head_contributions(layer, self.heads[layer].to(dtype)), self.mlps[layer].to(dtype)[:, None]]
         return torch.cat(units, dim=1)
 
     def contributions(self, arch: Architecture, ln_mean: str = "shared") -> torch.Tensor:
-        """Direct contributions in output space, ``[batch, units, output_dim]`` in float32; they sum to the output."""
+        """Direct contributions in output space, ``[batch, units, output_dim]`` (at least float32); they sum to the
+        output."""
         return linearise(self.raw_units(arch), arch, ln_mean)
+
+
+class _RecordStack(threading.local):
+    def __init__(self) -> None:
+        self.records: list[UnitRecord] = []
+        self.bypassed = 0  # depth of readout_bypassed blocks in this thread
+
+
+_STACK = _RecordStack()
+
+
+def current_record() -> UnitRecord | None:
+    """The record of the forward pass running in this thread, if one is open."""
+    records = _STACK.records
+    return records[-1] if records else None
+
+
+def capture(kind: str, layer: int | None, inputs: tuple, output: torch.Tensor) -> None:
+    """Store one unit module's piece in this thread's open record. The embedding, which runs first, opens a record
+    when none is waiting (nothing open, or the open one already has its embedding: a nested forward)."""
+    record = current_record()
+    if kind == "embedding" and (record is None or record.embedding is not None):
+        record = UnitRecord(adapt=not _STACK.bypassed, opened_by_embedding=True)
+        _STACK.records.append(record)
+    if record is not None:
+        record.capture(kind, layer, inputs, output)
+
+
+def take_record() -> UnitRecord | None:
+    """The record the output module reads, closed if the embedding opened it."""
+    record = current_record()
+    if record is not None and record.opened_by_embedding:
+        _STACK.records.pop()
+    return record
+
+
+@contextmanager
+def open_record(record: UnitRecord) -> Iterator[UnitRecord]:
+    """Make ``record`` the one this thread's next forward pass fills; on exit, drop it and any record a failed
+    forward left above it."""
+    depth = len(_STACK.records)
+    _STACK.records.append(record)
+    try:
+        yield record
+    finally:
+        del _STACK.records[depth:]
+
+
+@contextmanager
+def forward_scope() -> Iterator[None]:
+    """Drop, on exit, any record a forward pass inside the block opened and left open (when it raised)."""
+    depth = len(_STACK.records)
+    try:
+        yield
+    finally:
+        del _STACK.records[depth:]
+
+
+@contextmanager
+def readout_bypassed() -> Iterator[None]:
+    """Forward passes in this thread give the base model's output for the block (no module is touched, so other
+    threads keep their adapted outputs)."""
+    _STACK.bypassed += 1
+    try:
+        yield
+    finally:
+        _STACK.bypassed -= 1
 
 
 def unit_modules(arch: Architecture) -> Iterator[tuple[str, str, int | None]]:
@@ -92,131 +155,99 @@ def unit_modules(arch: Architecture) -> Iterator[tuple[str, str, int | None]]:
         yield arch.spec.mlp_out.format(i=layer), "mlps", layer
 
 
-def bias_shares(arch: Architecture) -> torch.Tensor:
-    """Each unit's share of a constant added after the residual stream: ``1/(2L+1)`` per block, split among heads."""
-    blocks = 2 * arch.num_layers + 1
-    shares = torch.full((arch.num_units,), 1.0 / blocks)
-    for layer in range(arch.num_layers):
-        shares[arch.heads_slice(layer)] = 1.0 / (blocks * arch.num_heads)
-    return shares
-
-
 def linearise(raw_units: torch.Tensor, arch: Architecture, ln_mean: str = "shared") -> torch.Tensor:
     """Push raw residual units through the final norm, frozen at each sample's statistics, and the projection;
     ``ln_mean`` says how the norm's mean is split among the units (:data:`LN_MEANS`)."""
     if ln_mean not in LN_MEANS:
         raise ValueError(f"ln_mean must be one of {LN_MEANS}, got {ln_mean!r}.")
-    norm = arch.final_norm
+    norm, projection, dtype = arch.final_norm, arch.projection, raw_units.dtype
     residual = raw_units.sum(dim=1)
     std = torch.sqrt(residual.var(dim=-1, unbiased=False) + norm.eps)
-    shares = bias_shares(arch).to(raw_units)
+    shares = arch.bias_shares.to(raw_units)
     if ln_mean == "shared":
         centred = raw_units - shares[None, :, None] * residual.mean(dim=-1)[:, None, None]
     else:
         centred = raw_units - raw_units.mean(dim=-1, keepdim=True)
     out = centred / std[:, None, None]
     if norm.weight is not None:
-        out = out * norm.weight.float()
+        out = out * norm.weight.to(dtype)
     if norm.bias is not None:
-        out = out + shares[:, None] * norm.bias.float()
-    projection = arch.projection
+        out = out + shares[:, None] * norm.bias.to(dtype)
     if projection is not None:
-        out = out @ projection.weight.float().T
+        out = out @ projection.weight.to(dtype).T
         if projection.bias is not None:
-            out = out + shares[:, None] * projection.bias.float()
+            out = out + shares[:, None] * projection.bias.to(dtype)
     return out
 
 
-class _Recorder:
-    """A forward hook storing one module's CLS piece into a record (a class, not a closure, so it never leaks)."""
+def _capture_hook(kind: str, layer: int | None):
+    def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        capture(kind, layer, inputs, output)
 
-    def __init__(self, record: UnitRecord, kind: str, layer: int | None) -> None:
-        self.record, self.kind, self.layer = record, kind, layer
-
-    def __call__(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        self.record.capture(self.kind, self.layer, inputs, output)
+    return hook
 
 
-@contextmanager
-def recording(model: nn.Module) -> Iterator[UnitRecord]:
-    """Record the unit pieces of every forward pass in the block; the hooks are removed on exit.
-
-    Works on a bare supported model and on one wrapped by PEFT (the hooks sit on the base modules).
-    """
-    arch = Architecture(model)
-    record = UnitRecord()
-    handles = [
-        arch.module(path).register_forward_hook(_Recorder(record, kind, layer))
-        for path, kind, layer in unit_modules(arch)
-    ]
-    try:
-        yield record
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def _first_token_only(module: nn.Module, args: tuple) -> tuple:
+def _first_token_only(module: nn.Module, args: tuple) -> tuple | None:
+    record = current_record()
+    if record is None or not record.cls_only:
+        return None  # another thread's forward, or an adapted one: the whole sequence
     return (args[0][:, :1], *args[1:])
 
 
 @contextmanager
-def last_block_at_cls(arch: Architecture) -> Iterator[None]:
-    """Run the last block's attention output projection and MLP on the CLS token alone for the duration.
+def recording(arch: Architecture, cls_only: bool = False) -> Iterator[UnitRecord]:
+    """Record the unit pieces of the next forward pass in the block, without any ResiDual readout.
 
-    Only CLS leaves the last block toward the pooled output, so the other tokens' projections and MLPs there are
-    wasted work in a pass that only records units (a twelfth of a 12-layer model's MLP and projection work). The
-    block's residual adds then broadcast CLS over the sequence: every token but CLS of its output is wrong, so the
-    model's outputs must not be used in the block.
+    Works on a bare supported model (hooks on the unit modules for the block's duration, which store into this
+    thread's record only) and on one wrapped by PEFT (its layers capture their own pieces). With ``cls_only`` the
+    last block runs on the CLS token alone (see :func:`last_block_at_cls`).
     """
-    last = arch.num_layers - 1
-    paths = (arch.spec.attention_out, arch.spec.mlp or arch.spec.mlp_out)
-    handles = [arch.module(path, last).register_forward_pre_hook(_first_token_only) for path in paths]
+    wrapped = getattr(arch.model.get_submodule(arch.spec.embedding), "captures_units", False)
+    handles = []
+    if not wrapped:
+        handles = [
+            arch.module(path).register_forward_hook(_capture_hook(kind, layer))
+            for path, kind, layer in unit_modules(arch)
+        ]
+    if cls_only:
+        handles += last_block_at_cls(arch)
     try:
-        yield
+        with open_record(UnitRecord(adapt=False, cls_only=cls_only)) as record:
+            yield record
     finally:
         for handle in handles:
             handle.remove()
 
 
+def last_block_at_cls(arch: Architecture) -> list:
+    """Hooks that run the last block's attention output projection and MLP on the CLS token alone, in passes whose
+    record asks for it; returns their handles.
+
+    Only CLS leaves the last block toward the pooled output, so the other tokens' projections and MLPs there are
+    wasted work in a pass that only records units. The block's residual adds then broadcast CLS over the sequence:
+    every token but CLS of its output is wrong, so the model's outputs must not be used in such a pass.
+    """
+    last = arch.num_layers - 1
+    paths = (arch.spec.attention_out, arch.spec.mlp or arch.spec.mlp_out)
+    return [arch.module(path, last).register_forward_pre_hook(_first_token_only) for path in paths]
+
+
 @torch.no_grad()
-def record_backbone(model: nn.Module, pixel_values: torch.Tensor) -> UnitRecord:
-    """Run only the vision backbone of ``model`` (no ResiDual readout) and return what its unit modules produced."""
-    arch = Architecture(model)
-    with recording(model) as record, readout_bypassed(model), last_block_at_cls(arch):
+def record_backbone(arch: Architecture, pixel_values: torch.Tensor) -> UnitRecord:
+    """Run only the vision backbone (no ResiDual readout) and return what its unit modules produced."""
+    with recording(arch, cls_only=True) as record:
         arch.tower(pixel_values=pixel_values)
     return record
 
 
-@torch.no_grad()
-def unit_contributions(model: nn.Module, pixel_values: torch.Tensor, ln_mean: str = "shared") -> torch.Tensor:
-    """The direct contributions ``[batch, units, output_dim]`` of one batch, from one backbone pass."""
-    return record_backbone(model, pixel_values).contributions(Architecture(model), ln_mean)
-
-
-@contextmanager
-def readout_bypassed(model: nn.Module) -> Iterator[None]:
-    """Let any ResiDual readout layer of ``model`` pass its base output through for the block."""
-    from .layer import ResiDualReadoutLayer
-
-    readouts = [m for m in model.modules() if isinstance(m, ResiDualReadoutLayer) and not m.bypass]
-    for readout in readouts:
-        readout.bypass = True
-    try:
-        yield
-    finally:
-        for readout in readouts:
-            readout.bypass = False
-
-
-@dataclass
-class Units:
+class Units(NamedTuple):
     """Direct contributions ``[batch, units, output_dim]`` and the unit names along dimension 1."""
 
     contributions: torch.Tensor
     names: list[str]
 
 
+@torch.no_grad()
 def decompose_units(model: nn.Module, pixel_values: torch.Tensor, ln_mean: str = "shared") -> Units:
     """Decompose the model's pooled (or projected) CLS output into per-unit direct contributions.
 
@@ -228,4 +259,5 @@ def decompose_units(model: nn.Module, pixel_values: torch.Tensor, ln_mean: str =
         >>> torch.allclose(units.contributions.sum(1), model(pixel_values=pixel_values).image_embeds, atol=1e-5)
         True
     """
-    return Units(unit_contributions(model, pixel_values, ln_mean), list(Architecture(model).unit_names))
+    arch = Architecture(model)
+    return Units(record_backbone(arch, pixel_values).contributions(arch, ln_mean), list(arch.unit_names))

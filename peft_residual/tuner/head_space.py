@@ -18,7 +18,6 @@ from __future__ import annotations
 import torch
 
 from .architectures import Architecture
-from .decomposition import bias_shares
 
 
 def _float64(tensor: torch.Tensor) -> torch.Tensor:
@@ -49,7 +48,7 @@ def head_frames(
     columns = [torch.einsum("oh,hnk->nok", mixing, weight), (mixing @ bias)[None, :, None].expand(heads, -1, 1)]
     if ln_mean == "shared":  # the direction the shared mean of the residual moves a unit along
         columns.append(linear.sum(1)[None, :, None].expand(heads, -1, 1))
-    share = float(bias_shares(arch)[arch.heads_slice(layer)][0])
+    share = float(arch.bias_shares[arch.heads_slice(layer)][0])
     offset = torch.zeros(arch.output_dim, dtype=torch.float64)
     if norm.bias is not None:
         beta = _float64(norm.bias)

@@ -1,37 +1,91 @@
-"""ResiDual tuner layers.
+"""ResiDual tuner layers and the one readout formula.
 
 The residual stream itself is never changed. A :class:`ResiDualUnitLayer` wraps each module that produces units (the
-embedding, one layer's attention output projection, one MLP): it passes the module's output through, records the
-module's CLS piece into the readout's :class:`~.decomposition.UnitRecord`, and holds the PCA bases, means and
-trainable scales of those units per adapter. The :class:`ResiDualReadoutLayer` wraps the module producing the output
-(the projection, else the final norm) and replaces that output by the sum of the transformed units. Because each
-transformed unit contributes ``sum_j lambda_j * s_j * phi_j`` with PCA scores ``s_j = phi_j . (u - mu)``, the adapted
-output is always
+embedding, one layer's attention output projection, one MLP): it passes the module's output through, stores the
+module's CLS piece in the record of the running forward pass (see :mod:`.decomposition`), and holds the PCA bases,
+means and trainable scales of those units per adapter. The :class:`ResiDualReadoutLayer` wraps the module producing
+the output (the projection, else the final norm) and replaces that output by the sum of the transformed units.
+Because each transformed unit contributes ``sum_j lambda_j * s_j * phi_j`` with PCA scores ``s_j = phi_j . (u - mu)``,
+the adapted output is always
 
-    ``offset + (scores * lambda) @ basis``
+    ``offset + (scores * lambda) @ basis``  (:func:`readout`)
 
-where ``scores`` and ``offset`` do not depend on ``lambda``. The cached training path stores exactly these two tensors.
+where ``scores`` and ``offset`` do not depend on ``lambda``: the forward pass, the training cache and training all
+go through that one function.
 """
 
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from .architectures import Architecture
-from .decomposition import UnitRecord
+from .config import ResiDualConfig
+from .decomposition import UnitRecord, capture, take_record
 from .errors import ResiDualInputError
 from .head_space import head_frames
 from .packing import pack_orthonormal, packed_size, unpack_orthonormal
 
 ROLES = ("transform", "mean", "record")
 """Per adapter, a unit layer transforms its units, replaces them by their mean, or only records them."""
+
+TILE = 32
+"""Samples per product in the tiled form of :func:`readout`. A float32 product's rounding depends on its shape, so
+every product is one tile of exactly this many samples (zero-padded), and processes share a cached batch by whole
+tiles: each sample's arithmetic is then the same for any number of processes. Smaller tiles would spread a batch of
+64 over more processes, but they stream the basis once per tile: at 16 the products already lose half their speed
+on a CPU."""
+
+
+def _tiled(rows: torch.Tensor) -> torch.Tensor:
+    """``[n, c]`` as ``[ceil(n / TILE), TILE, c]``, the last tile padded with zeros."""
+    if len(rows) % TILE:
+        rows = F.pad(rows, (0, 0, 0, TILE - len(rows) % TILE))
+    return rows.view(-1, TILE, rows.shape[-1])
+
+
+class _TiledReadout(torch.autograd.Function):
+    """:func:`readout` in ``lambdas``' dtype, the products tile by tile in ``basis``' dtype; the gradient reaches
+    ``lambdas`` only (the cached training path)."""
+
+    @staticmethod
+    def forward(ctx, scores, lambdas, basis, offset):
+        tiles = _tiled(scores.to(basis.dtype))
+        products = torch.bmm(tiles * lambdas.to(basis.dtype), basis.expand(len(tiles), *basis.shape))
+        ctx.save_for_backward(tiles, basis)
+        return offset.to(lambdas.dtype) + products.flatten(0, 1)[: len(scores)].to(lambdas.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        tiles, basis = ctx.saved_tensors
+        projected = torch.bmm(basis.expand(len(tiles), *basis.shape), _tiled(grad.to(basis.dtype)).transpose(1, 2))
+        per_tile = torch.sum(projected * tiles.transpose(1, 2), 2, dtype=grad.dtype)
+        return None, per_tile.sum(0), None, None
+
+
+def readout(
+    scores: torch.Tensor, lambdas: torch.Tensor, basis: torch.Tensor, offset: torch.Tensor, tiled: bool = False
+) -> torch.Tensor:
+    """The adapted output ``offset + (scores * lambdas) @ basis`` of ``scores [batch, c]``, ``lambdas [c]`` and
+    ``basis [c, dim]``.
+
+    ``tiled=True`` is the training form: the result and the gradient are in ``lambdas``' dtype (float64 there) while
+    the products run in ``basis``' dtype (float32) one :data:`TILE` of samples at a time, so that a sample's bits do
+    not depend on how a batch is split among processes.
+
+    Example:
+        >>> out = readout(scores, lambdas, basis, offset)  # [batch, dim]
+    """
+    if tiled:
+        return _TiledReadout.apply(scores, lambdas, basis, offset)
+    return torch.addmm(offset, scores * lambdas, basis)
 
 
 def _getattr_or_base(self: nn.Module, name: str) -> Any:
@@ -49,18 +103,15 @@ class ResiDualLayer(BaseTunerLayer):
     """Common base of the ResiDual layers: they wrap a module and pass its output through."""
 
     adapter_layer_names: tuple[str, ...] = ("residual_lambda",)
-    other_param_names: tuple[str, ...] = (
-        "residual_basis",
-        "residual_mean",
-        "residual_rank",
-        "residual_settings",
-        "residual_output_space",  # a cache, but per adapter: delete_adapter must drop it too
-    )
+    other_param_names: tuple[str, ...] = ("residual_config",)
 
-    def _init_tuner_layer(self, base_layer: nn.Module) -> None:
+    def _init_tuner_layer(self, base_layer: nn.Module, arch: Architecture) -> None:
         self.base_layer = base_layer
+        self.arch = arch
         self._disable_adapters = False
         self.merged_adapters = []
+        self.residual_config: dict[str, ResiDualConfig] = {}
+        """Per adapter, its config (the tuner's own object): the one owner of every setting."""
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         raise NotImplementedError(
@@ -77,102 +128,107 @@ class ResiDualLayer(BaseTunerLayer):
 
 
 @dataclass(frozen=True)
-class UnitSettings:
-    """What one adapter does with the units of one unit layer (from its :class:`~.config.ResiDualConfig`)."""
+class UnitRole:
+    """What one adapter does with the units of one unit layer, derived from its config at injection."""
 
     role: str = "record"
     """See :data:`ROLES`."""
-    remainder: str = "drop"
-    rest: str = "sum"
-    """The config's ``rest``: what the units of a transformed layer that are not selected become."""
-    ln_mean: str = "shared"
-    centre: bool = True
     selected: tuple[bool, ...] | None = None
     """For a transformed layer, which of its units are transformed (``None``: all); the others have rank 0."""
 
 
-class ResiDualUnitLayer(nn.Module, ResiDualLayer):
-    """Records and holds the ResiDual state of the units produced by one module.
+class OutputSpace(NamedTuple):
+    """A unit layer's fitted state in output space, float64 on the CPU."""
 
-    Per adapter: ``residual_settings`` (a :class:`UnitSettings`); ``residual_mean`` ``[units, dim]`` unless the
-    role is "record"; for transformed units also ``residual_rank`` ``[units]`` (components per unit, 0 for a unit
-    that is not selected), ``residual_basis`` (each unit's ``[rank, dim]`` orthonormal rows as Householder
-    reflectors, see :mod:`.packing`, concatenated) and the trainable ``residual_lambda`` ``[sum(rank)]`` (one per
-    selected unit with one scale per unit). ``dim`` is the output dimension, except for heads, whose means and bases
-    are stored in head coordinates (see :mod:`.head_space`). Output-space bases are rebuilt from the stored state
-    once per adapter.
+    mean: torch.Tensor
+    """``[units, output_dim]``."""
+    basis: torch.Tensor
+    """Every unit's orthonormal components, concatenated, ``[sum(rank), output_dim]``."""
+    rank: list[int]
+    """Components per unit (0 for a unit that is not transformed)."""
+
+    @property
+    def rows(self) -> tuple[torch.Tensor, ...]:
+        """Per unit, its components ``[rank, output_dim]``."""
+        return self.basis.split(self.rank)
+
+
+class ResiDualUnitLayer(nn.Module, ResiDualLayer):
+    """Captures and holds the ResiDual state of the units produced by one module.
+
+    Per adapter: ``residual_role`` (a :class:`UnitRole`); ``residual_mean`` ``[units, dim]`` unless the role is
+    "record"; for transformed units also ``residual_rank`` ``[units]`` (components per unit, 0 for a unit that is not
+    selected), ``residual_basis`` (each unit's ``[rank, dim]`` orthonormal rows as Householder reflectors, see
+    :mod:`.packing`, concatenated) and the trainable ``residual_lambda`` ``[sum(rank)]`` (one per selected unit with
+    one scale per unit). ``dim`` is the output dimension, except for heads, whose means and bases are stored in head
+    coordinates (see :mod:`.head_space`).
     """
+
+    other_param_names: tuple[str, ...] = (
+        *ResiDualLayer.other_param_names,
+        "residual_basis",
+        "residual_mean",
+        "residual_rank",
+        "residual_role",
+    )
+    captures_units = True
+    """Read by :func:`~.decomposition.recording`: this module stores its own CLS piece."""
 
     __getattr__ = _getattr_or_base
 
     def __init__(
-        self,
-        base_layer: nn.Module,
-        kind: str,
-        layer: int | None,
-        unit_slice: slice,
-        unit_names: list[str],
-        arch: Architecture,
-        **kwargs,
+        self, base_layer: nn.Module, kind: str, layer: int | None, unit_slice: slice, arch: Architecture, **kwargs
     ) -> None:
         super().__init__()
-        self._init_tuner_layer(base_layer)
+        self._init_tuner_layer(base_layer, arch)
         self.kind = kind
         self.layer = layer
         self.unit_slice = unit_slice
-        self.unit_names = unit_names
-        self.arch = arch
-        self.record: UnitRecord | None = None  # the readout's record, linked after injection
-        self.residual_output_space: dict[str, tuple[torch.Tensor, ...]] = {}  # per adapter, rebuilt from the state
+        self.unit_names = arch.unit_names[unit_slice]
         self.residual_lambda = nn.ParameterDict({})
         self.residual_basis = BufferDict({}, persistent=True)
         self.residual_mean = BufferDict({}, persistent=True)
         self.residual_rank = BufferDict({}, persistent=True)
-        self.residual_settings: dict[str, UnitSettings] = {}
+        self.residual_role: dict[str, UnitRole] = {}
 
     @property
     def num_units(self) -> int:
         return len(self.unit_names)
 
-    def update_layer(self, adapter_name: str, settings: UnitSettings, inference_mode: bool = False) -> None:
+    def update_layer(
+        self, adapter_name: str, config: ResiDualConfig, role: UnitRole, inference_mode: bool = False
+    ) -> None:
         """Create empty state for ``adapter_name``; :meth:`set_fit` or a checkpoint load fills it."""
         device = self._base_device()
-        self.residual_settings[adapter_name] = settings
-        if settings.role != "record":
+        self.residual_config[adapter_name] = config
+        self.residual_role[adapter_name] = role
+        if role.role != "record":
             self.residual_mean[adapter_name] = torch.empty(0, device=device)
-        if settings.role == "transform":
+        if role.role == "transform":
             self.residual_rank[adapter_name] = torch.empty(0, dtype=torch.long, device=device)
             self.residual_basis[adapter_name] = torch.empty(0, device=device)
             self.residual_lambda[adapter_name] = nn.Parameter(torch.empty(0, device=device))
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
-    def settings(self, adapter_name: str) -> UnitSettings:
-        return self.residual_settings.get(adapter_name, UnitSettings())
-
     def holds(self, adapter_name: str) -> bool:
         """Whether these units take part in ``adapter_name`` (transformed or mean-replaced)."""
-        return self.settings(adapter_name).role != "record"
+        return adapter_name in self.residual_role and self.residual_role[adapter_name].role != "record"
 
     def is_transformed(self, adapter_name: str) -> bool:
-        return self.settings(adapter_name).role == "transform"
+        return adapter_name in self.residual_role and self.residual_role[adapter_name].role == "transform"
 
     def selected(self, adapter_name: str) -> list[bool]:
         """Per unit, whether ``adapter_name`` transforms it."""
-        chosen = self.settings(adapter_name).selected
+        chosen = self.residual_role[adapter_name].selected if adapter_name in self.residual_role else None
         return [self.is_transformed(adapter_name)] * self.num_units if chosen is None else list(chosen)
-
-    def covers(self, adapter_name: str) -> torch.Tensor:
-        """Per unit, whether this layer accounts for it in the adapted output (the readout adds the others)."""
-        if self.settings(adapter_name).role == "mean":
-            return torch.ones(self.num_units, dtype=torch.bool, device=self._base_device())
-        return self.output_space(adapter_name)[4]
 
     def is_fitted(self, adapter_name: str) -> bool:
         return self.residual_mean[adapter_name].numel() > 0
 
-    def component_lambdas(self, adapter_name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def component_lambdas(self, adapter_name: str) -> torch.Tensor:
         """One scale per component, ``[sum(rank)]``, repeating per-unit scales over their unit's components."""
-        return per_component(self.residual_lambda[adapter_name].to(dtype), self.residual_rank[adapter_name])
+        lambdas, rank = self.residual_lambda[adapter_name], self.residual_rank[adapter_name]
+        return lambdas if len(lambdas) == int(rank.sum()) else lambdas.repeat_interleave(rank[rank > 0])
 
     @property
     def in_head_space(self) -> bool:
@@ -180,8 +236,8 @@ class ResiDualUnitLayer(nn.Module, ResiDualLayer):
 
     def max_rank(self, adapter_name: str) -> int:
         """The most components a unit of this layer can have under the adapter's convention."""
-        settings = self.settings(adapter_name)
-        return self.arch.max_rank(self.kind, settings.ln_mean, settings.centre)
+        config = self.residual_config[adapter_name]
+        return self.arch.max_rank(self.kind, config.ln_mean, config.centre)
 
     def stored_dim(self, adapter_name: str) -> int:
         """The width of this layer's stored means and bases for ``adapter_name``."""
@@ -191,8 +247,8 @@ class ResiDualUnitLayer(nn.Module, ResiDualLayer):
         """Head coordinates ``(Q, t)`` (see :mod:`.head_space`) for a layer of heads, else ``None``."""
         if not self.in_head_space:
             return None
-        settings = self.settings(adapter_name)
-        return head_frames(self.arch, self.layer, settings.ln_mean, settings.centre)
+        config = self.residual_config[adapter_name]
+        return head_frames(self.arch, self.layer, config.ln_mean, config.centre)
 
     def set_fit(
         self,
@@ -201,10 +257,8 @@ class ResiDualUnitLayer(nn.Module, ResiDualLayer):
         bases: list[torch.Tensor] | None,
         lambdas: list[torch.Tensor],
         basis_dtype: torch.dtype = torch.float32,
-        frames: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
-        """Store a fitted mean ``[units, dim]`` and, when transformed, per-unit bases ``[k_u, dim]`` and scales, and
-        build the output-space bases (with ``frames``, the head coordinates the fit used, if given)."""
+        """Store a fitted mean ``[units, dim]`` and, when transformed, per-unit bases ``[k_u, dim]`` and scales."""
         device = self._base_device()
         self.residual_mean[adapter_name] = mean.float().to(device)
         if self.is_transformed(adapter_name):
@@ -217,12 +271,10 @@ class ResiDualUnitLayer(nn.Module, ResiDualLayer):
                     torch.cat(lambdas).float().to(device),
                     requires_grad=self.residual_lambda[adapter_name].requires_grad,
                 )
-        self.residual_output_space[adapter_name] = self._rebuild(adapter_name, frames)
 
     def allocate(self, adapter_name: str, tensors: dict[str, torch.Tensor]) -> None:
         """Resize the empty state of ``adapter_name`` to a checkpoint's shapes and dtypes, to load it into."""
         device = self._base_device()
-        self.residual_output_space.pop(adapter_name, None)
         for name, tensor in tensors.items():
             container = getattr(self, name)
             if name == "residual_lambda":
@@ -232,142 +284,106 @@ class ResiDualUnitLayer(nn.Module, ResiDualLayer):
             else:
                 container[adapter_name] = torch.zeros(tensor.shape, dtype=tensor.dtype, device=device)
 
-    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        self.residual_output_space.clear()  # new stored state: rebuild the output-space bases on next use
-        super()._load_from_state_dict(*args, **kwargs)
-
-    def _apply(self, fn, recurse: bool = True):
-        self.residual_output_space.clear()  # moved or cast: rebuild on next use
-        return super()._apply(fn, recurse)
-
-    def output_space(self, adapter_name: str) -> tuple[torch.Tensor, ...]:
-        """``(mean [units, out], basis [sum(rank), out], padded basis [units, max_rank, out], valid [units,
-        max_rank], selected [units])`` on the base device (float32, masks bool), rebuilt once per adapter from the
-        stored state (unpacked in float64); ``valid`` marks the padded rows that hold a component, ``selected`` the
-        units that are transformed."""
-        if adapter_name not in self.residual_output_space:
-            self.residual_output_space[adapter_name] = self._rebuild(adapter_name)
-        return self.residual_output_space[adapter_name]
-
     @torch.no_grad()
-    def _rebuild(
-        self, adapter_name: str, frames: tuple[torch.Tensor, torch.Tensor] | None = None
-    ) -> tuple[torch.Tensor, ...]:
-        device = self._base_device()
+    def output_space(self, adapter_name: str, frames: tuple[torch.Tensor, torch.Tensor] | None = None) -> OutputSpace:
+        """The stored mean and components in output space, unpacked in float64 (with ``frames``, the head
+        coordinates to use, if already built)."""
         mean = self.residual_mean[adapter_name].double().cpu()
         frames = frames if frames is not None else self.frames(adapter_name)
         if frames is not None:
             mean = torch.einsum("nor,nr->no", frames[0], mean) + frames[1]
-        selected = torch.tensor(self.selected(adapter_name), dtype=torch.bool, device=device)
         if not self.is_transformed(adapter_name):
-            empty = mean.new_zeros(0, mean.shape[1]).float().to(device)
-            no_rows = torch.zeros(0, 0, dtype=torch.bool, device=device)
-            return mean.float().to(device), empty, empty[None], no_rows, selected
+            return OutputSpace(mean, mean.new_zeros(0, mean.shape[1]), [0] * self.num_units)
         rank = self.residual_rank[adapter_name].cpu().tolist()
         dim = self.stored_dim(adapter_name)
-        rows = []
         packed = self.residual_basis[adapter_name].cpu().split([packed_size(k, dim) for k in rank])
+        rows = []
         for unit, (unit_rank, unit_packed) in enumerate(zip(rank, packed, strict=True)):
             coefficients = unpack_orthonormal(unit_packed, unit_rank, dim)
             rows.append(coefficients @ frames[0][unit].T if frames is not None else coefficients)
-        padded = mean.new_zeros(self.num_units, max(rank), mean.shape[1])
-        for unit, unit_rows in enumerate(rows):
-            padded[unit, : len(unit_rows)] = unit_rows
-        valid = torch.arange(max(rank))[None, :] < torch.tensor(rank)[:, None]
-        basis = torch.cat(rows).float().to(device)
-        return mean.float().to(device), basis, padded.float().to(device), valid.to(device), selected
+        return OutputSpace(mean, torch.cat(rows), rank)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         output = self.base_layer(*args, **kwargs)
-        if self.record is not None:
-            self.record.capture(self.kind, self.layer, args, output)
+        capture(self.kind, self.layer, args, output)
         return output
 
-    def _transform_parts(
-        self, adapter_name: str, units: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(padded scores [batch, units, max_rank], padded basis, valid, offset [batch, out])`` of a transformed
-        layer: the offset holds any kept remainder and the means of mean-ablated unselected units."""
-        mean, _, padded, valid, selected = self.output_space(adapter_name)
-        settings = self.settings(adapter_name)
-        centred = units - mean if settings.centre else units
-        padded_scores = torch.einsum("bnd,nkd->bnk", centred, padded)
-        offset = centred.new_zeros(centred.shape[0], centred.shape[2])
-        if settings.remainder == "keep":
-            offset = offset + centred[:, selected].sum(1) - torch.einsum("bnk,nkd->bd", padded_scores, padded)
-        if settings.rest == "mean":
-            offset = offset + mean[~selected].sum(0)
-        return padded_scores, padded, valid, offset
 
-    def scores_and_offset(self, adapter_name: str, units: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """PCA scores ``[batch, sum(rank)]`` and the scale-independent part ``[batch, dim]`` of these units."""
-        if not self.is_transformed(adapter_name):
-            mean = self.output_space(adapter_name)[0]
-            return units.new_zeros(units.shape[0], 0), mean.sum(0).expand(units.shape[0], -1)
-        padded_scores, _, valid, offset = self._transform_parts(adapter_name, units)
-        return padded_scores[:, valid], offset
+class ReadoutPlan(NamedTuple):
+    """Everything one adapter's forward needs beyond the scales, with static shapes, built once per fit, load, move
+    or adapter switch (:meth:`ResiDualReadoutLayer.refresh`).
 
-    def adapted(self, adapter_name: str, units: torch.Tensor) -> torch.Tensor:
-        """What these units add to the adapted output, ``[batch, out]``: ``offset + (scores * lambda) @ basis``
-        computed per unit on the padded basis, without gathering scores."""
-        if not self.is_transformed(adapter_name):
-            return self.output_space(adapter_name)[0].sum(0).expand(units.shape[0], -1)
-        padded_scores, padded, valid, offset = self._transform_parts(adapter_name, units)
-        lambdas = padded_scores.new_zeros(valid.shape)
-        lambdas[valid] = self.component_lambdas(adapter_name)
-        return offset + torch.einsum("bnk,nkd->bd", padded_scores * lambdas, padded)
+    The transformed units are gathered in groups of one kind (heads, MLPs), each padded to its largest rank, so that
+    their scores are one batched product per group; padding rows are zero and take a zero scale.
+    """
+
+    groups: tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], ...]
+    """Per group: unit indices ``[n]``, means ``[n, dim]`` (zero when uncentred) and padded bases ``[n, k, dim]``
+    (views into :attr:`basis`)."""
+    basis: torch.Tensor
+    """All padded components, ``[slots, dim]``."""
+    lambda_index: torch.Tensor
+    """Per slot, which scale of the concatenated ``residual_lambda`` it takes; padding takes the extra zero."""
+    lambda_shift: torch.Tensor
+    """Per slot, added to its scale: ``-1`` for components whose unit keeps its remainder (``remainder="keep"``)."""
+    components: torch.Tensor
+    """The slots that hold a component, in score order (the training cache's scores)."""
+    sum_weight: torch.Tensor
+    """Per unit, 1 where its contribution is added unchanged."""
+    constant: torch.Tensor
+    """``[dim]``: the means that replace units, minus those of units that keep their remainder."""
+
+    def scores(self, contributions: torch.Tensor) -> torch.Tensor:
+        """Padded PCA scores ``[batch, slots]`` of unit contributions ``[batch, units, dim]``."""
+        per_group = [
+            torch.einsum("bnd,nkd->bnk", contributions.index_select(1, units) - mean, basis).flatten(1)
+            for units, mean, basis in self.groups
+        ]
+        return torch.cat(per_group, dim=1)
+
+    def offset(self, contributions: torch.Tensor) -> torch.Tensor:
+        """The part of the output no scale touches, before any kept remainder."""
+        return torch.einsum("bnd,n->bd", contributions, self.sum_weight) + self.constant
 
 
 class ResiDualReadoutLayer(nn.Module, ResiDualLayer):
     """Wraps the output module (projection, else final norm) and returns the sum of the transformed units.
 
     For a final norm applied to the whole sequence (DINOv2), only the CLS position is replaced; the other tokens of
-    ``last_hidden_state`` are the base model's. ``bypass`` (set by :func:`~.decomposition.readout_bypassed`) passes
-    the base output through without touching which parameters train.
+    ``last_hidden_state`` are the base model's.
     """
 
     adapter_layer_names: tuple[str, ...] = ()
-    other_param_names: tuple[str, ...] = ("residual_rest", "residual_tokens", "residual_ln_mean")
+    other_param_names: tuple[str, ...] = (*ResiDualLayer.other_param_names, "residual_plan")
 
     __getattr__ = _getattr_or_base
 
     def __init__(self, base_layer: nn.Module, arch: Architecture, **kwargs) -> None:
         super().__init__()
-        self._init_tuner_layer(base_layer)
-        self.arch = arch
-        self.record = UnitRecord()
+        self._init_tuner_layer(base_layer, arch)
         self.unit_layers: list[ResiDualUnitLayer] = []
-        self.bypass = False
-        self.residual_rest: dict[str, str] = {}
-        self.residual_tokens: dict[str, int | None] = {}
-        """Per adapter, the token count the bases were fitted at (None before fitting), to flag other image sizes."""
-        self.residual_ln_mean: dict[str, str] = {}
+        self.residual_plan: dict[str, ReadoutPlan] = {}
+        """Per fitted adapter, derived from the unit layers' stored state (never saved)."""
 
-    def update_layer(
-        self,
-        adapter_name: str,
-        rest: str,
-        num_tokens: int | None,
-        ln_mean: str = "shared",
-        inference_mode: bool = False,
-    ) -> None:
-        self.residual_rest[adapter_name] = rest
-        self.residual_tokens[adapter_name] = num_tokens
-        self.residual_ln_mean[adapter_name] = ln_mean
+    def update_layer(self, adapter_name: str, config: ResiDualConfig, inference_mode: bool = False) -> None:
+        self.residual_config[adapter_name] = config
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
     def link(self, unit_layers: list[ResiDualUnitLayer]) -> None:
-        """Read the units of ``unit_layers`` (in unit order), which record into this layer's record."""
+        """Read the units of ``unit_layers``, in unit order."""
         self.unit_layers = sorted(unit_layers, key=lambda layer: layer.unit_slice.start)
-        for layer in self.unit_layers:
-            layer.record = self.record
 
     def layers_of(self, adapter_name: str) -> list[ResiDualUnitLayer]:
         """The unit layers taking part in ``adapter_name``, in unit order."""
         return [layer for layer in self.unit_layers if layer.holds(adapter_name)]
 
     def transformed_layers(self, adapter_name: str) -> list[ResiDualUnitLayer]:
+        """The layers whose ``residual_lambda``, concatenated in this order, are the adapter's scales."""
         return [layer for layer in self.unit_layers if layer.is_transformed(adapter_name)]
+
+    def is_fitted(self, adapter_name: str) -> bool:
+        layers = self.layers_of(adapter_name)
+        return bool(layers) and all(layer.is_fitted(adapter_name) for layer in layers)
 
     def check_fitted(self, adapter_name: str) -> None:
         unfitted = [layer.unit_names[0] for layer in self.layers_of(adapter_name) if not layer.is_fitted(adapter_name)]
@@ -377,77 +393,157 @@ class ResiDualReadoutLayer(nn.Module, ResiDualLayer):
                 "peft_residual.fit_residual_bases(model, dataloader) on reference images, or load a saved adapter."
             )
 
+    def refresh(self, adapter_names: list[str] | None = None) -> None:
+        """Rebuild the :class:`ReadoutPlan` of each fitted adapter (all by default) from the stored state."""
+        for name in adapter_names if adapter_names is not None else list(self.residual_config):
+            self.residual_plan.pop(name, None)
+            if name in self.residual_config and self.is_fitted(name):
+                self.residual_plan[name] = build_plan(self, name)
+
+    def plan(self, adapter_name: str) -> ReadoutPlan:
+        if adapter_name not in self.residual_plan:
+            self.check_fitted(adapter_name)
+            raise RuntimeError(f"ResiDual adapter '{adapter_name}' was fitted but not refreshed; call refresh().")
+        return self.residual_plan[adapter_name]
+
+    def padded_lambdas(self, adapter_name: str, plan: ReadoutPlan) -> torch.Tensor:
+        """The scales per slot of ``plan``, ``-1`` for kept remainders included (the model's own parameters)."""
+        scales = [layer.residual_lambda[adapter_name] for layer in self.transformed_layers(adapter_name)]
+        zero = plan.basis.new_zeros(1)
+        return torch.cat([*(s.to(plan.basis.dtype) for s in scales), zero])[plan.lambda_index] + plan.lambda_shift
+
+    def lambdas(self, adapter_name: str) -> torch.Tensor:
+        """The adapter's scales, one per component in score order (as the training cache's scores)."""
+        plan = self.plan(adapter_name)
+        return self.padded_lambdas(adapter_name, plan)[plan.components] - plan.lambda_shift[plan.components]
+
+    def basis(self, adapter_name: str) -> torch.Tensor:
+        """The adapter's components in output space, ``[components, output_dim]``, in score order."""
+        plan = self.plan(adapter_name)
+        return plan.basis[plan.components]
+
     def scores_and_offset(self, adapter_name: str, contributions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Split unit contributions ``[batch, units, dim]`` into PCA scores and the part the scales do not touch."""
-        self.check_fitted(adapter_name)
-        covered = torch.zeros(contributions.shape[1], dtype=torch.bool, device=contributions.device)
-        scores, offset = [], contributions.new_zeros(contributions.shape[0], contributions.shape[2])
-        for layer in self.layers_of(adapter_name):
-            layer_scores, layer_offset = layer.scores_and_offset(adapter_name, contributions[:, layer.unit_slice])
-            scores.append(layer_scores)
-            offset = offset + layer_offset
-            covered[layer.unit_slice] = layer.covers(adapter_name).to(covered.device)
-        if self.residual_rest[adapter_name] == "sum":
-            offset = offset + contributions[:, ~covered].sum(1)
-        return torch.cat(scores, dim=1), offset
+        """PCA scores ``[batch, components]`` of unit contributions ``[batch, units, dim]`` and the part of the
+        output the scales do not touch: ``readout(scores, lambdas(), basis(), offset)`` is the adapted output."""
+        plan = self.plan(adapter_name)
+        contributions = contributions.to(plan.basis.dtype)
+        padded = plan.scores(contributions)
+        offset = readout(padded, plan.lambda_shift, plan.basis, plan.offset(contributions))
+        return padded[:, plan.components], offset
 
-    def lambdas(self, adapter_name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """All trainable scales of the adapter, one per component, in score order."""
-        return torch.cat(
-            [layer.component_lambdas(adapter_name, dtype) for layer in self.transformed_layers(adapter_name)]
-        )
-
-    def basis(self, adapter_name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """All PCA components of the adapter in output space, ``[sum(rank), output_dim]``, in score order."""
-        layers = self.transformed_layers(adapter_name)
-        return torch.cat([layer.output_space(adapter_name)[1].to(dtype) for layer in layers])
-
-    def adapt(self, adapter_name: str, contributions: torch.Tensor) -> torch.Tensor:
-        """The ResiDual output (float32) for unit contributions ``[batch, units, dim]``; the same sum as
-        ``combine(*scores_and_offset(...), lambdas, basis)``, layer by layer."""
-        self.check_fitted(adapter_name)
-        covered = torch.zeros(contributions.shape[1], dtype=torch.bool, device=contributions.device)
-        out = contributions.new_zeros(contributions.shape[0], contributions.shape[2])
-        for layer in self.layers_of(adapter_name):
-            out = out + layer.adapted(adapter_name, contributions[:, layer.unit_slice])
-            covered[layer.unit_slice] = layer.covers(adapter_name).to(covered.device)
-        if self.residual_rest[adapter_name] == "sum":
-            out = out + contributions[:, ~covered].sum(1)
-        return out
-
-    def _check_image_size(self, adapter_name: str, num_tokens: int | None) -> None:
-        fitted = self.residual_tokens.get(adapter_name)
-        if fitted is None or num_tokens is None or num_tokens == fitted:
-            return
-        warnings.warn(  # Python shows each distinct message once per call site
-            f"ResiDual adapter '{adapter_name}' was fitted on images of {fitted} tokens, but this input gives "
-            f"{num_tokens}: the PCA bases do not describe units at another image size, so the output is unreliable. "
-            "Resize the images to the size in adapter_config.json (base_signature.image_size).",
-            stacklevel=2,
-        )
+    def adapt(self, adapter_name: str, record: UnitRecord) -> torch.Tensor:
+        """The ResiDual output for the pieces of one forward pass."""
+        plan = self.plan(adapter_name)
+        config = self.residual_config[adapter_name]
+        _check_image_size(adapter_name, config, record.num_tokens)
+        contributions = record.contributions(self.arch, config.ln_mean).to(plan.basis.dtype)
+        lambdas = self.padded_lambdas(adapter_name, plan)
+        return readout(plan.scores(contributions), lambdas, plan.basis, plan.offset(contributions))
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
-        if self.bypass or self.disable_adapters or not self.active_adapters:
+        record = take_record()  # always: the record of this pass closes here
+        if record is None or not record.adapt or self.disable_adapters or not self.active_adapters:
             return result
         if len(self.active_adapters) != 1:
             raise ResiDualInputError(f"ResiDual runs one adapter at a time, but {self.active_adapters} are active.")
-        adapter_name = self.active_adapters[0]
-        self._check_image_size(adapter_name, self.record.num_tokens)
-        contributions = self.record.contributions(self.arch, self.residual_ln_mean[adapter_name])
-        adapted = self.adapt(adapter_name, contributions).to(result.dtype)
-        self.record.clear()
+        adapted = self.adapt(self.active_adapters[0], record).to(result.dtype)
         if result.dim() == 3:  # a final norm over the whole sequence: only the CLS token is ResiDual's
             return torch.cat([adapted.unsqueeze(1), result[:, 1:]], dim=1)
         return adapted
 
 
-def per_component(lambdas: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:
-    """Scales ``[sum(rank)]``: as they are if there is one per component, else one per transformed unit (rank > 0)
-    repeated over that unit's components."""
-    return lambdas if len(lambdas) == int(rank.sum()) else lambdas.repeat_interleave(rank[rank > 0])
+def _check_image_size(adapter_name: str, config: ResiDualConfig, num_tokens: int | None) -> None:
+    fitted = (config.base_signature or {}).get("num_tokens")
+    if fitted is None or num_tokens is None or num_tokens == fitted:
+        return
+    warnings.warn(  # Python shows each distinct message once per call site
+        f"ResiDual adapter '{adapter_name}' was fitted on images of {fitted} tokens, but this input gives "
+        f"{num_tokens}: the PCA bases do not describe units at another image size, so the output is unreliable. "
+        "Resize the images to the size in adapter_config.json (base_signature.image_size).",
+        stacklevel=3,
+    )
 
 
-def combine(scores: torch.Tensor, offset: torch.Tensor, lambdas: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
-    """``offset + (scores * lambdas) @ basis``: the adapted output from its scale-independent parts."""
-    return offset + (scores * lambdas) @ basis
+class _Member(NamedTuple):
+    unit: int
+    mean: torch.Tensor
+    rows: torch.Tensor
+    scales: torch.Tensor  # which scale each row takes
+
+
+def _members(
+    readout_layer: ResiDualReadoutLayer, adapter_name: str
+) -> tuple[dict[str, list[_Member]], torch.Tensor, torch.Tensor, int]:
+    """The transformed units by kind, the per-unit ``sum_weight``, the ``constant`` and the number of scales."""
+    arch, config = readout_layer.arch, readout_layer.residual_config[adapter_name]
+    sum_weight = torch.zeros(arch.num_units, dtype=torch.float64)
+    constant = torch.zeros(arch.output_dim, dtype=torch.float64)
+    covered = torch.zeros(arch.num_units, dtype=torch.bool)
+    members: dict[str, list[_Member]] = {"heads": [], "mlps": []}
+    num_scales = 0
+    for layer in readout_layer.layers_of(adapter_name):
+        space, start = layer.output_space(adapter_name), layer.unit_slice.start
+        if not layer.is_transformed(adapter_name):  # replaced by its mean
+            constant += space.mean.sum(0)
+            covered[layer.unit_slice] = True
+            continue
+        rank = layer.residual_rank[adapter_name].cpu()
+        per_unit = len(layer.residual_lambda[adapter_name]) != int(rank.sum())
+        for unit, (selected, rows) in enumerate(zip(layer.selected(adapter_name), space.rows, strict=True)):
+            if not selected:
+                if config.rest == "mean":
+                    constant += space.mean[unit]
+                    covered[start + unit] = True
+                continue
+            scales = torch.full((len(rows),), num_scales) if per_unit else num_scales + torch.arange(len(rows))
+            num_scales += 1 if per_unit else len(rows)
+            mean = space.mean[unit] if config.centre else torch.zeros_like(space.mean[unit])
+            members[layer.kind].append(_Member(start + unit, mean, rows, scales))
+            covered[start + unit] = True
+            if config.remainder == "keep":
+                sum_weight[start + unit] = 1.0
+                constant -= mean
+    if config.rest == "sum":
+        sum_weight[~covered] = 1.0
+    return members, sum_weight, constant, num_scales
+
+
+@torch.no_grad()
+def build_plan(readout_layer: ResiDualReadoutLayer, adapter_name: str) -> ReadoutPlan:
+    """The :class:`ReadoutPlan` of a fitted adapter, from its unit layers' stored state (float64, then cast to
+    float32, or float64 for a float64 model)."""
+    members, sum_weight, constant, num_scales = _members(readout_layer, adapter_name)
+    dim = readout_layer.arch.output_dim
+    device = readout_layer._base_device()
+    dtype = torch.promote_types(torch.float32, next(readout_layer.get_base_layer().parameters()).dtype)
+    padded_groups, indices = [], []
+    for group in (g for g in members.values() if g):
+        width = max(len(member.rows) for member in group)
+        padded = torch.zeros(len(group), width, dim, dtype=torch.float64)
+        index = torch.full((len(group), width), num_scales)  # padding takes the zero appended to the scales
+        for position, member in enumerate(group):
+            padded[position, : len(member.rows)] = member.rows
+            index[position, : len(member.rows)] = member.scales
+        padded_groups.append((group, padded))
+        indices.append(index.flatten())
+    basis = torch.cat([padded.flatten(0, 1) for _, padded in padded_groups] or [torch.zeros(0, dim)])
+    basis = basis.to(device, dtype)
+    lambda_index = torch.cat(indices or [torch.zeros(0, dtype=torch.long)])
+    holds_component = lambda_index < num_scales
+    keep = readout_layer.residual_config[adapter_name].remainder == "keep"
+    groups, slot = [], 0
+    for group, padded in padded_groups:
+        units = torch.tensor([member.unit for member in group], device=device)
+        means = torch.stack([member.mean for member in group]).to(device, dtype)
+        groups.append((units, means, basis[slot : slot + padded.shape[0] * padded.shape[1]].view(padded.shape)))
+        slot += padded.shape[0] * padded.shape[1]
+    return ReadoutPlan(
+        groups=tuple(groups),
+        basis=basis,
+        lambda_index=lambda_index.to(device),
+        lambda_shift=(-holds_component.to(dtype) if keep else torch.zeros(len(lambda_index), dtype=dtype)).to(device),
+        components=holds_component.nonzero().flatten().to(device),
+        sum_weight=sum_weight.to(device, dtype),
+        constant=constant.to(device, dtype),
+    )

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner
@@ -11,9 +13,9 @@ from torch import nn
 
 from .architectures import Architecture
 from .config import ResiDualConfig
-from .decomposition import unit_modules
+from .decomposition import forward_scope, unit_modules
 from .errors import ResiDualInputError
-from .layer import ResiDualLayer, ResiDualReadoutLayer, ResiDualUnitLayer, UnitSettings
+from .layer import ResiDualLayer, ResiDualReadoutLayer, ResiDualUnitLayer, UnitRole
 from .packing import packed_size
 
 
@@ -22,7 +24,7 @@ class _Target:
     kind: str  # "embedding" | "heads" | "mlps" | "readout"
     layer: int | None = None
     unit_slice: slice | None = None
-    settings: UnitSettings = field(default_factory=UnitSettings)
+    role: UnitRole = field(default_factory=UnitRole)
 
 
 def _targets(arch: Architecture, config: ResiDualConfig) -> dict[str, _Target]:
@@ -39,7 +41,6 @@ def _targets(arch: Architecture, config: ResiDualConfig) -> dict[str, _Target]:
             f"0..{arch.num_layers - 1}, heads 0..{arch.num_heads - 1})."
         )
     slices = {"embedding": lambda _: slice(0, 1), "heads": arch.heads_slice, "mlps": arch.mlp_slice}
-    convention = dict(remainder=config.remainder, rest=config.rest, ln_mean=config.ln_mean, centre=config.centre)
     targets = {}
     for path, kind, layer in unit_modules(arch):
         unit_slice = slices[kind](layer)
@@ -50,7 +51,7 @@ def _targets(arch: Architecture, config: ResiDualConfig) -> dict[str, _Target]:
         else:
             transformed = layer in layers and kind != "embedding" and kind in config.units.split("+")
         role = "transform" if transformed else "mean" if config.rest == "mean" else "record"
-        targets[path] = _Target(kind, layer, unit_slice, UnitSettings(role, selected=selected, **convention))
+        targets[path] = _Target(kind, layer, unit_slice, UnitRole(role, selected))
     targets[arch.readout_path] = _Target("readout")
     return targets
 
@@ -95,16 +96,13 @@ class ResiDualModel(BaseTuner):
             if spec.kind == "readout":
                 new_module = ResiDualReadoutLayer(target, self.arch)
             else:
-                names = self.arch.unit_names[spec.unit_slice]
-                new_module = ResiDualUnitLayer(target, spec.kind, spec.layer, spec.unit_slice, names, self.arch)
+                new_module = ResiDualUnitLayer(target, spec.kind, spec.layer, spec.unit_slice, self.arch)
             self._replace_module(parent, target_name, new_module, target)
             target = new_module
-        inference_mode = peft_config.inference_mode
         if spec.kind == "readout":
-            tokens = (peft_config.base_signature or {}).get("num_tokens")
-            target.update_layer(adapter_name, peft_config.rest, tokens, peft_config.ln_mean, inference_mode)
+            target.update_layer(adapter_name, peft_config, peft_config.inference_mode)
         else:
-            target.update_layer(adapter_name, spec.settings, inference_mode)
+            target.update_layer(adapter_name, peft_config, spec.role, peft_config.inference_mode)
         if adapter_name not in self.active_adapters:
             target.requires_grad_(False)
 
@@ -115,6 +113,38 @@ class ResiDualModel(BaseTuner):
 
     def _post_injection_hook(self, model: nn.Module, config: ResiDualConfig, adapter_name: str) -> None:
         self.readout.link(self.unit_layers())
+        self.refresh()
+        if getattr(self, "_refresh_after_load", None) is None:
+            self._refresh_after_load = self.register_load_state_dict_post_hook(_refresh_after_load)
+
+    def refresh(self) -> None:
+        """Rebuild every fitted adapter's readout plan from the stored state (after a fit, load or move)."""
+        readout = self.model.get_submodule(self.arch.readout_path) if hasattr(self, "arch") else None
+        if isinstance(readout, ResiDualReadoutLayer):
+            readout.refresh()
+
+    def _apply(self, fn, recurse: bool = True):
+        result = super()._apply(fn, recurse)
+        self.refresh()  # moved or cast: the plans follow, in float32 (float64 for a float64 model)
+        return result
+
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        super().set_adapter(adapter_name, inference_mode=inference_mode)
+        self.refresh()
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
+        if kwargs.get("adapter_names") is not None:
+            raise ResiDualInputError(
+                "adapter_names (per-sample adapters in one batch) is not supported by ResiDual: set_adapter(name) "
+                "and run each adapter's batch separately."
+            )
+        with forward_scope():  # a forward that raises leaves no record of its pass behind
+            yield
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with self._enable_peft_forward_hooks(*args, **kwargs):
+            return self.model.forward(*args, **kwargs)
 
     @property
     def readout(self) -> ResiDualReadoutLayer:
@@ -196,6 +226,10 @@ def _check_shapes(layer: ResiDualUnitLayer, adapter_name: str, tensors: dict[str
             f"{tuple(lambdas.shape)} do not fit {units} units of stored dimension {dim}. Load the adapter onto the "
             "base model it was trained for."
         )
+
+
+def _refresh_after_load(tuner: ResiDualModel, incompatible_keys: Any) -> None:
+    tuner.refresh()
 
 
 def residual_tuner(model: nn.Module) -> ResiDualModel:

@@ -114,7 +114,7 @@ def recorded_batches(
             )
         image_size = tuple(pixel_values.shape[-2:])
         labels = torch.as_tensor(batch[label_column]) if isinstance(batch, Mapping) and label_column in batch else None
-        yield record_backbone(model, pixel_values.to(reference.device, reference.dtype)), labels, image_size
+        yield record_backbone(arch, pixel_values.to(reference.device, reference.dtype)), labels, image_size
 
 
 def collect_units(
@@ -248,13 +248,13 @@ def fit_residual_bases(
     for layer in tqdm(layers, desc="ResiDual eigendecomposition", disable=not progress or not transformed):
         stats = moments[id(layer)]
         if not layer.is_transformed(adapter_name):
-            layer.set_fit(adapter_name, stats.mean, None, [], frames=frames.get(id(layer)))
+            layer.set_fit(adapter_name, stats.mean, None, [])
             continue
         bases, lambdas = _fit_layer(layer, adapter_name, stats, config, generator, report)
-        layer.set_fit(adapter_name, stats.mean, bases, lambdas, basis_dtype, frames.get(id(layer)))
+        layer.set_fit(adapter_name, stats.mean, bases, lambdas, basis_dtype)
+    tuner.readout.refresh([adapter_name])
     report.eigen_seconds = time.perf_counter() - started
     config.base_signature = arch.signature(image_size)
-    tuner.readout.residual_tokens[adapter_name] = config.base_signature["num_tokens"]
     if report.clamped:
         (name, (asked, used)), more = next(iter(report.clamped.items())), len(report.clamped) - 1
         warnings.warn(
