@@ -74,7 +74,8 @@ def _check_source(name: str, what: str) -> None:
 
 
 def _model(args: argparse.Namespace):
-    from .tuner import Architecture, load_vision_model
+    from .data import load_vision_model
+    from .tuner import Architecture
 
     _check_source(args.model, "model")
     try:
@@ -129,7 +130,7 @@ def _loader(args: argparse.Namespace, dataset):
 def cmd_fit(args: argparse.Namespace) -> None:
     from peft import get_peft_model
 
-    from .tuner import fit_residual_bases
+    from .data import fit_residual_bases
 
     model = get_peft_model(_model(args), _config(args))
     data = _prepared(args, _split(args, args.split, args.samples))
@@ -154,9 +155,8 @@ def _classifier(args: argparse.Namespace, base, names: list[str], **train_data):
 def cmd_train(args: argparse.Namespace) -> None:
     from peft import get_peft_model
 
-    from .data import class_names, holdout
-    from .trainer import train_residual
-    from .tuner import fit_residual_bases
+    from .data import class_names, fit_residual_bases, holdout
+    from .training.trainer import train_residual
 
     base = _model(args)
     pool = _split(args, args.split, args.samples)
@@ -219,11 +219,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_rank_heads(args: argparse.Namespace) -> None:
-    from .cache import base_embeddings
-    from .data import class_names
+    from .analysis.ranking import ranking_curves
+    from .data import class_names, collect_units
     from .plots import ranking_plot
-    from .ranking import ranking_curves
-    from .tuner import Architecture, collect_units
+    from .training.cache import base_embeddings
+    from .tuner import Architecture
 
     model = _model(args)
     pool = _split(args, args.split, args.samples or ANALYSIS_SAMPLES)
@@ -248,7 +248,7 @@ def cmd_rank_heads(args: argparse.Namespace) -> None:
 
 def _units(args: argparse.Namespace, model, dataset: str, desc: str):
     """One backbone pass over ``--samples`` images of ``dataset``'s ``--split``."""
-    from .tuner import collect_units
+    from .data import collect_units
 
     source = argparse.Namespace(**{**vars(args), "dataset": dataset})
     data = _prepared(source, _split(source, args.split, args.samples or ANALYSIS_SAMPLES))

@@ -15,9 +15,6 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-# PEFT is imported inside the functions: this module is imported while PEFT itself may still be loading (see the
-# package's import hook), and must then be usable at once.
-
 NAME = "residual"
 
 
@@ -87,9 +84,16 @@ def _push_to_hub(original, model, repo_id: str, *args: Any, **kwargs: Any) -> st
 
 
 def install() -> None:
-    """Add ``PeftType.RESIDUAL`` and route ``save_pretrained``, ``create_or_update_model_card`` and ``push_to_hub``
-    of ResiDual models to :mod:`peft_residual.hub`; idempotent."""
-    extend_peft_type()
+    """Add ``PeftType.RESIDUAL``, register the tuner with PEFT, and route ``save_pretrained``,
+    ``create_or_update_model_card`` and ``push_to_hub`` of ResiDual models to :mod:`peft_residual.hub`; idempotent."""
+    from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
+    from peft.utils import register_peft_method
+
+    from .tuner import ResiDualConfig, ResiDualModel
+
+    member = extend_peft_type()
+    if member not in PEFT_TYPE_TO_TUNER_MAPPING:  # registered once per process, whatever is reloaded
+        register_peft_method(name=NAME, config_cls=ResiDualConfig, model_cls=ResiDualModel)
     _wrap("save_pretrained", _save_pretrained)
     _wrap("create_or_update_model_card", _model_card)
     _wrap("push_to_hub", _push_to_hub)

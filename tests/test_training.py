@@ -29,7 +29,7 @@ from peft_residual import (
     stratified_split,
     train_residual,
 )
-from peft_residual.checkpoint import CHECKPOINT_NAME
+from peft_residual.training.checkpoint import CHECKPOINT_NAME
 
 from .conftest import image_dataset, loader, make_model, word_tokenizer
 
@@ -299,7 +299,7 @@ def test_a_checkpoint_holds_the_scales_and_optimiser_state_per_layer_as_the_adap
 def test_a_checkpoint_of_another_run_is_refused_before_any_encoding(tmp_path, monkeypatch):
     model, classifier, data = fitted_with_classifier()
     train_residual(model, classifier, data, max_epochs=1, batch_size=16, output_dir=tmp_path, progress=False)
-    import peft_residual.trainer as trainer
+    import peft_residual.training.trainer as trainer
 
     def no_encoding(*args, **kwargs):
         raise AssertionError("encoded before refusing the checkpoint")
@@ -315,7 +315,7 @@ def test_a_checkpoint_of_another_run_is_refused_before_any_encoding(tmp_path, mo
 
 def test_empty_sets_and_foreign_labels_are_refused_before_encoding(monkeypatch):
     model, classifier, data = fitted_with_classifier()
-    import peft_residual.trainer as trainer
+    import peft_residual.training.trainer as trainer
 
     monkeypatch.setattr(trainer, "encode_dataset", lambda *a, **k: pytest.fail("encoded bad data"))
     with pytest.raises(ResiDualInputError, match="eval_dataset is empty"):
@@ -408,8 +408,8 @@ def test_processes_share_cached_batches_by_whole_tiles_and_streamed_ones_by_samp
     from types import SimpleNamespace
 
     from peft_residual import StreamedUnits
-    from peft_residual.cache import UnitCache
-    from peft_residual.steps import global_batches
+    from peft_residual.training.cache import UnitCache
+    from peft_residual.training.steps import global_batches
     from peft_residual.tuner.layer import TILE
 
     def shares(features, order, batch_size):

@@ -346,7 +346,8 @@ def test_coarse_has_one_trainable_scale_per_head(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "first", [pytest.param("peft_residual", marks=pytest.mark.slow), "peft_residual.trainer", "peft_residual.cli"]
+    "first",
+    [pytest.param("peft_residual", marks=pytest.mark.slow), "peft_residual.training.trainer", "peft_residual.cli"],
 )
 def test_any_import_order_registers_the_method_before_peft_is_used(first):
     import subprocess
@@ -355,6 +356,7 @@ def test_any_import_order_registers_the_method_before_peft_is_used(first):
     probe = (
         f"import {first}, sys\n"
         "assert 'peft' not in sys.modules or 'RESIDUAL' in __import__('peft').PeftType.__members__\n"
+        "assert not any('peft_residual' in type(finder).__module__ for finder in sys.meta_path)\n"
         "from peft import PeftConfig, PeftModel, PeftType\n"
         "from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING\n"
         "print(PEFT_TYPE_TO_CONFIG_MAPPING[PeftType.RESIDUAL].__name__, hasattr(PeftModel.push_to_hub, "

@@ -1,17 +1,14 @@
-"""The ResiDual tuner, laid out like a PEFT tuner (``peft/tuners/<method>/``): it imports only torch, transformers
-and peft, and registers the method "residual" with PEFT on import."""
+"""The ResiDual tuner, laid out like a PEFT tuner (``peft/tuners/<method>/``): config, architecture map, unit
+decomposition (with head coordinates and packed bases), layers, injection and the PCA fit. It imports only torch,
+transformers and peft. Registration with PEFT happens in :mod:`peft_residual.compat`, on ``import peft_residual``."""
 
-from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
-from peft.utils import PeftType, register_peft_method
-
-from .architectures import ARCHITECTURES, Architecture, ArchitectureSpec, load_vision_model
+from .architectures import ARCHITECTURES, Architecture, ArchitectureSpec
 from .config import PRESETS, ResiDualConfig
 from .decomposition import UnitRecord, Units, decompose_units, recording
 from .errors import ResiDualInputError
-from .layer import ResiDualLayer, ResiDualReadoutLayer, ResiDualUnitLayer
+from .layer import ResiDualLayer, ResiDualReadoutLayer, ResiDualUnitLayer, readout
 from .model import ResiDualModel, residual_tuner
-from .pca import FitReport, collect_units, fit_residual_bases
-from .unit_store import UnitStore
+from .pca import FitReport, RecordedBatch, fit_residual_bases
 
 __all__ = [
     "ARCHITECTURES",
@@ -19,6 +16,7 @@ __all__ = [
     "Architecture",
     "ArchitectureSpec",
     "FitReport",
+    "RecordedBatch",
     "ResiDualConfig",
     "ResiDualInputError",
     "ResiDualLayer",
@@ -26,15 +24,10 @@ __all__ = [
     "ResiDualReadoutLayer",
     "ResiDualUnitLayer",
     "UnitRecord",
-    "UnitStore",
     "Units",
-    "collect_units",
     "decompose_units",
     "fit_residual_bases",
-    "load_vision_model",
+    "readout",
     "recording",
     "residual_tuner",
 ]
-
-if PeftType.RESIDUAL not in PEFT_TYPE_TO_TUNER_MAPPING:  # registered once per process, whatever is reloaded
-    register_peft_method(name="residual", config_cls=ResiDualConfig, model_cls=ResiDualModel)

@@ -172,20 +172,30 @@ class Architecture:
         return self.model.get_parameter(path.format(i=layer)) if path else None
 
     @cached_property
-    def attention_outputs(self) -> list[nn.Linear]:
-        """Each layer's attention output projection (the base module, looked up once)."""
-        return [self.module(self.spec.attention_out, layer) for layer in range(self.num_layers)]
+    def _head_modules(self) -> list[tuple[nn.Linear, nn.Module | None, str]]:
+        """Per layer, the attention output projection and the module and name of any layer scale (looked up once:
+        a forward reads them every call)."""
+        found = []
+        for layer in range(self.num_layers):
+            path = self.spec.attention_layer_scale
+            owner, name = path.format(i=layer).rsplit(".", 1) if path else (None, "")
+            found.append(
+                (self.module(self.spec.attention_out, layer), self.model.get_submodule(owner) if owner else None, name)
+            )
+        return found
 
     def head_contributions(self, layer: int, head_inputs: torch.Tensor) -> torch.Tensor:
         """What each head of ``layer`` adds to the residual stream, ``[batch, heads, hidden]``, from the
         concatenated head outputs ``[batch, hidden]`` entering the output projection (in their dtype)."""
-        out_proj, dtype = self.attention_outputs[layer], head_inputs.dtype
-        weight = out_proj.weight.to(dtype).view(self.hidden_size, self.num_heads, self.head_dim)
-        heads = torch.einsum("bhk,dhk->bhd", head_inputs.view(-1, self.num_heads, self.head_dim), weight)
+        out_proj, scale_owner, scale_name = self._head_modules[layer]
+        dtype, heads, head_dim = head_inputs.dtype, self.num_heads, self.head_dim
+        weight = out_proj.weight.to(dtype).view(self.hidden_size, heads, head_dim).permute(1, 2, 0)
+        per_head = torch.bmm(head_inputs.view(-1, heads, head_dim).transpose(0, 1), weight).transpose(0, 1)
         if out_proj.bias is not None:
-            heads = heads + out_proj.bias.to(dtype) / self.num_heads
-        scale = self.attention_layer_scale(layer)
-        return heads * scale.to(dtype) if scale is not None else heads
+            per_head = per_head + out_proj.bias.to(dtype) / heads
+        if scale_owner is not None:
+            per_head = per_head * getattr(scale_owner, scale_name).to(dtype)
+        return per_head
 
     @cached_property
     def bias_shares(self) -> torch.Tensor:
@@ -325,16 +335,3 @@ def same_weights(saved: list[float], current: list[float], tolerance: float = 1e
         return False
     norm_close = math.isclose(saved[0], current[0], rel_tol=tolerance)
     return norm_close and all(abs(a - b) <= tolerance for a, b in zip(saved[1:], current[1:], strict=True))
-
-
-def load_vision_model(model_name_or_path: str, torch_dtype=None) -> nn.Module:
-    """A supported model from a Hub id or local directory, in eval mode: CLIP as ``CLIPModel`` (both towers, so the
-    text tower can build a zero-shot head), anything else through ``AutoModel``."""
-    from transformers import AutoConfig, AutoModel, CLIPModel
-
-    config = AutoConfig.from_pretrained(model_name_or_path)
-    model_class = CLIPModel if config.model_type == "clip" else AutoModel
-    kwargs = {"dtype": torch_dtype} if torch_dtype is not None else {}
-    model = model_class.from_pretrained(model_name_or_path, **kwargs).eval()
-    find_base_model(model)  # fails early, naming the supported models
-    return model

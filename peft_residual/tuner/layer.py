@@ -335,11 +335,11 @@ class ReadoutPlan(NamedTuple):
 
     def scores(self, contributions: torch.Tensor) -> torch.Tensor:
         """Padded PCA scores ``[batch, slots]`` of unit contributions ``[batch, units, dim]``."""
-        per_group = [
-            torch.einsum("bnd,nkd->bnk", contributions.index_select(1, units) - mean, basis).flatten(1)
+        per_group = [  # one [batch, dim] @ [dim, k] product per unit, batched
+            torch.bmm((contributions.index_select(1, units) - mean).transpose(0, 1), basis.transpose(1, 2))
             for units, mean, basis in self.groups
         ]
-        return torch.cat(per_group, dim=1)
+        return torch.cat([scores.transpose(0, 1).flatten(1) for scores in per_group], dim=1)
 
     def offset(self, contributions: torch.Tensor) -> torch.Tensor:
         """The part of the output no scale touches, before any kept remainder."""

@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from itertools import islice
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -20,7 +21,6 @@ from .errors import ResiDualInputError
 from .layer import ResiDualUnitLayer
 from .model import residual_tuner
 from .packing import canonical_signs
-from .unit_store import UnitStore
 
 logger = logging.getLogger(__name__)
 
@@ -72,8 +72,9 @@ class FitReport:
     explained_variance: dict[str, float] = field(default_factory=dict)
     clamped: dict[str, tuple[int, int]] = field(default_factory=dict)
     """Units whose requested k exceeded their rank: name -> (requested, used)."""
-    units: UnitStore | None = None
-    """With ``keep_units=True``: the raw pieces of every image seen, to cache them without another backbone pass."""
+    units: Any = None
+    """What the caller kept of the recorded batches (``peft_residual.fit_residual_bases(..., keep_units=True)``
+    keeps a ``UnitStore``, to cache the same images without another backbone pass)."""
     eigen_seconds: float = 0.0
     """Wall time of the eigendecompositions (and basis building) after the moments were accumulated."""
 
@@ -93,19 +94,25 @@ def pixel_values_of(batch: object) -> torch.Tensor:
     raise ResiDualInputError(f"Batches must be dicts with 'pixel_values' or tensors, got {type(batch).__name__}.")
 
 
+class RecordedBatch(NamedTuple):
+    """The unit pieces of one batch of images, with its labels (if any) and the images' size."""
+
+    record: UnitRecord
+    labels: torch.Tensor | None
+    image_size: tuple[int, int]
+
+
 def recorded_batches(
-    model: nn.Module, data: Iterable | UnitStore, where: str, label_column: str = "label"
-) -> Iterator[tuple[UnitRecord, torch.Tensor | None, tuple[int, int]]]:
-    """``(record, labels, image size)`` of every batch of ``data``: images through the backbone once each, or the
-    pieces of a :class:`UnitStore` as they were recorded. All images must have one size."""
-    if isinstance(data, UnitStore):
-        for record, labels in data.records():
-            yield record, labels, data.image_size
-        return
-    arch = Architecture(model)
-    reference = next(model.parameters())
+    arch: Architecture, data: Iterable, where: str, label_column: str = "label"
+) -> Iterator[RecordedBatch]:
+    """A :class:`RecordedBatch` per batch of ``data``: images through the backbone once each, or batches that were
+    recorded already passed on as they are. All images must have one size."""
+    reference = next(arch.model.parameters())
     image_size = None
     for step, batch in enumerate(data):
+        if isinstance(batch, RecordedBatch):
+            yield batch
+            continue
         pixel_values = arch.check_pixel_values(pixel_values_of(batch), f"{where} batch {step}")
         if image_size not in (None, tuple(pixel_values.shape[-2:])):
             raise ResiDualInputError(
@@ -114,27 +121,9 @@ def recorded_batches(
             )
         image_size = tuple(pixel_values.shape[-2:])
         labels = torch.as_tensor(batch[label_column]) if isinstance(batch, Mapping) and label_column in batch else None
-        yield record_backbone(arch, pixel_values.to(reference.device, reference.dtype)), labels, image_size
-
-
-def collect_units(
-    model: nn.Module, batches: Iterable, max_bytes: int | None = None, progress: bool = True, desc: str = "Units"
-) -> UnitStore:
-    """One backbone pass over ``batches``, keeping every image's raw pieces (and labels) in a :class:`UnitStore`.
-
-    Example:
-        >>> test_units = collect_units(peft_model, DataLoader(test, batch_size=64))
-    """
-    store = UnitStore(Architecture(model), max_bytes)
-    total = len(batches) if hasattr(batches, "__len__") else None
-    for record, labels, image_size in recorded_batches(
-        model, tqdm(batches, desc=desc, total=total, disable=not progress), desc
-    ):
-        store.add(record, labels)
-        store.image_size = image_size
-    if len(store) == 0:
-        raise ResiDualInputError(f"{desc}: no images; the data set is empty.")
-    return store
+        yield RecordedBatch(
+            record_backbone(arch, pixel_values.to(reference.device, reference.dtype)), labels, image_size
+        )
 
 
 def choose_components(eigenvalues: torch.Tensor, k: int | float | None, max_rank: int) -> int:
@@ -162,20 +151,18 @@ def fit_residual_bases(
     adapter_name: str | None = None,
     max_batches: int | None = None,
     progress: bool = True,
-    keep_units: bool = False,
-    max_unit_bytes: int | None = None,
+    on_batch: Callable[[RecordedBatch], None] | None = None,
 ) -> FitReport:
     """Fit every unit's PCA basis and mean on reference images, then initialise the scales.
 
     ``dataloader`` yields dicts with ``pixel_values`` (or tensors), all of one image size, which is recorded in the
-    config (``base_signature``) with the base model's sizes and a weights fingerprint; it may also be a
-    :class:`UnitStore`, which needs no backbone pass. ``keep_units=True`` keeps the raw pieces of every image in
-    ``FitReport.units`` (in memory up to ``max_unit_bytes``, then in a temporary file), so that the same images
-    can be cached for training without running the backbone again. Covariances are accumulated per
-    unit in float64, never holding the encodings. ``k`` from the config is clamped to each unit's rank
-    (``head_dim + 2`` for a head under the shared norm mean, see ``Architecture.max_rank``), and clamping is
-    reported in the returned :class:`FitReport` and as a warning. Refitting an adapter resets its scales to their
-    initial values (a warning says so if they were trained).
+    config (``base_signature``) with the base model's sizes and a weights fingerprint; it may also yield
+    :class:`RecordedBatch` es recorded earlier, which need no backbone pass. ``on_batch`` sees every recorded batch
+    (``peft_residual.fit_residual_bases(..., keep_units=True)`` keeps them to cache the same images without another
+    pass). Covariances are accumulated per unit in float64, never holding the encodings. ``k`` from the config is
+    clamped to each unit's rank (``head_dim + 2`` for a head under the shared norm mean, see
+    ``Architecture.max_rank``), and clamping is reported in the returned :class:`FitReport` and as a warning.
+    Refitting an adapter resets its scales to their initial values (a warning says so if they were trained).
 
     Example:
         >>> model = get_peft_model(clip_vision, ResiDualConfig(k=64))
@@ -187,46 +174,16 @@ def fit_residual_bases(
     adapter_name = adapter_name or tuner.active_adapters[0]
     config = tuner.peft_config[adapter_name]
     config.validate()
-    arch = tuner.arch
     layers = tuner.readout.layers_of(adapter_name)
-    moments = {id(layer): StreamingMoments(scatter=layer.is_transformed(adapter_name)) for layer in layers}
-    # heads are fitted in their head coordinates (see head_space): (head_dim + 2)^2 moments instead of output_dim^2
-    frames = {id(layer): layer.frames(adapter_name) for layer in layers if layer.in_head_space}
-    store = UnitStore(arch, max_unit_bytes) if keep_units else None
-    image_size = None
+    total = max_batches if max_batches is not None else (len(dataloader) if hasattr(dataloader, "__len__") else None)
+    batches = tqdm(dataloader, desc="ResiDual PCA", total=total, disable=not progress)
     was_training = tuner.model.training
     tuner.model.eval()
-    total = max_batches if max_batches is not None else (len(dataloader) if hasattr(dataloader, "__len__") else None)
-    if isinstance(dataloader, UnitStore):
-        source = dataloader
-    else:
-        source = tqdm(dataloader, desc="ResiDual PCA", total=total, disable=not progress)
     try:
-        for step, (record, labels, image_size) in enumerate(
-            islice(recorded_batches(tuner.model, source, "fit_residual_bases"), max_batches)
-        ):
-            if store is not None:
-                store.add(record, labels)
-                store.image_size = image_size
-            contributions = record.contributions(arch, config.ln_mean)
-            # one reduction instead of an elementwise test: a NaN or inf anywhere makes its unit's sum non-finite,
-            # and a float64 sum of float32 values cannot overflow
-            per_unit = contributions.sum((0, 2), dtype=torch.float64)
-            if not torch.isfinite(per_unit).all():
-                unit = arch.unit_names[int((~torch.isfinite(per_unit)).nonzero()[0])]
-                raise ResiDualInputError(
-                    f"Non-finite activations in unit {unit} at batch {step}; check the inputs' normalisation and the "
-                    "model's dtype (fp16 can overflow: fit in float32)."
-                )
-            for layer in layers:
-                units = contributions[:, layer.unit_slice].double()
-                if id(layer) in frames:
-                    frame, offset = (t.to(units.device) for t in frames[id(layer)])
-                    units = torch.einsum("bno,nor->bnr", units - offset, frame)
-                moments[id(layer)].update(units)
+        batches = islice(recorded_batches(tuner.arch, batches, "fit_residual_bases"), max_batches)
+        moments, image_size = _accumulate(tuner.arch, layers, adapter_name, config, batches, on_batch)
     finally:
         tuner.model.train(was_training)
-
     num_samples = next(iter(moments.values())).count if moments else 0
     if num_samples < 2:
         raise ResiDualInputError(
@@ -239,7 +196,64 @@ def fit_residual_bases(
             stacklevel=2,
         )
         config.training_summary = None
-    report = FitReport(num_samples=num_samples, units=store)
+    report = _solve(layers, adapter_name, config, moments, progress)
+    tuner.readout.refresh([adapter_name])
+    config.base_signature = tuner.arch.signature(image_size)
+    if report.clamped:
+        (name, (asked, used)), more = next(iter(report.clamped.items())), len(report.clamped) - 1
+        warnings.warn(
+            f"k={asked} exceeds the rank of {len(report.clamped)} units (e.g. {name}: {used}); clamped to their rank. "
+            f"See FitReport.clamped{f' for the other {more}' if more else ''}.",
+            stacklevel=2,
+        )
+    return report
+
+
+def _accumulate(
+    arch: Architecture,
+    layers: list[ResiDualUnitLayer],
+    adapter_name: str,
+    config: ResiDualConfig,
+    batches: Iterable[RecordedBatch],
+    on_batch: Callable[[RecordedBatch], None] | None,
+) -> tuple[dict[int, StreamingMoments], tuple[int, int] | None]:
+    """Per layer, the streaming moments of its units over every batch (heads in their head coordinates, see
+    :mod:`.head_space`: ``(head_dim + 2)^2`` moments instead of ``output_dim^2``), and the images' size."""
+    moments = {id(layer): StreamingMoments(scatter=layer.is_transformed(adapter_name)) for layer in layers}
+    frames = {id(layer): layer.frames(adapter_name) for layer in layers if layer.in_head_space}
+    image_size = None
+    for step, batch in enumerate(batches):
+        if on_batch is not None:
+            on_batch(batch)
+        image_size = batch.image_size
+        contributions = batch.record.contributions(arch, config.ln_mean)
+        # one reduction instead of an elementwise test: a NaN or inf anywhere makes its unit's sum non-finite, and a
+        # float64 sum of float32 values cannot overflow
+        per_unit = contributions.sum((0, 2), dtype=torch.float64)
+        if not torch.isfinite(per_unit).all():
+            unit = arch.unit_names[int((~torch.isfinite(per_unit)).nonzero()[0])]
+            raise ResiDualInputError(
+                f"Non-finite activations in unit {unit} at batch {step}; check the inputs' normalisation and the "
+                "model's dtype (fp16 can overflow: fit in float32)."
+            )
+        for layer in layers:
+            units = contributions[:, layer.unit_slice].double()
+            if id(layer) in frames:
+                frame, offset = (t.to(units.device) for t in frames[id(layer)])
+                units = torch.einsum("bno,nor->bnr", units - offset, frame)
+            moments[id(layer)].update(units)
+    return moments, image_size
+
+
+def _solve(
+    layers: list[ResiDualUnitLayer],
+    adapter_name: str,
+    config: ResiDualConfig,
+    moments: dict[int, StreamingMoments],
+    progress: bool,
+) -> FitReport:
+    """Eigendecompose every transformed layer's moments and store means, bases and initial scales."""
+    report = FitReport(num_samples=next(iter(moments.values())).count)
     generator = torch.Generator().manual_seed(config.seed)
     transformed = [layer for layer in layers if layer.is_transformed(adapter_name)]
     logger.info("Eigendecomposition of %d unit groups", len(transformed))
@@ -252,16 +266,7 @@ def fit_residual_bases(
             continue
         bases, lambdas = _fit_layer(layer, adapter_name, stats, config, generator, report)
         layer.set_fit(adapter_name, stats.mean, bases, lambdas, basis_dtype)
-    tuner.readout.refresh([adapter_name])
     report.eigen_seconds = time.perf_counter() - started
-    config.base_signature = arch.signature(image_size)
-    if report.clamped:
-        (name, (asked, used)), more = next(iter(report.clamped.items())), len(report.clamped) - 1
-        warnings.warn(
-            f"k={asked} exceeds the rank of {len(report.clamped)} units (e.g. {name}: {used}); clamped to their rank. "
-            f"See FitReport.clamped{f' for the other {more}' if more else ''}.",
-            stacklevel=2,
-        )
     return report
 
 

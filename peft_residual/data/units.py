@@ -12,14 +12,19 @@ import hashlib
 import shutil
 import tempfile
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
+from tqdm.auto import tqdm
 
-from .architectures import Architecture
-from .decomposition import UnitRecord
+from ..tuner import pca
+from ..tuner.architectures import Architecture
+from ..tuner.decomposition import UnitRecord
+from ..tuner.errors import ResiDualInputError
+from ..tuner.model import residual_tuner
 
 DEFAULT_MAX_BYTES = 2 * 2**30
 
@@ -105,7 +110,7 @@ class UnitStore:
             self._mapped = np.memmap(self._directory / "pieces.f32", dtype=np.float32, mode="r", shape=shape)
         return torch.from_numpy(np.array(self._mapped[start:stop]))
 
-    def records(self, batch_size: int = 256) -> Iterator[tuple[UnitRecord, torch.Tensor | None]]:
+    def records(self, batch_size: int = 256) -> Iterator[pca.RecordedBatch]:
         """``(record, labels)`` of consecutive batches, as if the backbone had just run on them."""
         labels = self.labels
         for start in range(0, self._count, batch_size):
@@ -113,12 +118,14 @@ class UnitStore:
             record = UnitRecord(embedding=pieces[:, 0])
             for layer in range(self.arch.num_layers):
                 record.heads[layer], record.mlps[layer] = pieces[:, 1 + 2 * layer], pieces[:, 2 + 2 * layer]
-            yield record, None if labels is None else labels[start : start + len(pieces)]
+            yield pca.RecordedBatch(
+                record, None if labels is None else labels[start : start + len(pieces)], self.image_size
+            )
 
     @torch.no_grad()
     def contributions(self, ln_mean: str = "shared") -> torch.Tensor:
         """Every stored image's direct contributions, ``[n, units, output_dim]`` float32 (held in memory)."""
-        return torch.cat([record.contributions(self.arch, ln_mean) for record, _ in self.records()])
+        return torch.cat([batch.record.contributions(self.arch, ln_mean) for batch in self.records()])
 
     def fingerprint(self) -> str:
         """A short hash of the size, the labels and the first and last images' pieces."""
@@ -134,3 +141,59 @@ class UnitStore:
         if self._cleanup is not None:
             self._cleanup()
         self._directory, self._mapped = None, None
+
+
+def collect_units(
+    model: nn.Module, batches: Iterable, max_bytes: int | None = None, progress: bool = True, desc: str = "Units"
+) -> UnitStore:
+    """One backbone pass over ``batches``, keeping every image's raw pieces (and labels) in a :class:`UnitStore`.
+
+    Example:
+        >>> test_units = collect_units(peft_model, DataLoader(test, batch_size=64))
+    """
+    arch = residual_tuner(model).arch if hasattr(model, "peft_config") else Architecture(model)
+    store = UnitStore(arch, max_bytes)
+    total = len(batches) if hasattr(batches, "__len__") else None
+    for batch in pca.recorded_batches(arch, tqdm(batches, desc=desc, total=total, disable=not progress), desc):
+        store.add(batch.record, batch.labels)
+        store.image_size = batch.image_size
+    if len(store) == 0:
+        raise ResiDualInputError(f"{desc}: no images; the data set is empty.")
+    return store
+
+
+def fit_residual_bases(
+    model: nn.Module,
+    data: Iterable | UnitStore,
+    adapter_name: str | None = None,
+    max_batches: int | None = None,
+    progress: bool = True,
+    keep_units: bool = False,
+    max_unit_bytes: int | None = None,
+) -> pca.FitReport:
+    """:func:`peft_residual.tuner.fit_residual_bases`, which also takes a :class:`UnitStore` (no backbone pass) and,
+    with ``keep_units=True``, keeps the raw pieces of every image in ``FitReport.units`` (in memory up to
+    ``max_unit_bytes``, then in a temporary file), so that the same images are cached for training without running
+    the backbone again.
+
+    Example:
+        >>> report = fit_residual_bases(peft_model, DataLoader(train, batch_size=64), keep_units=True)
+        >>> cache = encode_dataset(peft_model, report.units)
+    """
+    store = UnitStore(residual_tuner(model).arch, max_unit_bytes) if keep_units else None
+
+    def keep(batch: pca.RecordedBatch) -> None:
+        store.add(batch.record, batch.labels)
+        store.image_size = batch.image_size
+
+    source = data.records() if isinstance(data, UnitStore) else data
+    report = pca.fit_residual_bases(
+        model,
+        source,
+        adapter_name,
+        max_batches,
+        progress and not isinstance(data, UnitStore),
+        keep if store is not None else None,
+    )
+    report.units = store
+    return report

@@ -19,12 +19,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .inference import check_labels
-from .tuner import residual_tuner
-from .tuner.decomposition import UnitRecord, record_backbone
-from .tuner.errors import ResiDualInputError
-from .tuner.layer import readout
-from .tuner.unit_store import UnitStore
+from ..data.units import UnitStore
+from ..inference import check_labels
+from ..tuner import residual_tuner
+from ..tuner.decomposition import UnitRecord, record_backbone
+from ..tuner.errors import ResiDualInputError
+from ..tuner.layer import readout
 
 CACHE_DTYPE = torch.float32
 
@@ -178,7 +178,7 @@ def _encode_store(model: nn.Module, store: UnitStore, batch_size: int, num_class
     if store.labels is None:
         raise ResiDualInputError(f"{desc}: the stored units have no labels; collect them from batches with labels.")
     scores, offsets = [], []
-    for step, (record, _) in enumerate(store.records(batch_size)):
+    for step, (record, _, _) in enumerate(store.records(batch_size)):
         batch_scores, batch_offset = encode_batch(model, None, f"{desc} batch {step}", record)
         scores.append(batch_scores)
         offsets.append(batch_offset)
@@ -198,5 +198,5 @@ def adapted_embeddings(model: nn.Module, cache: UnitCache) -> torch.Tensor:
 @torch.no_grad()
 def base_embeddings(store: UnitStore) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The base model's embeddings of the stored images (their units' sum, exactly) and their labels."""
-    features = [record.contributions(store.arch).sum(1) for record, _ in store.records()]
+    features = [batch.record.contributions(store.arch).sum(1) for batch in store.records()]
     return torch.cat(features), store.labels

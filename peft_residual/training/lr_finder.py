@@ -8,8 +8,8 @@ import torch
 from accelerate import Accelerator
 from schedulefree import AdamWScheduleFree
 
+from ..classifiers import Classifier
 from .cache import StreamedUnits, UnitCache
-from .classifiers import Classifier
 from .scales import ScaleSet
 from .steps import global_batches, train_step
 

@@ -12,9 +12,9 @@ import torch
 from torch.utils.data import Dataset
 from transformers import AutoImageProcessor
 
-from .inference import check_labels
-from .tuner.errors import ResiDualInputError
-from .tuner.unit_store import UnitStore
+from ..inference import check_labels
+from ..tuner.errors import ResiDualInputError
+from .units import UnitStore
 
 
 def load_image_dataset(name_or_path: str, split: str | None = None) -> datasets.Dataset | datasets.DatasetDict:

@@ -25,15 +25,15 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from ..classifiers import Classifier
+from ..data import check_dataset, dataset_fingerprint, stratified_split
+from ..data.units import UnitStore
+from ..tuner.errors import ResiDualInputError
 from .cache import StreamedUnits, UnitCache, available_memory_bytes, encode_dataset
 from .checkpoint import load_checkpoint, save_checkpoint
-from .classifiers import Classifier
-from .data import check_dataset, dataset_fingerprint, stratified_split
 from .lr_finder import find_learning_rate
 from .scales import ScaleSet
 from .steps import epoch_order, evaluate, global_batches, train_step
-from .tuner.errors import ResiDualInputError
-from .tuner.unit_store import UnitStore
 
 logger = logging.getLogger(__name__)
 

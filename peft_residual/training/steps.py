@@ -18,11 +18,11 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from schedulefree import AdamWScheduleFree
 
+from ..classifiers import Classifier
+from ..tuner.errors import ResiDualInputError
+from ..tuner.layer import TILE
 from .cache import StreamedUnits, UnitCache
-from .classifiers import Classifier
 from .scales import ScaleSet
-from .tuner.errors import ResiDualInputError
-from .tuner.layer import TILE
 
 
 def epoch_seed(seed: int, epoch: int) -> int:

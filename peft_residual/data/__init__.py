@@ -1,0 +1,36 @@
+"""Data intake: image data sets (load, sample, split, pixel transform), stores of recorded unit pieces, and loading
+a supported model."""
+
+from .images import (
+    check_columns,
+    check_dataset,
+    class_names,
+    dataset_fingerprint,
+    holdout,
+    load_image_dataset,
+    pixel_transform,
+    prepare,
+    raw_labels,
+    sample,
+    stratified_split,
+)
+from .models import load_vision_model
+from .units import UnitStore, collect_units, fit_residual_bases
+
+__all__ = [
+    "UnitStore",
+    "check_columns",
+    "check_dataset",
+    "class_names",
+    "collect_units",
+    "dataset_fingerprint",
+    "fit_residual_bases",
+    "holdout",
+    "load_image_dataset",
+    "load_vision_model",
+    "pixel_transform",
+    "prepare",
+    "raw_labels",
+    "sample",
+    "stratified_split",
+]
