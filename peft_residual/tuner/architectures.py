@@ -154,12 +154,14 @@ class Architecture:
         """The module that runs the vision backbone (the vision tower of a two-tower model)."""
         return self.model.get_submodule(self.spec.tower) if self.spec.tower else self.model
 
-    @property
+    @cached_property
     def final_norm(self) -> nn.LayerNorm:
+        """The final norm (the base module, looked up once: every adapted forward reads it)."""
         return self.module(self.spec.final_norm)
 
-    @property
+    @cached_property
     def projection(self) -> nn.Linear | None:
+        """The projection after the final norm, if any (the base module, looked up once)."""
         return self.module(self.spec.projection) if self.spec.projection else None
 
     @property
@@ -168,8 +170,8 @@ class Architecture:
         return self.spec.projection or self.spec.final_norm
 
     def attention_layer_scale(self, layer: int) -> torch.Tensor | None:
-        path = self.spec.attention_layer_scale
-        return self.model.get_parameter(path.format(i=layer)) if path else None
+        _, owner, name = self._head_modules[layer]
+        return getattr(owner, name) if owner is not None else None
 
     @cached_property
     def _head_modules(self) -> list[tuple[nn.Linear, nn.Module | None, str]]:
@@ -187,15 +189,14 @@ class Architecture:
     def head_contributions(self, layer: int, head_inputs: torch.Tensor) -> torch.Tensor:
         """What each head of ``layer`` adds to the residual stream, ``[batch, heads, hidden]``, from the
         concatenated head outputs ``[batch, hidden]`` entering the output projection (in their dtype)."""
-        out_proj, scale_owner, scale_name = self._head_modules[layer]
+        out_proj = self._head_modules[layer][0]
         dtype, heads, head_dim = head_inputs.dtype, self.num_heads, self.head_dim
         weight = out_proj.weight.to(dtype).view(self.hidden_size, heads, head_dim).permute(1, 2, 0)
         per_head = torch.bmm(head_inputs.view(-1, heads, head_dim).transpose(0, 1), weight).transpose(0, 1)
         if out_proj.bias is not None:
             per_head = per_head + out_proj.bias.to(dtype) / heads
-        if scale_owner is not None:
-            per_head = per_head * getattr(scale_owner, scale_name).to(dtype)
-        return per_head
+        scale = self.attention_layer_scale(layer)
+        return per_head * scale.to(dtype) if scale is not None else per_head
 
     @cached_property
     def bias_shares(self) -> torch.Tensor:

@@ -225,10 +225,14 @@ class ResiDualUnitLayer(nn.Module, ResiDualLayer):
     def is_fitted(self, adapter_name: str) -> bool:
         return self.residual_mean[adapter_name].numel() > 0
 
+    def scales_per_unit(self, adapter_name: str) -> bool:
+        """Whether ``adapter_name`` has one scale per transformed unit here, rather than one per component."""
+        return len(self.residual_lambda[adapter_name]) != int(self.residual_rank[adapter_name].sum())
+
     def component_lambdas(self, adapter_name: str) -> torch.Tensor:
         """One scale per component, ``[sum(rank)]``, repeating per-unit scales over their unit's components."""
         lambdas, rank = self.residual_lambda[adapter_name], self.residual_rank[adapter_name]
-        return lambdas if len(lambdas) == int(rank.sum()) else lambdas.repeat_interleave(rank[rank > 0])
+        return lambdas.repeat_interleave(rank[rank > 0]) if self.scales_per_unit(adapter_name) else lambdas
 
     @property
     def in_head_space(self) -> bool:
@@ -488,8 +492,7 @@ def _members(
             constant += space.mean.sum(0)
             covered[layer.unit_slice] = True
             continue
-        rank = layer.residual_rank[adapter_name].cpu()
-        per_unit = len(layer.residual_lambda[adapter_name]) != int(rank.sum())
+        per_unit = layer.scales_per_unit(adapter_name)
         for unit, (selected, rows) in enumerate(zip(layer.selected(adapter_name), space.rows, strict=True)):
             if not selected:
                 if config.rest == "mean":
