@@ -5,7 +5,8 @@
 The yardstick is the base model itself (a deep copy taken before ``get_peft_model``), so the cost of PEFT's wrappers
 and of ResiDual's layers is counted, not only the readout. Per batch size and configuration it prints the median
 wall time of the bare model and of the adapted model (alternating calls, after a warm-up, one thread by default)
-and their ratio, and writes them to ``--output`` as JSON. The bases are fitted on random images: only speed matters.
+and the median of the paired ratios (adapted ÷ bare of two adjacent calls), and writes them to ``--output`` as
+JSON. The bases are fitted on random images: only speed matters.
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ from peft_residual import ResiDualConfig, embed_images, fit_residual_bases, load
 CONFIGS = {"k=64 heads": ResiDualConfig(k=64), "ResiDual": ResiDualConfig.preset("residual")}
 
 
-def interleaved_ms(bare, adapted, pixel_values: torch.Tensor, repeats: int) -> tuple[float, float]:
-    """Median ms of the bare base model and of the adapted model on the same batch, alternating which goes first."""
+def interleaved_ms(bare, adapted, pixel_values: torch.Tensor, repeats: int) -> tuple[float, float, float]:
+    """Median ms of the bare base model and of the adapted model on the same batch, alternating which goes first,
+    and the median of the per-repeat ratios (each ratio compares two adjacent calls, so slow drifts of the machine
+    cancel)."""
     timings = {"bare": [], "adapted": []}
     models = {"bare": bare, "adapted": adapted}
     with torch.inference_mode():
@@ -39,7 +42,12 @@ def interleaved_ms(bare, adapted, pixel_values: torch.Tensor, repeats: int) -> t
                 started = time.perf_counter()
                 embed_images(models[name], pixel_values)
                 timings[name].append(time.perf_counter() - started)
-    return 1000 * statistics.median(timings["bare"]), 1000 * statistics.median(timings["adapted"])
+    ratios = [ours / base for ours, base in zip(timings["adapted"], timings["bare"], strict=True)]
+    return (
+        1000 * statistics.median(timings["bare"]),
+        1000 * statistics.median(timings["adapted"]),
+        statistics.median(ratios),
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -47,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", required=True, help="Hub id or local directory of a supported model")
     parser.add_argument("--image-size", type=int, default=98)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--repeats", type=int, default=21)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the measurement used 1)")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/overhead_dinov2.json"))
     args = parser.parse_args(argv)
@@ -56,23 +64,16 @@ def main(argv: list[str] | None = None) -> None:
     size = args.image_size
     rows = []
     for name, config in CONFIGS.items():
-        base = load_vision_model(args.model)
-        bare = copy.deepcopy(base)
-        model = get_peft_model(base, config)
+        loaded = load_vision_model(args.model)
+        # both are copies of one load, so that neither keeps the loader's memory layout (e.g. mapped weights)
+        bare, model = copy.deepcopy(loaded), get_peft_model(copy.deepcopy(loaded), config)
+        del loaded
         fit_residual_bases(model, [{"pixel_values": torch.randn(64, 3, size, size)} for _ in range(8)], progress=False)
         for batch in args.batch_sizes:
-            bare_ms, adapted_ms = interleaved_ms(bare, model, torch.randn(batch, 3, size, size), args.repeats)
-            rows.append(
-                {
-                    "config": name,
-                    "batch": batch,
-                    "bare_ms": bare_ms,
-                    "adapted_ms": adapted_ms,
-                    "ratio": adapted_ms / bare_ms,
-                }
-            )
+            bare_ms, adapted_ms, ratio = interleaved_ms(bare, model, torch.randn(batch, 3, size, size), args.repeats)
+            rows.append({"config": name, "batch": batch, "bare_ms": bare_ms, "adapted_ms": adapted_ms, "ratio": ratio})
             print(f"{name:>10}  batch {batch:>3}: bare {bare_ms:8.2f} ms  ResiDual {adapted_ms:8.2f} ms  "
-                  f"ratio {adapted_ms / bare_ms:.3f}")  # fmt: skip
+                  f"median paired ratio {ratio:.3f}")  # fmt: skip
     record = {
         "command": "python -m benchmarks.overhead " + " ".join(argv or []),
         "model": args.model,

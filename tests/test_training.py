@@ -384,7 +384,7 @@ def test_an_adapter_of_selected_heads_trains_one_scale_per_head():
 
 
 def test_training_readout_matches_float64_and_gives_a_tile_the_same_result_in_any_batch():
-    from peft_residual.tuner.layer import TILE, readout
+    from peft_residual.tuner.plan import TILE, readout
 
     generator = torch.Generator().manual_seed(0)
     n, components, dim = 2 * TILE + 5, 50, 8
@@ -410,7 +410,7 @@ def test_processes_share_cached_batches_by_whole_tiles_and_streamed_ones_by_samp
     from peft_residual import StreamedUnits
     from peft_residual.training.cache import UnitCache
     from peft_residual.training.steps import global_batches
-    from peft_residual.tuner.layer import TILE
+    from peft_residual.tuner.plan import TILE
 
     def shares(features, order, batch_size):
         return [

@@ -465,3 +465,26 @@ def test_heads_the_model_lacks_are_clear_errors(kwargs, message):
 def test_malformed_head_selections_are_clear_errors(kwargs, message):
     with pytest.raises(ResiDualInputError, match=message):
         ResiDualConfig(**kwargs)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
+@pytest.mark.parametrize("kind", ["clip_vision_projection", "dinov2", "clip_vision", "vit"])
+def test_forward_from_raw_pieces_equals_the_output_space_path(kind, config, monkeypatch):
+    """A frozen forward computes scores from the raw pieces (head kernels, one weighted sum through the norm); a
+    forward that needs gradients for the readout's weights takes the output-space path. They agree."""
+    import peft_residual.tuner.layer as layer_module
+
+    model = fitted(kind, config)
+    x = images(4, seed=8)
+    calls = []
+    fast = layer_module.adapt_from_pieces
+    monkeypatch.setattr(layer_module, "adapt_from_pieces", lambda *a: calls.append(1) or fast(*a))
+    with torch.no_grad():
+        from_pieces = model_output(model, x)
+    assert calls == [1]
+    norm = model.base_model.arch.final_norm
+    norm.weight.requires_grad_(True)
+    exact = model_output(model, x)
+    assert calls == [1]  # the trainable norm weight sent this forward down the output-space path
+    assert exact.requires_grad
+    torch.testing.assert_close(from_pieces, exact.detach(), rtol=1e-5, atol=1e-5)

@@ -24,7 +24,7 @@ from ..inference import check_labels
 from ..tuner import residual_tuner
 from ..tuner.decomposition import UnitRecord, record_backbone
 from ..tuner.errors import ResiDualInputError
-from ..tuner.layer import readout
+from ..tuner.plan import readout
 
 CACHE_DTYPE = torch.float32
 

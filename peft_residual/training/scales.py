@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..tuner import residual_tuner
-from ..tuner.layer import readout
+from ..tuner.plan import readout
 
 TRAINING_DTYPE = torch.float64
 """The scales, their optimiser state, the adapted output and every sum over samples are float64."""

@@ -20,7 +20,7 @@ from schedulefree import AdamWScheduleFree
 
 from ..classifiers import Classifier
 from ..tuner.errors import ResiDualInputError
-from ..tuner.layer import TILE
+from ..tuner.plan import TILE
 from .cache import StreamedUnits, UnitCache
 from .scales import ScaleSet
 

@@ -198,6 +198,26 @@ class Architecture:
         scale = self.attention_layer_scale(layer)
         return per_head * scale.to(dtype) if scale is not None else per_head
 
+    @property
+    def attention_layer_scales(self) -> torch.Tensor | None:
+        """Every layer's attention layer scale, ``[layers, hidden]``, or ``None`` if the model has none."""
+        scales = [self.attention_layer_scale(layer) for layer in range(self.num_layers)]
+        return torch.stack(scales) if scales[0] is not None else None
+
+    @cached_property
+    def _readout_parameters(self) -> list[torch.Tensor]:
+        modules = [out_proj for out_proj, _, _ in self._head_modules] + [self.final_norm]
+        modules += [self.projection] if self.projection is not None else []
+        return [p for module in modules for p in module.parameters(recurse=False)]
+
+    def readout_weights_require_grad(self) -> bool:
+        """Whether any weight the readout plans are built from (output projections, layer scales, final norm,
+        projection) is trainable."""
+        scales = [self.attention_layer_scale(layer) for layer in range(self.num_layers)]
+        return any(p.requires_grad for p in self._readout_parameters) or any(
+            s is not None and s.requires_grad for s in scales
+        )
+
     @cached_property
     def bias_shares(self) -> torch.Tensor:
         """Each unit's share of a constant added after the residual stream: ``1/(2L+1)`` per block, split among

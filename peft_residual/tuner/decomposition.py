@@ -44,7 +44,11 @@ class UnitRecord:
 
     embedding: torch.Tensor | None = None
     heads: dict[int, torch.Tensor] = field(default_factory=dict)
+    """Per layer, the concatenated head outputs entering the attention output projection."""
     mlps: dict[int, torch.Tensor] = field(default_factory=dict)
+    attention: dict[int, torch.Tensor] = field(default_factory=dict)
+    """Per layer, what the attention output projection returned (before any layer scale): the heads' sum, which a
+    live forward records so that the readout needs no product to get it. Stored pieces do without."""
     num_tokens: int | None = None
     """Sequence length of the embedding output, which tells the image size the model saw."""
     adapt: bool = True
@@ -56,12 +60,13 @@ class UnitRecord:
 
     def capture(self, kind: str, layer: int | None, inputs: tuple, output: torch.Tensor) -> None:
         """Store what the unit module of ``kind`` (in ``layer``) produced in one forward call."""
-        source = inputs[0] if kind == "heads" else output  # the heads enter the output projection as its input
-        piece = source[:, 0].clone()  # a copy, so that the record never holds the whole sequence alive
+        # copies, so that the record never holds the whole sequence alive
         if kind == "embedding":
-            self.embedding, self.num_tokens = piece, output.shape[1]
+            self.embedding, self.num_tokens = output[:, 0].clone(), output.shape[1]
+        elif kind == "heads":  # the heads enter the output projection as its input
+            self.heads[layer], self.attention[layer] = inputs[0][:, 0].clone(), output[:, 0].clone()
         else:
-            (self.heads if kind == "heads" else self.mlps)[layer] = piece
+            self.mlps[layer] = output[:, 0].clone()
 
     def raw_units(self, arch: Architecture, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The units as they enter the residual stream at CLS, ``[batch, units, hidden]`` (at least float32)."""
@@ -155,17 +160,31 @@ def unit_modules(arch: Architecture) -> Iterator[tuple[str, str, int | None]]:
         yield arch.spec.mlp_out.format(i=layer), "mlps", layer
 
 
-def linearise(raw_units: torch.Tensor, arch: Architecture, ln_mean: str = "shared") -> torch.Tensor:
+def norm_statistics(residual: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The final norm's per-sample mean and standard deviation of the CLS residual ``[batch, hidden]``."""
+    return residual.mean(dim=-1), torch.sqrt(residual.var(dim=-1, unbiased=False) + eps)
+
+
+def linearise(
+    raw_units: torch.Tensor,
+    arch: Architecture,
+    ln_mean: str = "shared",
+    residual: torch.Tensor | None = None,
+    shares: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Push raw residual units through the final norm, frozen at each sample's statistics, and the projection;
-    ``ln_mean`` says how the norm's mean is split among the units (:data:`LN_MEANS`)."""
+    ``ln_mean`` says how the norm's mean is split among the units (:data:`LN_MEANS`).
+
+    By default ``raw_units`` are all the units, which sum to the residual; give ``residual`` and the units' bias
+    ``shares`` to push through only some units, or sums of units (the map is affine in them)."""
     if ln_mean not in LN_MEANS:
         raise ValueError(f"ln_mean must be one of {LN_MEANS}, got {ln_mean!r}.")
     norm, projection, dtype = arch.final_norm, arch.projection, raw_units.dtype
-    residual = raw_units.sum(dim=1)
-    std = torch.sqrt(residual.var(dim=-1, unbiased=False) + norm.eps)
-    shares = arch.bias_shares.to(raw_units)
+    residual = raw_units.sum(dim=1) if residual is None else residual
+    mean, std = norm_statistics(residual, norm.eps)
+    shares = (arch.bias_shares if shares is None else shares).to(raw_units)
     if ln_mean == "shared":
-        centred = raw_units - shares[None, :, None] * residual.mean(dim=-1)[:, None, None]
+        centred = raw_units - shares[None, :, None] * mean[:, None, None]
     else:
         centred = raw_units - raw_units.mean(dim=-1, keepdim=True)
     out = centred / std[:, None, None]

@@ -15,6 +15,8 @@ baseline scales the raw ``c``) adds ``t_h`` as one more direction and uses no of
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from .architectures import Architecture
@@ -24,12 +26,22 @@ def _float64(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().double().cpu()
 
 
+class HeadFrames(NamedTuple):
+    """The head coordinates of one layer's heads, float64."""
+
+    frames: torch.Tensor
+    """``Q``: orthonormal frames ``[heads, output_dim, r]``."""
+    offset: torch.Tensor
+    """``t``: offsets ``[heads, output_dim]``."""
+    triangular: torch.Tensor
+    """``R`` ``[heads, r, columns]``: a head's coordinates are ``R x / sigma`` with ``x = [z; 1; -s mean(r)
+    (shared mean only); sigma (uncentred only)]``, so they follow from the head's output ``z`` alone."""
+
+
 @torch.no_grad()
-def head_frames(
-    arch: Architecture, layer: int, ln_mean: str = "shared", centre: bool = True
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(Q, t)`` for the heads of ``layer``: orthonormal frames ``[heads, output_dim, r]`` and offsets
-    ``[heads, output_dim]``, in float64, from the base weights alone (``r`` is ``arch.max_rank("heads", ...)``)."""
+def head_frames(arch: Architecture, layer: int, ln_mean: str = "shared", centre: bool = True) -> HeadFrames:
+    """``(Q, t, R)`` for the heads of ``layer``, in float64, from the base weights alone (``r`` is
+    ``arch.max_rank("heads", ...)``)."""
     hidden, heads, head_dim = arch.hidden_size, arch.num_heads, arch.head_dim
     norm, projection = arch.final_norm, arch.projection
     out_proj = arch.module(arch.spec.attention_out, layer)
@@ -61,5 +73,7 @@ def head_frames(
         offset = torch.zeros_like(offset)
     frames, triangular = torch.linalg.qr(torch.cat(columns, 2))
     signs = torch.sign(torch.diagonal(triangular, dim1=-2, dim2=-1))
-    frames = frames * torch.where(signs == 0, torch.ones_like(signs), signs)[:, None, :]
-    return frames[:, :, : arch.max_rank("heads", ln_mean, centre)], offset
+    signs = torch.where(signs == 0, torch.ones_like(signs), signs)
+    rank = arch.max_rank("heads", ln_mean, centre)
+    frames, triangular = frames * signs[:, None, :], triangular * signs[:, :, None]
+    return HeadFrames(frames[:, :, :rank], offset, triangular[:, :rank])

@@ -18,10 +18,9 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
@@ -30,62 +29,12 @@ from .architectures import Architecture
 from .config import ResiDualConfig
 from .decomposition import UnitRecord, capture, take_record
 from .errors import ResiDualInputError
-from .head_space import head_frames
+from .head_space import HeadFrames, head_frames
 from .packing import pack_orthonormal, packed_size, unpack_orthonormal
+from .plan import OutputSpace, ReadoutPlan, adapt_from_pieces, build_plan, readout
 
 ROLES = ("transform", "mean", "record")
 """Per adapter, a unit layer transforms its units, replaces them by their mean, or only records them."""
-
-TILE = 32
-"""Samples per product in the tiled form of :func:`readout`. A float32 product's rounding depends on its shape, so
-every product is one tile of exactly this many samples (zero-padded), and processes share a cached batch by whole
-tiles: each sample's arithmetic is then the same for any number of processes. Smaller tiles would spread a batch of
-64 over more processes, but they stream the basis once per tile: at 16 the products already lose half their speed
-on a CPU."""
-
-
-def _tiled(rows: torch.Tensor) -> torch.Tensor:
-    """``[n, c]`` as ``[ceil(n / TILE), TILE, c]``, the last tile padded with zeros."""
-    if len(rows) % TILE:
-        rows = F.pad(rows, (0, 0, 0, TILE - len(rows) % TILE))
-    return rows.view(-1, TILE, rows.shape[-1])
-
-
-class _TiledReadout(torch.autograd.Function):
-    """:func:`readout` in ``lambdas``' dtype, the products tile by tile in ``basis``' dtype; the gradient reaches
-    ``lambdas`` only (the cached training path)."""
-
-    @staticmethod
-    def forward(ctx, scores, lambdas, basis, offset):
-        tiles = _tiled(scores.to(basis.dtype))
-        products = torch.bmm(tiles * lambdas.to(basis.dtype), basis.expand(len(tiles), *basis.shape))
-        ctx.save_for_backward(tiles, basis)
-        return offset.to(lambdas.dtype) + products.flatten(0, 1)[: len(scores)].to(lambdas.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        tiles, basis = ctx.saved_tensors
-        projected = torch.bmm(basis.expand(len(tiles), *basis.shape), _tiled(grad.to(basis.dtype)).transpose(1, 2))
-        per_tile = torch.sum(projected * tiles.transpose(1, 2), 2, dtype=grad.dtype)
-        return None, per_tile.sum(0), None, None
-
-
-def readout(
-    scores: torch.Tensor, lambdas: torch.Tensor, basis: torch.Tensor, offset: torch.Tensor, tiled: bool = False
-) -> torch.Tensor:
-    """The adapted output ``offset + (scores * lambdas) @ basis`` of ``scores [batch, c]``, ``lambdas [c]`` and
-    ``basis [c, dim]``.
-
-    ``tiled=True`` is the training form: the result and the gradient are in ``lambdas``' dtype (float64 there) while
-    the products run in ``basis``' dtype (float32) one :data:`TILE` of samples at a time, so that a sample's bits do
-    not depend on how a batch is split among processes.
-
-    Example:
-        >>> out = readout(scores, lambdas, basis, offset)  # [batch, dim]
-    """
-    if tiled:
-        return _TiledReadout.apply(scores, lambdas, basis, offset)
-    return torch.addmm(offset, scores * lambdas, basis)
 
 
 def _getattr_or_base(self: nn.Module, name: str) -> Any:
@@ -135,22 +84,6 @@ class UnitRole:
     """See :data:`ROLES`."""
     selected: tuple[bool, ...] | None = None
     """For a transformed layer, which of its units are transformed (``None``: all); the others have rank 0."""
-
-
-class OutputSpace(NamedTuple):
-    """A unit layer's fitted state in output space, float64 on the CPU."""
-
-    mean: torch.Tensor
-    """``[units, output_dim]``."""
-    basis: torch.Tensor
-    """Every unit's orthonormal components, concatenated, ``[sum(rank), output_dim]``."""
-    rank: list[int]
-    """Components per unit (0 for a unit that is not transformed)."""
-
-    @property
-    def rows(self) -> tuple[torch.Tensor, ...]:
-        """Per unit, its components ``[rank, output_dim]``."""
-        return self.basis.split(self.rank)
 
 
 class ResiDualUnitLayer(nn.Module, ResiDualLayer):
@@ -247,8 +180,8 @@ class ResiDualUnitLayer(nn.Module, ResiDualLayer):
         """The width of this layer's stored means and bases for ``adapter_name``."""
         return self.max_rank(adapter_name) if self.in_head_space else self.arch.output_dim
 
-    def frames(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Head coordinates ``(Q, t)`` (see :mod:`.head_space`) for a layer of heads, else ``None``."""
+    def frames(self, adapter_name: str) -> HeadFrames | None:
+        """Head coordinates (see :mod:`.head_space`) for a layer of heads, else ``None``."""
         if not self.in_head_space:
             return None
         config = self.residual_config[adapter_name]
@@ -289,7 +222,7 @@ class ResiDualUnitLayer(nn.Module, ResiDualLayer):
                 container[adapter_name] = torch.zeros(tensor.shape, dtype=tensor.dtype, device=device)
 
     @torch.no_grad()
-    def output_space(self, adapter_name: str, frames: tuple[torch.Tensor, torch.Tensor] | None = None) -> OutputSpace:
+    def output_space(self, adapter_name: str, frames: HeadFrames | None = None) -> OutputSpace:
         """The stored mean and components in output space, unpacked in float64 (with ``frames``, the head
         coordinates to use, if already built)."""
         mean = self.residual_mean[adapter_name].double().cpu()
@@ -297,7 +230,7 @@ class ResiDualUnitLayer(nn.Module, ResiDualLayer):
         if frames is not None:
             mean = torch.einsum("nor,nr->no", frames[0], mean) + frames[1]
         if not self.is_transformed(adapter_name):
-            return OutputSpace(mean, mean.new_zeros(0, mean.shape[1]), [0] * self.num_units)
+            return OutputSpace(mean, mean.new_zeros(0, mean.shape[1]), [0] * self.num_units, frames)
         rank = self.residual_rank[adapter_name].cpu().tolist()
         dim = self.stored_dim(adapter_name)
         packed = self.residual_basis[adapter_name].cpu().split([packed_size(k, dim) for k in rank])
@@ -305,49 +238,12 @@ class ResiDualUnitLayer(nn.Module, ResiDualLayer):
         for unit, (unit_rank, unit_packed) in enumerate(zip(rank, packed, strict=True)):
             coefficients = unpack_orthonormal(unit_packed, unit_rank, dim)
             rows.append(coefficients @ frames[0][unit].T if frames is not None else coefficients)
-        return OutputSpace(mean, torch.cat(rows), rank)
+        return OutputSpace(mean, torch.cat(rows), rank, frames)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         output = self.base_layer(*args, **kwargs)
         capture(self.kind, self.layer, args, output)
         return output
-
-
-class ReadoutPlan(NamedTuple):
-    """Everything one adapter's forward needs beyond the scales, with static shapes, built once per fit, load, move
-    or adapter switch (:meth:`ResiDualReadoutLayer.refresh`).
-
-    The transformed units are gathered in groups of one kind (heads, MLPs), each padded to its largest rank, so that
-    their scores are one batched product per group; padding rows are zero and take a zero scale.
-    """
-
-    groups: tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], ...]
-    """Per group: unit indices ``[n]``, means ``[n, dim]`` (zero when uncentred) and padded bases ``[n, k, dim]``
-    (views into :attr:`basis`)."""
-    basis: torch.Tensor
-    """All padded components, ``[slots, dim]``."""
-    lambda_index: torch.Tensor
-    """Per slot, which scale of the concatenated ``residual_lambda`` it takes; padding takes the extra zero."""
-    lambda_shift: torch.Tensor
-    """Per slot, added to its scale: ``-1`` for components whose unit keeps its remainder (``remainder="keep"``)."""
-    components: torch.Tensor
-    """The slots that hold a component, in score order (the training cache's scores)."""
-    sum_weight: torch.Tensor
-    """Per unit, 1 where its contribution is added unchanged."""
-    constant: torch.Tensor
-    """``[dim]``: the means that replace units, minus those of units that keep their remainder."""
-
-    def scores(self, contributions: torch.Tensor) -> torch.Tensor:
-        """Padded PCA scores ``[batch, slots]`` of unit contributions ``[batch, units, dim]``."""
-        per_group = [  # one [batch, dim] @ [dim, k] product per unit, batched
-            torch.bmm((contributions.index_select(1, units) - mean).transpose(0, 1), basis.transpose(1, 2))
-            for units, mean, basis in self.groups
-        ]
-        return torch.cat([scores.transpose(0, 1).flatten(1) for scores in per_group], dim=1)
-
-    def offset(self, contributions: torch.Tensor) -> torch.Tensor:
-        """The part of the output no scale touches, before any kept remainder."""
-        return torch.einsum("bnd,n->bd", contributions, self.sum_weight) + self.constant
 
 
 class ResiDualReadoutLayer(nn.Module, ResiDualLayer):
@@ -402,7 +298,9 @@ class ResiDualReadoutLayer(nn.Module, ResiDualLayer):
         for name in adapter_names if adapter_names is not None else list(self.residual_config):
             self.residual_plan.pop(name, None)
             if name in self.residual_config and self.is_fitted(name):
-                self.residual_plan[name] = build_plan(self, name)
+                dtype = torch.promote_types(torch.float32, next(self.get_base_layer().parameters()).dtype)
+                config, device = self.residual_config[name], self._base_device()
+                self.residual_plan[name] = build_plan(self.layers_of(name), name, config, self.arch, device, dtype)
 
     def plan(self, adapter_name: str) -> ReadoutPlan:
         if adapter_name not in self.residual_plan:
@@ -440,8 +338,13 @@ class ResiDualReadoutLayer(nn.Module, ResiDualLayer):
         plan = self.plan(adapter_name)
         config = self.residual_config[adapter_name]
         _check_image_size(adapter_name, config, record.num_tokens)
-        contributions = record.contributions(self.arch, config.ln_mean).to(plan.basis.dtype)
         lambdas = self.padded_lambdas(adapter_name, plan)
+        exact = len(record.attention) != self.arch.num_layers or (
+            torch.is_grad_enabled() and self.arch.readout_weights_require_grad()
+        )
+        if not exact:  # from the raw pieces; the kernels hold the base weights as the plan was built
+            return adapt_from_pieces(plan, record, self.arch, config.ln_mean, lambdas)
+        contributions = record.contributions(self.arch, config.ln_mean).to(plan.basis.dtype)
         return readout(plan.scores(contributions), lambdas, plan.basis, plan.offset(contributions))
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -466,87 +369,4 @@ def _check_image_size(adapter_name: str, config: ResiDualConfig, num_tokens: int
         f"{num_tokens}: the PCA bases do not describe units at another image size, so the output is unreliable. "
         "Resize the images to the size in adapter_config.json (base_signature.image_size).",
         stacklevel=3,
-    )
-
-
-class _Member(NamedTuple):
-    unit: int
-    mean: torch.Tensor
-    rows: torch.Tensor
-    scales: torch.Tensor  # which scale each row takes
-
-
-def _members(
-    readout_layer: ResiDualReadoutLayer, adapter_name: str
-) -> tuple[dict[str, list[_Member]], torch.Tensor, torch.Tensor, int]:
-    """The transformed units by kind, the per-unit ``sum_weight``, the ``constant`` and the number of scales."""
-    arch, config = readout_layer.arch, readout_layer.residual_config[adapter_name]
-    sum_weight = torch.zeros(arch.num_units, dtype=torch.float64)
-    constant = torch.zeros(arch.output_dim, dtype=torch.float64)
-    covered = torch.zeros(arch.num_units, dtype=torch.bool)
-    members: dict[str, list[_Member]] = {"heads": [], "mlps": []}
-    num_scales = 0
-    for layer in readout_layer.layers_of(adapter_name):
-        space, start = layer.output_space(adapter_name), layer.unit_slice.start
-        if not layer.is_transformed(adapter_name):  # replaced by its mean
-            constant += space.mean.sum(0)
-            covered[layer.unit_slice] = True
-            continue
-        per_unit = layer.scales_per_unit(adapter_name)
-        for unit, (selected, rows) in enumerate(zip(layer.selected(adapter_name), space.rows, strict=True)):
-            if not selected:
-                if config.rest == "mean":
-                    constant += space.mean[unit]
-                    covered[start + unit] = True
-                continue
-            scales = torch.full((len(rows),), num_scales) if per_unit else num_scales + torch.arange(len(rows))
-            num_scales += 1 if per_unit else len(rows)
-            mean = space.mean[unit] if config.centre else torch.zeros_like(space.mean[unit])
-            members[layer.kind].append(_Member(start + unit, mean, rows, scales))
-            covered[start + unit] = True
-            if config.remainder == "keep":
-                sum_weight[start + unit] = 1.0
-                constant -= mean
-    if config.rest == "sum":
-        sum_weight[~covered] = 1.0
-    return members, sum_weight, constant, num_scales
-
-
-@torch.no_grad()
-def build_plan(readout_layer: ResiDualReadoutLayer, adapter_name: str) -> ReadoutPlan:
-    """The :class:`ReadoutPlan` of a fitted adapter, from its unit layers' stored state (float64, then cast to
-    float32, or float64 for a float64 model)."""
-    members, sum_weight, constant, num_scales = _members(readout_layer, adapter_name)
-    dim = readout_layer.arch.output_dim
-    device = readout_layer._base_device()
-    dtype = torch.promote_types(torch.float32, next(readout_layer.get_base_layer().parameters()).dtype)
-    padded_groups, indices = [], []
-    for group in (g for g in members.values() if g):
-        width = max(len(member.rows) for member in group)
-        padded = torch.zeros(len(group), width, dim, dtype=torch.float64)
-        index = torch.full((len(group), width), num_scales)  # padding takes the zero appended to the scales
-        for position, member in enumerate(group):
-            padded[position, : len(member.rows)] = member.rows
-            index[position, : len(member.rows)] = member.scales
-        padded_groups.append((group, padded))
-        indices.append(index.flatten())
-    basis = torch.cat([padded.flatten(0, 1) for _, padded in padded_groups] or [torch.zeros(0, dim)])
-    basis = basis.to(device, dtype)
-    lambda_index = torch.cat(indices or [torch.zeros(0, dtype=torch.long)])
-    holds_component = lambda_index < num_scales
-    keep = readout_layer.residual_config[adapter_name].remainder == "keep"
-    groups, slot = [], 0
-    for group, padded in padded_groups:
-        units = torch.tensor([member.unit for member in group], device=device)
-        means = torch.stack([member.mean for member in group]).to(device, dtype)
-        groups.append((units, means, basis[slot : slot + padded.shape[0] * padded.shape[1]].view(padded.shape)))
-        slot += padded.shape[0] * padded.shape[1]
-    return ReadoutPlan(
-        groups=tuple(groups),
-        basis=basis,
-        lambda_index=lambda_index.to(device),
-        lambda_shift=(-holds_component.to(dtype) if keep else torch.zeros(len(lambda_index), dtype=dtype)).to(device),
-        components=holds_component.nonzero().flatten().to(device),
-        sum_weight=sum_weight.to(device, dtype),
-        constant=constant.to(device, dtype),
     )

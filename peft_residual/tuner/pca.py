@@ -239,7 +239,7 @@ def _accumulate(
         for layer in layers:
             units = contributions[:, layer.unit_slice].double()
             if id(layer) in frames:
-                frame, offset = (t.to(units.device) for t in frames[id(layer)])
+                frame, offset = frames[id(layer)].frames.to(units.device), frames[id(layer)].offset.to(units.device)
                 units = torch.einsum("bno,nor->bnr", units - offset, frame)
             moments[id(layer)].update(units)
     return moments, image_size
