@@ -2,7 +2,8 @@
 
     python -m benchmarks.overhead --model ~/.cache/residual-assets/models/dinov2-small-imgfocus --image-size 98
 
-The yardstick is the base model itself (a deep copy taken before ``get_peft_model``), so the cost of PEFT's wrappers
+A first row times two copies of the bare model against each other: the noise floor of the machine. The yardstick
+is the base model itself (a deep copy taken before ``get_peft_model``), so the cost of PEFT's wrappers
 and of ResiDual's layers is counted, not only the readout. Per batch size and configuration it prints the median
 wall time of the bare model and of the adapted model (alternating calls, after a warm-up, one thread by default)
 and the median of the paired ratios (adapted ÷ bare of two adjacent calls), and writes them to ``--output`` as
@@ -63,6 +64,15 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     size = args.image_size
     rows = []
+    loaded = load_vision_model(args.model)
+    first, second = copy.deepcopy(loaded), copy.deepcopy(loaded)
+    for batch in args.batch_sizes:  # two bare copies against each other: the machine's noise floor
+        first_ms, second_ms, ratio = interleaved_ms(first, second, torch.randn(batch, 3, size, size), args.repeats)
+        rows.append(
+            {"config": "bare vs bare", "batch": batch, "bare_ms": first_ms, "adapted_ms": second_ms, "ratio": ratio}
+        )
+        print(f"bare vs bare  batch {batch:>3}: median paired ratio {ratio:.3f}")
+    del loaded, first, second
     for name, config in CONFIGS.items():
         loaded = load_vision_model(args.model)
         # both are copies of one load, so that neither keeps the loader's memory layout (e.g. mapped weights)
