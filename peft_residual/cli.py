@@ -75,7 +75,7 @@ def _check_source(name: str, what: str) -> None:
 
 def _model(args: argparse.Namespace):
     from .data import load_vision_model
-    from .tuner import Architecture
+    from .tuner.architectures import architecture_of
 
     _check_source(args.model, "model")
     try:
@@ -83,7 +83,7 @@ def _model(args: argparse.Namespace):
     except OSError as error:
         raise CliError(f"cannot load model {args.model!r}: {str(error).splitlines()[0]}") from error
     image_size = getattr(args, "image_size", None)
-    patch = Architecture(model).patch_size
+    patch = architecture_of(model).patch_size
     if image_size is not None and (image_size % patch or image_size < patch):
         raise CliError(
             f"--image-size {image_size} is not a multiple of the model's {patch}-pixel patches; "
@@ -223,7 +223,7 @@ def cmd_rank_heads(args: argparse.Namespace) -> None:
     from .data import class_names, collect_units
     from .plots import ranking_plot
     from .training.cache import base_embeddings
-    from .tuner import Architecture
+    from .tuner.architectures import architecture_of
 
     model = _model(args)
     pool = _split(args, args.split, args.samples or ANALYSIS_SAMPLES)
@@ -234,7 +234,7 @@ def cmd_rank_heads(args: argparse.Namespace) -> None:
     classifier = _classifier(args, model, names, train_features=base_embeddings(reference))
     curves = ranking_curves(
         reference.contributions(), reference.labels, test.contributions(), test.labels, classifier,
-        Architecture(model).unit_names,
+        architecture_of(model).unit_names,
     )  # fmt: skip
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
@@ -258,10 +258,10 @@ def _units(args: argparse.Namespace, model, dataset: str, desc: str):
 def cmd_analyze(args: argparse.Namespace) -> None:
     from . import analysis
     from .plots import dimension_plot, similarity_heatmap
-    from .tuner import Architecture
+    from .tuner.architectures import architecture_of
 
     model = _model(args)
-    names = Architecture(model).unit_names
+    names = architecture_of(model).unit_names
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     units = _units(args, model, args.dataset, "Units").contributions()

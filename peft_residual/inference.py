@@ -11,7 +11,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .compat import is_residual_model
-from .tuner import Architecture
+from .tuner.architectures import architecture_of
 from .tuner.decomposition import readout_bypassed
 from .tuner.errors import ResiDualInputError
 from .tuner.pca import pixel_values_of
@@ -27,7 +27,7 @@ def embed_images(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
         >>> embed_images(peft_model, pixel_values).shape
         torch.Size([8, 512])
     """
-    arch = Architecture(model)
+    arch = architecture_of(model)
     if arch.spec.vision_config:  # two-tower model: only the image side runs
         return model.get_image_features(pixel_values=pixel_values).pooler_output
     output = model(pixel_values=pixel_values)
@@ -77,7 +77,7 @@ def embed_batches(
         >>> features, labels = embed_batches(peft_model, DataLoader(test, batch_size=64))
         >>> accuracy(classifier(features), labels)
     """
-    arch = Architecture(model)
+    arch = architecture_of(model)
     reference = next(model.parameters())
     features, labels = [], []
     total = len(batches) if hasattr(batches, "__len__") else None

@@ -21,7 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..tuner import pca
-from ..tuner.architectures import Architecture
+from ..tuner.architectures import Architecture, architecture_of
 from ..tuner.decomposition import UnitRecord
 from ..tuner.errors import ResiDualInputError
 from ..tuner.model import residual_tuner
@@ -151,7 +151,7 @@ def collect_units(
     Example:
         >>> test_units = collect_units(peft_model, DataLoader(test, batch_size=64))
     """
-    arch = residual_tuner(model).arch if hasattr(model, "peft_config") else Architecture(model)
+    arch = architecture_of(model)
     store = UnitStore(arch, max_bytes)
     total = len(batches) if hasattr(batches, "__len__") else None
     for batch in pca.recorded_batches(arch, tqdm(batches, desc=desc, total=total, disable=not progress), desc):

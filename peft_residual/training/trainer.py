@@ -184,12 +184,7 @@ def train_residual(
         check_dataset(dataset, name, label_column, classifier.num_classes)
     settings = {"lr": lr, "batch_size": batch_size, "max_epochs": max_epochs, "patience": patience, "seed": seed}
     fingerprint = run_fingerprint(scales, classifier, train_dataset, eval_dataset, **settings)
-    checkpoint = load_checkpoint(output_dir) if output_dir is not None else None
-    if checkpoint is not None and checkpoint[1]["fingerprint"] != fingerprint:
-        raise ResiDualInputError(
-            f"{output_dir} holds the checkpoint of another run (other bases, classifier, data or settings); "
-            "use a new output_dir or delete the checkpoint there."
-        )
+    checkpoint = _checkpoint_of_this_run(output_dir, fingerprint)
 
     classifier = classifier.to(accelerator.device)
     seconds: dict[str, float] = {}
@@ -210,25 +205,8 @@ def train_residual(
         best = _restore(scales, optimizer, stopping, *checkpoint)
 
     with _timed(seconds, "train"):
-        show = progress and accelerator.is_local_main_process and not stopping.done
-        epochs = tqdm(range(stopping.epoch, max_epochs), desc="ResiDual training", disable=not show)
-        for epoch in epochs:
-            if stopping.done:
-                break
-            optimizer.train()
-            batches = global_batches(train, epoch_order(len(train), seed, epoch), batch_size, accelerator)
-            losses = [train_step(scales, classifier, optimizer, batch, accelerator) for batch in batches]
-            optimizer.eval()  # evaluate and checkpoint the averaged scales
-            record = {"epoch": epoch + 1, "train_loss": sum(losses) / len(losses)}
-            record["val_accuracy"] = evaluate(scales, classifier, val, batch_size, accelerator)
-            if stopping.update(record):
-                best = scales.snapshot()
-            if output_dir is not None and accelerator.is_main_process:
-                _save(output_dir, scales, optimizer, stopping, best, lr, fingerprint)
-            accelerator.wait_for_everyone()
-            epochs.set_postfix(loss=f"{record['train_loss']:.4f}", val_acc=f"{record['val_accuracy']:.4f}")
-            if on_epoch_end is not None:
-                on_epoch_end(record)
+        loop = _EpochLoop(scales, classifier, optimizer, stopping, accelerator, batch_size, seed)
+        best = loop.run(train, val, best, max_epochs, progress, on_epoch_end, output_dir, (lr, fingerprint))
     scales.load(best)
     scales.write_back()
     scales.config.training_summary = {
@@ -240,6 +218,54 @@ def train_residual(
         lr=lr, best_val_accuracy=stopping.best_accuracy, best_epoch=stopping.best_epoch, epochs_run=stopping.epoch,
         cached=use_cache, history=stopping.history, seconds=seconds,
     )  # fmt: skip
+
+
+def _checkpoint_of_this_run(output_dir: str | Path | None, fingerprint: str) -> tuple | None:
+    """The checkpoint in ``output_dir`` to resume from, if any; a checkpoint of another run is an error."""
+    checkpoint = load_checkpoint(output_dir) if output_dir is not None else None
+    if checkpoint is not None and checkpoint[1]["fingerprint"] != fingerprint:
+        raise ResiDualInputError(
+            f"{output_dir} holds the checkpoint of another run (other bases, classifier, data or settings); "
+            "use a new output_dir or delete the checkpoint there."
+        )
+    return checkpoint
+
+
+@dataclass
+class _EpochLoop:
+    """The epochs of one run: train, evaluate the averaged scales, stop early, checkpoint."""
+
+    scales: ScaleSet
+    classifier: Classifier
+    optimizer: AdamWScheduleFree
+    stopping: EarlyStopping
+    accelerator: Accelerator
+    batch_size: int
+    seed: int
+
+    def run(self, train, val, best, max_epochs, progress, on_epoch_end, output_dir, run_identity) -> torch.Tensor:
+        """Run the remaining epochs and return the best scales; ``run_identity`` is ``(lr, fingerprint)``."""
+        accelerator, stopping = self.accelerator, self.stopping
+        show = progress and accelerator.is_local_main_process and not stopping.done
+        epochs = tqdm(range(stopping.epoch, max_epochs), desc="ResiDual training", disable=not show)
+        for epoch in epochs:
+            if stopping.done:
+                break
+            self.optimizer.train()
+            batches = global_batches(train, epoch_order(len(train), self.seed, epoch), self.batch_size, accelerator)
+            losses = [train_step(self.scales, self.classifier, self.optimizer, b, accelerator) for b in batches]
+            self.optimizer.eval()  # evaluate and checkpoint the averaged scales
+            record = {"epoch": epoch + 1, "train_loss": sum(losses) / len(losses)}
+            record["val_accuracy"] = evaluate(self.scales, self.classifier, val, self.batch_size, accelerator)
+            if stopping.update(record):
+                best = self.scales.snapshot()
+            if output_dir is not None and accelerator.is_main_process:
+                _save(output_dir, self.scales, self.optimizer, stopping, best, *run_identity)
+            accelerator.wait_for_everyone()
+            epochs.set_postfix(loss=f"{record['train_loss']:.4f}", val_acc=f"{record['val_accuracy']:.4f}")
+            if on_epoch_end is not None:
+                on_epoch_end(record)
+        return best
 
 
 def _features(

@@ -340,6 +340,13 @@ class Architecture:
         return [round(norm, 6), *(round(float(v), 6) for v in projected)]
 
 
+def architecture_of(model: nn.Module) -> Architecture:
+    """The :class:`Architecture` of ``model``: the one a ResiDual tuner built once at injection (``model`` is the
+    ``PeftModel`` or the tuner), else a new one."""
+    arch = getattr(getattr(model, "base_model", model), "arch", None)
+    return arch if isinstance(arch, Architecture) else Architecture(model)
+
+
 def base_parameters(module: nn.Module) -> list[nn.Parameter]:
     """The parameters of ``module`` that belong to the base model, not to any PEFT adapter inside it."""
     adapter = set()

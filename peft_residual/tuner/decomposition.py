@@ -29,7 +29,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .architectures import Architecture
+from .architectures import Architecture, architecture_of
 
 LN_MEANS = ("shared", "unit")
 """How the final norm's mean is split among the units (see the module docstring)."""
@@ -278,5 +278,5 @@ def decompose_units(model: nn.Module, pixel_values: torch.Tensor, ln_mean: str =
         >>> torch.allclose(units.contributions.sum(1), model(pixel_values=pixel_values).image_embeds, atol=1e-5)
         True
     """
-    arch = Architecture(model)
+    arch = architecture_of(model)
     return Units(record_backbone(arch, pixel_values).contributions(arch, ln_mean), list(arch.unit_names))
