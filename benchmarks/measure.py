@@ -45,9 +45,12 @@ class PeakRSS:
 
 
 @torch.no_grad()
-def latency_ms(model: nn.Module, pixel_values: torch.Tensor, repeats: int = 5) -> float:
-    """Median wall time of one image-embedding forward on ``pixel_values``, after a warm-up."""
-    return 1000 * _median_seconds(lambda: embed_images(model, pixel_values), repeats)
+def latency_ms(
+    model: nn.Module, pixel_values: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor], repeats: int = 5
+) -> float:
+    """Median wall time of classifying ``pixel_values``: the image-embedding forward, then the method's ``head``
+    (embeddings to logits), after a warm-up. Every method is timed this way, each with its own head."""
+    return 1000 * _median_seconds(lambda: head(embed_images(model, pixel_values)), repeats)
 
 
 def readout_products_seconds(

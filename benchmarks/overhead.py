@@ -17,6 +17,7 @@ import copy
 import json
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -28,10 +29,10 @@ from peft_residual import ResiDualConfig, embed_images, fit_residual_bases, load
 CONFIGS = {"k=64 heads": ResiDualConfig(k=64), "ResiDual": ResiDualConfig.preset("residual")}
 
 
-def interleaved_ms(bare, adapted, pixel_values: torch.Tensor, repeats: int) -> tuple[float, float, float]:
+def interleaved_ms(bare, adapted, pixel_values: torch.Tensor, repeats: int) -> dict[str, float]:
     """Median ms of the bare base model and of the adapted model on the same batch, alternating which goes first,
-    and the median of the per-repeat ratios (each ratio compares two adjacent calls, so slow drifts of the machine
-    cancel)."""
+    and the quartiles of the per-repeat ratios (each ratio compares two adjacent calls, so slow drifts of the
+    machine cancel; the quartiles show how far one run's median can be trusted)."""
     timings = {"bare": [], "adapted": []}
     models = {"bare": bare, "adapted": adapted}
     with torch.inference_mode():
@@ -44,11 +45,13 @@ def interleaved_ms(bare, adapted, pixel_values: torch.Tensor, repeats: int) -> t
                 embed_images(models[name], pixel_values)
                 timings[name].append(time.perf_counter() - started)
     ratios = [ours / base for ours, base in zip(timings["adapted"], timings["bare"], strict=True)]
-    return (
-        1000 * statistics.median(timings["bare"]),
-        1000 * statistics.median(timings["adapted"]),
-        statistics.median(ratios),
-    )
+    low, ratio, high = statistics.quantiles(ratios, n=4)
+    return {
+        "bare_ms": 1000 * statistics.median(timings["bare"]),
+        "adapted_ms": 1000 * statistics.median(timings["adapted"]),
+        "ratio": ratio,
+        "ratio_quartiles": [low, high],
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -56,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", required=True, help="Hub id or local directory of a supported model")
     parser.add_argument("--image-size", type=int, default=98)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
-    parser.add_argument("--repeats", type=int, default=21)
+    parser.add_argument("--repeats", type=int, default=41)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the measurement used 1)")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/overhead_dinov2.json"))
     args = parser.parse_args(argv)
@@ -67,11 +70,9 @@ def main(argv: list[str] | None = None) -> None:
     loaded = load_vision_model(args.model)
     first, second = copy.deepcopy(loaded), copy.deepcopy(loaded)
     for batch in args.batch_sizes:  # two bare copies against each other: the machine's noise floor
-        first_ms, second_ms, ratio = interleaved_ms(first, second, torch.randn(batch, 3, size, size), args.repeats)
-        rows.append(
-            {"config": "bare vs bare", "batch": batch, "bare_ms": first_ms, "adapted_ms": second_ms, "ratio": ratio}
-        )
-        print(f"bare vs bare  batch {batch:>3}: median paired ratio {ratio:.3f}")
+        timed = interleaved_ms(first, second, torch.randn(batch, 3, size, size), args.repeats)
+        rows.append({"config": "bare vs bare", "batch": batch, **timed})
+        print(f"bare vs bare  batch {batch:>3}: median paired ratio {timed['ratio']:.3f}")
     del loaded, first, second
     for name, config in CONFIGS.items():
         loaded = load_vision_model(args.model)
@@ -80,12 +81,12 @@ def main(argv: list[str] | None = None) -> None:
         del loaded
         fit_residual_bases(model, [{"pixel_values": torch.randn(64, 3, size, size)} for _ in range(8)], progress=False)
         for batch in args.batch_sizes:
-            bare_ms, adapted_ms, ratio = interleaved_ms(bare, model, torch.randn(batch, 3, size, size), args.repeats)
-            rows.append({"config": name, "batch": batch, "bare_ms": bare_ms, "adapted_ms": adapted_ms, "ratio": ratio})
-            print(f"{name:>10}  batch {batch:>3}: bare {bare_ms:8.2f} ms  ResiDual {adapted_ms:8.2f} ms  "
-                  f"median paired ratio {ratio:.3f}")  # fmt: skip
+            timed = interleaved_ms(bare, model, torch.randn(batch, 3, size, size), args.repeats)
+            rows.append({"config": name, "batch": batch, **timed})
+            print(f"{name:>10}  batch {batch:>3}: bare {timed['bare_ms']:8.2f} ms  ResiDual {timed['adapted_ms']:8.2f} "
+                  f"ms  median paired ratio {timed['ratio']:.3f}")  # fmt: skip
     record = {
-        "command": "python -m benchmarks.overhead " + " ".join(argv or []),
+        "command": "python -m benchmarks.overhead " + " ".join(sys.argv[1:] if argv is None else argv),
         "model": args.model,
         "image_size": size,
         "repeats": args.repeats,

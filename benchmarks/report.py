@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
+import re
 import statistics
 from collections import defaultdict
+from collections.abc import Callable
 from importlib.metadata import version
+from itertools import product
 from pathlib import Path
 
 import matplotlib
@@ -59,15 +63,15 @@ def summarise(records: list[dict]) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict], title: str, frozen_forward_s: float | None = None) -> str:
-    """The summary table; totals are also shown over one frozen forward of the training images (when timed) and
-    over LoRA q,v (when it ran), both measured in the same run."""
+def run_table(payload: dict) -> str:
+    """A :mod:`benchmarks.run` record as a Markdown table: per method, accuracy over seeds, size, the time charged
+    (see ``methods.encoding_seconds``), and that total over one frozen forward of the training images and over LoRA
+    q,v when both ran in the same run; then the passes' own times and the lower bound."""
+    rows = summarise(payload["records"])
+    frozen_forward_s = payload.get("frozen_forward_train_s")
     lora = next((r["total_s"] for r in rows if r["method"] == "lora-qv"), None)
-    ratios = [("÷ frozen fwd", frozen_forward_s), ("÷ LoRA q,v", lora)]
-    ratios = [(name, value) for name, value in ratios if value]
+    ratios = [(name, value) for name, value in [("÷ frozen fwd", frozen_forward_s), ("÷ LoRA q,v", lora)] if value]
     lines = [
-        f"### {title}",
-        "",
         "| method | seeds | test acc. (mean ± std) | trainable params | adapter bytes | PCA s | cache s | train s "
         "| total s | " + "".join(f"{name} | " for name, _ in ratios) + "epochs | peak RSS MiB | latency@32 ms |",
         "|---|---|---|---|---|---|---|---|---|" + "---|" * len(ratios) + "---|---|---|",
@@ -81,14 +85,18 @@ def markdown(rows: list[dict], title: str, frozen_forward_s: float | None = None
             f"| {r['latency_ms']:.1f} |"
         )
     if frozen_forward_s:
-        lines += ["", f"One frozen forward over the training images: {frozen_forward_s:.1f} s."]
+        frozen, units = payload.get("frozen_seconds", {}), payload["encode_seconds"]
+        passes = [f"{frozen_forward_s:.1f} / {units['train']:.1f} s on the training images"]
+        if "val" in frozen:
+            passes.append(f"{frozen['val']:.1f} / {units['val']:.1f} s on the validation images")
+        lines += ["", "Frozen forward / unit pass: " + "; ".join(passes) + "."]
         floors = [f"{r['method']} {r['floor_s'] / frozen_forward_s:.3f}" for r in rows if r.get("floor_s")]
         if floors:
             lines += [
                 "",
-                "A lower bound on total ÷ frozen fwd, measured in the same run: the one backbone pass over the train "
-                "and validation images plus only the float32 readout products of the epochs run, with no fit and no "
-                f"other work (`benchmarks.measure.readout_products_seconds`): {', '.join(floors)}.",
+                "A lower bound on total ÷ frozen fwd for this code, measured in the same run: the one backbone pass "
+                "over the train and validation images plus only the float32 readout products of the epochs run, with "
+                f"no fit and no other work (`benchmarks.measure.readout_products_seconds`): {', '.join(floors)}.",
             ]
     return "\n".join(lines) + "\n"
 
@@ -134,16 +142,17 @@ def write(out_dir: Path, name: str, payload: dict, title: str) -> dict[str, Path
     json_path = out_dir / f"{name}.json"
     json_path.write_text(json.dumps(payload, indent=1))
     md_path = out_dir / f"{name}.md"
-    md_path.write_text(markdown(rows, title, payload.get("frozen_forward_train_s")))
+    md_path.write_text(f"### {title}\n\n" + run_table(payload))
     accuracy_png, time_png = plots(rows, out_dir / name, title)
     return {"json": json_path, "markdown": md_path, "accuracy_png": accuracy_png, "time_png": time_png}
 
 
 def mean_and_spread(accuracies: list[float]) -> str:
-    """``"mean ± std"`` in percent over seeds (std 0 for one seed)."""
+    """``"mean ± std"`` in percent over seeds (sample std), or the one value of a single seed."""
     values = [100 * a for a in accuracies]
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.1f} ± {spread:.1f}"
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
 def write_study(
@@ -156,3 +165,280 @@ def write_study(
     (out_dir / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return payload
+
+
+# Published tables: every table of results in README.md and docs/ is rendered here from the committed JSON, between
+# `<!-- rendered: NAME -->` and `<!-- end rendered -->`. `python -m benchmarks.report` rewrites them;
+# `--check` (and tests/test_docs.py) fails when a file differs from what its records render to.
+
+RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = RESULTS.parent.parent
+
+
+def pages() -> list[Path]:
+    """The published pages: README.md and every Markdown file in docs/."""
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+SHOWN = {
+    "zero-shot": "zero-shot (centroids)",
+    "residual*": "ResiDual\\*",
+    "residual": "ResiDual",
+    "coarse": "coarse (λ_h · u_h)",
+    "lora-qv": "LoRA q,v",
+    "lora-all": "LoRA all linear",
+    "linear-probe": "linear probe",
+}
+DATASETS = {"MNIST": "mnist", "F-MNIST": "fashion_mnist"}
+
+
+def load(name: str) -> dict:
+    """A committed record under benchmarks/results, by its path without ``.json``."""
+    return json.loads((RESULTS / f"{name}.json").read_text())
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
+
+    return [line(header), "|" + "---|" * len(header), *map(line, rows)]
+
+
+def _joined(values: list) -> str:
+    """One value when all agree, else all of them: ``"997 / 1,037"``."""
+    shown = [f"{v:,}" if isinstance(v, int) else str(v) for v in values]
+    return shown[0] if len(set(shown)) == 1 else " / ".join(shown)
+
+
+def headline_table() -> str:
+    """README: the default runs on both data sets, side by side."""
+    runs = {label: load(f"default_{stem}") for label, stem in DATASETS.items()}
+    summaries = {label: {r["method"]: r for r in summarise(p["records"])} for label, p in runs.items()}
+    rows = []
+    for method in ("zero-shot", "residual*", "residual", "lora-qv", "linear-probe"):
+        per = [summaries[label][method] for label in runs]
+        ratios = [
+            f"{row['total_s'] / runs[label]['frozen_forward_train_s']:.2f}" if row["total_s"] else "—"
+            for label, row in zip(runs, per, strict=True)
+        ]
+        accuracies = [[r["test_accuracy"] for r in runs[label]["records"] if r["method"] == method] for label in runs]
+        rows.append(
+            [
+                SHOWN[method],
+                *map(mean_and_spread, accuracies),
+                _joined([row["trainable_params"] for row in per]),
+                _joined([row["adapter_bytes"] for row in per]),
+                " / ".join(ratios),
+            ]
+        )
+    header = ["method", *(f"{label} acc. %" for label in runs), "trainable params", "adapter bytes"]
+    return "\n".join(_table([*header, "÷ frozen forward (" + " / ".join(runs) + ")"], rows)) + "\n"
+
+
+def basis_dtype_table() -> str:
+    """docs/benchmarks.md: the default runs against the same runs with float16 bases, seed by seed."""
+    rows = []
+    for label, stem in DATASETS.items():
+        runs = {dtype: load(f"default_{stem}{suffix}") for dtype, suffix in (("float32", ""), ("float16", "_fp16"))}
+        for method in ("residual*", "residual"):
+            found = {dtype: [r for r in p["records"] if r["method"] == method] for dtype, p in runs.items()}
+            accuracies = {dtype: [r["test_accuracy"] for r in records] for dtype, records in found.items()}
+            rows.append(
+                [
+                    f"{label} {SHOWN[method]}",
+                    *(mean_and_spread(accuracies[dtype]) for dtype in runs),
+                    "yes" if accuracies["float32"] == accuracies["float16"] else "no",
+                    *(f"{found[dtype][0]['adapter_bytes']:,}" for dtype in runs),
+                ]
+            )
+    header = ["run", "acc. % (float32 bases)", "acc. % (float16)", "every seed equal", "bytes (float32)"]
+    return "\n".join(_table([*header, "bytes (float16)"], rows)) + "\n"
+
+
+def overhead_table() -> str:
+    payload = load("overhead_dinov2")
+    batches = sorted({row["batch"] for row in payload["rows"]})
+    configs = list(dict.fromkeys(row["config"] for row in payload["rows"]))
+    cells = {(row["config"], row["batch"]): row for row in payload["rows"]}
+
+    def cell(row: dict) -> str:  # the median paired ratio, and its quartiles where recorded
+        spread = " ({:.3f}-{:.3f})".format(*row["ratio_quartiles"]) if "ratio_quartiles" in row else ""
+        return f"{row['ratio']:.3f}×{spread}"
+
+    rows = [[config, *(cell(cells[config, batch]) for batch in batches)] for config in configs]
+    return "\n".join(_table(["configuration", *(f"batch {batch}" for batch in batches)], rows)) + "\n"
+
+
+def speed_table(payload: dict) -> str:
+    """:mod:`benchmarks.speed`: each method in its own process on random CLIP-B/32-shaped weights."""
+    records = payload["records"]
+    lora = next(r for r in records if r["method"] == "lora-qv")
+    forward = next(r for r in records if r["method"] == "frozen-forward")
+    rows = []
+    for r in records:
+        half = f" / {r['adapter_bytes_float16']:,}" if "adapter_bytes_float16" in r else ""
+        eigen = f" ({r['eigen_s']:.2f})" if "eigen_s" in r else ""
+        rows.append(
+            [
+                r["method"],
+                f"{r['trainable_params']:,}",
+                f"{r['adapter_bytes']:,}{half}",
+                f"{r['pca_s']:.1f}{eigen}",
+                f"{r['cache_s']:.1f}",
+                f"{r['train_s']:.1f}",
+                f"{r['total_s']:.1f}",
+                f"{r['total_s'] / forward['total_s']:.2f}",
+                f"{r['total_s'] / lora['total_s']:.3f}",
+                f"{r['peak_rss_mib']:,.0f}",
+            ]
+        )
+    header = ["method", "trainable params", "adapter bytes (fp32 / fp16 bases)", "PCA s (eigen s)", "cache s"]
+    header += ["train s", "total s", "÷ frozen forward", "÷ LoRA", "peak RSS MiB"]
+    return "\n".join(_table(header, rows)) + "\n"
+
+
+def memory_table(payload: dict) -> str:
+    """:mod:`benchmarks.memory`: fit + cache of one pass, one process per row."""
+    rows = [
+        [
+            f"{r['images']:,}",
+            f"{r['fit_s']:.1f} ({r['eigen_s']:.2f})",
+            f"{r['cache_s']:.1f}",
+            f"{r['store_bytes'] / 2**20:,.0f}",
+            "yes" if r["spilled"] else "no",
+            f"{r['cache_bytes'] / 2**20:,.0f}",
+            f"{r['peak_rss_mib']:,.0f}",
+        ]
+        for r in payload["records"]
+    ]
+    header = ["images", "fit s (eigen s)", "cache s", "unit store MiB", "spilled to disk", "training cache MiB"]
+    return "\n".join(_table([*header, "peak RSS MiB"], rows)) + "\n"
+
+
+def fidelity_table() -> str:
+    """docs/paper.md: the conventions study on both data sets, one row per variant."""
+    studies = {label: load(f"fidelity_{stem}")["rows"] for label, stem in DATASETS.items()}
+    methods = ("zero-shot", "residual*", "residual", "coarse")
+    variants = list(dict.fromkeys(row["variant"] for rows in studies.values() for row in rows))
+    cells = {(label, row["variant"], row["method"]): row["accuracy"] for label, rows in studies.items() for row in rows}
+    rows = [
+        [variant, *(mean_and_spread(cells[k]) if k in cells else "—" for k in product(studies, [variant], methods))]
+        for variant in variants
+    ]
+    header = ["variant", *(f"{label} {SHOWN[m].split(' (')[0]}" for label in studies for m in methods)]
+    return "\n".join(_table(header, rows)) + "\n"
+
+
+def heads_table() -> str:
+    """docs/paper.md: top-k head accuracy with every other unit mean-ablated, per ranking and kept fraction."""
+    curves = {label: load(f"heads_{stem}/heads")["curves"] for label, stem in DATASETS.items()}
+    fractions = {label: list(next(iter(c.values()))["mean"]) for label, c in curves.items()}
+    rows = [
+        [ranking] + [mean_and_spread(curves[label][ranking]["mean"][f]) for label in curves for f in fractions[label]]
+        for ranking in next(iter(curves.values()))
+    ]
+    header = ["ranking", *(f"{label} {100 * float(f):g} %" for label in curves for f in fractions[label])]
+    reports = {label: load(f"heads_{stem}/heads") for label, stem in DATASETS.items()}
+    full = " / ".join(f"{100 * r['full_accuracy']:.1f}" for r in reports.values())
+    heads = " / ".join(f"{100 * r['all_heads']['mean']:.1f}" for r in reports.values())
+    notes = f"Full model ({' / '.join(reports)}): {full}; all heads, every other unit mean-ablated: {heads}."
+    return "\n".join([*_table(header, rows), "", notes]) + "\n"
+
+
+def intrinsic_dimension_table() -> str:
+    """docs/paper.md: mean intrinsic dimension per layer (TwoNN and linear, heads and MLPs) and the hunchback test."""
+    reports = {label: load(f"analysis_{stem}/intrinsic_dimension") for label, stem in DATASETS.items()}
+    layers = len(next(iter(reports.values()))["layer_profile"]["two_nn"]["heads"])
+    rows = [
+        [f"{label} {'heads (mean)' if unit == 'heads' else 'MLP'}, {'TwoNN' if estimator == 'two_nn' else 'linear'}"]
+        + [
+            f"{value:.0f}" if value == int(value) else f"{value:.1f}"
+            for value in report["layer_profile"][estimator][unit]
+        ]
+        + ["yes" if report["hunchback"][f"{estimator} {unit}"] else "no"]
+        for label, report in reports.items()
+        for estimator in ("two_nn", "linear")
+        for unit in ("heads", "mlp")
+    ]
+    return "\n".join(_table(["layer", *map(str, range(layers)), "hunchback"], rows)) + "\n"
+
+
+def spectral_similarity_table() -> str:
+    """docs/paper.md: how well each unit's spectrum on one data set matches the same unit's on the other, by layer."""
+    same = load("analysis_mnist/spectral_similarity")["same_unit"]
+    layers = sorted({int(name.split(".")[0].removeprefix("layer")) for name in same if name.startswith("layer")})
+
+    def mean_of(kind: str, layer: int) -> str:
+        values = [v for name, v in same.items() if name.startswith(f"layer{layer}.{kind}")]
+        return f"{statistics.mean(values):.2f}"
+
+    rows = [
+        [shown, *(mean_of(kind, layer) for layer in layers)]
+        for shown, kind in (("heads (mean)", "head"), ("MLP", "mlp"))
+    ]
+    notes = f"Mean over all {len(same)} units: {statistics.mean(same.values()):.2f}."
+    return "\n".join([*_table(["layer", *map(str, layers)], rows), "", notes]) + "\n"
+
+
+def ablation_table() -> str:
+    """docs/paper.md: ResiDual's one-factor ablations on both data sets."""
+    studies = {label: load(f"ablate_{stem}")["rows"] for label, stem in DATASETS.items()}
+    keys = list(dict.fromkeys((row["factor"], row["level"]) for rows in studies.values() for row in rows))
+    cells = {(label, row["factor"], row["level"]): row for label, rows in studies.items() for row in rows}
+    rows = []
+    for factor, level in keys:
+        found = [cells.get((label, factor, level)) for label in studies]
+        rows.append(
+            [
+                factor,
+                level,
+                *(mean_and_spread(row["accuracy"]) if row else "—" for row in found),
+                _joined([row["scales"] for row in found if row]),
+            ]
+        )
+    return "\n".join(_table(["factor", "level", *studies, "scales"], rows)) + "\n"
+
+
+PUBLISHED: dict[str, Callable[[], str]] = {
+    "headline": headline_table,
+    "default-mnist": lambda: run_table(load("default_mnist")),
+    "default-fashion-mnist": lambda: run_table(load("default_fashion_mnist")),
+    "fashion-mnist-3000-cached": lambda: run_table(load("fashion_mnist_3000_cached")),
+    "fashion-mnist-3000-end-to-end": lambda: run_table(load("fashion_mnist_3000_end_to_end")),
+    "speed": lambda: speed_table(load("speed_clip_b32_random")),
+    "memory": lambda: memory_table(load("memory_clip_b32_random")),
+    "basis-dtype": basis_dtype_table,
+    "overhead": overhead_table,
+    "fidelity": fidelity_table,
+    "heads": heads_table,
+    "intrinsic-dimension": intrinsic_dimension_table,
+    "spectral-similarity": spectral_similarity_table,
+    "ablations": ablation_table,
+}
+BLOCK = re.compile(r"(<!-- rendered: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- end rendered -->)", re.S)
+
+
+def render_page(text: str) -> str:
+    """``text`` with every rendered block replaced by what its records render to now."""
+    return BLOCK.sub(lambda m: m.group(1) + PUBLISHED[m.group("name")]() + m.group(4), text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Render the published result tables from benchmarks/results.")
+    parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if a page differs")
+    args = parser.parse_args(argv)
+    stale = []
+    for path in pages():
+        text = path.read_text()
+        rendered = render_page(text)
+        if rendered != text:
+            stale.append(str(path.relative_to(ROOT)))
+            if not args.check:
+                path.write_text(rendered)
+    verb = "differ from their records" if args.check else "rewritten"
+    print(f"{', '.join(stale)}: {verb}" if stale else "every published table matches its record")
+    return 1 if stale and args.check else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

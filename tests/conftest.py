@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import (
@@ -78,6 +80,20 @@ def images(n: int, seed: int = 1) -> torch.Tensor:
     return torch.randn(n, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(seed))
 
 
+def learnable_images(n: int, seed: int, signal: float = 0.3, nuisance: float = 3.0):
+    """A 4-class task a tiny random ViT can see: each class brightens every 4th pixel column from its own offset (a
+    position inside every patch, so it survives the CLS token's averaging), under a class-independent brightness of
+    one channel that dominates the features. The base model's centroids score near chance; rescaling the units
+    that carry the nuisance is enough to learn it."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 4
+    x = torch.randn(n, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator)
+    for i, label in enumerate(labels.tolist()):
+        x[i, :, :, label::4] += signal
+    x[:, 0] += nuisance * torch.randn(n, 1, 1, generator=generator)
+    return x, labels
+
+
 def loader(n: int = 96, batch: int = 32, seed: int = 1) -> list[dict[str, torch.Tensor]]:
     x = images(n, seed)
     return [{"pixel_values": x[i : i + batch]} for i in range(0, n, batch)]
@@ -88,16 +104,34 @@ def kind(request) -> str:
     return request.param
 
 
-def image_dataset(n: int, num_classes: int = 4, seed: int = 3):
-    """A ``datasets.Dataset`` of random images with balanced labels, formatted as torch tensors."""
+def image_dataset(n: int, num_classes: int = 4, seed: int = 3, learnable: bool = False):
+    """A ``datasets.Dataset`` of random images with balanced labels (or of :func:`learnable_images`, 4 classes),
+    formatted as torch tensors."""
     import datasets
 
-    x = images(n, seed)
-    y = torch.arange(n) % num_classes
+    x, y = learnable_images(n, seed) if learnable else (images(n, seed), torch.arange(n) % num_classes)
     pixels = datasets.Array3D((3, IMAGE_SIZE, IMAGE_SIZE), "float32")
     features = datasets.Features({"pixel_values": pixels, "label": datasets.ClassLabel(num_classes)})
     data = datasets.Dataset.from_dict({"pixel_values": x.numpy(), "label": y.tolist()}, features=features)
     return data.with_format("torch")
+
+
+def adapter_accuracies(model_path, dataset_path, adapter, samples: int | None = None) -> tuple[float, float]:
+    """Test accuracy of a saved adapter's classifier on the base and on the adapted embeddings, through the public
+    API: the yardstick for what the CLI and the examples print."""
+    from peft import PeftModel
+    from torch.utils.data import DataLoader
+
+    from peft_residual import Classifier, accuracy, embed_batches, load_vision_model
+    from peft_residual.data import load_image_dataset, prepare, sample
+
+    model = PeftModel.from_pretrained(load_vision_model(str(model_path)), adapter)
+    classifier = Classifier.from_pretrained(Path(adapter) / "classifier")
+    test = sample(load_image_dataset(str(dataset_path), "test"), samples, seed=0)
+    batches = DataLoader(prepare(test, str(model_path)), batch_size=32)
+    base, labels = embed_batches(model, batches, base=True, progress=False)
+    adapted, _ = embed_batches(model, batches, progress=False)
+    return accuracy(classifier(base), labels), accuracy(classifier(adapted), labels)
 
 
 def word_tokenizer():

@@ -29,6 +29,12 @@ def test_harness_writes_well_formed_outputs(tiny_assets, tmp_path, model):
     assert residual_star["seconds"]["pca"] > 0 and residual_star["adapter_bytes"] > 0
     assert payload["command"].startswith("python -m benchmarks.run") and "packages" in payload["environment"]
     assert payload["frozen_forward_train_s"] > 0 and payload["encode_seconds"]["train"] > 0  # timed side by side
+    # one accounting rule: each method pays for its own pass over train + val images, nobody for the test set
+    assert set(payload["frozen_seconds"]) == {"train", "val"}
+    probe = next(r for r in payload["records"] if r["method"] == "linear-probe")
+    assert probe["seconds"]["cache"] == sum(payload["frozen_seconds"][split] for split in ("train", "val"))
+    zero_shot = next(r for r in payload["records"] if r["method"] == "zero-shot")
+    assert probe["latency_ms"] != zero_shot["latency_ms"]  # measured with its own head, not copied
     for record in payload["records"]:  # the lower bound: the encoding plus a little, under the total
         if record["method"] in run.RESIDUAL_PRESETS:
             encoding = sum(payload["encode_seconds"][split] for split in ("train", "val"))

@@ -8,6 +8,8 @@ from safetensors.torch import load_file
 
 from peft_residual.cli import main
 
+from .conftest import adapter_accuracies
+
 
 def cli(*args: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "peft_residual.cli", *map(str, args)]
@@ -66,7 +68,8 @@ def test_fit_train_eval_on_tiny_dinov2(tiny_assets, tmp_path, capfd):
 
     code, out, err = run_main(capfd, "eval", "--model", model, "--dataset", dataset, "--adapter", trained)
     assert code == 0, err
-    assert "48 images: zero-shot" in out and "ResiDual" in out
+    zero_shot, adapted = adapter_accuracies(model, dataset, trained)  # the same through the public API
+    assert out.strip() == f"48 images: zero-shot {100 * zero_shot:.2f}%  ResiDual {100 * adapted:.2f}%"
 
 
 def test_train_with_clip_uses_zero_shot_text_head(tiny_assets, tmp_path):

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from .conftest import adapter_accuracies
+
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
@@ -22,8 +24,9 @@ def test_quickstart_on_local_assets(tiny_assets, tmp_path):
         sys.executable, "examples/quickstart.py", "--model", tiny_assets["dinov2"], "--dataset", tiny_assets["dataset"],
         "--train-samples", "80", "--test-samples", "40", "--epochs", "2", "--output", out,
     )  # fmt: skip
-    assert "zero-shot" in result.stdout and "ResiDual" in result.stdout
-    assert (out / "adapter_model.safetensors").exists() and (out / "classifier" / "classifier.json").exists()
+    zero_shot, adapted = adapter_accuracies(tiny_assets["dinov2"], tiny_assets["dataset"], out, samples=40)
+    printed = f"zero-shot {100 * zero_shot:.1f}%  ->  ResiDual {100 * adapted:.1f}%"  # the saved adapter's own
+    assert result.stdout.splitlines()[-2].startswith(printed), result.stdout
 
 
 def test_quickstart_without_network_says_so_in_one_line(tmp_path):

@@ -90,3 +90,29 @@ def test_ranking_curves_cover_every_criterion_and_plot(study, tmp_path):
     path = ranking_plot(curves, tmp_path / "heads.png", "tiny")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert Architecture(model).unit_names == units.names
+
+
+def test_planted_informative_heads_rank_first_under_every_criterion():
+    """Two of eight heads carry the class (along the classifier's class vectors), the other heads are
+    class-independent noise and the embedding and MLPs a constant: S, U and U|T must all put the two first, and
+    keeping them alone must classify."""
+    generator = torch.Generator().manual_seed(0)
+    names = ["embedding"] + [f"layer{i}.{u}" for i in range(2) for u in (*(f"head{h}" for h in range(4)), "mlp")]
+    planted = {"layer0.head1", "layer1.head2"}
+    n, dim = 200, 16
+    labels = torch.arange(n) % 4
+    contributions = 0.5 * torch.randn(n, len(names), dim, generator=generator)
+    constant = torch.zeros(dim)
+    constant[8:] = 3.0
+    for i, name in enumerate(names):
+        if name in planted:
+            contributions[:, i] = 2.0 * F.one_hot(labels, dim).float() + 0.1 * torch.randn(n, dim, generator=generator)
+        elif ".head" not in name:
+            contributions[:, i] = constant + 0.1 * torch.randn(n, dim, generator=generator)
+    classifier = CentroidClassifier.from_features(contributions.sum(1), labels, list("abcd"))
+    for criterion in ("S", "U", "U|T"):
+        ranking = rank_heads(contributions, labels, classifier, names, criterion)
+        assert set(ranking.top(0.25)) == planted, (criterion, ranking.names)
+    curves = ranking_curves(contributions, labels, contributions, labels, classifier, names, fractions=(0.25,))
+    assert all(curves["curves"][c]["mean"]["0.25"][0] > 0.95 for c in ("S", "U", "U|T"))
+    assert max(curves["curves"]["random"]["mean"]["0.25"]) < 0.95  # no random draw of two heads gets both

@@ -39,6 +39,7 @@ model = get_peft_model(make_model("dinov2"), ResiDualConfig(k=4, units="heads+ml
 fit_residual_bases(model, [{"pixel_values": x[i : i + 64]} for i in range(0, n, 64)], progress=False)
 classifier = CentroidClassifier.from_model(model, [{"pixel_values": x, "label": y}], list("abcd"), progress=False)
 accelerator = default_accelerator()
+initial = model.base_model.readout.lambdas("default").detach().clone()
 result = train_residual(
     model,
     classifier,
@@ -55,7 +56,6 @@ result = train_residual(
 if accelerator.is_main_process:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(
-        {"lambdas": model.base_model.readout.lambdas("default").detach().contiguous()}, out / "lambdas.safetensors"
-    )
+    final = model.base_model.readout.lambdas("default").detach().contiguous()
+    save_file({"lambdas": final, "initial": initial}, out / "lambdas.safetensors")
     (out / "result.txt").write_text(f"{result.epochs_run} {result.best_val_accuracy} {accelerator.num_processes}\n")
