@@ -93,14 +93,24 @@ def _model(args: argparse.Namespace):
 
 
 def _split(args: argparse.Namespace, split: str, samples: int | None):
-    from .data import load_image_dataset, sample
+    from .data import as_image_classification, load_image_dataset, sample
 
     _check_source(args.dataset, "dataset")
     try:
         dataset = load_image_dataset(args.dataset, split)
     except (OSError, ConnectionError) as error:
         raise CliError(f"cannot load dataset {args.dataset!r}: {str(error).splitlines()[0]}") from error
-    return sample(dataset, samples, args.seed)
+    return sample(as_image_classification(dataset, args.image_column, args.label_column), samples, args.seed)
+
+
+def _check_paths(args: argparse.Namespace) -> None:
+    """Before any model work: every local source exists, and ``--output`` is a directory or does not exist yet."""
+    for name in ("model", "dataset", "adapter", "classifier"):
+        if getattr(args, name, None):
+            _check_source(getattr(args, name), name)
+    output = getattr(args, "output", None)
+    if output and Path(output).exists() and not Path(output).is_dir():
+        raise CliError(f"--output {output!r} is a file; name a directory (new or existing) for the results")
 
 
 def _prepared(args: argparse.Namespace, dataset):
@@ -169,6 +179,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     result = train_residual(
         model, classifier, train, val, lr=lr, batch_size=args.batch_size, max_epochs=args.epochs,
         patience=args.patience, seed=args.seed, output_dir=Path(args.output) / "checkpoint", progress=not args.quiet,
+        resume=not args.overwrite,
     )  # fmt: skip
     model.save_pretrained(args.output)
     classifier.save_pretrained(Path(args.output) / "classifier")
@@ -362,6 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--patience", type=_positive_int, default=5)
     train.add_argument("--lr", default="0.8", help="learning rate, or 'auto' for an LR range test")
     train.add_argument("--output", required=True, help="directory for the adapter, classifier and checkpoint")
+    train.add_argument(
+        "--overwrite", action="store_true", help="start fresh even if --output holds another run's checkpoint"
+    )
 
     evaluate = command("eval", [common, data], "zero-shot and ResiDual test accuracy of a saved adapter", cmd_eval)
     evaluate.add_argument("--adapter", required=True, help="adapter directory or Hub id")
@@ -431,6 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     from .tuner.errors import ResiDualInputError
 
     try:
+        _check_paths(args)
         args.run(args)
     except (CliError, ResiDualInputError, FileNotFoundError) as error:
         print(f"peft-residual: error: {str(error).splitlines()[0]}", file=sys.stderr)

@@ -6,12 +6,10 @@ models whose adapters are all ResiDual; other PEFT methods keep PEFT's own behav
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
 import shutil
-import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +21,7 @@ from peft import PeftModel
 from .tuner import ResiDualConfig, residual_tuner
 from .tuner.config import SEMANTIC_FIELDS
 from .tuner.errors import ResiDualInputError
+from .tuner.saved import SAVE_IN_PROGRESS, STAGING_PREFIX
 
 logger = logging.getLogger(__name__)
 
@@ -86,78 +85,77 @@ def model_card(model: PeftModel, adapter_name: str | None = None, training: dict
         'model = PeftModel.from_pretrained(base, "REPO_ID")',
         "```",
     ]
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{CARD_START}\n" + "\n".join(lines) + f"\n{CARD_END}\n")
+
+
+CARD_START, CARD_END = "<!-- ResiDual adapter: start -->", "<!-- ResiDual adapter: end -->"
 
 
 def write_model_card(model: PeftModel, output_dir: str | Path) -> None:
-    """Write the ResiDual card of the active adapter as ``output_dir/README.md`` (what ``save_pretrained`` calls)."""
-    model_card(model).save(Path(output_dir) / "README.md")
+    """Write the ResiDual card of the active adapter as ``output_dir/README.md`` (what ``save_pretrained`` calls).
 
-
-def _exchange(first: Path, second: Path) -> bool:
-    """Swap two directories in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
-    function = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
-    if function is None:
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    return function(at_fdcwd, os.fsencode(first), at_fdcwd, os.fsencode(second), rename_exchange) == 0
-
-
-def _link_missing(source: Path, target: Path) -> None:
-    """Hard-link into ``target`` every file of ``source`` that ``target`` lacks (keeping the user's other files)."""
-    for entry in source.iterdir():
-        counterpart = target / entry.name
-        if entry.is_dir() and not entry.is_symlink():
-            counterpart.mkdir(exist_ok=True)
-            _link_missing(entry, counterpart)
-        elif not counterpart.exists():
-            try:
-                os.link(entry, counterpart, follow_symlinks=False)
-            except OSError:  # another file system or no hard links: copy
-                counterpart.write_bytes(entry.read_bytes())
+    An existing card is updated the way PEFT updates one: its text and metadata stay, the ResiDual metadata is
+    merged in (tags added, fields it lacks filled), and the ResiDual section is refreshed in place or appended."""
+    path = Path(output_dir) / "README.md"
+    ours = model_card(model)
+    if not path.is_file():
+        ours.save(path)
+        return
+    card = ModelCard.load(path)
+    merged = card.data.to_dict()
+    for key, value in ours.data.to_dict().items():
+        if key == "tags":
+            merged["tags"] = list(dict.fromkeys([*(merged.get("tags") or []), *value]))
+        elif merged.get(key) is None:
+            merged[key] = value
+    section = ours.text.strip()
+    start, end = card.text.find(CARD_START), card.text.find(CARD_END)
+    if 0 <= start < end:
+        text = card.text[:start] + section + card.text[end + len(CARD_END) :]
+    else:
+        text = card.text.rstrip() + "\n\n" + section + "\n"
+    ModelCard(f"---\n{ModelCardData(**merged).to_yaml()}\n---\n\n{text.lstrip()}").save(path)
 
 
 def save_adapter_atomically(
     model: PeftModel, save_directory: str | Path, save: Callable[[str], None], selected: list[str] | None = None
 ) -> None:
-    """Run ``save`` (PEFT's ``save_pretrained``) into a fresh directory beside ``save_directory``, then swap it in.
+    """Run ``save`` (PEFT's ``save_pretrained``) into a staging directory inside ``save_directory``, then move the
+    files into place, each with an atomic rename on the same file system.
 
-    A process killed at any moment leaves the old adapter or the new one at ``save_directory``, never a mix or a
-    truncated file (on Linux; elsewhere the files are replaced one by one, the config last). Other files in
-    ``save_directory`` are kept. An unfitted adapter is refused before anything is written.
+    It works wherever the directory itself is writable: a mount point, a directory under a read-only parent, a
+    symlink (followed: the link stays, its target gets the adapter). While the files move, a marker
+    (:data:`~peft_residual.tuner.saved.SAVE_IN_PROGRESS`) says so: a process killed at any moment leaves the old
+    adapter, the new one, or a directory that ``PeftModel.from_pretrained`` refuses as an interrupted save, never
+    a silent mix of two saves. The next save clears what a killed one left. Other files in the directory are kept,
+    and an existing ``README.md`` is updated, not replaced (see :func:`write_model_card`). An unfitted adapter is
+    refused before anything is written.
     """
     tuner = residual_tuner(model)
     for adapter_name in selected or list(model.peft_config):
         tuner.readout.check_fitted(adapter_name)
-    target = Path(save_directory)
+    target = Path(save_directory).resolve()
     if target.is_file():
         raise ResiDualInputError(f"{target} is a file; save_pretrained needs a directory.")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.saving.", dir=target.parent))
+    if not target.is_dir():
+        target.mkdir(parents=True)
+    for leftover in target.glob(f"{STAGING_PREFIX}*"):  # a killed save's staging directory
+        shutil.rmtree(leftover, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=target))
     try:
+        if (target / "README.md").is_file():  # PEFT's card step then updates the user's card in place
+            shutil.copy2(target / "README.md", staging / "README.md")
         save(str(staging))
-        if not target.exists():
-            os.chmod(staging, 0o777 & ~_umask())
-            os.rename(staging, target)
-            return
-        os.chmod(staging, stat.S_IMODE(target.stat().st_mode))
-        _link_missing(target, staging)
-        if not _exchange(staging, target):
-            logger.info("Atomic directory exchange unavailable here; replacing the adapter files one by one.")
-            for path in sorted(staging.rglob("*"), key=lambda p: p.name == "adapter_config.json"):
-                if path.is_file():
-                    destination = target / path.relative_to(staging)
-                    destination.parent.mkdir(parents=True, exist_ok=True)
-                    os.replace(path, destination)
+        files = sorted((p for p in staging.rglob("*") if p.is_file()), key=lambda p: p.name == "adapter_config.json")
+        marker = target / SAVE_IN_PROGRESS
+        marker.write_text("\n".join(str(p.relative_to(staging)) for p in files) + "\n")
+        for path in files:
+            destination = target / path.relative_to(staging)
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, destination)
+        marker.unlink()
     finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def push_adapter_to_hub(

@@ -209,3 +209,36 @@ def test_analyze_reports_dimensions_similarity_and_textspan(tiny_assets, tmp_pat
     assert len(spans["layer0.head0"]) == 3 and all(isinstance(text, str) for text, _ in spans["layer0.head0"])
     for png in ("intrinsic_dimension.png", "spectral_similarity.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_paths_string_labels_and_a_plain_dataset_are_accepted(tiny_assets, tmp_path, capfd):
+    """An image column of file paths, string labels and a Dataset without splits: the CLI decodes, encodes and
+    treats it as the training split (a test split it lacks is one clear line, not a dump of its rows)."""
+    import datasets
+
+    source = datasets.load_from_disk(str(tiny_assets["dataset"]))["train"]
+    names = source.features["label"].names
+    paths = []
+    for index, example in enumerate(source):
+        paths.append(str(tmp_path / f"{index}.png"))
+        example["image"].save(paths[-1])
+    plain = datasets.Dataset.from_dict({"path": paths, "name": [names[label] for label in source["label"]]})
+    plain.save_to_disk(str(tmp_path / "plain"))
+    common = ["--model", tiny_assets["dinov2"], "--dataset", tmp_path / "plain", "--image-column", "path"]
+    common += ["--label-column", "name", "--quiet"]
+    code, _, err = run_main(capfd, "train", *common, "--epochs", "1", "--output", tmp_path / "out")
+    assert code == 0, err
+    assert json.loads((tmp_path / "out" / "classifier" / "classifier.json").read_text())["class_names"] == sorted(names)
+    code, _, err = run_main(capfd, "eval", *common, "--adapter", tmp_path / "out")
+    assert code == 2 and err.count("\n") == 1 and "has no split 'test'; it has ['train']" in err
+
+
+def test_an_output_that_is_a_file_is_refused_before_any_model_work(tiny_assets, tmp_path, capfd, monkeypatch):
+    import peft_residual.data
+
+    monkeypatch.setattr(peft_residual.data, "load_vision_model", lambda *a: pytest.fail("loaded a model"))
+    (tmp_path / "taken").write_text("mine")
+    args = ["train", "--model", tiny_assets["dinov2"], "--dataset", tiny_assets["dataset"], "--output"]
+    code, _, err = run_main(capfd, *args, tmp_path / "taken")
+    assert code == 2 and err.count("\n") == 1 and "is a file" in err
+    assert (tmp_path / "taken").read_text() == "mine"

@@ -199,3 +199,26 @@ def test_head_coordinate_fit_matches_the_output_space_oracle(kind, name):
             oracle = ((centred @ oracle_basis.T) * unit_lambdas) @ oracle_basis
             scale = float(oracle.detach().abs().max()) + 1e-12
             assert float((ours - oracle).detach().abs().max()) <= 1e-5 * scale, (unit_name, k)
+
+
+def test_degenerate_reference_images_are_refused_or_warned():
+    model = get_peft_model(make_model("dinov2"), ResiDualConfig(k=0.9))
+    same = images(1).expand(20, -1, -1, -1).clone()
+    with pytest.raises(ResiDualInputError, match="zero variance over the 20 reference images"):
+        fit_residual_bases(model, [{"pixel_values": same}], progress=False)
+    with pytest.warns(UserWarning, match="2 reference images for units of up to"):
+        report = fit_residual_bases(model, [{"pixel_values": images(2)}], progress=False)
+    assert report.undersampled and not report.flat
+
+
+@pytest.mark.parametrize("raw", ["uint8", "0-255 floats"])
+def test_raw_pixels_are_refused_by_one_rule_at_fit_and_at_forward(raw):
+    model = get_peft_model(make_model("dinov2"), ResiDualConfig(k=2))
+    pixels = (images(8).clamp(-2, 2) + 2) * 63
+    pixels = pixels.to(torch.uint8) if raw == "uint8" else pixels.round()
+    with pytest.raises(ResiDualInputError, match="image processor"):
+        fit_residual_bases(model, [{"pixel_values": pixels}], progress=False)
+    fit_residual_bases(model, loader(), progress=False)
+    error = ResiDualInputError if raw == "uint8" else RuntimeError  # the range: an async assert in the forward
+    with pytest.raises(error, match="image processor"), torch.no_grad():
+        model(pixel_values=pixels)

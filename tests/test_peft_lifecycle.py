@@ -201,7 +201,7 @@ def test_saving_an_unfitted_adapter_is_an_error_and_writes_nothing(tmp_path):
 def test_refitting_trained_scales_warns(fitted_models):
     model = fresh(fitted_models)
     model.peft_config["default"].training_summary = {"epochs": 3}
-    with pytest.warns(UserWarning, match="resets its trained scales"):
+    with pytest.warns(UserWarning, match="replaced scales that differed from their initial values"):
         fit_residual_bases(model, loader(), progress=False)
     assert model.peft_config["default"].training_summary is None
     with warnings.catch_warnings():
@@ -268,32 +268,81 @@ def test_save_keeps_other_files_and_replaces_the_adapter(fitted_models, tmp_path
     assert (tmp_path / "classifier" / "classifier.json").read_text() == "{}"
     assert (tmp_path / "training.json").exists()
     torch.testing.assert_close(output(PeftModel.from_pretrained(make_model("dinov2"), tmp_path)), output(model))
-    assert not [p for p in tmp_path.parent.iterdir() if ".saving." in p.name]
+    assert not list(tmp_path.glob(".residual-*"))  # no staging directory, no marker
 
 
-def test_killed_save_leaves_the_old_or_the_new_adapter(tmp_path):
-    """A subprocess saves two different adapters over one directory in a loop; kill -9 it at random moments. Both
-    versions must turn up: a save that never replaced the old adapter would always leave version 1."""
+def test_killed_save_leaves_the_old_or_the_new_adapter_or_a_refused_directory(tmp_path):
+    """A subprocess saves two different adapters over one directory in a loop; kill -9 it at random moments. Each
+    kill leaves version 1, version 2, or a directory refused as an interrupted save, never a mixed pair; both
+    versions turn up (a save that never replaced the old adapter would always leave version 1), and the next save
+    clears what the killed ones left."""
     target = tmp_path / "adapter"
     command = [sys.executable, str(SCRIPTS / "save_loop.py"), str(target)]
     generator = torch.Generator().manual_seed(0)
     seen = set()
-    for trial in range(12):
-        if trial >= 4 and seen == {1, 2}:
+    for trial in range(16):
+        if trial >= 4 and {1, 2} <= seen:
             break
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         assert process.stdout.readline().strip() == "saving"
         time.sleep(0.05 + 0.4 * float(torch.rand((), generator=generator)))
         os.kill(process.pid, signal.SIGKILL)
         process.wait()
-        config = json.loads((target / "adapter_config.json").read_text())  # never empty or truncated
-        lambdas = PeftModel.from_pretrained(make_model("dinov2"), target).base_model.readout.lambdas("default")
-        version = config["seed"]
+        try:
+            loaded = PeftModel.from_pretrained(make_model("dinov2"), target)
+        except ResiDualInputError as error:
+            assert "interrupted save" in str(error)
+            seen.add("interrupted")
+            continue
+        lambdas, version = loaded.base_model.readout.lambdas("default"), loaded.peft_config["default"].seed
         assert version in (1, 2)
         assert torch.equal(lambdas, torch.full_like(lambdas, float(version))), "config and tensors of one save"
         seen.add(version)
-    assert seen == {1, 2}, f"only version {seen} was ever found after a kill"
-    assert not [p for p in tmp_path.iterdir() if p.name != "adapter" and ".saving." not in p.name]
+    assert {1, 2} <= seen, f"only {seen} was ever found after a kill"
+    model = get_peft_model(make_model("dinov2"), ResiDualConfig(k=3))
+    fit_residual_bases(model, loader(), progress=False)
+    model.save_pretrained(target)
+    assert not list(target.glob(".residual-*")) and isinstance(
+        PeftModel.from_pretrained(make_model("dinov2"), target), PeftModel
+    )
+    assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
+
+
+def test_save_follows_a_symlink_and_keeps_the_users_card(fitted_models, tmp_path):
+    real, link = tmp_path / "real", tmp_path / "link"
+    real.mkdir()
+    link.symlink_to(real, target_is_directory=True)
+    (real / "README.md").write_text("---\nlicense: mit\ntags:\n- mine\n---\n\n# My adapter\n\nMy own notes.\n")
+    (real / "notes.txt").write_text("keep me")
+    model = fresh(fitted_models)
+    for _ in range(2):  # the second save refreshes the ResiDual section instead of adding another
+        model.save_pretrained(link)
+    assert link.is_symlink() and (real / "adapter_model.safetensors").is_file()
+    assert (real / "notes.txt").read_text() == "keep me"
+    card = (real / "README.md").read_text()
+    assert "My own notes." in card and "license: mit" in card and "- mine" in card and "- residual" in card
+    assert card.count("# ResiDual adapter for") == 1 and card.index("My own notes.") < card.index("# ResiDual")
+    torch.testing.assert_close(output(PeftModel.from_pretrained(make_model("dinov2"), link)), output(model))
+
+
+def test_a_damaged_or_incomplete_adapter_directory_is_refused_naming_the_file(fitted_models, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    fresh(fitted_models).save_pretrained(tmp_path)
+    weights = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    key = next(k for k in tensors if "residual_lambda" in k)
+    tensors[key][0] = float("nan")  # as flipped exponent bits would
+    save_file(tensors, weights)
+    with pytest.raises(ResiDualInputError, match=rf"{weights} is damaged: tensor .*residual_lambda"):
+        PeftModel.from_pretrained(make_model("dinov2"), tmp_path)
+    weights.unlink()
+    with pytest.raises(ResiDualInputError, match=r"has an adapter config but no adapter_model\.safetensors"):
+        PeftModel.from_pretrained(make_model("dinov2"), tmp_path)
+    fresh(fitted_models).save_pretrained(tmp_path)
+    (tmp_path / ".residual-save-in-progress").write_text("")
+    with pytest.raises(ResiDualInputError, match="interrupted save"):
+        PeftModel.from_pretrained(make_model("dinov2"), tmp_path)
 
 
 def test_save_pretrained_writes_the_residual_card(fitted_models, tmp_path):
@@ -302,3 +351,37 @@ def test_save_pretrained_writes_the_residual_card(fitted_models, tmp_path):
     assert card.startswith("---\n") and "# ResiDual adapter for" in card
     assert "import peft_residual" in card and "Fitted at: 32x32 px" in card
     assert "## Training procedure" not in card  # not PEFT's generic template
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["a mount point", "a directory under a read-only parent"])
+def test_save_works_on_a_mount_point_and_under_a_read_only_parent(tmp_path, where):
+    """For real, in a private mount namespace (root's `unshare -m`): a tmpfs mounted on the target, as a container
+    volume is; for the second case the parent is another tmpfs, remounted read-only after the target's mount."""
+    parent, target = tmp_path / "parent", tmp_path / "parent" / "adapter"
+    parent.mkdir()
+    script = f"{sys.executable} {SCRIPTS / 'save_into.py'} {target}"
+    if where == "a mount point":
+        setup = f"mkdir {target} && mount -t tmpfs none {target}"
+    else:
+        setup = f"mount -t tmpfs none {parent} && mkdir {target} && mount -t tmpfs none {target} && "
+        setup += f"mount -o remount,ro {parent} && ! touch {parent}/probe 2>/dev/null"
+    result = subprocess.run(["unshare", "-m", "sh", "-c", f"{setup} && {script}"], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == "saved", result.stderr[-2000:]
+
+
+def test_layers_carry_peft_layer_attributes_and_autocast_adapter_dtype_is_honoured():
+    model = get_peft_model(make_model("clip_vision_projection"), ResiDualConfig(k=2))
+    layers = [m for m in model.modules() if isinstance(m, ResiDualLayer)]
+    for layer in layers:
+        base = layer.get_base_layer()
+        expected = (base.in_features, base.out_features) if isinstance(base, torch.nn.Linear) else (32, 32)
+        assert (layer.in_features, layer.out_features) == expected, type(base).__name__
+    assert any(isinstance(layer.get_base_layer(), torch.nn.Linear) for layer in layers)
+    for autocast, dtype in ((True, torch.float32), (False, torch.bfloat16)):  # PEFT's rule: upcast half by default
+        half = get_peft_model(
+            make_model("dinov2").to(torch.bfloat16), ResiDualConfig(k=2), autocast_adapter_dtype=autocast
+        )
+        fit_residual_bases(half, [{"pixel_values": images(32).to(torch.bfloat16)}], progress=False)
+        scales = [p for name, p in half.named_parameters() if "residual_lambda" in name]
+        assert scales and all(p.dtype == dtype for p in scales), (autocast, {p.dtype for p in scales})

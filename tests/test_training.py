@@ -1,15 +1,17 @@
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from peft import get_peft_model
+from peft import PeftModel, get_peft_model
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
@@ -32,7 +34,7 @@ from peft_residual import (
 )
 from peft_residual.training.checkpoint import CHECKPOINT_NAME
 
-from .conftest import image_dataset, loader, make_model, word_tokenizer
+from .conftest import image_dataset, loader, make_model, model_output, word_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "scripts" / "train_tiny.py"
@@ -332,21 +334,42 @@ def test_a_checkpoint_holds_the_scales_and_optimiser_state_per_layer_as_the_adap
     assert f"lambda.{len(layers)}" not in tensors
 
 
-def test_a_checkpoint_of_another_run_is_refused_before_any_encoding(tmp_path, monkeypatch):
-    model, classifier, data = fitted_with_classifier()
-    train_residual(model, classifier, data, max_epochs=1, batch_size=16, output_dir=tmp_path, progress=False)
+def test_a_checkpoint_of_another_run_is_refused_before_any_encoding_naming_what_differs(tmp_path, monkeypatch):
+    model, classifier, data = fitted_with_classifier(n=160)
+    val = image_dataset(32, seed=5)
+    options = {"max_epochs": 1, "batch_size": 16, "output_dir": tmp_path, "progress": False}
+    train_residual(model, classifier, data, val, **options)
     import peft_residual.training.trainer as trainer
 
-    def no_encoding(*args, **kwargs):
-        raise AssertionError("encoded before refusing the checkpoint")
-
-    monkeypatch.setattr(trainer, "encode_dataset", no_encoding)
-    other_data = image_dataset(128, seed=9)  # dataset B after dataset A
+    monkeypatch.setattr(trainer, "encode_dataset", lambda *a, **k: pytest.fail("encoded before refusing"))
+    picked = {5, 17, 33, 61, 98, 120, 141}  # 7 of 160, none of them the first, middle or last
+    relabelled = data.map(lambda row, i: {"label": (int(row["label"]) + 1) % 4 if i in picked else row["label"]},
+                          with_indices=True)  # fmt: skip
     other_classifier = CentroidClassifier.from_features(torch.randn(8, 32), torch.arange(8) % 4, list("abcd"))
-    for changes in ({"train_dataset": other_data}, {"classifier": other_classifier}, {"lr": 0.5}):
-        arguments = {"model": model, "classifier": classifier, "train_dataset": data, **changes}
-        with pytest.raises(ResiDualInputError, match="holds the checkpoint of another run"):
-            train_residual(**arguments, max_epochs=1, batch_size=16, output_dir=tmp_path, progress=False)
+    refitted, _, _ = fitted_with_classifier(config=ResiDualConfig(k=3, units="heads+mlps"), n=160)
+    cases = [
+        ({"train_dataset": relabelled}, "training labels"),  # (its fingerprint, the "images" part, changes too)
+        ({"train_dataset": image_dataset(160, seed=9)}, "other training images$"),
+        ({"eval_dataset": image_dataset(32, seed=6)}, "other validation images$"),
+        ({"classifier": other_classifier}, "other classifier$"),
+        ({"model": refitted}, "other bases"),
+        ({"lr": 0.5}, "other hyper-parameters$"),
+    ]
+    for changes, differs in cases:
+        arguments = {"model": model, "classifier": classifier, "train_dataset": data, "eval_dataset": val, **changes}
+        with pytest.raises(ResiDualInputError, match="holds the checkpoint of another run") as refused:
+            train_residual(**arguments, **options)
+        assert re.search(differs, str(refused.value).split(";")[0].rstrip(")")), str(refused.value)
+
+
+def test_resume_false_starts_fresh_over_another_runs_checkpoint(tmp_path):
+    model, classifier, data = fitted_with_classifier()
+    options = {"max_epochs": 2, "batch_size": 16, "output_dir": tmp_path, "progress": False}
+    train_residual(model, classifier, data, **options)
+    fresh = train_residual(model, classifier, data, lr=0.5, resume=False, **options)
+    assert fresh.lr == 0.5 and len(fresh.history) == 2
+    again = train_residual(model, classifier, data, lr=0.5, **options)  # the fresh run's checkpoint now resumes
+    assert again.history == fresh.history
 
 
 def test_empty_sets_and_foreign_labels_are_refused_before_encoding(monkeypatch):
@@ -470,3 +493,26 @@ def test_processes_share_cached_batches_by_whole_tiles_and_streamed_ones_by_samp
     streamed = shares(StreamedUnits(model, data), torch.arange(7), 5)
     expected = [[[0, 2, 4], [5]], [[1, 3], [6]]]  # sample by sample: a batch of 5 is less than one tile
     assert [[s.tolist() for s in rank] for rank in streamed] == [[labels[i].tolist() for i in r] for r in expected]
+
+
+def test_every_refit_that_discards_changed_scales_warns():
+    model, _, _ = fitted_with_classifier()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # scales still at their initial values: nothing is lost, nothing to say
+        fit_residual_bases(model, loader(n=128), progress=False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=0.1)  # a hand-written loop, not train_residual
+    model_output(model, loader(n=32)[0]["pixel_values"]).pow(2).sum().backward()
+    optimizer.step()
+    with pytest.warns(UserWarning, match="replaced scales that differed from their initial values"):
+        fit_residual_bases(model, loader(n=128), progress=False)
+
+
+def test_an_adapter_loaded_for_inference_refuses_training(tmp_path):
+    model, classifier, data = fitted_with_classifier()
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(make_model("dinov2"), tmp_path)  # PEFT's default: is_trainable=False
+    with pytest.raises(ResiDualInputError, match="is_trainable=True"):
+        train_residual(loaded, classifier, data, progress=False)
+    trainable = PeftModel.from_pretrained(make_model("dinov2"), tmp_path, is_trainable=True)
+    assert train_residual(trainable, classifier, data, max_epochs=1, batch_size=16, progress=False).epochs_run == 1

@@ -2,10 +2,11 @@
 a supported model."""
 
 from .images import (
+    as_image_classification,
     check_columns,
     check_dataset,
     class_names,
-    dataset_fingerprint,
+    dataset_identity,
     holdout,
     load_image_dataset,
     pixel_transform,
@@ -19,11 +20,12 @@ from .units import UnitStore, collect_units, fit_residual_bases
 
 __all__ = [
     "UnitStore",
+    "as_image_classification",
     "check_columns",
     "check_dataset",
     "class_names",
     "collect_units",
-    "dataset_fingerprint",
+    "dataset_identity",
     "fit_residual_bases",
     "holdout",
     "load_image_dataset",

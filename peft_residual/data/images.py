@@ -14,7 +14,7 @@ from transformers import AutoImageProcessor
 
 from ..inference import check_labels
 from ..tuner.errors import ResiDualInputError
-from .units import UnitStore
+from .units import UnitStore, content_hash
 
 
 def load_image_dataset(name_or_path: str, split: str | None = None) -> datasets.Dataset | datasets.DatasetDict:
@@ -23,11 +23,41 @@ def load_image_dataset(name_or_path: str, split: str | None = None) -> datasets.
         dataset = datasets.load_from_disk(name_or_path)
     else:
         dataset = datasets.load_dataset(name_or_path)
+    if isinstance(dataset, datasets.Dataset):  # one table without splits: its images are the training split
+        dataset = datasets.DatasetDict({"train": dataset})
     if split is None:
         return dataset
     if split not in dataset:
-        raise ResiDualInputError(f"{name_or_path} has no split {split!r}; it has {list(dataset)}.")
+        raise ResiDualInputError(
+            f"{name_or_path} has no split {split!r}; it has {sorted(dataset)}. Save a DatasetDict with that split, "
+            "or name one of these."
+        )
     return dataset[split]
+
+
+def as_image_classification(
+    dataset: datasets.Dataset, image_column: str = "image", label_column: str = "label"
+) -> datasets.Dataset:
+    """``dataset`` with an ``Image`` column and integer labels: a column of file paths or encoded bytes is decoded
+    like an ``Image`` column (``cast_column``), and string labels become a ``ClassLabel`` (``class_encode_column``,
+    names sorted), so that :func:`class_names` gives the classifier's classes.
+
+    Example:
+        >>> data = as_image_classification(Dataset.from_dict({"image": ["a.png"], "label": ["cat"]}))
+    """
+    check_columns(dataset, image_column, label_column)
+    if not isinstance(dataset.features[image_column], datasets.Image):
+        try:
+            dataset = dataset.cast_column(image_column, datasets.Image())
+        except (TypeError, ValueError) as error:
+            raise ResiDualInputError(
+                f"Column {image_column!r} holds {dataset.features[image_column]}, not images, image file paths or "
+                f"encoded image bytes ({error}); pass --image-column (or image_column) naming the images."
+            ) from None
+    label = dataset.features[label_column]
+    if isinstance(label, datasets.Value) and label.dtype in ("string", "large_string"):
+        dataset = dataset.class_encode_column(label_column)
+    return dataset
 
 
 def check_columns(dataset: datasets.Dataset, *columns: str) -> None:
@@ -137,13 +167,21 @@ def check_dataset(dataset: Dataset, name: str, label_column: str, num_classes: i
         check_labels(labels, num_classes, name)
 
 
-def dataset_fingerprint(dataset: Dataset) -> str:
-    """A short hash of a data set's size and of its first, middle and last examples (images and labels)."""
+def dataset_identity(dataset: Dataset, label_column: str = "label") -> dict[str, str]:
+    """Short hashes of a data set's images and of all its labels, so that a run can tell which of the two changed.
+
+    A ``datasets.Dataset`` is identified by its own fingerprint (which every ``map``, ``select``, ``cast`` or new
+    table changes, so a relabelled copy differs in both parts) and a hash of its whole label column; a
+    :class:`UnitStore` by a hash of every stored piece and label; any other data set by a hash of every example,
+    which reads it once (no backbone)."""
     if isinstance(dataset, UnitStore):
-        return dataset.fingerprint()
-    digest = hashlib.sha256(str(len(dataset)).encode())
-    for index in sorted({0, len(dataset) // 2, len(dataset) - 1}):
-        for key, value in sorted(dataset[index].items()):
-            value = torch.as_tensor(value)
-            digest.update(key.encode() + value.float().numpy().tobytes())
-    return digest.hexdigest()[:16]
+        return dataset.identity()
+    labels = raw_labels(dataset, label_column)
+    if isinstance(dataset, datasets.Dataset) and labels is not None:
+        return {"images": dataset._fingerprint, "labels": content_hash(labels)}
+    images, labels = hashlib.blake2b(digest_size=8), []
+    for index in range(len(dataset)):
+        example = dataset[index]
+        images.update(content_hash(torch.as_tensor(example["pixel_values"])).encode())
+        labels.append(int(example[label_column]))
+    return {"images": images.hexdigest(), "labels": content_hash(torch.tensor(labels))}

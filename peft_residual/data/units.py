@@ -29,6 +29,16 @@ from ..tuner.model import residual_tuner
 DEFAULT_MAX_BYTES = 2 * 2**30
 
 
+def content_hash(*tensors: torch.Tensor) -> str:
+    """A short hash of the tensors' shapes, dtypes and bytes."""
+    digest = hashlib.blake2b(digest_size=8)
+    for tensor in tensors:
+        tensor = torch.as_tensor(tensor).detach().cpu().contiguous()
+        digest.update(f"{tuple(tensor.shape)}{tensor.dtype}".encode())
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
 class UnitStore:
     """The pieces ``[n, 2L + 1, hidden]`` (float32) and labels ``[n]`` of a data set, in its order.
 
@@ -127,14 +137,13 @@ class UnitStore:
         """Every stored image's direct contributions, ``[n, units, output_dim]`` float32 (held in memory)."""
         return torch.cat([batch.record.contributions(self.arch, ln_mean) for batch in self.records()])
 
-    def fingerprint(self) -> str:
-        """A short hash of the size, the labels and the first and last images' pieces."""
-        digest = hashlib.sha256(str(self._count).encode())
-        if self.labels is not None:
-            digest.update(self.labels.numpy().tobytes())
-        for index in sorted({0, self._count - 1}):
-            digest.update(self.pieces(index, index + 1).numpy().tobytes())
-        return digest.hexdigest()[:16]
+    def identity(self) -> dict[str, str]:
+        """Hashes of every stored image's pieces and of every label (for run checkpoints)."""
+        images = hashlib.blake2b(str(self._count).encode(), digest_size=8)
+        for start in range(0, self._count, 4096):
+            images.update(self.pieces(start, min(start + 4096, self._count)).numpy().tobytes())
+        labels = "none" if self.labels is None else content_hash(self.labels)
+        return {"images": images.hexdigest(), "labels": labels}
 
     def close(self) -> None:
         """Delete any spill file now."""

@@ -7,7 +7,6 @@ through the backbone otherwise, and across processes with Accelerate (see :mod:`
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -26,8 +25,8 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from ..classifiers import Classifier
-from ..data import check_dataset, dataset_fingerprint, stratified_split
-from ..data.units import UnitStore
+from ..data import check_dataset, dataset_identity, stratified_split
+from ..data.units import UnitStore, content_hash
 from ..tuner.errors import ResiDualInputError
 from .cache import StreamedUnits, UnitCache, available_memory_bytes, encode_dataset
 from .checkpoint import load_checkpoint, save_checkpoint
@@ -127,13 +126,18 @@ def _use_cache(cache: bool | str, num_samples: int, scales: ScaleSet, max_bytes:
     return False
 
 
-def run_fingerprint(scales: ScaleSet, classifier: Classifier, train: Dataset, val: Dataset, **settings) -> str:
-    """A short hash of what a training run depends on: bases, classifier, data and settings (lr included)."""
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
-    for tensor in (*scales.fitted_state, classifier.weights):
-        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
-    digest.update(f"{classifier.scale}|{dataset_fingerprint(train)}|{dataset_fingerprint(val)}".encode())
-    return digest.hexdigest()[:16]
+def run_identity(
+    scales: ScaleSet, classifier: Classifier, train: Dataset, val: Dataset, label_column: str, **settings
+) -> dict[str, str]:
+    """Short hashes of every part a training run depends on, by name: the bases, the classifier, the images and
+    labels of both splits and the hyper-parameters. A checkpoint resumes only when all of them match."""
+    splits = {"training": dataset_identity(train, label_column), "validation": dataset_identity(val, label_column)}
+    return {
+        "bases": content_hash(*scales.fitted_state),
+        "classifier": content_hash(classifier.weights, torch.tensor(float(classifier.scale))),
+        **{f"{split} {part}": value for split, parts in splits.items() for part, value in parts.items()},
+        "hyper-parameters": json.dumps(settings, sort_keys=True, default=str),
+    }
 
 
 def train_residual(
@@ -156,6 +160,7 @@ def train_residual(
     num_workers: int = 0,
     progress: bool = True,
     on_epoch_end: Callable[[dict], None] | None = None,
+    resume: bool = True,
 ) -> TrainingResult:
     """Train the ResiDual scales of ``model`` (fitted with :func:`fit_residual_bases`) against ``classifier``.
 
@@ -166,8 +171,9 @@ def train_residual(
     both splits once into PCA scores when they fit in ``max_cache_bytes`` (default: half the available memory) and
     streams them through the backbone otherwise; ``True`` insists on the cache, ``False`` never uses it.
     ``lr="auto"`` runs an LR range test first. With ``output_dir``, the main process writes an atomic checkpoint
-    after every epoch, and the same call after an interruption resumes from the last completed epoch; a checkpoint
-    of any other run (bases, classifier, data or settings) is refused before any work.
+    after every epoch, and the same call after an interruption resumes from the last completed epoch. A checkpoint
+    of any other run is refused before any encoding, naming what differs (bases, classifier, the images or labels
+    of either split, hyper-parameters); ``resume=False`` ignores it and starts fresh.
 
     Example:
         >>> result = train_residual(peft_model, classifier, train_dataset, lr=0.8)
@@ -178,13 +184,18 @@ def train_residual(
     accelerator = accelerator or default_accelerator()
     scales = ScaleSet(model, accelerator.device)
     scales.config.validate()
+    if scales.config.inference_mode:
+        raise ResiDualInputError(
+            f"Adapter '{scales.adapter}' was loaded for inference (PeftModel.from_pretrained's default "
+            "is_trainable=False); load it with is_trainable=True to train its scales."
+        )
     if eval_dataset is None:
         train_dataset, eval_dataset = stratified_split(train_dataset, val_fraction, seed, label_column)
     for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
         check_dataset(dataset, name, label_column, classifier.num_classes)
     settings = {"lr": lr, "batch_size": batch_size, "max_epochs": max_epochs, "patience": patience, "seed": seed}
-    fingerprint = run_fingerprint(scales, classifier, train_dataset, eval_dataset, **settings)
-    checkpoint = _checkpoint_of_this_run(output_dir, fingerprint)
+    identity = run_identity(scales, classifier, train_dataset, eval_dataset, label_column, **settings)
+    checkpoint = _checkpoint_of_this_run(output_dir, identity) if resume else None
 
     classifier = classifier.to(accelerator.device)
     seconds: dict[str, float] = {}
@@ -206,7 +217,7 @@ def train_residual(
 
     with _timed(seconds, "train"):
         loop = _EpochLoop(scales, classifier, optimizer, stopping, accelerator, batch_size, seed)
-        best = loop.run(train, val, best, max_epochs, progress, on_epoch_end, output_dir, (lr, fingerprint))
+        best = loop.run(train, val, best, max_epochs, progress, on_epoch_end, output_dir, (lr, identity))
     scales.load(best)
     scales.write_back()
     scales.config.training_summary = {
@@ -220,13 +231,19 @@ def train_residual(
     )  # fmt: skip
 
 
-def _checkpoint_of_this_run(output_dir: str | Path | None, fingerprint: str) -> tuple | None:
-    """The checkpoint in ``output_dir`` to resume from, if any; a checkpoint of another run is an error."""
+def _checkpoint_of_this_run(output_dir: str | Path | None, identity: dict[str, str]) -> tuple | None:
+    """The checkpoint in ``output_dir`` to resume from, if any; a checkpoint of another run is an error that names
+    what differs."""
     checkpoint = load_checkpoint(output_dir) if output_dir is not None else None
-    if checkpoint is not None and checkpoint[1]["fingerprint"] != fingerprint:
+    if checkpoint is None:
+        return None
+    saved = checkpoint[1].get("identity")
+    differ = [part for part in identity if not isinstance(saved, dict) or saved.get(part) != identity[part]]
+    if differ:
+        what = "an older format" if not isinstance(saved, dict) else "other " + ", ".join(differ)
         raise ResiDualInputError(
-            f"{output_dir} holds the checkpoint of another run (other bases, classifier, data or settings); "
-            "use a new output_dir or delete the checkpoint there."
+            f"{output_dir} holds the checkpoint of another run ({what}); pass resume=False (CLI: --overwrite) to "
+            "start fresh there, or use a new output_dir."
         )
     return checkpoint
 
@@ -243,8 +260,8 @@ class _EpochLoop:
     batch_size: int
     seed: int
 
-    def run(self, train, val, best, max_epochs, progress, on_epoch_end, output_dir, run_identity) -> torch.Tensor:
-        """Run the remaining epochs and return the best scales; ``run_identity`` is ``(lr, fingerprint)``."""
+    def run(self, train, val, best, max_epochs, progress, on_epoch_end, output_dir, run) -> torch.Tensor:
+        """Run the remaining epochs and return the best scales; ``run`` is ``(lr, identity)`` for checkpoints."""
         accelerator, stopping = self.accelerator, self.stopping
         show = progress and accelerator.is_local_main_process and not stopping.done
         epochs = tqdm(range(stopping.epoch, max_epochs), desc="ResiDual training", disable=not show)
@@ -260,7 +277,7 @@ class _EpochLoop:
             if stopping.update(record):
                 best = self.scales.snapshot()
             if output_dir is not None and accelerator.is_main_process:
-                _save(output_dir, self.scales, self.optimizer, stopping, best, *run_identity)
+                _save(output_dir, self.scales, self.optimizer, stopping, best, *run)
             accelerator.wait_for_everyone()
             epochs.set_postfix(loss=f"{record['train_loss']:.4f}", val_acc=f"{record['val_accuracy']:.4f}")
             if on_epoch_end is not None:
@@ -296,14 +313,14 @@ def _save(
     stopping: EarlyStopping,
     best: torch.Tensor,
     lr: float,
-    fingerprint: str,
+    identity: dict[str, str],
 ) -> None:
     # per layer, as the adapter holds them, so the layout does not follow how the optimiser groups the scales
     state = optimizer.state[scales.values]
     named = {"lambda": scales.values, "best": best, **{f"optimizer.{name}": value for name, value in state.items()}}
     tensors = {f"{name}.{i}": part for name, value in named.items() for i, part in enumerate(scales.per_layer(value))}
     groups = {name: optimizer.param_groups[0][name] for name in _GROUP_SCALARS}
-    save_checkpoint(directory, tensors, {**stopping.state(), "optimizer": groups, "lr": lr, "fingerprint": fingerprint})
+    save_checkpoint(directory, tensors, {**stopping.state(), "optimizer": groups, "lr": lr, "identity": identity})
 
 
 def _restore(

@@ -123,6 +123,35 @@ def find_base_model(model: nn.Module) -> nn.Module:
     )
 
 
+PIXEL_LIMIT = 20.0
+"""Largest magnitude accepted in ``pixel_values``: an image processor's output (rescaled to [0, 1], then
+normalised per channel) stays within a few units, raw 0-255 values do not."""
+
+
+def unnormalised_message(where: str) -> str:
+    return (
+        f"{where}: pixel_values exceed ±{PIXEL_LIMIT:g}, so they look like raw 0-255 pixels. Run the images through "
+        "the model's image processor (AutoImageProcessor / peft_residual.data.prepare), which rescales and "
+        "normalises them."
+    )
+
+
+def check_normalised(pixel_values: torch.Tensor, where: str, in_forward: bool = False) -> None:
+    """The rule for ``pixel_values`` at fit and at forward: floating point, and within ±:data:`PIXEL_LIMIT`. In a
+    forward the range is checked with ``torch._assert_async``, no Python branch on the data (the forward stays
+    exportable; it raises a ``RuntimeError`` at once in eager mode on the CPU, later on a GPU)."""
+    if not pixel_values.is_floating_point():
+        raise ResiDualInputError(
+            f"{where}: pixel_values are {pixel_values.dtype}, raw image bytes. Run the images through the model's "
+            "image processor (AutoImageProcessor / peft_residual.data.prepare), which rescales and normalises them."
+        )
+    within = pixel_values.detach().abs().amax() <= PIXEL_LIMIT
+    if in_forward:
+        torch._assert_async(within, unnormalised_message(where))
+    elif not bool(within):
+        raise ResiDualInputError(unnormalised_message(where))
+
+
 class Architecture:
     """An :class:`ArchitectureSpec` bound to a model: sizes, unit names and module lookup.
 
@@ -276,10 +305,11 @@ class Architecture:
                 f"{where}: images of {height}x{width} px do not split into {patch}x{patch} patches; resize them to a "
                 f"multiple of {patch} (e.g. {max(patch, round(height / patch) * patch)})."
             )
-        if not torch.isfinite(pixel_values).all():
+        if pixel_values.is_floating_point() and not torch.isfinite(pixel_values).all():
             raise ResiDualInputError(
                 f"{where}: pixel_values hold NaN or infinite values; check the image preprocessing."
             )
+        check_normalised(pixel_values, where)
         return pixel_values
 
     def structure(self) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from peft.config import PeftConfig
@@ -12,6 +13,7 @@ from peft.utils import PeftType
 
 from .decomposition import LN_MEANS
 from .errors import ResiDualInputError
+from .saved import check_saved_adapter
 
 UNIT_KINDS = ("heads", "mlps", "heads+mlps")
 REST_MODES = ("sum", "zero", "mean")
@@ -218,6 +220,15 @@ class ResiDualConfig(PeftConfig):
     def coarse(cls, **overrides: Any) -> ResiDualConfig:
         """The paper's coarse baseline: ``lambda_h * u_h`` on the raw heads (no mean removed), the rest dropped."""
         return cls.preset("coarse", **overrides)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs: Any):
+        """PEFT's loading, after :func:`.saved.check_saved_adapter` on a local directory (an interrupted save, a
+        missing weights file or non-finite weights are refused there, naming the file)."""
+        directory = Path(pretrained_model_name_or_path, subfolder or "")
+        if (directory / "adapter_config.json").is_file():
+            check_saved_adapter(directory)
+        return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
 
     @classmethod
     def from_json_file(cls, path_json_file: str, **kwargs: Any) -> dict:

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 from peft.tuners._buffer_dict import BufferDict
-from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features
 from torch import nn
 
 from .architectures import Architecture
@@ -57,6 +57,11 @@ class ResiDualLayer(BaseTunerLayer):
     def _init_tuner_layer(self, base_layer: nn.Module, arch: Architecture) -> None:
         self.base_layer = base_layer
         self.arch = arch
+        # PEFT's layer attributes; modules that are not linear (a norm, an MLP block, a layer scale) map the
+        # residual stream to itself
+        in_features, out_features = _get_in_out_features(base_layer)
+        self.in_features = in_features if in_features is not None else arch.hidden_size
+        self.out_features = out_features if out_features is not None else arch.hidden_size
         self._disable_adapters = False
         self.merged_adapters = []
         self.residual_config: dict[str, ResiDualConfig] = {}
@@ -140,7 +145,10 @@ class ResiDualUnitLayer(nn.Module, ResiDualLayer):
         if role.role == "transform":
             self.residual_rank[adapter_name] = torch.empty(0, dtype=torch.long, device=device)
             self.residual_basis[adapter_name] = torch.empty(0, device=device)
-            self.residual_lambda[adapter_name] = nn.Parameter(torch.empty(0, device=device))
+            # in the base's dtype, as PEFT creates adapter weights: its autocast_adapter_dtype (on by default) then
+            # upcasts float16/bfloat16 to float32, and a fit keeps whatever dtype this ends up with
+            dtype = next(self.get_base_layer().parameters(), torch.empty(0)).dtype
+            self.residual_lambda[adapter_name] = nn.Parameter(torch.empty(0, device=device, dtype=dtype))
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
     def holds(self, adapter_name: str) -> bool:
@@ -205,7 +213,7 @@ class ResiDualUnitLayer(nn.Module, ResiDualLayer):
             )
             with torch.no_grad():
                 self.residual_lambda[adapter_name] = nn.Parameter(
-                    torch.cat(lambdas).float().to(device),
+                    torch.cat(lambdas).to(device, self.residual_lambda[adapter_name].dtype),
                     requires_grad=self.residual_lambda[adapter_name].requires_grad,
                 )
 

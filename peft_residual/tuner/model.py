@@ -11,7 +11,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
-from .architectures import Architecture
+from .architectures import Architecture, check_normalised
 from .config import ResiDualConfig
 from .decomposition import forward_scope, unit_modules
 from .errors import ResiDualInputError
@@ -139,6 +139,8 @@ class ResiDualModel(BaseTuner):
                 "adapter_names (per-sample adapters in one batch) is not supported by ResiDual: set_adapter(name) "
                 "and run each adapter's batch separately."
             )
+        if isinstance(kwargs.get("pixel_values"), torch.Tensor):
+            check_normalised(kwargs["pixel_values"], "forward", in_forward=True)  # the fit's rule: no raw pixels
         with forward_scope():  # a forward that raises leaves no record of its pass behind
             yield
 

@@ -77,6 +77,11 @@ class FitReport:
     keeps a ``UnitStore``, to cache the same images without another backbone pass)."""
     eigen_seconds: float = 0.0
     """Wall time of the eigendecompositions (and basis building) after the moments were accumulated."""
+    flat: list[str] = field(default_factory=list)
+    """Transformed units with (about) zero variance over the reference images: nothing to fit."""
+    undersampled: list[str] = field(default_factory=list)
+    """Units with a variance ratio or all components whose dimension exceeds the images seen minus one: the PCA
+    cannot estimate all their directions."""
 
     @property
     def num_scales(self) -> int:
@@ -190,15 +195,38 @@ def fit_residual_bases(
             f"fit_residual_bases saw {num_samples} image(s); a PCA needs at least 2 (and more than k). "
             "Pass more reference images."
         )
-    if config.training_summary is not None:
-        warnings.warn(
-            f"Refitting adapter '{adapter_name}' resets its trained scales to their initial values; train again.",
-            stacklevel=2,
-        )
-        config.training_summary = None
+    before = tuner.readout.lambdas(adapter_name).detach().clone() if tuner.readout.is_fitted(adapter_name) else None
     report = _solve(layers, adapter_name, config, moments, progress)
     tuner.readout.refresh([adapter_name])
+    after = tuner.readout.lambdas(adapter_name).detach()
+    if before is not None and (config.training_summary is not None or not torch.equal(before, after.to(before))):
+        # however they were changed (train_residual, a hand-written loop, a loaded adapter), they are gone now
+        warnings.warn(
+            f"Refitting adapter '{adapter_name}' replaced scales that differed from their initial values with new "
+            "initial values; train again (or fit a new adapter name to keep these).",
+            stacklevel=2,
+        )
+    config.training_summary = None
     config.base_signature = tuner.arch.signature(image_size)
+    if report.flat and len(report.flat) == len(report.components):
+        raise ResiDualInputError(
+            f"Every transformed unit has zero variance over the {num_samples} reference images: they are identical "
+            "or constant. Fit on varied images."
+        )
+    if report.flat:
+        warnings.warn(
+            f"{len(report.flat)} unit(s) have zero variance over the reference images (e.g. {report.flat[0]}); their "
+            "bases are arbitrary. See FitReport.flat.",
+            stacklevel=2,
+        )
+    if report.undersampled:
+        warnings.warn(
+            f"{num_samples} reference images for units of up to {max(layer.max_rank(adapter_name) for layer in layers)}"
+            " dimensions: the PCA of the all-component or variance-ratio units (e.g. "
+            f"{report.undersampled[0]}) rests on too few images. Fit on more images than that. See "
+            "FitReport.undersampled.",
+            stacklevel=2,
+        )
     if report.clamped:
         (name, (asked, used)), more = next(iter(report.clamped.items())), len(report.clamped) - 1
         warnings.warn(
@@ -296,6 +324,11 @@ def _fit_layer(
                 f"Unit {name} needs {k} components but only {stats.count} samples were seen; a PCA with k components "
                 f"needs more than k samples. Pass more reference images or lower k."
             )
+        total = float(eigenvalues[unit].sum())
+        if total <= 1e-10 * (float(stats.mean[unit].square().sum()) + total) or total == 0.0:
+            report.flat.append(name)
+        if not isinstance(config.k, int) and stats.count - config.centre < max_rank:
+            report.undersampled.append(name)
         values = eigenvalues[unit, :k]
         bases.append(canonical_signs(eigenvectors[unit, :, :k].T))
         per_unit = config.scale_per == "unit"

@@ -1,0 +1,50 @@
+"""What a saved ResiDual adapter directory must look like before it is loaded.
+
+:func:`peft_residual.hub.save_adapter_atomically` stages a save inside the target directory and marks the few
+moments in which it moves the staged files into place with :data:`SAVE_IN_PROGRESS`; a process killed then leaves
+the marker, and :func:`check_saved_adapter` (run by ``ResiDualConfig.from_pretrained``) refuses the directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .errors import ResiDualInputError
+
+SAVE_IN_PROGRESS = ".residual-save-in-progress"
+"""Present in an adapter directory only while a save replaces its files."""
+STAGING_PREFIX = ".residual-staging."
+"""Directories inside an adapter directory that hold a save being written; leftovers of a killed save."""
+WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+def check_saved_adapter(directory: str | Path) -> None:
+    """Refuse a local adapter directory that a killed save left half replaced, that lacks its weights file, or
+    whose weights hold NaN or infinity; a clear error names the directory or file and the fix.
+
+    Example:
+        >>> check_saved_adapter("out/adapter")  # before PeftModel.from_pretrained(base, "out/adapter")
+    """
+    directory = Path(directory)
+    if (directory / SAVE_IN_PROGRESS).exists():
+        raise ResiDualInputError(
+            f"{directory} holds an interrupted save: the process saving an adapter there was killed while it "
+            "replaced the files, so they may come from two saves. Save the adapter there again."
+        )
+    weights = directory / WEIGHTS_NAME
+    if not weights.is_file():
+        raise ResiDualInputError(
+            f"{directory} has an adapter config but no {WEIGHTS_NAME}; copy the whole adapter directory, or save "
+            "the adapter there again."
+        )
+    with safe_open(weights, framework="pt") as handle:
+        for key in handle.keys():  # noqa: SIM118 (safe_open has no __iter__)
+            tensor = handle.get_tensor(key)
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise ResiDualInputError(
+                    f"{weights} is damaged: tensor {key} holds NaN or infinity. Restore the file or save the "
+                    "adapter again."
+                )
