@@ -106,9 +106,11 @@ def test_non_finite_pixels_are_an_error_naming_the_batch():
 
 def test_non_finite_activations_are_an_error():
     model = get_peft_model(make_model("clip_vision"), ResiDualConfig(k=3))
-    huge = images(8) * 1e30  # finite pixels whose activations overflow float32
+    mlp = next(module for name, module in model.named_modules() if name.endswith("layers.0.mlp")).get_base_layer()
+    with torch.no_grad():
+        mlp.fc2.weight.mul_(1e37)  # normal pixels, activations that overflow float32 (as fp16 models can)
     with pytest.raises(ResiDualInputError, match="Non-finite activations in unit"):
-        fit_residual_bases(model, [{"pixel_values": huge}], progress=False)
+        fit_residual_bases(model, [{"pixel_values": images(8)}], progress=False)
 
 
 @pytest.mark.parametrize(("shape", "message"), [((2, 3, 30, 32), "do not split into 8x8"), ((2, 3, 32), "tensor")])
@@ -206,6 +208,7 @@ def test_degenerate_reference_images_are_refused_or_warned():
     same = images(1).expand(20, -1, -1, -1).clone()
     with pytest.raises(ResiDualInputError, match="zero variance over the 20 reference images"):
         fit_residual_bases(model, [{"pixel_values": same}], progress=False)
+    assert not model.base_model.readout.is_fitted("default")  # refused before anything was replaced
     with pytest.warns(UserWarning, match="2 reference images for units of up to"):
         report = fit_residual_bases(model, [{"pixel_values": images(2)}], progress=False)
     assert report.undersampled and not report.flat

@@ -269,7 +269,7 @@ def test_loading_onto_another_base_is_a_clear_error(tmp_path):
     for overrides, message in cases:
         with pytest.raises(ResiDualInputError, match=rf"fitted on another base model \({message}"):
             PeftModel.from_pretrained(make_model("clip_vision_projection", **overrides), tmp_path)
-    with pytest.raises(ResiDualInputError, match=r"model_type 'CLIPVisionModelWithProjection' vs 'Dinov2Model'"):
+    with pytest.raises(ResiDualInputError, match=r"tower_type 'CLIPVision\w+' vs 'Dinov2Model'"):
         PeftModel.from_pretrained(make_model("dinov2"), tmp_path)
     with pytest.raises(ResiDualInputError, match="base weights"):  # same shapes, other weights
         PeftModel.from_pretrained(make_model("clip_vision_projection", seed=1), tmp_path)
@@ -496,3 +496,20 @@ def test_forward_from_raw_pieces_equals_the_output_space_path(kind, config, monk
     assert calls == [1]  # the trainable norm weight sent this forward down the output-space path
     assert exact.requires_grad
     torch.testing.assert_close(from_pieces, exact.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_an_adapter_loads_onto_another_model_class_with_the_same_tower_and_projection(tmp_path):
+    """Fitted on CLIPVisionModelWithProjection, loaded onto a CLIPModel holding the same vision weights (what the
+    CLI loads): the same adapted image embedding."""
+    clip = make_model("clip")
+    vision = make_model("clip_vision_projection")
+    vision.vision_model.load_state_dict(clip.vision_model.state_dict())
+    vision.visual_projection.load_state_dict(clip.visual_projection.state_dict())
+    adapted = get_peft_model(vision, ResiDualConfig(k=3))
+    fit_residual_bases(adapted, loader(), progress=False)
+    adapted.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(clip, tmp_path)
+    x = images(4)
+    torch.testing.assert_close(model_output(loaded, x), model_output(adapted, x), rtol=0, atol=1e-6)
+    with torch.no_grad(), loaded.disable_adapter():
+        assert not torch.allclose(model_output(loaded, x), model_output(adapted, x), atol=1e-4)

@@ -313,9 +313,12 @@ class Architecture:
         return pixel_values
 
     def structure(self) -> dict[str, Any]:
-        """The sizes that fix the units' shapes."""
+        """The sizes that fix the units' shapes, and the vision tower's class: the model class around it (e.g.
+        ``CLIPVisionModelWithProjection`` or ``CLIPModel``) is recorded but not compared, since the adapter's
+        parameter paths and the weights fingerprint (tower and projection) are the same in both."""
         return {
             "model_type": type(self.model).__name__,
+            "tower_type": type(self.tower).__name__,
             "hidden_size": self.hidden_size,
             "num_layers": self.num_layers,
             "num_heads": self.num_heads,
@@ -335,11 +338,11 @@ class Architecture:
 
     def check_signature(self, signature: dict[str, Any]) -> None:
         """Refuse bases fitted on another base model: other sizes, or other weights."""
-        current = self.structure()
+        current = {key: value for key, value in self.structure().items() if key != "model_type"}
         differ = [
             f"{key} {signature.get(key)!r} vs {value!r}"
             for key, value in current.items()
-            if signature.get(key) != value
+            if key in signature and signature[key] != value  # older adapters lack tower_type
         ]
         saved_weights = signature.get("weights_fingerprint")
         if not differ and saved_weights is not None and not same_weights(saved_weights, self.weights_fingerprint()):

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 from peft.tuners._buffer_dict import BufferDict
-from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from .architectures import Architecture
@@ -57,11 +57,10 @@ class ResiDualLayer(BaseTunerLayer):
     def _init_tuner_layer(self, base_layer: nn.Module, arch: Architecture) -> None:
         self.base_layer = base_layer
         self.arch = arch
-        # PEFT's layer attributes; modules that are not linear (a norm, an MLP block, a layer scale) map the
-        # residual stream to itself
-        in_features, out_features = _get_in_out_features(base_layer)
-        self.in_features = in_features if in_features is not None else arch.hidden_size
-        self.out_features = out_features if out_features is not None else arch.hidden_size
+        # PEFT's layer attributes: a linear module's own, else the residual stream's width (a norm, an MLP block or
+        # a layer scale maps the stream to itself)
+        self.in_features = getattr(base_layer, "in_features", arch.hidden_size)
+        self.out_features = getattr(base_layer, "out_features", arch.hidden_size)
         self._disable_adapters = False
         self.merged_adapters = []
         self.residual_config: dict[str, ResiDualConfig] = {}

@@ -195,6 +195,7 @@ def fit_residual_bases(
             f"fit_residual_bases saw {num_samples} image(s); a PCA needs at least 2 (and more than k). "
             "Pass more reference images."
         )
+    _refuse_constant_units(layers, adapter_name, moments, num_samples)
     before = tuner.readout.lambdas(adapter_name).detach().clone() if tuner.readout.is_fitted(adapter_name) else None
     report = _solve(layers, adapter_name, config, moments, progress)
     tuner.readout.refresh([adapter_name])
@@ -208,11 +209,6 @@ def fit_residual_bases(
         )
     config.training_summary = None
     config.base_signature = tuner.arch.signature(image_size)
-    if report.flat and len(report.flat) == len(report.components):
-        raise ResiDualInputError(
-            f"Every transformed unit has zero variance over the {num_samples} reference images: they are identical "
-            "or constant. Fit on varied images."
-        )
     if report.flat:
         warnings.warn(
             f"{len(report.flat)} unit(s) have zero variance over the reference images (e.g. {report.flat[0]}); their "
@@ -235,6 +231,27 @@ def fit_residual_bases(
             stacklevel=2,
         )
     return report
+
+
+def _is_flat(variance: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """Per unit, whether its total variance is zero up to float64 rounding of its mean's size."""
+    return variance <= 1e-10 * (mean.square().sum(-1) + variance)
+
+
+def _refuse_constant_units(
+    layers: list[ResiDualUnitLayer], adapter_name: str, moments: dict[int, StreamingMoments], num_samples: int
+) -> None:
+    """Refuse, before anything is replaced, reference images that leave every transformed unit constant."""
+    transformed = [layer for layer in layers if layer.is_transformed(adapter_name)]
+    for layer in transformed:
+        stats = moments[id(layer)]
+        variance = torch.diagonal(stats.covariance(), dim1=-2, dim2=-1).sum(-1)
+        if not bool(_is_flat(variance, stats.mean).all()):
+            return
+    raise ResiDualInputError(
+        f"Every transformed unit has zero variance over the {num_samples} reference images: they are identical or "
+        "constant. Fit on varied images."
+    )
 
 
 def _accumulate(
@@ -324,8 +341,7 @@ def _fit_layer(
                 f"Unit {name} needs {k} components but only {stats.count} samples were seen; a PCA with k components "
                 f"needs more than k samples. Pass more reference images or lower k."
             )
-        total = float(eigenvalues[unit].sum())
-        if total <= 1e-10 * (float(stats.mean[unit].square().sum()) + total) or total == 0.0:
+        if bool(_is_flat(eigenvalues[unit].sum(), stats.mean[unit])):
             report.flat.append(name)
         if not isinstance(config.k, int) and stats.count - config.centre < max_rank:
             report.undersampled.append(name)
