@@ -24,7 +24,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 from peft_residual import ResiDualConfig, encode_dataset, fit_residual_bases
 
 from .measure import PeakRSS
-from .report import environment
+from .report import environment, memory_table
 
 BUDGET = 2 * 2**30
 
@@ -75,15 +75,8 @@ def main(argv: list[str] | None = None) -> None:
         "",
         f"Store budget {BUDGET / 2**30:.0f} GiB in memory, then a memory-mapped file. One process per row.",
         "",
-        "| images | fit s (eigen s) | cache s | store MiB | spilled | cache MiB | peak RSS MiB |",
-        "|---|---|---|---|---|---|---|",
+        memory_table({"records": records}),
     ]
-    for r in records:
-        lines.append(
-            f"| {r['images']:,} | {r['fit_s']:.1f} ({r['eigen_s']:.2f}) | {r['cache_s']:.1f} "
-            f"| {r['store_bytes'] / 2**20:,.0f} | {r['spilled']} | {r['cache_bytes'] / 2**20:,.0f} "
-            f"| {r['peak_rss_mib']:,.0f} |"
-        )
     payload = {"command": "python -m benchmarks.memory " + " ".join(argv or sys.argv[1:]), "records": records}
     payload["environment"] = environment()
     args.out.mkdir(parents=True, exist_ok=True)

@@ -266,7 +266,8 @@ def overhead_table() -> str:
         return f"{row['ratio']:.3f}×{spread}"
 
     rows = [[config, *(cell(cells[config, batch]) for batch in batches)] for config in configs]
-    return "\n".join(_table(["configuration", *(f"batch {batch}" for batch in batches)], rows)) + "\n"
+    note = f"{payload['repeats']} pairs per cell, {payload['threads']} thread, torch {payload['torch']}."
+    return "\n".join([*_table(["configuration", *(f"batch {batch}" for batch in batches)], rows), "", note]) + "\n"
 
 
 def speed_table(payload: dict) -> str:

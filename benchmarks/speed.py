@@ -23,7 +23,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 from peft_residual import CentroidClassifier, ResiDualConfig, embed_images, fit_residual_bases, train_residual
 
 from .measure import PeakRSS, saved_bytes
-from .report import environment
+from .report import environment, speed_table
 
 METHODS = ("frozen-forward", "residual-cached", "residual-end-to-end", "lora-qv")
 
@@ -125,8 +125,6 @@ def main(argv: list[str] | None = None) -> None:
         output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
         records.append(json.loads(output.strip().splitlines()[-1]))
         print(records[-1], flush=True)
-    lora = next(r for r in records if r["method"] == "lora-qv")
-    forward = next(r for r in records if r["method"] == "frozen-forward")
     lines = [
         "### Speed only: random-weight CLIP ViT-B/32-shaped vision model, 224 px (no accuracy meaning)",
         "",
@@ -134,20 +132,8 @@ def main(argv: list[str] | None = None) -> None:
         "method validates on the same images after each epoch (included in train s). frozen-forward is one no-grad "
         "pass of the base model over the images.",
         "",
-        "| method | trainable params | adapter bytes (fp32 / fp16 bases) | PCA s (eigen s) | cache s | train s "
-        "| total s | ÷ frozen forward | ÷ LoRA | peak RSS MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        speed_table({"records": records}),
     ]
-    for r in records:
-        size = f"{r['adapter_bytes']:,}" + (
-            f" / {r['adapter_bytes_float16']:,}" if "adapter_bytes_float16" in r else ""
-        )
-        pca = f"{r['pca_s']:.1f}" + (f" ({r['eigen_s']:.2f})" if "eigen_s" in r else "")
-        lines.append(
-            f"| {r['method']} | {r['trainable_params']:,} | {size} | {pca} | {r['cache_s']:.1f} | {r['train_s']:.1f} "
-            f"| {r['total_s']:.1f} | {r['total_s'] / forward['total_s']:.2f} | {r['total_s'] / lora['total_s']:.3f} "
-            f"| {r['peak_rss_mib']:.0f} |"
-        )
     args.out.mkdir(parents=True, exist_ok=True)
     payload = {"command": "python -m benchmarks.speed " + " ".join(argv or sys.argv[1:]), "records": records}
     payload["environment"] = environment()

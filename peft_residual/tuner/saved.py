@@ -29,7 +29,8 @@ def check_saved_adapter(directory: str | Path) -> None:
         >>> check_saved_adapter("out/adapter")  # before PeftModel.from_pretrained(base, "out/adapter")
     """
     directory = Path(directory)
-    if (directory / SAVE_IN_PROGRESS).exists():
+    # a named adapter sits in a subfolder of the directory that was saved to, where the marker is
+    if (directory / SAVE_IN_PROGRESS).exists() or (directory.parent / SAVE_IN_PROGRESS).exists():
         raise ResiDualInputError(
             f"{directory} holds an interrupted save: the process saving an adapter there was killed while it "
             "replaced the files, so they may come from two saves. Save the adapter there again."
