@@ -242,3 +242,19 @@ def test_an_output_that_is_a_file_is_refused_before_any_model_work(tiny_assets, 
     code, _, err = run_main(capfd, *args, tmp_path / "taken")
     assert code == 2 and err.count("\n") == 1 and "is a file" in err
     assert (tmp_path / "taken").read_text() == "mine"
+
+
+def test_an_image_column_of_encoded_bytes_and_string_labels_are_normalised():
+    import io
+
+    import datasets
+    from PIL import Image
+
+    from peft_residual.data import as_image_classification, class_names
+
+    encoded = io.BytesIO()
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(encoded, format="PNG")
+    raw = datasets.Dataset.from_dict({"img": [encoded.getvalue()] * 3, "label": ["dog", "cat", "dog"]})
+    data = as_image_classification(raw, "img", "label")
+    assert data[0]["img"].size == (8, 8) and data[0]["img"].getpixel((0, 0)) == (255, 0, 0)
+    assert class_names(data) == ["cat", "dog"] and data["label"] == [1, 0, 1]
