@@ -169,7 +169,7 @@ def write_study(
 
 # Published tables: every table of results in README.md and docs/ is rendered here from the committed JSON, between
 # `<!-- rendered: NAME -->` and `<!-- end rendered -->`. `python -m benchmarks.report` rewrites them;
-# `--check` (and tests/test_docs.py) fails when a file differs from what its records render to.
+# `--check` (and tests/test_published_tables.py) fails when a file differs from what its records render to.
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = RESULTS.parent.parent
