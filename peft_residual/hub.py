@@ -7,7 +7,6 @@ models whose adapters are all ResiDual; other PEFT methods keep PEFT's own behav
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -17,15 +16,14 @@ from typing import Any
 
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 from peft import PeftModel
+from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 
 from .tuner import ResiDualConfig, residual_tuner
 from .tuner.config import SEMANTIC_FIELDS
 from .tuner.errors import ResiDualInputError
 from .tuner.saved import SAVE_IN_PROGRESS, STAGING_PREFIX
 
-logger = logging.getLogger(__name__)
-
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+ADAPTER_FILES = (CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME)
 
 
 def _residual_config(model: PeftModel, adapter_name: str | None) -> tuple[str, ResiDualConfig | None]:
@@ -146,7 +144,7 @@ def save_adapter_atomically(
         if (target / "README.md").is_file():  # PEFT's card step then updates the user's card in place
             shutil.copy2(target / "README.md", staging / "README.md")
         save(str(staging))
-        files = sorted((p for p in staging.rglob("*") if p.is_file()), key=lambda p: p.name == "adapter_config.json")
+        files = sorted((p for p in staging.rglob("*") if p.is_file()), key=lambda p: p.name == CONFIG_NAME)
         marker = target / SAVE_IN_PROGRESS
         marker.write_text("\n".join(str(p.relative_to(staging)) for p in files) + "\n")
         for path in files:

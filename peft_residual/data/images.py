@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from transformers import AutoImageProcessor
 from ..inference import check_labels
 from ..tuner.errors import ResiDualInputError
 from .units import UnitStore, content_hash
+
+logger = logging.getLogger(__name__)
 
 
 def load_image_dataset(name_or_path: str, split: str | None = None) -> datasets.Dataset | datasets.DatasetDict:
@@ -179,9 +182,11 @@ def dataset_identity(dataset: Dataset, label_column: str = "label") -> dict[str,
     labels = raw_labels(dataset, label_column)
     if isinstance(dataset, datasets.Dataset) and labels is not None:
         return {"images": dataset._fingerprint, "labels": content_hash(labels)}
-    images, labels = hashlib.blake2b(digest_size=8), []
+    logger.info("Hashing the %d examples of a %s to identify the run (one read, no backbone)", len(dataset),
+                type(dataset).__name__)  # fmt: skip
+    images, every_label = hashlib.blake2b(digest_size=8), []
     for index in range(len(dataset)):
         example = dataset[index]
         images.update(content_hash(torch.as_tensor(example["pixel_values"])).encode())
-        labels.append(int(example[label_column]))
-    return {"images": images.hexdigest(), "labels": content_hash(torch.tensor(labels))}
+        every_label.append(int(example[label_column]))
+    return {"images": images.hexdigest(), "labels": content_hash(torch.tensor(every_label))}

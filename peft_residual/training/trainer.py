@@ -194,8 +194,10 @@ def train_residual(
     for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
         check_dataset(dataset, name, label_column, classifier.num_classes)
     settings = {"lr": lr, "batch_size": batch_size, "max_epochs": max_epochs, "patience": patience, "seed": seed}
-    identity = run_identity(scales, classifier, train_dataset, eval_dataset, label_column, **settings)
-    checkpoint = _checkpoint_of_this_run(output_dir, identity) if resume else None
+    identity, checkpoint = None, None
+    if output_dir is not None:  # only a checkpointed run needs its identity (every label, or example, is hashed)
+        identity = run_identity(scales, classifier, train_dataset, eval_dataset, label_column, **settings)
+        checkpoint = _checkpoint_of_this_run(output_dir, identity) if resume else None
 
     classifier = classifier.to(accelerator.device)
     seconds: dict[str, float] = {}
@@ -231,10 +233,10 @@ def train_residual(
     )  # fmt: skip
 
 
-def _checkpoint_of_this_run(output_dir: str | Path | None, identity: dict[str, str]) -> tuple | None:
+def _checkpoint_of_this_run(output_dir: str | Path, identity: dict[str, str]) -> tuple | None:
     """The checkpoint in ``output_dir`` to resume from, if any; a checkpoint of another run is an error that names
     what differs."""
-    checkpoint = load_checkpoint(output_dir) if output_dir is not None else None
+    checkpoint = load_checkpoint(output_dir)
     if checkpoint is None:
         return None
     saved = checkpoint[1].get("identity")

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from peft.config import PeftConfig
-from peft.utils import PeftType
+from peft.utils import CONFIG_NAME, PeftType
 
 from .decomposition import LN_MEANS
 from .errors import ResiDualInputError
@@ -226,7 +226,7 @@ class ResiDualConfig(PeftConfig):
         """PEFT's loading, after :func:`.saved.check_saved_adapter` on a local directory (an interrupted save, a
         missing weights file or non-finite weights are refused there, naming the file)."""
         directory = Path(pretrained_model_name_or_path, subfolder or "")
-        if (directory / "adapter_config.json").is_file():
+        if (directory / CONFIG_NAME).is_file():
             check_saved_adapter(directory)
         return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
 

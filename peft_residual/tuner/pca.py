@@ -245,7 +245,7 @@ def _refuse_constant_units(
     transformed = [layer for layer in layers if layer.is_transformed(adapter_name)]
     for layer in transformed:
         stats = moments[id(layer)]
-        variance = torch.diagonal(stats.covariance(), dim1=-2, dim2=-1).sum(-1)
+        variance = torch.diagonal(stats.scatter, dim1=-2, dim2=-1).sum(-1) / (stats.count - 1)
         if not bool(_is_flat(variance, stats.mean).all()):
             return
     raise ResiDualInputError(

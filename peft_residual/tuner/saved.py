@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from peft.utils import SAFETENSORS_WEIGHTS_NAME
 from safetensors import safe_open
 
 from .errors import ResiDualInputError
@@ -18,7 +19,6 @@ SAVE_IN_PROGRESS = ".residual-save-in-progress"
 """Present in an adapter directory only while a save replaces its files."""
 STAGING_PREFIX = ".residual-staging."
 """Directories inside an adapter directory that hold a save being written; leftovers of a killed save."""
-WEIGHTS_NAME = "adapter_model.safetensors"
 
 
 def check_saved_adapter(directory: str | Path) -> None:
@@ -35,11 +35,11 @@ def check_saved_adapter(directory: str | Path) -> None:
             f"{directory} holds an interrupted save: the process saving an adapter there was killed while it "
             "replaced the files, so they may come from two saves. Save the adapter there again."
         )
-    weights = directory / WEIGHTS_NAME
+    weights = directory / SAFETENSORS_WEIGHTS_NAME
     if not weights.is_file():
         raise ResiDualInputError(
-            f"{directory} has an adapter config but no {WEIGHTS_NAME}; copy the whole adapter directory, or save "
-            "the adapter there again."
+            f"{directory} has an adapter config but no {SAFETENSORS_WEIGHTS_NAME}; copy the whole adapter "
+            "directory, or save the adapter there again."
         )
     with safe_open(weights, framework="pt") as handle:
         for key in handle.keys():  # noqa: SIM118 (safe_open has no __iter__)
