@@ -3,11 +3,11 @@
     python -m benchmarks.overhead --model ~/.cache/residual-assets/models/dinov2-small-imgfocus --image-size 98
 
 A first row times two copies of the bare model against each other: the noise floor of the machine. The yardstick
-is the base model itself (a deep copy taken before ``get_peft_model``), so the cost of PEFT's wrappers
-and of ResiDual's layers is counted, not only the readout. Per batch size and configuration it prints the median
-wall time of the bare model and of the adapted model (alternating calls, after a warm-up, one thread by default)
-and the median of the paired ratios (adapted ÷ bare of two adjacent calls), and writes them to ``--output`` as
-JSON. The bases are fitted on random images: only speed matters.
+is the base model itself (a deep copy taken before ``get_peft_model``), so the cost of PEFT's wrappers and of
+ResiDual's layers is counted, not only the readout; "merged" times ResiDual after ``merge_adapter()``. Per batch
+size and configuration it prints the median wall time of the bare model and of the adapted model (alternating calls,
+after a warm-up, one thread by default) and the median of the paired ratios (adapted ÷ bare of two adjacent calls),
+and writes them to ``--output`` as JSON. The bases are fitted on random images: only speed matters.
 """
 
 from __future__ import annotations
@@ -26,7 +26,11 @@ from peft import get_peft_model
 
 from peft_residual import ResiDualConfig, embed_images, fit_residual_bases, load_vision_model
 
-CONFIGS = {"k=64 heads": ResiDualConfig(k=64), "ResiDual": ResiDualConfig.preset("residual")}
+CONFIGS = {  # name: (config, whether merge_adapter() folds the scales into the readout before timing)
+    "k=64 heads": (ResiDualConfig(k=64), False),
+    "ResiDual": (ResiDualConfig.preset("residual"), False),
+    "ResiDual, merged": (ResiDualConfig.preset("residual"), True),
+}
 
 
 def interleaved_ms(bare, adapted, pixel_values: torch.Tensor, repeats: int) -> dict[str, float]:
@@ -74,16 +78,18 @@ def main(argv: list[str] | None = None) -> None:
         rows.append({"config": "bare vs bare", "batch": batch, **timed})
         print(f"bare vs bare  batch {batch:>3}: median paired ratio {timed['ratio']:.3f}")
     del loaded, first, second
-    for name, config in CONFIGS.items():
+    for name, (config, merged) in CONFIGS.items():
         loaded = load_vision_model(args.model)
         # both are copies of one load, so that neither keeps the loader's memory layout (e.g. mapped weights)
         bare, model = copy.deepcopy(loaded), get_peft_model(copy.deepcopy(loaded), config)
         del loaded
         fit_residual_bases(model, [{"pixel_values": torch.randn(64, 3, size, size)} for _ in range(8)], progress=False)
+        if merged:
+            model.merge_adapter()
         for batch in args.batch_sizes:
             timed = interleaved_ms(bare, model, torch.randn(batch, 3, size, size), args.repeats)
             rows.append({"config": name, "batch": batch, **timed})
-            print(f"{name:>10}  batch {batch:>3}: bare {timed['bare_ms']:8.2f} ms  ResiDual {timed['adapted_ms']:8.2f} "
+            print(f"{name:>16}  batch {batch:>3}: bare {timed['bare_ms']:8.2f} ms  ResiDual {timed['adapted_ms']:8.2f} "
                   f"ms  median paired ratio {timed['ratio']:.3f}")  # fmt: skip
     record = {
         "command": "python -m benchmarks.overhead " + " ".join(sys.argv[1:] if argv is None else argv),

@@ -4,8 +4,9 @@
         --model ~/.cache/residual-assets/models/dinov2-small-imgfocus \\
         --dataset ~/.cache/residual-assets/datasets/fashion-mnist --image-size 98 --output fmnist-residual
 
-On a CPU-only machine the same line runs two processes over gloo. Every process encodes its shard of the images
-into the unit cache, the scale gradients are summed across processes, and only the main process writes files.
+On a CPU-only machine the same line runs two processes over gloo. Every process runs the backbone once over the
+images (sharding that pass is not built yet), the scale gradients are summed across processes, and only the main
+process writes files.
 """
 
 import argparse
@@ -33,15 +34,17 @@ names = class_names(pool)
 pool = prepare(pool, args.model, args.image_size)
 train, val = peft_residual.holdout(pool, 0.1)
 
-classifier = peft_residual.default_classifier(
-    model, names, tokenizer_source=args.model, train_batches=DataLoader(train, batch_size=64),
-    progress=accelerator.is_main_process,
-)  # fmt: skip
+# one backbone pass per process over the training and validation images feeds the centroids, the fit and the cache
+show = accelerator.is_main_process
+train_units = peft_residual.collect_units(model, DataLoader(train, batch_size=64), progress=show, desc="Train units")
+val_units = peft_residual.collect_units(model, DataLoader(val, batch_size=64), progress=show, desc="Val units")
+classifier = peft_residual.default_classifier(model, names, tokenizer_source=args.model, train_units=train_units)
 peft_model = get_peft_model(model, peft_residual.ResiDualConfig.preset("residual*"))
-peft_residual.fit_residual_bases(peft_model, DataLoader(train, batch_size=64), progress=accelerator.is_main_process)
+peft_residual.fit_residual_bases(peft_model, train_units)
 result = peft_residual.train_residual(
-    peft_model, classifier, train, val, max_epochs=args.epochs, accelerator=accelerator, output_dir=args.output
-)
+    peft_model, classifier, train_units, val_units, max_epochs=args.epochs, accelerator=accelerator,
+    output_dir=args.output,
+)  # fmt: skip
 if accelerator.is_main_process:
     peft_model.save_pretrained(args.output)
     classifier.save_pretrained(f"{args.output}/classifier")

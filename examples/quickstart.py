@@ -52,18 +52,22 @@ pool = prepare(pool, args.model, args.image_size, image_column)
 train, val = peft_residual.holdout(pool, 0.1)
 test = prepare(sample(dataset["test"], args.test_samples, seed=0), args.model, args.image_size, image_column)
 
-# 2. the frozen classifier: CLIP's zero-shot text head, or class centroids for vision-only models
+# 2. the one backbone pass over the training and validation images: their unit pieces feed everything below
+train_units = peft_residual.collect_units(model, DataLoader(train, batch_size=64), desc="Train units")
+val_units = peft_residual.collect_units(model, DataLoader(val, batch_size=64), desc="Val units")
+
+# 3. the frozen classifier: CLIP's zero-shot text head, or class centroids for vision-only models
 classifier = peft_residual.default_classifier(
-    model, names, tokenizer_source=args.model, templates=args.templates, train_batches=DataLoader(train, batch_size=64)
+    model, names, tokenizer_source=args.model, templates=args.templates, train_units=train_units
 )
 
-# 3. ResiDual: PCA bases on the training images, then train the scales
+# 4. ResiDual: PCA bases on the training images, then train the scales (neither runs the backbone)
 peft_model = get_peft_model(model, peft_residual.ResiDualConfig.residual())
-peft_residual.fit_residual_bases(peft_model, DataLoader(train, batch_size=64))
-result = peft_residual.train_residual(peft_model, classifier, train, val, lr=0.8, max_epochs=args.epochs)
+peft_residual.fit_residual_bases(peft_model, train_units)
+result = peft_residual.train_residual(peft_model, classifier, train_units, val_units, lr=0.8, max_epochs=args.epochs)
 
 
-# 4. test accuracy of the frozen classifier on the base and on the adapted embeddings
+# 5. test accuracy of the frozen classifier on the base and on the adapted embeddings
 test_loader = DataLoader(test, batch_size=64)
 base_features, labels = peft_residual.embed_batches(peft_model, test_loader, base=True)
 adapted_features, _ = peft_residual.embed_batches(peft_model, test_loader)

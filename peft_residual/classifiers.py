@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .data.units import UnitStore, base_embeddings
 from .inference import embed_batches
 from .tuner.errors import ResiDualInputError
 
@@ -201,6 +202,7 @@ def default_classifier(
     templates: str | Sequence[str] = "imagenet",
     train_batches: Iterable[dict] | None = None,
     train_features: tuple[torch.Tensor, torch.Tensor] | None = None,
+    train_units: UnitStore | None = None,
     kind: str | None = None,
     centroid_scale: float = 100.0,
     centroid_average: str = "features",
@@ -210,10 +212,12 @@ def default_classifier(
     centroids of the training images otherwise (or as ``kind`` says: ``"zero-shot"`` or ``"centroid"``).
 
     Zero-shot needs ``tokenizer_source`` (the model's Hub id or directory); centroids need ``train_features``
-    (base embeddings and labels) or ``train_batches`` to compute them from.
+    (base embeddings and labels), or ``train_units`` (a :class:`~.data.UnitStore` of the training images: no
+    backbone pass) or ``train_batches`` to compute them from.
 
     Example:
-        >>> classifier = default_classifier(model, names, tokenizer_source=path, train_batches=loader)
+        >>> train_units = collect_units(model, DataLoader(train, batch_size=64))  # the one backbone pass
+        >>> classifier = default_classifier(model, names, tokenizer_source=path, train_units=train_units)
     """
     has_text = hasattr(model, "get_text_features")
     kind = kind or ("zero-shot" if has_text else "centroid")
@@ -228,9 +232,11 @@ def default_classifier(
         return ZeroShotClassifier.from_clip(model, tokenizer, class_names, templates=templates)
     if kind != "centroid":
         raise ResiDualInputError(f"Classifier kind must be 'zero-shot' or 'centroid', got {kind!r}.")
+    if train_features is None and train_units is not None:
+        train_features = base_embeddings(train_units)
     if train_features is None:
         if train_batches is None:
-            raise ResiDualInputError("Class centroids need train_features or train_batches.")
+            raise ResiDualInputError("Class centroids need train_features, train_units or train_batches.")
         return CentroidClassifier.from_model(
             model, train_batches, class_names, centroid_scale, progress=progress, average=centroid_average
         )

@@ -165,19 +165,24 @@ def _classifier(args: argparse.Namespace, base, names: list[str], **train_data):
 def cmd_train(args: argparse.Namespace) -> None:
     from peft import get_peft_model
 
-    from .data import class_names, fit_residual_bases, holdout
+    from .data import class_names, collect_units, fit_residual_bases, holdout
     from .training.trainer import train_residual
 
     base = _model(args)
     pool = _split(args, args.split, args.samples)
     names = class_names(pool, args.label_column)
     train, val = holdout(_prepared(args, pool), args.val_fraction)
-    classifier = _classifier(args, base, names, train_batches=_loader(args, train))
+    # the one backbone pass: every image's unit pieces feed the centroids, the PCA fit and the training cache
+    train_units, val_units = (
+        collect_units(base, _loader(args, split), progress=not args.quiet, desc=f"{name} units")
+        for name, split in (("Train", train), ("Val", val))
+    )
+    classifier = _classifier(args, base, names, train_units=train_units)
     model = get_peft_model(base, _config(args))
-    fit_residual_bases(model, _loader(args, train), progress=not args.quiet)
+    fit_residual_bases(model, train_units)
     lr = args.lr if args.lr == "auto" else float(args.lr)
     result = train_residual(
-        model, classifier, train, val, lr=lr, batch_size=args.batch_size, max_epochs=args.epochs,
+        model, classifier, train_units, val_units, lr=lr, batch_size=args.batch_size, max_epochs=args.epochs,
         patience=args.patience, seed=args.seed, output_dir=Path(args.output) / "checkpoint", progress=not args.quiet,
         resume=not args.overwrite,
     )  # fmt: skip
@@ -231,9 +236,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def cmd_rank_heads(args: argparse.Namespace) -> None:
     from .analysis.ranking import ranking_curves
-    from .data import class_names, collect_units
+    from .data import base_embeddings, class_names, collect_units
     from .plots import ranking_plot
-    from .training.cache import base_embeddings
     from .tuner.architectures import architecture_of
 
     model = _model(args)

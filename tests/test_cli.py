@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 from peft_residual.cli import main
 
 from .conftest import adapter_accuracies
+from .scripts.count_images import count_images
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
@@ -56,10 +57,16 @@ def test_fit_train_eval_on_tiny_dinov2(tiny_assets, tmp_path, capfd):
     assert "fitted" in out and (tmp_path / "fit" / "adapter_model.safetensors").exists()
 
     trained = tmp_path / "trained"
-    code, out, err = run_main(
-        capfd, "train", "--model", model, "--dataset", dataset, "--epochs", "3", "--output", trained
-    )
+    seen = []
+    handle = count_images(seen)
+    try:
+        code, out, err = run_main(
+            capfd, "train", "--model", model, "--dataset", dataset, "--epochs", "3", "--output", trained
+        )
+    finally:
+        handle.remove()
     assert code == 0, err
+    assert sum(seen) == 96  # one backbone pass per training and validation image: centroids, fit and cache share it
     assert "best validation accuracy" in out
     summary = json.loads((trained / "training.json").read_text())
     assert summary["training_samples"] + summary["validation_samples"] == 96 and summary["epochs"] <= 3

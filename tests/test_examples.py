@@ -1,5 +1,6 @@
 """Each example runs end to end on tiny local assets."""
 
+import json
 import os
 import subprocess
 import sys
@@ -19,14 +20,18 @@ def run(*args, check=True) -> subprocess.CompletedProcess:
 
 
 def test_quickstart_on_local_assets(tiny_assets, tmp_path):
-    out = tmp_path / "adapter"
+    out, count = tmp_path / "adapter", tmp_path / "count.json"
     result = run(
-        sys.executable, "examples/quickstart.py", "--model", tiny_assets["dinov2"], "--dataset", tiny_assets["dataset"],
+        sys.executable, "tests/scripts/count_images.py", count, "examples/quickstart.py",
+        "--model", tiny_assets["dinov2"], "--dataset", tiny_assets["dataset"],
         "--train-samples", "80", "--test-samples", "40", "--epochs", "2", "--output", out,
     )  # fmt: skip
     zero_shot, adapted = adapter_accuracies(tiny_assets["dinov2"], tiny_assets["dataset"], out, samples=40)
     printed = f"zero-shot {100 * zero_shot:.1f}%  ->  ResiDual {100 * adapted:.1f}%"  # the saved adapter's own
     assert result.stdout.splitlines()[-2].startswith(printed), result.stdout
+    # one backbone pass per training and validation image (centroids, fit and cache share it), then the test
+    # images twice: through the base model and through the adapted one
+    assert json.loads(count.read_text())["images"] == 80 + 2 * 40
 
 
 def test_quickstart_without_network_says_so_in_one_line(tmp_path):

@@ -2,8 +2,8 @@
 
 These are our own versions of the cases of PEFT's ``PeftCommonTester`` that apply to a readout adapter: save and
 load (all and selected adapters), multiple adapters, set/disable/delete adapter, unload, deepcopy, pickling,
-training only the adapter, inference mode, and the merge calls (which must fail clearly). The README lists the
-cases that do not apply and why.
+training only the adapter, inference mode, and the merge calls (merging folds the readout; merge_and_unload fails
+clearly). The README lists the cases that do not apply and why.
 """
 
 import copy
@@ -21,7 +21,15 @@ import pytest
 import torch
 from peft import PeftModel, get_peft_model, get_peft_model_state_dict
 
-from peft_residual import PRESETS, ResiDualConfig, ResiDualInputError, embed_images, fit_residual_bases
+from peft_residual import (
+    PRESETS,
+    Classifier,
+    ResiDualConfig,
+    ResiDualInputError,
+    embed_images,
+    fit_residual_bases,
+    train_residual,
+)
 from peft_residual.tuner import ResiDualLayer
 
 from .conftest import images, loader, make_model
@@ -148,15 +156,23 @@ def test_deleting_the_last_adapter_passes_through_like_lora(fitted_models):
     torch.testing.assert_close(output(inner), base_output("clip_vision_projection"), rtol=0, atol=0)
 
 
-def test_merge_calls_fail_clearly_and_unmerge_warns(fitted_models):
-    model = fresh(fitted_models)
-    with pytest.raises(NotImplementedError, match="cannot be merged"):
-        model.merge_adapter()
-    with pytest.raises(NotImplementedError, match="cannot be merged"):
-        model.merge_and_unload()
+def test_merge_folds_the_readout_and_merge_and_unload_fails_clearly(fitted_models):
+    model = fresh(fitted_models, "dinov2", "residual")
+    adapted = output(model)
     with pytest.warns(UserWarning, match="Nothing to do"):
         model.unmerge_adapter()
-    assert output(model).shape == (3, 32)
+    model.merge_adapter()
+    torch.testing.assert_close(output(model), adapted, rtol=1e-5, atol=1e-5)
+    with pytest.warns(UserWarning, match="already merged"):
+        model.merge_adapter()
+    with pytest.raises(ResiDualInputError, match="unmerge_adapter"):
+        train_residual(model, Classifier(torch.randn(3, 32), 100.0, ["a", "b", "c"]), [], eval_dataset=[])
+    with pytest.raises(NotImplementedError, match="cannot be merged into the base weights"):
+        model.merge_and_unload()
+    torch.testing.assert_close(output(model), adapted, rtol=1e-5, atol=1e-5)  # still adapted, still merged
+    model.unmerge_adapter()
+    assert not model.base_model.readout.merged
+    torch.testing.assert_close(output(model), adapted, rtol=0, atol=0)
 
 
 def test_disable_adapter_gives_the_base_model_and_restores(fitted_models):

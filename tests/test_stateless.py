@@ -151,9 +151,12 @@ def test_no_grad_keeps_no_graph_and_the_cached_path_none():
     assert all(piece.grad_fn is None for piece in [record.embedding, *record.heads.values(), *record.mlps.values()])
 
 
+@pytest.mark.parametrize("merged", [False, True], ids=["live", "merged"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_export_and_fullgraph_compile_equal_eager(kind):
+def test_export_and_fullgraph_compile_equal_eager(kind, merged):
     model = fitted(kind)
+    if merged:
+        model.merge_adapter()
     x = images(3, seed=9)
     with torch.no_grad():
         eager = model_output(model, x)

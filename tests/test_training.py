@@ -1,3 +1,4 @@
+import logging
 import math
 import os
 import re
@@ -217,13 +218,15 @@ def test_lr_range_test_leaves_scales_unchanged():
     assert result.lr > 0 and result.seconds["lr_range"] > 0
 
 
-def test_cache_budget_falls_back_or_errors():
+def test_cache_budget_goes_to_disk_or_errors(caplog):
     model, classifier, data = fitted_with_classifier()
-    with pytest.warns(UserWarning, match="streaming every batch"):
+    with caplog.at_level(logging.INFO, logger="peft_residual.training.trainer"):
         result = train_residual(model, classifier, data, max_epochs=1, max_cache_bytes=1, progress=False)
-    assert result.cached is False
-    with pytest.raises(MemoryError, match="cache=False"):
+    assert (result.cached, result.cache_location) == (True, "disk") and "keeping it on disk" in caplog.text
+    with pytest.raises(MemoryError, match="cache='disk'"):
         train_residual(model, classifier, data, max_epochs=1, cache=True, max_cache_bytes=1, progress=False)
+    streamed = train_residual(model, classifier, data, max_epochs=1, cache=False, progress=False)
+    assert (streamed.cached, streamed.cache_location) == (False, "streamed")
 
 
 def test_bad_training_arguments_are_errors():

@@ -513,3 +513,43 @@ def test_an_adapter_loads_onto_another_model_class_with_the_same_tower_and_proje
     torch.testing.assert_close(model_output(loaded, x), model_output(adapted, x), rtol=0, atol=1e-6)
     with torch.no_grad(), loaded.disable_adapter():
         assert not torch.allclose(model_output(loaded, x), model_output(adapted, x), atol=1e-4)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
+@pytest.mark.parametrize("kind", ["clip_vision_projection", "dinov2"])
+def test_merged_adapter_matches_independent_float64_on_both_paths(kind, config):
+    """merge_adapter() snapshots the scales and folds each MLP's into a dense map where that pays (k > dim / 2); the
+    frozen and the output-space forward through the fold still equal the float64 oracle."""
+    model = fitted(kind, config)
+    x = images(5, seed=7)
+    reference = reference_float64(model, x)
+    model.merge_adapter()
+    merged = model.base_model.readout.residual_merged["default"]
+    # all components of every MLP: folded into dense maps; a few (k=3 of 32 dims): the factored readout is cheaper
+    assert merged.dense_mlps == ("mlps" in config.units and config.k is None)
+    with torch.no_grad():
+        torch.testing.assert_close(model_output(model, x).double(), reference, rtol=1e-4, atol=1e-5)
+    model.base_model.arch.final_norm.weight.requires_grad_(True)  # the output-space path
+    torch.testing.assert_close(model_output(model, x).detach().double(), reference, rtol=1e-4, atol=1e-5)
+
+
+def test_merged_output_keeps_the_merged_scales_until_unmerged():
+    model = fitted("dinov2", ResiDualConfig.residual())
+    x = images(3, seed=2)
+    with torch.no_grad():
+        before = model_output(model, x)
+        model.merge_adapter()
+        assert model.base_model.readout.merged
+        mlp = next(layer for layer in model.base_model.unit_layers() if layer.kind == "mlps")
+        mlp.residual_lambda["default"].mul_(3.0)  # as PEFT's merges: no effect until unmerged
+        torch.testing.assert_close(model_output(model, x), before, rtol=1e-5, atol=1e-5)
+        model.unmerge_adapter()
+        changed = model_output(model, x)
+        assert (changed - before).abs().max() > 1e-3
+        model.merge_adapter()
+        torch.testing.assert_close(model_output(model, x), changed, rtol=1e-5, atol=1e-5)
+        with pytest.warns(UserWarning, match="Unmerging the model first"):
+            model.set_adapter("default")
+        assert not model.base_model.readout.merged
+        with pytest.warns(UserWarning, match="Already unmerged"):
+            model.unmerge_adapter()

@@ -16,11 +16,12 @@ from .images import (
     stratified_split,
 )
 from .models import load_vision_model
-from .units import UnitStore, collect_units, fit_residual_bases
+from .units import UnitStore, base_embeddings, collect_units, fit_residual_bases
 
 __all__ = [
     "UnitStore",
     "as_image_classification",
+    "base_embeddings",
     "check_columns",
     "check_dataset",
     "class_names",

@@ -124,13 +124,18 @@ class UnitStore:
         """``(record, labels)`` of consecutive batches, as if the backbone had just run on them."""
         labels = self.labels
         for start in range(0, self._count, batch_size):
-            pieces = self.pieces(start, start + batch_size)
-            record = UnitRecord(embedding=pieces[:, 0])
-            for layer in range(self.arch.num_layers):
-                record.heads[layer], record.mlps[layer] = pieces[:, 1 + 2 * layer], pieces[:, 2 + 2 * layer]
-            yield pca.RecordedBatch(
-                record, None if labels is None else labels[start : start + len(pieces)], self.image_size
-            )
+            yield self.recorded(start, start + batch_size, labels)
+
+    def recorded(self, start: int, stop: int, labels: torch.Tensor | None = None) -> pca.RecordedBatch:
+        """Images ``start:stop`` as a batch the backbone had just run on (``labels``: :attr:`labels`, if known)."""
+        pieces = self.pieces(start, stop)
+        record = UnitRecord(embedding=pieces[:, 0])
+        for layer in range(self.arch.num_layers):
+            record.heads[layer], record.mlps[layer] = pieces[:, 1 + 2 * layer], pieces[:, 2 + 2 * layer]
+        labels = self.labels if labels is None else labels
+        return pca.RecordedBatch(
+            record, None if labels is None else labels[start : start + len(pieces)], self.image_size
+        )
 
     @torch.no_grad()
     def contributions(self, ln_mean: str = "shared") -> torch.Tensor:
@@ -152,10 +157,23 @@ class UnitStore:
         self._directory, self._mapped = None, None
 
 
+@torch.no_grad()
+def base_embeddings(store: UnitStore) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The base model's embeddings of the stored images (their units' sum, exactly) and their labels."""
+    features = [batch.record.contributions(store.arch).sum(1) for batch in store.records()]
+    return torch.cat(features), store.labels
+
+
 def collect_units(
-    model: nn.Module, batches: Iterable, max_bytes: int | None = None, progress: bool = True, desc: str = "Units"
+    model: nn.Module,
+    batches: Iterable,
+    max_bytes: int | None = None,
+    progress: bool = True,
+    desc: str = "Units",
+    label_column: str = "label",
 ) -> UnitStore:
-    """One backbone pass over ``batches``, keeping every image's raw pieces (and labels) in a :class:`UnitStore`.
+    """One backbone pass over ``batches``, keeping every image's raw pieces (and labels from ``label_column``) in a
+    :class:`UnitStore`: enough to compute class centroids, fit the bases and cache the training scores.
 
     Example:
         >>> test_units = collect_units(peft_model, DataLoader(test, batch_size=64))
@@ -163,7 +181,8 @@ def collect_units(
     arch = architecture_of(model)
     store = UnitStore(arch, max_bytes)
     total = len(batches) if hasattr(batches, "__len__") else None
-    for batch in pca.recorded_batches(arch, tqdm(batches, desc=desc, total=total, disable=not progress), desc):
+    shown = tqdm(batches, desc=desc, total=total, disable=not progress)
+    for batch in pca.recorded_batches(arch, shown, desc, label_column):
         store.add(batch.record, batch.labels)
         store.image_size = batch.image_size
     if len(store) == 0:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from accelerate import Accelerator
@@ -24,7 +25,7 @@ from ..inference import check_labels
 from ..tuner import residual_tuner
 from ..tuner.decomposition import UnitRecord, record_backbone
 from ..tuner.errors import ResiDualInputError
-from ..tuner.plan import readout
+from ..tuner.plan import TILE, readout
 
 CACHE_DTYPE = torch.float32
 
@@ -56,6 +57,8 @@ class UnitCache:
     scores: torch.Tensor
     offset: torch.Tensor
     labels: torch.Tensor
+    granule: ClassVar[int] = TILE
+    """Training shares each batch among processes by whole tiles (see :mod:`.steps`)."""
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -78,6 +81,7 @@ class StreamedUnits:
     label_column: str = "label"
     num_workers: int = 0
     num_classes: int | None = None
+    granule: ClassVar[int] = 1
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -193,10 +197,3 @@ def adapted_embeddings(model: nn.Module, cache: UnitCache) -> torch.Tensor:
     with torch.no_grad():
         basis = tuner.readout.basis(adapter)
         return readout(cache.scores.to(basis), tuner.readout.lambdas(adapter).to(basis), basis, cache.offset.to(basis))
-
-
-@torch.no_grad()
-def base_embeddings(store: UnitStore) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The base model's embeddings of the stored images (their units' sum, exactly) and their labels."""
-    features = [batch.record.contributions(store.arch).sum(1) for batch in store.records()]
-    return torch.cat(features), store.labels

@@ -9,15 +9,14 @@ from accelerate import Accelerator
 from schedulefree import AdamWScheduleFree
 
 from ..classifiers import Classifier
-from .cache import StreamedUnits, UnitCache
 from .scales import ScaleSet
-from .steps import global_batches, train_step
+from .steps import Features, global_batches, train_step
 
 
 def find_learning_rate(
     scales: ScaleSet,
     classifier: Classifier,
-    features: UnitCache | StreamedUnits,
+    features: Features,
     *,
     seed: int = 0,
     batch_size: int = 64,

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ..tuner import residual_tuner
+from ..tuner.errors import ResiDualInputError
 from ..tuner.plan import readout
 
 TRAINING_DTYPE = torch.float64
@@ -32,6 +33,11 @@ class ScaleSet:
         self.adapter = tuner.active_adapters[0]
         readout = tuner.readout
         readout.check_fitted(self.adapter)
+        if readout.merged:
+            raise ResiDualInputError(
+                f"Adapter '{self.adapter}' is merged, so the model's output no longer follows its scales; call "
+                "model.unmerge_adapter() before training them."
+            )
         self.config = tuner.peft_config[self.adapter]
         self.layers = readout.transformed_layers(self.adapter)
         groups = [layer.residual_lambda[self.adapter].detach() for layer in self.layers]

@@ -20,9 +20,12 @@ from schedulefree import AdamWScheduleFree
 
 from ..classifiers import Classifier
 from ..tuner.errors import ResiDualInputError
-from ..tuner.plan import TILE
 from .cache import StreamedUnits, UnitCache
+from .disk_cache import DiskUnitCache
 from .scales import ScaleSet
+
+Features = UnitCache | DiskUnitCache | StreamedUnits
+"""What training reads: the unit cache in memory or on disk, or batches streamed through the backbone."""
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -35,11 +38,11 @@ def epoch_order(size: int, seed: int, epoch: int) -> torch.Tensor:
 
 
 def global_batches(
-    features: UnitCache | StreamedUnits, order: torch.Tensor, batch_size: int, accelerator: Accelerator | None
+    features: Features, order: torch.Tensor, batch_size: int, accelerator: Accelerator | None
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]:
     """``(scores, offset, labels, global batch size)`` of this process's share of each batch of ``order``."""
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
-    granule = TILE if isinstance(features, UnitCache) else 1
+    granule = features.granule
     batches = list(order.split(batch_size))
     local = [_share(batch.split(granule), rank, world) for batch in batches]
     for (scores, offset, labels), batch in zip(features.batches(local), batches, strict=True):
@@ -85,7 +88,7 @@ def train_step(
 def evaluate(
     scales: ScaleSet,
     classifier: Classifier,
-    features: UnitCache | StreamedUnits,
+    features: Features,
     batch_size: int,
     accelerator: Accelerator | None,
 ) -> float:

@@ -11,7 +11,6 @@ import json
 import logging
 import math
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -30,9 +29,10 @@ from ..data.units import UnitStore, content_hash
 from ..tuner.errors import ResiDualInputError
 from .cache import StreamedUnits, UnitCache, available_memory_bytes, encode_dataset
 from .checkpoint import load_checkpoint, save_checkpoint
+from .disk_cache import encode_to_disk
 from .lr_finder import find_learning_rate
 from .scales import ScaleSet
-from .steps import epoch_order, evaluate, global_batches, train_step
+from .steps import Features, epoch_order, evaluate, global_batches, train_step
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,9 @@ class TrainingResult:
     best_epoch: int
     epochs_run: int
     cached: bool
+    """Whether training read the unit cache (in memory or on disk) rather than streaming through the backbone."""
+    cache_location: str = "memory"
+    """``"memory"``, ``"disk"`` or ``"streamed"``."""
     history: list[dict] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     """Wall time of the phases, ``cache`` (encoding), ``lr_range`` and ``train``, and ``total``, the whole call."""
@@ -103,27 +106,26 @@ def _check_arguments(lr: float | str, batch_size: int, max_epochs: int, patience
     for name, value in (("batch_size", batch_size), ("max_epochs", max_epochs), ("patience", patience)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ResiDualInputError(f"{name} must be a positive int, got {value!r}.")
-    if cache not in (True, False, "auto"):
-        raise ResiDualInputError(f"cache must be True, False or 'auto', got {cache!r}.")
+    if cache not in (True, False, "auto", "disk"):
+        raise ResiDualInputError(f"cache must be True, False, 'auto' or 'disk', got {cache!r}.")
 
 
-def _use_cache(cache: bool | str, num_samples: int, scales: ScaleSet, max_bytes: int | None) -> bool:
-    """Whether to train on the unit cache: always, never, or ("auto") when it fits the memory budget."""
+def _cache_location(cache: bool | str, num_samples: int, scales: ScaleSet, max_bytes: int | None) -> str:
+    """Where the unit cache lives: in memory (``True``, or ``"auto"`` within the memory budget), on disk
+    (``"disk"``, or ``"auto"`` beyond the budget), or nowhere (``False``: streamed through the backbone)."""
+    if cache is False or cache == "disk":
+        return "streamed" if cache is False else "disk"
     needed = UnitCache.bytes_needed(num_samples, *scales.basis.shape)
     budget = max_bytes if max_bytes is not None else available_memory_bytes() // 2
-    if needed <= budget or cache is False:
-        return bool(cache)
+    if needed <= budget:
+        return "memory"
     if cache is True:
         raise MemoryError(
             f"The unit cache needs {needed / 2**20:.1f} MiB but the budget is {budget / 2**20:.1f} MiB; pass "
-            "cache=False (streamed through the backbone), a larger max_cache_bytes, or fewer samples."
+            "cache='disk', a larger max_cache_bytes, or fewer samples."
         )
-    warnings.warn(
-        f"The unit cache would need {needed / 2**20:.1f} MiB (budget {budget / 2**20:.1f} MiB); streaming every "
-        "batch through the backbone instead.",
-        stacklevel=3,
-    )
-    return False
+    logger.info("The unit cache needs %.1f MiB (budget %.1f MiB): keeping it on disk.", needed / 2**20, budget / 2**20)
+    return "disk"
 
 
 def run_identity(
@@ -154,6 +156,7 @@ def train_residual(
     seed: int = 0,
     cache: bool | str = "auto",
     max_cache_bytes: int | None = None,
+    cache_dir: str | Path | None = None,
     output_dir: str | Path | None = None,
     label_column: str = "label",
     accelerator: Accelerator | None = None,
@@ -167,9 +170,12 @@ def train_residual(
     Datasets yield dicts with ``pixel_values`` and ``label_column``, or are :class:`UnitStore` s of the same images
     (e.g. ``fit_residual_bases(..., keep_units=True).units``), which need no backbone pass. Without ``eval_dataset``,
     a stratified
-    ``val_fraction`` of ``train_dataset`` (a ``datasets.Dataset``) is held out with ``seed``. ``cache="auto"`` encodes
-    both splits once into PCA scores when they fit in ``max_cache_bytes`` (default: half the available memory) and
-    streams them through the backbone otherwise; ``True`` insists on the cache, ``False`` never uses it.
+    ``val_fraction`` of ``train_dataset`` (a ``datasets.Dataset``) is held out with ``seed``. Both splits are encoded
+    once into PCA scores: ``cache="auto"`` keeps them in memory when they fit in ``max_cache_bytes`` (default: half
+    the available memory) and on disk otherwise, ``True`` insists on memory, ``"disk"`` on disk, and ``False``
+    streams every batch through the backbone instead. A disk cache lives in ``cache_dir`` (default:
+    ``output_dir/unit-cache`` when checkpointing, else a temporary directory), where an interrupted encoding resumes
+    at its last complete shard; under several processes it must be a directory they all read.
     ``lr="auto"`` runs an LR range test first. With ``output_dir``, the main process writes an atomic checkpoint
     after every epoch, and the same call after an interruption resumes from the last completed epoch. A checkpoint
     of any other run is refused before any encoding, naming what differs (bases, classifier, the images or labels
@@ -201,11 +207,21 @@ def train_residual(
 
     classifier = classifier.to(accelerator.device)
     seconds: dict[str, float] = {}
-    use_cache = _use_cache(cache, len(train_dataset) + len(eval_dataset), scales, max_cache_bytes)
-    encoding = (use_cache, accelerator, label_column, batch_size, num_workers, classifier.num_classes, progress)
+    location = _cache_location(cache, len(train_dataset) + len(eval_dataset), scales, max_cache_bytes)
+    if location == "disk" and cache_dir is None and output_dir is not None:
+        cache_dir = Path(output_dir) / "unit-cache"
+    if location == "disk" and cache_dir is None and accelerator.num_processes > 1:
+        raise ResiDualInputError(
+            "The unit cache goes to disk, and every process must read the others' part of it: pass cache_dir (or "
+            "output_dir), a directory all processes can read."
+        )
+    encoding = _Encoding(
+        location, cache_dir, content_hash(*scales.fitted_state), accelerator, label_column, batch_size,
+        num_workers, classifier.num_classes, progress,
+    )  # fmt: skip
     with _timed(seconds, "cache"):
-        train = _features(model, train_dataset, *encoding, "Caching train units")
-        val = _features(model, eval_dataset, *encoding, "Caching val units")
+        train = encoding.features(model, train_dataset, "train")
+        val = encoding.features(model, eval_dataset, "val")
     if checkpoint is None and lr == "auto":
         with _timed(seconds, "lr_range"):
             lr = find_learning_rate(
@@ -229,7 +245,7 @@ def train_residual(
     seconds["total"] = time.perf_counter() - started
     return TrainingResult(
         lr=lr, best_val_accuracy=stopping.best_accuracy, best_epoch=stopping.best_epoch, epochs_run=stopping.epoch,
-        cached=use_cache, history=stopping.history, seconds=seconds,
+        cached=location != "streamed", cache_location=location, history=stopping.history, seconds=seconds,
     )  # fmt: skip
 
 
@@ -287,22 +303,37 @@ class _EpochLoop:
         return best
 
 
-def _features(
-    model: nn.Module,
-    dataset: Dataset,
-    use_cache: bool,
-    accelerator: Accelerator,
-    label_column: str,
-    batch_size: int,
-    num_workers: int,
-    num_classes: int,
-    progress: bool,
-    desc: str,
-) -> UnitCache | StreamedUnits:
-    if not use_cache and not isinstance(dataset, UnitStore):  # stored units are cached without the backbone anyway
-        return StreamedUnits(model, dataset, label_column, num_workers, num_classes)
-    show = progress and accelerator.is_local_main_process
-    return encode_dataset(model, dataset, accelerator, label_column, batch_size, num_workers, show, num_classes, desc)
+@dataclass
+class _Encoding:
+    """How a run turns each split into what training reads (see :func:`train_residual`'s ``cache``)."""
+
+    location: str
+    cache_dir: str | Path | None
+    bases: str
+    """A hash of the fitted bases, part of a disk cache's identity."""
+    accelerator: Accelerator
+    label_column: str
+    batch_size: int
+    num_workers: int
+    num_classes: int
+    progress: bool
+
+    def features(self, model: nn.Module, dataset: Dataset, split: str) -> Features:
+        desc, show = f"Caching {split} units", self.progress and self.accelerator.is_local_main_process
+        options = {"label_column": self.label_column, "batch_size": self.batch_size, "num_workers": self.num_workers}
+        options.update(progress=show, num_classes=self.num_classes, desc=desc)
+        if self.location == "streamed" and not isinstance(dataset, UnitStore):  # stored units: no backbone anyway
+            return StreamedUnits(model, dataset, self.label_column, self.num_workers, self.num_classes)
+        if self.location != "disk":
+            return encode_dataset(model, dataset, self.accelerator, **options)
+        if self.cache_dir is None:  # one process: a temporary directory, removed with the cache
+            return encode_to_disk(model, dataset, None, "temporary", self.accelerator, **options)
+        identity = json.dumps(
+            {"bases": self.bases, **dataset_identity(dataset, self.label_column), "batch_size": self.batch_size,
+             "processes": self.accelerator.num_processes},
+            sort_keys=True,
+        )  # fmt: skip
+        return encode_to_disk(model, dataset, Path(self.cache_dir) / split, identity, self.accelerator, **options)
 
 
 _GROUP_SCALARS = ("k", "weight_sum", "lr_max", "scheduled_lr", "train_mode", "lr")

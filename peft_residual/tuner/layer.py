@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 from peft.tuners._buffer_dict import BufferDict
-from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from .architectures import Architecture
@@ -31,7 +31,16 @@ from .decomposition import UnitRecord, capture, take_record
 from .errors import ResiDualInputError
 from .head_space import HeadFrames, head_frames
 from .packing import pack_orthonormal, packed_size, unpack_orthonormal
-from .plan import OutputSpace, ReadoutPlan, adapt_from_pieces, build_plan, readout
+from .plan import (
+    OutputSpace,
+    ReadoutPlan,
+    ReadoutScales,
+    adapt_from_pieces,
+    build_plan,
+    fold_scales,
+    read_out,
+    readout,
+)
 
 ROLES = ("transform", "mean", "record")
 """Per adapter, a unit layer transforms its units, replaces them by their mean, or only records them."""
@@ -67,13 +76,10 @@ class ResiDualLayer(BaseTunerLayer):
         """Per adapter, its config (the tuner's own object): the one owner of every setting."""
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        raise NotImplementedError(
-            "ResiDual rescales output-space units read out at the CLS token and cannot be merged into weights; "
-            "keep the PeftModel, or use unload() to get the base model back."
-        )
+        """Nothing to fold in a unit layer: the readout layer folds the scales (:meth:`ResiDualReadoutLayer.merge`)."""
 
     def unmerge(self) -> None:
-        warnings.warn("Already unmerged: ResiDual adapters are never merged. Nothing to do.", stacklevel=2)
+        """See :meth:`merge`."""
 
     def _base_device(self) -> torch.device:
         tensor = next(self.get_base_layer().parameters(), None)
@@ -271,6 +277,8 @@ class ResiDualReadoutLayer(nn.Module, ResiDualLayer):
         self.unit_layers: list[ResiDualUnitLayer] = []
         self.residual_plan: dict[str, ReadoutPlan] = {}
         """Per fitted adapter, derived from the unit layers' stored state (never saved)."""
+        self.residual_merged: dict[str, ReadoutScales] = {}
+        """Per merged adapter (:meth:`merge`), its scales as they were merged, folded into its readout."""
 
     def update_layer(self, adapter_name: str, config: ResiDualConfig, inference_mode: bool = False) -> None:
         self.residual_config[adapter_name] = config
@@ -301,13 +309,40 @@ class ResiDualReadoutLayer(nn.Module, ResiDualLayer):
             )
 
     def refresh(self, adapter_names: list[str] | None = None) -> None:
-        """Rebuild the :class:`ReadoutPlan` of each fitted adapter (all by default) from the stored state."""
+        """Rebuild the :class:`ReadoutPlan` of each fitted adapter (all by default) from the stored state, and
+        refold the merged ones with their scales as they are now."""
+        self.merged_adapters = [name for name in self.merged_adapters if name in self.residual_config]
         for name in adapter_names if adapter_names is not None else list(self.residual_config):
             self.residual_plan.pop(name, None)
+            self.residual_merged.pop(name, None)
             if name in self.residual_config and self.is_fitted(name):
                 dtype = torch.promote_types(torch.float32, next(self.get_base_layer().parameters()).dtype)
                 config, device = self.residual_config[name], self._base_device()
-                self.residual_plan[name] = build_plan(self.layers_of(name), name, config, self.arch, device, dtype)
+                plan = build_plan(self.layers_of(name), name, config, self.arch, device, dtype)
+                self.residual_plan[name] = plan
+                if name in self.merged_adapters:
+                    self.residual_merged[name] = fold_scales(plan, self.padded_lambdas(name, plan).detach())
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Fold the scales of ``adapter_names`` (the active adapters by default) into their readout, for inference:
+        a transformed MLP with more than ``dim / 2`` components then costs one read of a ``dim x dim`` map instead
+        of two of its basis (see :func:`~.plan.fold_scales`). As with any PEFT merge, the output follows the scales
+        as they were at the merge (or at the last fit, load or move) until :meth:`unmerge`; the base weights are
+        never touched."""
+        for name in check_adapters_to_merge(self, adapter_names):
+            self.check_fitted(name)
+            self.merged_adapters.append(name)
+            self.refresh([name])
+            if safe_merge and not torch.isfinite(self.residual_merged[name].basis).all():
+                self.unmerge()
+                raise ValueError(f"Merging ResiDual adapter '{name}' gives non-finite values; its scales are broken.")
+
+    def unmerge(self) -> None:
+        """Read out from the live scales again."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+        self.merged_adapters = []
+        self.residual_merged.clear()
 
     def plan(self, adapter_name: str) -> ReadoutPlan:
         if adapter_name not in self.residual_plan:
@@ -345,14 +380,19 @@ class ResiDualReadoutLayer(nn.Module, ResiDualLayer):
         plan = self.plan(adapter_name)
         config = self.residual_config[adapter_name]
         _check_image_size(adapter_name, config, record.num_tokens)
-        lambdas = self.padded_lambdas(adapter_name, plan)
+        scales = self.residual_merged.get(adapter_name)
+        if scales is None:
+            scales = ReadoutScales(self.padded_lambdas(adapter_name, plan), plan.basis)
         exact = len(record.attention) != self.arch.num_layers or (
             torch.is_grad_enabled() and self.arch.readout_weights_require_grad()
         )
         if not exact:  # from the raw pieces; the kernels hold the base weights as the plan was built
-            return adapt_from_pieces(plan, record, self.arch, config.ln_mean, lambdas)
+            return adapt_from_pieces(plan, record, self.arch, config.ln_mean, scales)
         contributions = record.contributions(self.arch, config.ln_mean).to(plan.basis.dtype)
-        return readout(plan.scores(contributions), lambdas, plan.basis, plan.offset(contributions))
+        transformed_mlps = len(plan.mlp_layers) > 0  # the plan's last group
+        heads = plan.scores(contributions, groups=len(plan.groups) - 1 if transformed_mlps else None)
+        mlp_contributions = contributions.index_select(1, plan.groups[-1][0]) if transformed_mlps else None
+        return read_out(plan, scales, heads, mlp_contributions, plan.offset(contributions))
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)

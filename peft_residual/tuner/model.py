@@ -148,6 +148,15 @@ class ResiDualModel(BaseTuner):
         with self._enable_peft_forward_hooks(*args, **kwargs):
             return self.model.forward(*args, **kwargs)
 
+    def _unload_and_optionally_merge(self, merge: bool = True, **kwargs: Any) -> nn.Module:
+        if merge:  # PEFT would fold into each wrapped module and drop the wrappers, losing the readout
+            raise NotImplementedError(
+                "ResiDual rescales output-space units read out at the CLS token and cannot be merged into the base "
+                "weights. For faster inference, merge_adapter() folds the scales into the readout and keeps the "
+                "PeftModel; unload() gives the base model back."
+            )
+        return super()._unload_and_optionally_merge(merge=False, **kwargs)
+
     @property
     def readout(self) -> ResiDualReadoutLayer:
         return self.model.get_submodule(self.arch.readout_path)

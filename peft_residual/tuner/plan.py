@@ -160,10 +160,15 @@ class ReadoutPlan(NamedTuple):
     """``[n]``: the layers whose MLP is transformed (the MLP group, last)."""
     raw_weights: RawWeights
 
-    def scores(self, contributions: torch.Tensor) -> torch.Tensor:
-        """Padded PCA scores ``[batch, slots]`` of unit contributions ``[batch, units, dim]``."""
+    def scores(self, contributions: torch.Tensor, groups: int | None = None) -> torch.Tensor:
+        """Padded PCA scores ``[batch, slots]`` of unit contributions ``[batch, units, dim]`` (of the first
+        ``groups`` groups only, if given)."""
         return torch.cat(
-            [_group_scores(contributions.index_select(1, units), mean, basis) for units, mean, basis in self.groups],
+            [
+                _group_scores(contributions.index_select(1, units), mean, basis)
+                for units, mean, basis in self.groups[:groups]
+            ]
+            or [contributions.new_zeros(len(contributions), 0)],
             dim=1,
         )
 
@@ -177,17 +182,71 @@ def _group_scores(contributions: torch.Tensor, mean: torch.Tensor, basis: torch.
     return torch.bmm((contributions - mean).transpose(0, 1), basis.transpose(1, 2)).transpose(0, 1).flatten(1)
 
 
-def adapt_from_pieces(
-    plan: ReadoutPlan, record: UnitRecord, arch: Architecture, ln_mean: str, lambdas: torch.Tensor
+class ReadoutScales(NamedTuple):
+    """The scales a forward reads out with: an adapter's live scales, or the fold :func:`fold_scales` made of them
+    when it was merged (``merge_adapter()``)."""
+
+    lambdas: torch.Tensor
+    """Per input column of :func:`readout`."""
+    basis: torch.Tensor
+    """``[columns, dim]``."""
+    constant: torch.Tensor | None = None
+    """``[dim]``, added to the output."""
+    dense_mlps: bool = False
+    """Whether each transformed MLP is read out through its dense map ``Phi^T diag(lambda) Phi`` from its
+    contribution, rather than scored against its basis and read out through it again."""
+
+
+@torch.no_grad()
+def fold_scales(plan: ReadoutPlan, lambdas: torch.Tensor) -> ReadoutScales:
+    """``plan``'s padded ``lambdas`` as they are now, with each transformed MLP's folded into a dense map (built in
+    float64) where that pays: an MLP with more than ``dim / 2`` components then costs one read of a ``dim x dim``
+    map instead of two of its basis. Heads keep their factored form, already the smaller one."""
+    if not len(plan.mlp_layers) or 2 * plan.groups[-1][2].shape[1] <= plan.basis.shape[1]:
+        return ReadoutScales(lambdas.clone(), plan.basis)
+    _, mean, basis = plan.groups[-1]
+    mlps, width, dim = basis.shape
+    start = len(plan.basis) - mlps * width
+    scaled = basis.double() * lambdas[start:].double().view(mlps, width, 1)
+    maps = torch.bmm(basis.double().transpose(1, 2), scaled)
+    return ReadoutScales(
+        lambdas=torch.cat([lambdas[:start], lambdas.new_ones(mlps * dim)]),
+        basis=torch.cat([plan.basis[:start], maps.flatten(0, 1).to(plan.basis.dtype)]),
+        constant=-torch.einsum("nd,nde->e", mean.double(), maps).to(plan.basis.dtype),
+        dense_mlps=True,
+    )
+
+
+def read_out(
+    plan: ReadoutPlan,
+    scales: ReadoutScales,
+    head_scores: torch.Tensor,
+    mlp_contributions: torch.Tensor | None,
+    offset: torch.Tensor,
 ) -> torch.Tensor:
-    """The adapted output straight from one forward's raw pieces (see the module docstring); ``lambdas`` per slot."""
+    """The adapted output from the transformed heads' padded scores ``[batch, slots]``, the transformed MLPs'
+    contributions ``[batch, mlps, dim]`` (``None`` when none are) and the untouched part ``offset``."""
+    inputs = [head_scores]
+    if len(plan.mlp_layers):
+        _, mean, basis = plan.groups[-1]
+        dense = scales.dense_mlps
+        inputs.append(mlp_contributions.flatten(1) if dense else _group_scores(mlp_contributions, mean, basis))
+    if scales.constant is not None:
+        offset = offset + scales.constant
+    return readout(torch.cat(inputs, 1), scales.lambdas, scales.basis, offset)
+
+
+def adapt_from_pieces(
+    plan: ReadoutPlan, record: UnitRecord, arch: Architecture, ln_mean: str, scales: ReadoutScales
+) -> torch.Tensor:
+    """The adapted output straight from one forward's raw pieces (see the module docstring)."""
     dtype, layers = plan.basis.dtype, range(arch.num_layers)
     embedding = record.embedding.to(dtype)
     head_outputs = torch.stack([record.heads[layer] for layer in layers], 1).to(dtype)
     attention = torch.stack([record.attention[layer] for layer in layers], 1).to(dtype)
-    scales = arch.attention_layer_scales
-    if scales is not None:
-        attention = attention * scales.to(dtype)
+    layer_scales = arch.attention_layer_scales
+    if layer_scales is not None:
+        attention = attention * layer_scales.to(dtype)
     mlps = torch.stack([record.mlps[layer] for layer in layers], 1).to(dtype)
     residual = embedding + attention.sum(1) + mlps.sum(1)
     weights = plan.raw_weights
@@ -198,15 +257,12 @@ def adapt_from_pieces(
         untouched = untouched + torch.einsum("bhd,h->bd", per_head, head_weights)
     units = torch.cat([untouched[:, None], mlps.index_select(1, plan.mlp_layers)], 1)
     contributions = linearise(units, arch, ln_mean, residual, weights.shares)
-    scores = []
+    head_scores = contributions.new_zeros(len(residual), 0)
     if plan.head_scores is not None:
         mean, std = norm_statistics(residual, arch.final_norm.eps)
         heads = head_outputs.view(len(residual), arch.num_layers * arch.num_heads, arch.head_dim)
-        scores.append(plan.head_scores.scores(heads, mean, std))
-    if len(plan.mlp_layers):
-        _, mlp_mean, mlp_basis = plan.groups[-1]
-        scores.append(_group_scores(contributions[:, 1:], mlp_mean, mlp_basis))
-    return readout(torch.cat(scores, 1), lambdas, plan.basis, contributions[:, 0] + plan.constant)
+        head_scores = plan.head_scores.scores(heads, mean, std)
+    return read_out(plan, scales, head_scores, contributions[:, 1:], contributions[:, 0] + plan.constant)
 
 
 class _Member(NamedTuple):
