@@ -1,3 +1,4 @@
+import json
 import logging
 import math
 import os
@@ -281,12 +282,19 @@ def test_killed_run_resumes_to_the_same_scales(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_match_one(tmp_path):
+@pytest.mark.parametrize("cache", ["true", "disk"], ids=["memory", "disk"])
+def test_two_processes_match_one(tmp_path, cache):
+    """With the disk cache, each process encodes its own batches into its own files and both train from all of
+    them; either way λ equal the one-process run's (in memory) bit for bit."""
     _run_script("--out", str(tmp_path / "one"))
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    subprocess.run([*launch, str(SCRIPT), "--out", str(tmp_path / "two")], capture_output=True, check=True)
+    script = [str(SCRIPT), "--out", str(tmp_path / "two"), "--cache", cache, "--cache-dir", str(tmp_path / "cache")]
+    subprocess.run([*launch, *script], capture_output=True, check=True)
     assert (tmp_path / "two" / "result.txt").read_text().split()[2] == "2"
+    if cache == "disk":
+        for rank in (0, 1):  # what each process encoded, all of it committed
+            assert json.loads((tmp_path / "cache" / "train" / f"progress.r{rank}.json").read_text())["done"]
     saved = load_file(tmp_path / "one" / "lambdas.safetensors")
     one, initial = saved["lambdas"], saved["initial"]
     two = load_file(tmp_path / "two" / "lambdas.safetensors")["lambdas"]

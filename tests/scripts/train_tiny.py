@@ -22,7 +22,8 @@ parser.add_argument("--out", required=True)
 parser.add_argument("--checkpoint-dir")
 parser.add_argument("--epochs", type=int, default=4)
 parser.add_argument("--sleep", type=float, default=0.0, help="seconds to pause after each epoch")
-parser.add_argument("--cache", choices=["true", "false"], default="true")
+parser.add_argument("--cache", choices=["true", "false", "disk"], default="true")
+parser.add_argument("--cache-dir", help="where a disk cache goes (every process reads it)")
 args = parser.parse_args()
 # One intra-op thread in every process, so that each batch's float32 backbone arithmetic is the same whether one
 # process runs or two (a GEMM may split its reductions differently with another thread count).
@@ -47,7 +48,8 @@ result = train_residual(
     max_epochs=args.epochs,
     patience=args.epochs,
     batch_size=32,
-    cache=args.cache == "true",
+    cache={"true": True, "false": False, "disk": "disk"}[args.cache],
+    cache_dir=args.cache_dir,
     output_dir=args.checkpoint_dir,
     accelerator=accelerator,
     progress=False,
