@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     lines = [
         "### Peak memory of fit + cache (one pass, unit store), random CLIP ViT-B/32 shape at 64 px",
         "",
-        f"Store budget {BUDGET / 2**30:.0f} GiB in memory, then a memory-mapped file. One process per row.",
+        f"Store budget {BUDGET / 2**30:.0f} GiB in memory, then a file. One process per row.",
         "",
         memory_table({"records": records}),
     ]

@@ -400,6 +400,47 @@ def ablation_table() -> str:
     return "\n".join(_table(["factor", "level", *studies, "scales"], rows)) + "\n"
 
 
+def scale_table(payload: dict) -> str:
+    """:mod:`benchmarks.scale`: the user path at growing sizes, one process per row."""
+    rows = []
+    for r in payload["records"]:
+        per_k, disk = r["seconds_per_1k"], r["disk_bytes"]
+        rows.append(
+            [
+                f"{r['images']:,} + {r['validation_images']:,}",
+                *(f"{per_k[phase]:.2f}" for phase in ("pass", "fit", "cache", "train_epoch")),
+                f"{r['peak_rss_mib']:,.0f}",
+                f"{disk['unit_store'] / 2**20:,.0f} / {disk['training_cache'] / 2**20:,.0f}",
+                r["cache_location"],
+            ]
+        )
+    header = ["images (train + val)", "pass s/1k", "fit s/1k", "cache s/1k", "epoch s/1k", "peak RSS MiB"]
+    budget = payload["records"][0]["budget_bytes"] / 2**20
+    note = f"Memory budget {budget:,.0f} MiB for the unit store and for the training cache alike."
+    return "\n".join([*_table([*header, "disk MiB (units / cache)", "cache"], rows), "", note]) + "\n"
+
+
+IMAGENET_TRAIN = 1_281_167
+VIT_SHAPES = {  # hidden size, layers, heads, head size, output dimension (CLIP's projection)
+    "ViT-B/16": (768, 12, 12, 64, 512),
+    "ViT-L/14": (1024, 24, 16, 64, 768),
+}
+
+
+def storage_projection_table() -> str:
+    """docs/scale.md: disk (or memory) that ImageNet-1k's training images need, from the shapes alone."""
+    rows = []
+    for name, (hidden, layers, heads, head_dim, out) in VIT_SHAPES.items():
+        pieces = (2 * layers + 1) * hidden * 4  # the unit store: embedding, per layer heads and MLP, at CLS
+        # a cached image: its scores, its offset and its label; a head has at most head_dim + 2 components under
+        # the default conventions (Architecture.max_rank), an MLP as many as the output has dimensions
+        k64 = (layers * heads * 64 + out) * 4 + 8
+        residual = (layers * heads * (head_dim + 2) + layers * out + out) * 4 + 8
+        rows.append([name, *(f"{IMAGENET_TRAIN * size / 1e9:,.0f}" for size in (pieces, k64, residual))])
+    header = ["model", "unit store GB", "training cache GB, k=64 heads", "training cache GB, ResiDual"]
+    return "\n".join(_table(header, rows)) + "\n"
+
+
 PUBLISHED: dict[str, Callable[[], str]] = {
     "headline": headline_table,
     "default-mnist": lambda: run_table(load("default_mnist")),
@@ -415,6 +456,8 @@ PUBLISHED: dict[str, Callable[[], str]] = {
     "intrinsic-dimension": intrinsic_dimension_table,
     "spectral-similarity": spectral_similarity_table,
     "ablations": ablation_table,
+    "scale": lambda: scale_table(load("scale_clip_b32_random")),
+    "storage-projection": storage_projection_table,
 }
 BLOCK = re.compile(r"(<!-- rendered: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- end rendered -->)", re.S)
 

@@ -16,6 +16,7 @@ import torch
 from peft import get_peft_model
 
 from peft_residual import CentroidClassifier, ResiDualConfig, fit_residual_bases, train_residual
+from peft_residual.training.cache import EncodeOptions
 from peft_residual.training.disk_cache import DiskUnitCache, ShardWriter, encode_to_disk
 
 from .conftest import images, make_model
@@ -55,7 +56,7 @@ def test_disk_cache_trains_the_same_bits_as_the_memory_cache(tiny_run, tmp_path,
 
 def test_a_temporary_disk_cache_is_removed_with_it(tiny_run):
     model, _, data = tiny_run
-    cache = encode_to_disk(model, data, None, "temporary", batch_size=32, progress=False)
+    cache = encode_to_disk(model, data, None, "temporary", options=EncodeOptions(batch_size=32, progress=False))
     directory = cache.directory
     assert directory.is_dir() and len(cache) == len(data)
     del cache
@@ -116,7 +117,30 @@ def test_a_finished_cache_is_reused_and_another_encodings_is_replaced(tmp_path, 
     try:
         again = encode_tiny.encode(model, data, tmp_path)
         assert sum(seen) == 0 and torch.equal(again.rows(torch.arange(5))[0], first.rows(torch.arange(5))[0])
-        encode_to_disk(model, data, tmp_path, "another", batch_size=encode_tiny.BATCH, progress=False)
+        encode_to_disk(
+            model, data, tmp_path, "another", options=EncodeOptions(batch_size=encode_tiny.BATCH, progress=False)
+        )
     finally:
         handle.remove()
     assert sum(seen) == encode_tiny.SIZE and "another encoding" in caplog.text
+
+
+def test_streamed_data_sets_train_like_their_map_style_copy(tiny_run):
+    """An IterableDataset of examples (``streaming=True``) and a plain generator of batches are recorded once and
+    train to the same bits as the same images from a map-style data set."""
+    model, classifier, data = tiny_run
+    train, val = data.select(range(160)), data.select(range(160, 200))
+    options = {"max_epochs": 2, "patience": 2, "batch_size": 32, "progress": False}
+    reference = copy.deepcopy(model)
+    train_residual(reference, classifier, train, val, **options)
+    streamed = copy.deepcopy(model)
+    seen: list[int] = []
+    handle = count_images(seen)
+    try:
+        batches = ({"pixel_values": b["pixel_values"], "label": b["label"]} for b in val.iter(batch_size=32))
+        train_residual(streamed, classifier, train.to_iterable_dataset(), batches, **options)
+    finally:
+        handle.remove()
+    assert sum(seen) == 200  # every image through the backbone once
+    expected = reference.base_model.readout.lambdas("default")
+    assert torch.equal(streamed.base_model.readout.lambdas("default"), expected)

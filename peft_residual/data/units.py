@@ -3,7 +3,7 @@
 Per image the pieces are ``(2L + 1) x hidden`` floats (the embedding, each layer's concatenated head outputs and MLP
 output at CLS); every unit contribution, the final norm's statistics included, follows from them exactly (see
 :class:`~.decomposition.UnitRecord`). The store keeps them in memory up to a byte budget and spills everything to a
-memory-mapped file in a temporary directory beyond it; the file goes when the store is closed or collected.
+file in a temporary directory beyond it; the file goes when the store is closed or collected.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..tuner import pca
@@ -56,7 +57,6 @@ class UnitStore:
         self._sizes: list[int] = []
         self._count = 0
         self._directory: Path | None = None
-        self._mapped: np.memmap | None = None
         self._cleanup: weakref.finalize | None = None
         self.image_size: tuple[int, int] | None = None
         """The images' height and width."""
@@ -97,7 +97,6 @@ class UnitStore:
         if self._directory is not None:
             with open(self._directory / "pieces.f32", "ab") as handle:
                 handle.write(pieces.numpy().tobytes())
-            self._mapped = None
         else:
             self._chunks.append(pieces)
 
@@ -115,10 +114,11 @@ class UnitStore:
             if len(self._chunks) > 1:
                 self._chunks = [torch.cat(self._chunks)]
             return self._chunks[0][start:stop]
-        if self._mapped is None:
-            shape = (self._count, *self.piece_shape)
-            self._mapped = np.memmap(self._directory / "pieces.f32", dtype=np.float32, mode="r", shape=shape)
-        return torch.from_numpy(np.array(self._mapped[start:stop]))
+        # a positioned read, not a memory map: a map would keep every page it touched in the resident set
+        stop, per_image = min(stop, self._count), int(np.prod(self.piece_shape))
+        count, offset = max(stop - start, 0) * per_image, start * per_image * 4
+        pieces = np.fromfile(self._directory / "pieces.f32", dtype=np.float32, count=count, offset=offset)
+        return torch.from_numpy(pieces).view(-1, *self.piece_shape)
 
     def records(self, batch_size: int = 256) -> Iterator[pca.RecordedBatch]:
         """``(record, labels)`` of consecutive batches, as if the backbone had just run on them."""
@@ -154,7 +154,7 @@ class UnitStore:
         """Delete any spill file now."""
         if self._cleanup is not None:
             self._cleanup()
-        self._directory, self._mapped = None, None
+        self._directory = None
 
 
 @torch.no_grad()
@@ -180,14 +180,23 @@ def collect_units(
     """
     arch = architecture_of(model)
     store = UnitStore(arch, max_bytes)
-    total = len(batches) if hasattr(batches, "__len__") else None
-    shown = tqdm(batches, desc=desc, total=total, disable=not progress)
-    for batch in pca.recorded_batches(arch, shown, desc, label_column):
+    bar = tqdm(total=_images_in(batches), unit="img", desc=desc, disable=not progress)  # images/s, ETA if known
+    for batch in pca.recorded_batches(arch, batches, desc, label_column):
         store.add(batch.record, batch.labels)
         store.image_size = batch.image_size
+        bar.update(len(batch.record.embedding))
+    bar.close()
     if len(store) == 0:
         raise ResiDualInputError(f"{desc}: no images; the data set is empty.")
     return store
+
+
+def _images_in(batches: Iterable) -> int | None:
+    """How many images a DataLoader's data set holds, if it knows (a streamed one does not)."""
+    try:
+        return len(batches.dataset) if isinstance(batches, DataLoader) else None
+    except TypeError:
+        return None
 
 
 def fit_residual_bases(

@@ -33,6 +33,18 @@ Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 """``(scores, offset, labels)`` of some images."""
 
 
+@dataclass(frozen=True)
+class EncodeOptions:
+    """How an encoding reads a data set (the keyword arguments of :func:`encode_dataset`)."""
+
+    label_column: str = "label"
+    batch_size: int = 64
+    num_workers: int = 0
+    progress: bool = True
+    num_classes: int | None = None
+    desc: str = "Caching units"
+
+
 def encode_batch(
     model: nn.Module, pixel_values: torch.Tensor | None, where: str, record: UnitRecord | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -35,7 +35,7 @@ from ..inference import check_labels
 from ..tuner import residual_tuner
 from ..tuner.errors import ResiDualInputError
 from ..tuner.plan import TILE
-from .cache import CACHE_DTYPE, Batch, encode_batch
+from .cache import CACHE_DTYPE, Batch, EncodeOptions, encode_batch
 
 logger = logging.getLogger(__name__)
 
@@ -183,12 +183,7 @@ def encode_to_disk(
     directory: str | Path | None,
     identity: str,
     accelerator: Accelerator | None = None,
-    label_column: str = "label",
-    batch_size: int = 64,
-    num_workers: int = 0,
-    progress: bool = True,
-    num_classes: int | None = None,
-    desc: str = "Caching units",
+    options: EncodeOptions | None = None,
 ) -> DiskUnitCache:
     """:func:`~.cache.encode_dataset` into ``directory`` instead of memory; an interrupted encoding with the same
     ``identity`` there resumes at its last complete shard, a finished one is read as it is. ``directory=None`` (one
@@ -197,6 +192,8 @@ def encode_to_disk(
     Example:
         >>> cache = encode_to_disk(peft_model, train_dataset, "cache/train", identity=run_hash)
     """
+    options = options or EncodeOptions()
+    batch_size, desc = options.batch_size, options.desc
     if len(dataset) == 0:
         raise ResiDualInputError(f"{desc}: the data set is empty.")
     tuner = residual_tuner(model)
@@ -209,13 +206,13 @@ def encode_to_disk(
     mine = list(torch.arange(len(dataset)).split(batch_size))[rank::world]
     writer = ShardWriter(directory, rank, identity, widths)
     done = sum(1 for end in np.cumsum([len(batch) for batch in mine]) if end <= writer.rows)
-    shown = progress and rank == 0
+    shown = options.progress and rank == 0
     bar = tqdm(total=sum(map(len, mine)), initial=writer.rows, unit="img", desc=desc, disable=not shown)
-    batches = _batches(dataset, mine[done:], label_column, num_workers)
+    batches = _batches(dataset, mine[done:], options.label_column, options.num_workers)
     for step, (indices, pixel_values, record, labels) in enumerate(batches):
         where = f"{desc} batch {rank + (done + step) * world}"
         scores, offset = encode_batch(model, pixel_values, where, record)
-        writer.append(scores, offset, check_labels(torch.as_tensor(labels), num_classes, where))
+        writer.append(scores, offset, check_labels(torch.as_tensor(labels), options.num_classes, where))
         bar.update(len(indices))
     bar.close()
     writer.close()

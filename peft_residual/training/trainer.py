@@ -13,21 +13,22 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import datasets
 import torch
 from accelerate import Accelerator
 from schedulefree import AdamWScheduleFree
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm.auto import tqdm
 
 from ..classifiers import Classifier
 from ..data import check_dataset, dataset_identity, stratified_split
-from ..data.units import UnitStore, content_hash
+from ..data.units import UnitStore, collect_units, content_hash
 from ..tuner.errors import ResiDualInputError
-from .cache import StreamedUnits, UnitCache, available_memory_bytes, encode_dataset
+from .cache import EncodeOptions, StreamedUnits, UnitCache, available_memory_bytes, encode_dataset
 from .checkpoint import load_checkpoint, save_checkpoint
 from .disk_cache import encode_to_disk
 from .lr_finder import find_learning_rate
@@ -197,6 +198,10 @@ def train_residual(
         )
     if eval_dataset is None:
         train_dataset, eval_dataset = stratified_split(train_dataset, val_fraction, seed, label_column)
+    train_dataset, eval_dataset = (
+        _recorded_if_streamed(model, dataset, batch_size, label_column, progress, split)
+        for dataset, split in ((train_dataset, "train"), (eval_dataset, "val"))
+    )
     for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
         check_dataset(dataset, name, label_column, classifier.num_classes)
     settings = {"lr": lr, "batch_size": batch_size, "max_epochs": max_epochs, "patience": patience, "seed": seed}
@@ -247,6 +252,18 @@ def train_residual(
         lr=lr, best_val_accuracy=stopping.best_accuracy, best_epoch=stopping.best_epoch, epochs_run=stopping.epoch,
         cached=location != "streamed", cache_location=location, history=stopping.history, seconds=seconds,
     )  # fmt: skip
+
+
+def _recorded_if_streamed(
+    model: nn.Module, dataset: object, batch_size: int, label_column: str, progress: bool, split: str
+) -> Dataset | UnitStore:
+    """A streamed data set (an ``IterableDataset`` of examples, or any iterable of batches without ``len``), recorded
+    once into a :class:`UnitStore` (on disk beyond its budget): training needs to revisit and shuffle its images."""
+    if isinstance(dataset, (IterableDataset, datasets.IterableDataset)):
+        dataset = DataLoader(dataset, batch_size=batch_size)
+    elif isinstance(dataset, UnitStore) or (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
+        return dataset
+    return collect_units(model, dataset, progress=progress, desc=f"Recording {split} units", label_column=label_column)
 
 
 def _checkpoint_of_this_run(output_dir: str | Path, identity: dict[str, str]) -> tuple | None:
@@ -319,21 +336,22 @@ class _Encoding:
     progress: bool
 
     def features(self, model: nn.Module, dataset: Dataset, split: str) -> Features:
-        desc, show = f"Caching {split} units", self.progress and self.accelerator.is_local_main_process
-        options = {"label_column": self.label_column, "batch_size": self.batch_size, "num_workers": self.num_workers}
-        options.update(progress=show, num_classes=self.num_classes, desc=desc)
+        show = self.progress and self.accelerator.is_local_main_process
+        options = EncodeOptions(
+            self.label_column, self.batch_size, self.num_workers, show, self.num_classes, f"Caching {split} units"
+        )
         if self.location == "streamed" and not isinstance(dataset, UnitStore):  # stored units: no backbone anyway
             return StreamedUnits(model, dataset, self.label_column, self.num_workers, self.num_classes)
         if self.location != "disk":
-            return encode_dataset(model, dataset, self.accelerator, **options)
+            return encode_dataset(model, dataset, self.accelerator, **asdict(options))
         if self.cache_dir is None:  # one process: a temporary directory, removed with the cache
-            return encode_to_disk(model, dataset, None, "temporary", self.accelerator, **options)
+            return encode_to_disk(model, dataset, None, "temporary", self.accelerator, options)
         identity = json.dumps(
             {"bases": self.bases, **dataset_identity(dataset, self.label_column), "batch_size": self.batch_size,
              "processes": self.accelerator.num_processes},
             sort_keys=True,
         )  # fmt: skip
-        return encode_to_disk(model, dataset, Path(self.cache_dir) / split, identity, self.accelerator, **options)
+        return encode_to_disk(model, dataset, Path(self.cache_dir) / split, identity, self.accelerator, options)
 
 
 _GROUP_SCALARS = ("k", "weight_sum", "lr_max", "scheduled_lr", "train_mode", "lr")

@@ -13,6 +13,7 @@ from peft import get_peft_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from peft_residual import ResiDualConfig, fit_residual_bases
+from peft_residual.training.cache import EncodeOptions
 from peft_residual.training.disk_cache import encode_to_disk
 from tests.conftest import images, make_model
 
@@ -29,8 +30,8 @@ def build():
     return model, data
 
 
-def encode(model, data, directory, **options):
-    return encode_to_disk(model, data, directory, "tiny", batch_size=BATCH, progress=False, **options)
+def encode(model, data, directory):
+    return encode_to_disk(model, data, directory, "tiny", options=EncodeOptions(batch_size=BATCH, progress=False))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,121 @@
+"""The user path at growing data set sizes: one backbone pass, fit, cache and training, with memory and disk.
+
+    python -m benchmarks.scale --images 3000 30000
+
+A randomly initialised CLIP ViT-B/32-shaped vision model (hidden 768, 12 layers, 12 heads, projection 512) at 64 px,
+``ResiDualConfig(k=64)``, random images and labels (speed and memory only: the accuracy means nothing), 10% more
+images for validation. Each size runs in its own process, as a user would: ``collect_units`` over the training and
+validation images (the one backbone pass), ``fit_residual_bases`` and ``train_residual`` (two epochs) on those units,
+with a memory budget of ``--budget-mib`` for the unit store and for the training cache alike, so that both go to
+disk beyond it. Per phase it records seconds per 1,000 images and the process's peak RSS so far; it also records
+the disk used. Writes benchmarks/results/scale_clip_b32_random.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from peft import get_peft_model
+from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+from peft_residual import Classifier, ResiDualConfig, collect_units, fit_residual_bases, train_residual
+
+from .measure import PeakRSS
+from .report import environment
+
+CLASSES = 10
+
+
+def batches(images: int, seed: int, batch_size: int = 250):
+    """Random 64 px images and labels, made batch by batch (the data set itself never sits in memory)."""
+    for start in range(0, images, batch_size):
+        size = min(batch_size, images - start)
+        generator = torch.Generator().manual_seed(seed * 10_000_019 + start)
+        yield {
+            "pixel_values": torch.randn(size, 3, 64, 64, generator=generator),
+            "label": torch.randint(0, CLASSES, (size,), generator=generator),
+        }
+
+
+def disk_bytes(directory: Path | None) -> int:
+    if directory is None or not directory.exists():
+        return 0
+    return sum(path.stat().st_size for path in directory.rglob("*") if path.is_file())
+
+
+def measure(images: int, budget: int) -> dict:
+    torch.manual_seed(0)
+    model = get_peft_model(CLIPVisionModelWithProjection(CLIPVisionConfig(image_size=64)).eval(), ResiDualConfig(k=64))
+    classifier = Classifier(torch.randn(CLASSES, 512), 100.0, [str(c) for c in range(CLASSES)])
+    seconds, peak = {}, {}
+    with PeakRSS() as rss, tempfile.TemporaryDirectory(prefix="residual-scale-") as cache_dir:
+        started = time.perf_counter()
+        train_units = collect_units(model, batches(images, seed=0), max_bytes=budget, progress=False)
+        val_units = collect_units(model, batches(images // 10, seed=1), max_bytes=budget, progress=False)
+        seconds["pass"], peak["pass"] = time.perf_counter() - started, rss.mib
+        started = time.perf_counter()
+        fit_residual_bases(model, train_units)
+        seconds["fit"], peak["fit"] = time.perf_counter() - started, rss.mib
+        result = train_residual(
+            model, classifier, train_units, val_units, max_epochs=2, patience=2, max_cache_bytes=budget,
+            cache_dir=cache_dir, progress=False,
+        )  # fmt: skip
+        seconds["cache"], seconds["train"] = result.seconds["cache"], result.seconds["train"] / result.epochs_run
+        peak["train"] = rss.mib
+        disk = {
+            "unit_store": disk_bytes(train_units.spill_directory) + disk_bytes(val_units.spill_directory),
+            "training_cache": disk_bytes(Path(cache_dir)),
+        }
+    encoded = images + images // 10  # the pass and the cache cover both splits; fit and epochs the training images
+    per_thousand = {
+        "pass": 1000 * seconds["pass"] / encoded,
+        "fit": 1000 * seconds["fit"] / images,
+        "cache": 1000 * seconds["cache"] / encoded,
+        "train_epoch": 1000 * seconds["train"] / images,
+    }
+    return {
+        "images": images, "validation_images": images // 10, "budget_bytes": budget,
+        "cache_location": result.cache_location, "store_spilled": train_units.spilled,
+        "seconds_per_1k": per_thousand, "peak_rss_mib_after": peak, "peak_rss_mib": rss.mib, "disk_bytes": disk,
+    }  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, nargs="+", default=[3000, 30000])
+    parser.add_argument("--budget-mib", type=int, default=64)
+    parser.add_argument("--only", type=int, help="measure one size in this process and print its JSON")
+    parser.add_argument("--output", type=Path, default=Path(__file__).resolve().parent / "results")
+    args = parser.parse_args(argv)
+    budget = args.budget_mib * 2**20
+    if args.only:
+        print(json.dumps(measure(args.only, budget)))
+        return
+    records = []
+    for images in args.images:
+        command = [
+            sys.executable,
+            "-m",
+            "benchmarks.scale",
+            "--only",
+            str(images),
+            "--budget-mib",
+            str(args.budget_mib),
+        ]
+        records.append(json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout))
+        print(json.dumps(records[-1]), flush=True)
+    payload = {"command": "python -m benchmarks.scale " + " ".join(argv or sys.argv[1:]), "records": records}
+    payload["environment"] = environment()
+    args.output.mkdir(parents=True, exist_ok=True)
+    (args.output / "scale_clip_b32_random.json").write_text(json.dumps(payload, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
