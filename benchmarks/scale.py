@@ -1,6 +1,6 @@
 """The user path at growing data set sizes: one backbone pass, fit, cache and training, with memory and disk.
 
-    python -m benchmarks.scale --images 3000 30000
+    python -m benchmarks.scale --images 3000 30000 300000 --synthetic-from 300000
 
 A randomly initialised CLIP ViT-B/32-shaped vision model (hidden 768, 12 layers, 12 heads, projection 512) at 64 px,
 ``ResiDualConfig(k=64)``, random images and labels (speed and memory only: the accuracy means nothing), 10% more
@@ -25,7 +25,9 @@ import torch
 from peft import get_peft_model
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from peft_residual import Classifier, ResiDualConfig, collect_units, fit_residual_bases, train_residual
+from peft_residual import Classifier, ResiDualConfig, UnitStore, collect_units, fit_residual_bases, train_residual
+from peft_residual.tuner import residual_tuner
+from peft_residual.tuner.decomposition import UnitRecord
 
 from .measure import PeakRSS
 from .report import environment
@@ -44,21 +46,41 @@ def batches(images: int, seed: int, batch_size: int = 250):
         }
 
 
+def synthetic_units(model, images: int, seed: int, budget: int, batch_size: int = 250) -> UnitStore:
+    """A unit store of random pieces and labels, as if the backbone had run: for sizes it is too slow for here."""
+    store = UnitStore(residual_tuner(model).arch, budget)
+    arch = store.arch
+    for start in range(0, images, batch_size):
+        size = min(batch_size, images - start)
+        generator = torch.Generator().manual_seed(seed * 10_000_019 + start)
+        pieces = torch.randn(size, *store.piece_shape, generator=generator)
+        record = UnitRecord(embedding=pieces[:, 0])
+        for layer in range(arch.num_layers):
+            record.heads[layer], record.mlps[layer] = pieces[:, 1 + 2 * layer], pieces[:, 2 + 2 * layer]
+        store.add(record, torch.randint(0, CLASSES, (size,), generator=generator))
+    store.image_size = (64, 64)
+    return store
+
+
 def disk_bytes(directory: Path | None) -> int:
     if directory is None or not directory.exists():
         return 0
     return sum(path.stat().st_size for path in directory.rglob("*") if path.is_file())
 
 
-def measure(images: int, budget: int) -> dict:
+def measure(images: int, budget: int, synthetic: bool) -> dict:
     torch.manual_seed(0)
     model = get_peft_model(CLIPVisionModelWithProjection(CLIPVisionConfig(image_size=64)).eval(), ResiDualConfig(k=64))
     classifier = Classifier(torch.randn(CLASSES, 512), 100.0, [str(c) for c in range(CLASSES)])
     seconds, peak = {}, {}
     with PeakRSS() as rss, tempfile.TemporaryDirectory(prefix="residual-scale-") as cache_dir:
         started = time.perf_counter()
-        train_units = collect_units(model, batches(images, seed=0), max_bytes=budget, progress=False)
-        val_units = collect_units(model, batches(images // 10, seed=1), max_bytes=budget, progress=False)
+        if synthetic:
+            train_units = synthetic_units(model, images, seed=0, budget=budget)
+            val_units = synthetic_units(model, images // 10, seed=1, budget=budget)
+        else:
+            train_units = collect_units(model, batches(images, seed=0), max_bytes=budget, progress=False)
+            val_units = collect_units(model, batches(images // 10, seed=1), max_bytes=budget, progress=False)
         seconds["pass"], peak["pass"] = time.perf_counter() - started, rss.mib
         started = time.perf_counter()
         fit_residual_bases(model, train_units)
@@ -81,7 +103,7 @@ def measure(images: int, budget: int) -> dict:
         "train_epoch": 1000 * seconds["train"] / images,
     }
     return {
-        "images": images, "validation_images": images // 10, "budget_bytes": budget,
+        "images": images, "validation_images": images // 10, "budget_bytes": budget, "synthetic_units": synthetic,
         "cache_location": result.cache_location, "store_spilled": train_units.spilled,
         "seconds_per_1k": per_thousand, "peak_rss_mib_after": peak, "peak_rss_mib": rss.mib, "disk_bytes": disk,
     }  # fmt: skip
@@ -91,12 +113,16 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, nargs="+", default=[3000, 30000])
     parser.add_argument("--budget-mib", type=int, default=64)
+    parser.add_argument(
+        "--synthetic-from", type=int, help="from this size on, random unit pieces stand in for the backbone pass"
+    )
     parser.add_argument("--only", type=int, help="measure one size in this process and print its JSON")
     parser.add_argument("--output", type=Path, default=Path(__file__).resolve().parent / "results")
     args = parser.parse_args(argv)
     budget = args.budget_mib * 2**20
+    synthetic_from = args.synthetic_from or float("inf")
     if args.only:
-        print(json.dumps(measure(args.only, budget)))
+        print(json.dumps(measure(args.only, budget, args.only >= synthetic_from)))
         return
     records = []
     for images in args.images:
@@ -109,6 +135,7 @@ def main(argv: list[str] | None = None) -> None:
             "--budget-mib",
             str(args.budget_mib),
         ]
+        command += ["--synthetic-from", str(args.synthetic_from)] if args.synthetic_from else []
         records.append(json.loads(subprocess.run(command, capture_output=True, text=True, check=True).stdout))
         print(json.dumps(records[-1]), flush=True)
     payload = {"command": "python -m benchmarks.scale " + " ".join(argv or sys.argv[1:]), "records": records}

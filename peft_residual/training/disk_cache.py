@@ -85,7 +85,7 @@ class ShardWriter:
         for part, tensor in (("scores", scores), ("offset", offset), ("labels", labels)):
             rows = tensor.detach().to("cpu", torch.float32 if part != "labels" else torch.int64)
             with open(_path(self.directory, part, self.rank), "ab") as handle:
-                handle.write(rows.contiguous().numpy().tobytes())
+                handle.write(rows.contiguous().numpy().data)
         self.rows += len(labels)
         self.commit(done=False)
 
@@ -128,6 +128,11 @@ class DiskUnitCache:
             for part in ("scores", "offset")
             for rank in range(world)
         }
+        batches = -(-size // batch_size)
+        sizes = [min(batch_size, size - batch_size * b) for b in range(batches)]
+        rows = [sum(sizes[rank::world]) for rank in range(world)]
+        self._rows_before = torch.tensor([0, *np.cumsum(rows)[:-1]], dtype=torch.long)
+        """Per process, how many rows the processes before it hold (where its labels start when concatenated)."""
         per_rank = [np.fromfile(_path(self.directory, "labels", rank), dtype=np.int64) for rank in range(world)]
         self.labels = torch.from_numpy(np.concatenate(per_rank))[self._locate(torch.arange(size))[2]]
         """All labels, in the data set's order (small enough to hold)."""
@@ -140,12 +145,7 @@ class DiskUnitCache:
         batch = indices // self.batch_size
         rank = batch % self.world
         local = (batch // self.world) * self.batch_size + indices % self.batch_size
-        rows_before = torch.tensor([0, *np.cumsum(self._rows_per_rank())[:-1]])
-        return rank, local, rows_before[rank] + local
-
-    def _rows_per_rank(self) -> list[int]:
-        sizes = [len(batch) for batch in torch.arange(self.size).split(self.batch_size)]
-        return [sum(sizes[rank :: self.world]) for rank in range(self.world)]
+        return rank, local, self._rows_before[rank] + local
 
     def _read(self, part: str, rank: int, row: int) -> np.ndarray:
         width = self.widths[part]

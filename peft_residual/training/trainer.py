@@ -169,14 +169,15 @@ def train_residual(
     """Train the ResiDual scales of ``model`` (fitted with :func:`fit_residual_bases`) against ``classifier``.
 
     Datasets yield dicts with ``pixel_values`` and ``label_column``, or are :class:`UnitStore` s of the same images
-    (e.g. ``fit_residual_bases(..., keep_units=True).units``), which need no backbone pass. Without ``eval_dataset``,
-    a stratified
-    ``val_fraction`` of ``train_dataset`` (a ``datasets.Dataset``) is held out with ``seed``. Both splits are encoded
-    once into PCA scores: ``cache="auto"`` keeps them in memory when they fit in ``max_cache_bytes`` (default: half
-    the available memory) and on disk otherwise, ``True`` insists on memory, ``"disk"`` on disk, and ``False``
-    streams every batch through the backbone instead. A disk cache lives in ``cache_dir`` (default:
-    ``output_dir/unit-cache`` when checkpointing, else a temporary directory), where an interrupted encoding resumes
-    at its last complete shard; under several processes it must be a directory they all read.
+    (e.g. from ``collect_units``), which need no backbone pass; a streamed one (an ``IterableDataset`` of examples,
+    ``streaming=True``, or any iterable of batches without ``len``) is recorded once into a store first. Without
+    ``eval_dataset``, a stratified ``val_fraction`` of ``train_dataset`` (a ``datasets.Dataset``) is held out with
+    ``seed``. Both splits are encoded once into PCA scores: ``cache="auto"`` keeps them in memory when they fit in
+    ``max_cache_bytes`` (default: half the available memory) and on disk otherwise, ``True`` insists on memory,
+    ``"disk"`` on disk, and ``False`` streams every batch through the backbone instead. A disk cache lives in
+    ``cache_dir`` (default: ``output_dir/unit-cache`` when checkpointing, else a temporary directory), where an
+    interrupted encoding resumes at its last complete shard; under several processes it must be a directory they
+    all read.
     ``lr="auto"`` runs an LR range test first. With ``output_dir``, the main process writes an atomic checkpoint
     after every epoch, and the same call after an interruption resumes from the last completed epoch. A checkpoint
     of any other run is refused before any encoding, naming what differs (bases, classifier, the images or labels
@@ -220,9 +221,10 @@ def train_residual(
             "The unit cache goes to disk, and every process must read the others' part of it: pass cache_dir (or "
             "output_dir), a directory all processes can read."
         )
+    bases = content_hash(*scales.fitted_state) if location == "disk" else ""  # part of a disk cache's identity
     encoding = _Encoding(
-        location, cache_dir, content_hash(*scales.fitted_state), accelerator, label_column, batch_size,
-        num_workers, classifier.num_classes, progress,
+        location, cache_dir, bases, accelerator, label_column, batch_size, num_workers, classifier.num_classes,
+        progress,
     )  # fmt: skip
     with _timed(seconds, "cache"):
         train = encoding.features(model, train_dataset, "train")
