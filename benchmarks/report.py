@@ -405,10 +405,12 @@ def scale_table(payload: dict) -> str:
     rows = []
     for r in payload["records"]:
         per_k, disk = r["seconds_per_1k"], r["disk_bytes"]
+        passed = "synthetic pieces" if r.get("synthetic_units") else f"{per_k['pass']:.2f}"
         rows.append(
             [
                 f"{r['images']:,} + {r['validation_images']:,}",
-                *(f"{per_k[phase]:.2f}" for phase in ("pass", "fit", "cache", "train_epoch")),
+                passed,
+                *(f"{per_k[phase]:.2f}" for phase in ("fit", "cache", "train_epoch")),
                 f"{r['peak_rss_mib']:,.0f}",
                 f"{disk['unit_store'] / 2**20:,.0f} / {disk['training_cache'] / 2**20:,.0f}",
                 r["cache_location"],
