@@ -14,8 +14,16 @@ import datasets
 import pytest
 import torch
 from peft import get_peft_model
+from torch.utils.data import DataLoader
 
-from peft_residual import CentroidClassifier, ResiDualConfig, fit_residual_bases, train_residual
+from peft_residual import (
+    CentroidClassifier,
+    ResiDualConfig,
+    collect_units,
+    encode_dataset,
+    fit_residual_bases,
+    train_residual,
+)
 from peft_residual.training.cache import EncodeOptions
 from peft_residual.training.disk_cache import DiskUnitCache, ShardWriter, encode_to_disk
 
@@ -144,3 +152,15 @@ def test_streamed_data_sets_train_like_their_map_style_copy(tiny_run):
     assert sum(seen) == 200  # every image through the backbone once
     expected = reference.base_model.readout.lambdas("default")
     assert torch.equal(streamed.base_model.readout.lambdas("default"), expected)
+
+
+def test_every_phase_on_stored_units_shows_progress(tiny_run, capfd):
+    """Fitting and caching from stored units run no backbone but take minutes at scale: each shows a bar."""
+    model, _, data = tiny_run
+    model = copy.deepcopy(model)
+    units = collect_units(model, DataLoader(data, batch_size=64), desc="Train units")
+    fit_residual_bases(model, units)
+    encode_dataset(model, units)
+    err = capfd.readouterr().err
+    assert "Train units: 100%" in err and "img/s" in err  # images per second, with the total known
+    assert "ResiDual PCA (recorded units): 100%" in err and "Caching units: 100%" in err

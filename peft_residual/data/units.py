@@ -28,6 +28,8 @@ from ..tuner.errors import ResiDualInputError
 from ..tuner.model import residual_tuner
 
 DEFAULT_MAX_BYTES = 2 * 2**30
+RECORD_BATCH = 256
+"""Images per batch when stored units are read back."""
 
 
 def content_hash(*tensors: torch.Tensor) -> str:
@@ -125,7 +127,7 @@ class UnitStore:
         pieces = np.fromfile(self._directory / "pieces.f32", dtype=np.float32, count=count, offset=offset)
         return torch.from_numpy(pieces).view(-1, *self.piece_shape)
 
-    def records(self, batch_size: int = 256) -> Iterator[pca.RecordedBatch]:
+    def records(self, batch_size: int = RECORD_BATCH) -> Iterator[pca.RecordedBatch]:
         """``(record, labels)`` of consecutive batches, as if the backbone had just run on them."""
         labels = self.labels
         for start in range(0, self._count, batch_size):
@@ -228,14 +230,12 @@ def fit_residual_bases(
         store.add(batch.record, batch.labels)
         store.image_size = batch.image_size
 
-    source = data.records() if isinstance(data, UnitStore) else data
+    if isinstance(data, UnitStore):  # no backbone, but minutes at scale: a bar over the stored batches
+        total = -(-len(data) // RECORD_BATCH)
+        data = tqdm(data.records(), desc="ResiDual PCA (recorded units)", total=total, disable=not progress)
+        progress = False
     report = pca.fit_residual_bases(
-        model,
-        source,
-        adapter_name,
-        max_batches,
-        progress and not isinstance(data, UnitStore),
-        keep if store is not None else None,
+        model, data, adapter_name, max_batches, progress, keep if store is not None else None
     )
     report.units = store
     return report

@@ -170,7 +170,7 @@ def encode_dataset(
     if len(dataset) == 0:
         raise ResiDualInputError(f"{desc}: the data set is empty.")
     if isinstance(dataset, UnitStore):
-        return _encode_store(model, dataset, batch_size, num_classes, desc)
+        return _encode_store(model, dataset, batch_size, num_classes, progress, desc)
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     index_batches = list(torch.arange(len(dataset)).split(batch_size))
     mine = [indices.tolist() for indices in index_batches[rank::world]]
@@ -190,11 +190,14 @@ def encode_dataset(
     return UnitCache(gather(torch.cat(scores)), gather(torch.cat(offsets)), gather(torch.cat(labels)))
 
 
-def _encode_store(model: nn.Module, store: UnitStore, batch_size: int, num_classes: int | None, desc: str) -> UnitCache:
+def _encode_store(
+    model: nn.Module, store: UnitStore, batch_size: int, num_classes: int | None, progress: bool, desc: str
+) -> UnitCache:
     if store.labels is None:
         raise ResiDualInputError(f"{desc}: the stored units have no labels; collect them from batches with labels.")
     scores, offsets = [], []
-    for step, (record, _, _) in enumerate(store.records(batch_size)):
+    batches = tqdm(store.records(batch_size), desc=desc, total=-(-len(store) // batch_size), disable=not progress)
+    for step, (record, _, _) in enumerate(batches):
         batch_scores, batch_offset = encode_batch(model, None, f"{desc} batch {step}", record)
         scores.append(batch_scores)
         offsets.append(batch_offset)
