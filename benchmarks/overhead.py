@@ -7,7 +7,9 @@ is the base model itself (a deep copy taken before ``get_peft_model``), so the c
 ResiDual's layers is counted, not only the readout; "merged" times ResiDual after ``merge_adapter()``. Per batch
 size and configuration it prints the median wall time of the bare model and of the adapted model (alternating calls,
 after a warm-up, one thread by default) and the median of the paired ratios (adapted ÷ bare of two adjacent calls),
-and writes them to ``--output`` as JSON. The bases are fitted on random images: only speed matters.
+and writes them to ``--output`` as JSON, with each model's minor page faults per call: glibc's heap can hand a
+model fresh pages on every call (each one faulted in and zeroed), which costs time that no profiler row shows.
+The bases are fitted on random images: only speed matters.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import argparse
 import copy
 import json
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -38,6 +41,7 @@ def interleaved_ms(bare, adapted, pixel_values: torch.Tensor, repeats: int) -> d
     and the quartiles of the per-repeat ratios (each ratio compares two adjacent calls, so slow drifts of the
     machine cancel; the quartiles show how far one run's median can be trusted)."""
     timings = {"bare": [], "adapted": []}
+    faults = {"bare": 0, "adapted": 0}
     models = {"bare": bare, "adapted": adapted}
     with torch.inference_mode():
         for model in models.values():
@@ -45,9 +49,10 @@ def interleaved_ms(bare, adapted, pixel_values: torch.Tensor, repeats: int) -> d
                 embed_images(model, pixel_values)
         for repeat in range(repeats):
             for name in ("bare", "adapted") if repeat % 2 == 0 else ("adapted", "bare"):
-                started = time.perf_counter()
+                started, faulted = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                 embed_images(models[name], pixel_values)
                 timings[name].append(time.perf_counter() - started)
+                faults[name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faulted
     ratios = [ours / base for ours, base in zip(timings["adapted"], timings["bare"], strict=True)]
     low, ratio, high = statistics.quantiles(ratios, n=4)
     return {
@@ -55,6 +60,7 @@ def interleaved_ms(bare, adapted, pixel_values: torch.Tensor, repeats: int) -> d
         "adapted_ms": 1000 * statistics.median(timings["adapted"]),
         "ratio": ratio,
         "ratio_quartiles": [low, high],
+        "page_faults_per_call": {name: count / repeats for name, count in faults.items()},
     }
 
 
@@ -90,7 +96,8 @@ def main(argv: list[str] | None = None) -> None:
             timed = interleaved_ms(bare, model, torch.randn(batch, 3, size, size), args.repeats)
             rows.append({"config": name, "batch": batch, **timed})
             print(f"{name:>16}  batch {batch:>3}: bare {timed['bare_ms']:8.2f} ms  ResiDual {timed['adapted_ms']:8.2f} "
-                  f"ms  median paired ratio {timed['ratio']:.3f}")  # fmt: skip
+                  f"ms  median paired ratio {timed['ratio']:.3f}  "
+                  f"page faults per call {timed['page_faults_per_call']}")  # fmt: skip
     record = {
         "command": "python -m benchmarks.overhead " + " ".join(sys.argv[1:] if argv is None else argv),
         "model": args.model,

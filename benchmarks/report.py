@@ -267,6 +267,15 @@ def overhead_table() -> str:
 
     rows = [[config, *(cell(cells[config, batch]) for batch in batches)] for config in configs]
     note = f"{payload['repeats']} pairs per cell, {payload['threads']} thread, torch {payload['torch']}."
+    faulted = [
+        f"{row['config']} at batch {row['batch']} ({faults['bare']:,.0f} / {faults['adapted']:,.0f})"
+        for row in payload["rows"]
+        if max((faults := row.get("page_faults_per_call", {"bare": 0, "adapted": 0})).values()) >= 1
+    ]
+    if "page_faults_per_call" in payload["rows"][0]:
+        note += " Cells whose calls faulted in fresh pages (minor faults per call, bare / adapted): "
+        note += ", ".join(faulted) if faulted else "none"
+        note += "; fewer than one per call in the others."
     return "\n".join([*_table(["configuration", *(f"batch {batch}" for batch in batches)], rows), "", note]) + "\n"
 
 

@@ -255,7 +255,7 @@ class ResiDualUnitLayer(nn.Module, ResiDualLayer):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         output = self.base_layer(*args, **kwargs)
-        capture(self.kind, self.layer, args, output)
+        capture(self.arch, self.kind, self.layer, args, output)
         return output
 
 

@@ -240,14 +240,14 @@ def adapt_from_pieces(
     plan: ReadoutPlan, record: UnitRecord, arch: Architecture, ln_mean: str, scales: ReadoutScales
 ) -> torch.Tensor:
     """The adapted output straight from one forward's raw pieces (see the module docstring)."""
-    dtype, layers = plan.basis.dtype, range(arch.num_layers)
+    dtype = plan.basis.dtype
     embedding = record.embedding.to(dtype)
-    head_outputs = torch.stack([record.heads[layer] for layer in layers], 1).to(dtype)
-    attention = torch.stack([record.attention[layer] for layer in layers], 1).to(dtype)
+    head_outputs = record.per_layer("heads", arch.num_layers).to(dtype)
+    attention = record.per_layer("attention", arch.num_layers).to(dtype)
     layer_scales = arch.attention_layer_scales
     if layer_scales is not None:
         attention = attention * layer_scales.to(dtype)
-    mlps = torch.stack([record.mlps[layer] for layer in layers], 1).to(dtype)
+    mlps = record.per_layer("mlps", arch.num_layers).to(dtype)
     residual = embedding + attention.sum(1) + mlps.sum(1)
     weights = plan.raw_weights
     untouched = weights.embedding * embedding + torch.einsum("bld,l->bd", attention, weights.attention)
@@ -260,7 +260,7 @@ def adapt_from_pieces(
     head_scores = contributions.new_zeros(len(residual), 0)
     if plan.head_scores is not None:
         mean, std = norm_statistics(residual, arch.final_norm.eps)
-        heads = head_outputs.view(len(residual), arch.num_layers * arch.num_heads, arch.head_dim)
+        heads = head_outputs.reshape(len(residual), arch.num_layers * arch.num_heads, arch.head_dim)
         head_scores = plan.head_scores.scores(heads, mean, std)
     return read_out(plan, scales, head_scores, contributions[:, 1:], contributions[:, 0] + plan.constant)
 
