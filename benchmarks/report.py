@@ -410,22 +410,25 @@ def ablation_table() -> str:
 
 
 def scale_table(payload: dict) -> str:
-    """:mod:`benchmarks.scale`: the user path at growing sizes, one process per row."""
+    """:mod:`benchmarks.scale`: the user path at growing sizes, one row per size and process count."""
     rows = []
     for r in payload["records"]:
         per_k, disk = r["seconds_per_1k"], r["disk_bytes"]
         passed = "synthetic pieces" if r.get("synthetic_units") else f"{per_k['pass']:.2f}"
+        rss = " / ".join(f"{mib:,.0f}" for mib in r.get("peak_rss_mib_per_process", [r["peak_rss_mib"]]))
         rows.append(
             [
                 f"{r['images']:,} + {r['validation_images']:,}",
+                str(r.get("processes", 1)),
                 passed,
                 *(f"{per_k[phase]:.2f}" for phase in ("fit", "cache", "train_epoch")),
-                f"{r['peak_rss_mib']:,.0f}",
+                rss,
                 f"{disk['unit_store'] / 2**20:,.0f} / {disk['training_cache'] / 2**20:,.0f}",
                 r["cache_location"],
             ]
         )
-    header = ["images (train + val)", "pass s/1k", "fit s/1k", "cache s/1k", "epoch s/1k", "peak RSS MiB"]
+    header = ["images (train + val)", "processes", "pass s/1k", "fit s/1k", "cache s/1k", "epoch s/1k"]
+    header.append("peak RSS MiB (per process)")
     budget = payload["records"][0]["budget_bytes"] / 2**20
     note = f"Memory budget {budget:,.0f} MiB for the unit store and for the training cache alike."
     return "\n".join([*_table([*header, "disk MiB (units / cache)", "cache"], rows), "", note]) + "\n"

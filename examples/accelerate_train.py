@@ -4,9 +4,10 @@
         --model ~/.cache/residual-assets/models/dinov2-small-imgfocus \\
         --dataset ~/.cache/residual-assets/datasets/fashion-mnist --image-size 98 --output fmnist-residual
 
-On a CPU-only machine the same line runs two processes over gloo. Every process runs the backbone once over the
-images (sharding that pass is not built yet), the scale gradients are summed across processes, and only the main
-process writes files.
+On a CPU-only machine the same line runs two processes over gloo. Each process runs the backbone over its share of
+the images and keeps only those units; the PCA moments and class centroids are summed across processes, the unit
+cache goes to disk beyond its budget (each process writing its part), the scale gradients are summed, and only the
+main process writes files.
 """
 
 import argparse
@@ -34,10 +35,12 @@ names = class_names(pool)
 pool = prepare(pool, args.model, args.image_size)
 train, val = peft_residual.holdout(pool, 0.1)
 
-# one backbone pass per process over the training and validation images feeds the centroids, the fit and the cache
-show = accelerator.is_main_process
-train_units = peft_residual.collect_units(model, DataLoader(train, batch_size=64), progress=show, desc="Train units")
-val_units = peft_residual.collect_units(model, DataLoader(val, batch_size=64), progress=show, desc="Val units")
+# one backbone pass, shared among the processes, over the training and validation images feeds the centroids, the
+# fit and the cache
+train_units, val_units = (
+    peft_residual.collect_units(model, DataLoader(split, batch_size=64), desc=desc, accelerator=accelerator)
+    for split, desc in ((train, "Train units"), (val, "Val units"))
+)
 classifier = peft_residual.default_classifier(model, names, tokenizer_source=args.model, train_units=train_units)
 peft_model = get_peft_model(model, peft_residual.ResiDualConfig.preset("residual*"))
 peft_residual.fit_residual_bases(peft_model, train_units)

@@ -12,9 +12,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .data.units import UnitStore, base_embeddings
+from .data.units import UnitStore
 from .inference import embed_batches
 from .tuner.errors import ResiDualInputError
+from .tuner.pca import sum_across_processes
 
 
 def load_templates(name_or_templates: str | Sequence[str]) -> list[str]:
@@ -133,6 +134,19 @@ CENTROID_AVERAGES = ("features", "normalized")
 """How a class centroid averages its examples: the raw features, or (the paper's code) each normalised first."""
 
 
+def _add_to_classes(
+    sums: torch.Tensor, counts: torch.Tensor, features: torch.Tensor, labels: torch.Tensor, average: str
+) -> None:
+    """Add ``features`` to the float64 ``sums`` of their classes, and count them."""
+    if len(labels) and int(labels.max()) >= len(counts):
+        raise ResiDualInputError(
+            f"Label {int(labels.max())} is outside the {len(counts)} class names; give a name for every class."
+        )
+    features = F.normalize(features.double(), dim=-1) if average == "normalized" else features.double()
+    sums.index_add_(0, labels.to(sums.device), features.to(sums.device))
+    counts += torch.bincount(labels.cpu(), minlength=len(counts)).to(counts.device)
+
+
 class CentroidClassifier(Classifier):
     """Vision-only head: normalised class means of the base model's encodings, with a fixed logit scale.
 
@@ -160,19 +174,44 @@ class CentroidClassifier(Classifier):
             raise ResiDualInputError("The class list is empty; give at least one class name.")
         if len(labels) == 0:
             raise ResiDualInputError("Class centroids need at least one labelled image; the data set is empty.")
-        counts = torch.bincount(labels, minlength=len(class_names))
-        if len(counts) > len(class_names):
-            raise ResiDualInputError(
-                f"Label {len(counts) - 1} is outside the {len(class_names)} class names; give a name for every class."
-            )
+        sums = torch.zeros(len(class_names), features.shape[1], dtype=torch.float64)
+        counts = torch.zeros(len(class_names), dtype=torch.long)
+        _add_to_classes(sums, counts, features, labels, average)
+        return cls._from_sums(sums, counts, class_names, scale)
+
+    @classmethod
+    @torch.no_grad()
+    def from_units(
+        cls, units: UnitStore, class_names: Sequence[str], scale: float = 100.0, average: str = "features"
+    ) -> CentroidClassifier:
+        """Centroids of the base model's embeddings of stored images (a :class:`~.data.UnitStore`, e.g. from
+        ``collect_units``), batch by batch: no backbone pass, and memory that does not grow with the data set. A
+        store sharded across processes gives every process the centroids of all its shards.
+
+        Example:
+            >>> clf = CentroidClassifier.from_units(collect_units(model, train_loader), class_names)
+        """
+        if average not in CENTROID_AVERAGES:
+            raise ResiDualInputError(f"Centroid average must be one of {CENTROID_AVERAGES}, got {average!r}.")
+        if units.labels is None:
+            raise ResiDualInputError("Class centroids need labels; collect the units from batches with labels.")
+        sums = torch.zeros(len(class_names), units.arch.output_dim, dtype=torch.float64)
+        counts = torch.zeros(len(class_names), dtype=torch.long)
+        for batch in units.records():
+            _add_to_classes(sums, counts, batch.record.contributions(units.arch).sum(1), batch.labels, average)
+        if units.sharded:
+            sums, counts = sum_across_processes(sums), sum_across_processes(counts)
+        return cls._from_sums(sums, counts, class_names, scale)
+
+    @classmethod
+    def _from_sums(
+        cls, sums: torch.Tensor, counts: torch.Tensor, class_names: Sequence[str], scale: float
+    ) -> CentroidClassifier:
         missing = [class_names[i] for i in range(len(class_names)) if counts[i] == 0]
         if missing:
             raise ResiDualInputError(
                 f"Class {missing[0]!r} has no examples; every class needs at least one to get a centroid."
             )
-        features = F.normalize(features.double(), dim=-1) if average == "normalized" else features.double()
-        sums = torch.zeros(len(class_names), features.shape[1], dtype=torch.float64)
-        sums.index_add_(0, labels, features)
         return cls((sums / counts[:, None]).float(), scale, class_names)
 
     @classmethod
@@ -233,7 +272,7 @@ def default_classifier(
     if kind != "centroid":
         raise ResiDualInputError(f"Classifier kind must be 'zero-shot' or 'centroid', got {kind!r}.")
     if train_features is None and train_units is not None:
-        train_features = base_embeddings(train_units)
+        return CentroidClassifier.from_units(train_units, class_names, centroid_scale, centroid_average)
     if train_features is None:
         if train_batches is None:
             raise ResiDualInputError("Class centroids need train_features, train_units or train_batches.")

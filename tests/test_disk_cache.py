@@ -24,6 +24,7 @@ from peft_residual import (
     fit_residual_bases,
     train_residual,
 )
+from peft_residual.data import ShardLayout
 from peft_residual.training.cache import EncodeOptions
 from peft_residual.training.disk_cache import DiskUnitCache, ShardWriter, encode_to_disk
 
@@ -72,16 +73,18 @@ def test_a_temporary_disk_cache_is_removed_with_it(tiny_run):
 
 
 def test_rows_written_by_several_processes_read_back_in_data_set_order(tmp_path):
-    """Process ``r`` encodes batches ``r, r + world, ...``; the reader finds every image's row in any layout."""
-    size, batch, widths = 50, 8, {"scores": 3, "offset": 2}
+    """Process ``r`` encodes batches ``r, r + world, ...`` (of any sizes, as a streamed pass records them); the
+    reader finds every image's row in any layout."""
+    sizes, widths = (8, 8, 5, 8, 1, 8, 8, 4), {"scores": 3, "offset": 2}
+    size = sum(sizes)
     scores = torch.randn(size, 3)
     offset, labels = torch.randn(size, 2), torch.arange(size)
     for world in (1, 2, 3):
         directory = tmp_path / f"world{world}"
         writers = [ShardWriter(directory, rank, "x", widths) for rank in range(world)]
-        for step, indices in enumerate(torch.arange(size).split(batch)):
+        for step, indices in enumerate(torch.arange(size).split(sizes)):
             writers[step % world].append(scores[indices], offset[indices], labels[indices])
-        cache = DiskUnitCache(directory, size, batch, world, widths)
+        cache = DiskUnitCache(directory, ShardLayout(sizes, world), widths)
         order = torch.randperm(size)
         got_scores, got_offset, got_labels = cache.rows(order)
         assert torch.equal(got_scores, scores[order]) and torch.equal(got_offset, offset[order])

@@ -26,6 +26,7 @@ from peft_residual import (
     ScaleSet,
     ZeroShotClassifier,
     accuracy,
+    collect_units,
     embed_images,
     encode_dataset,
     find_learning_rate,
@@ -36,7 +37,7 @@ from peft_residual import (
 )
 from peft_residual.training.checkpoint import CHECKPOINT_NAME
 
-from .conftest import image_dataset, loader, make_model, model_output, word_tokenizer
+from .conftest import image_dataset, images, loader, make_model, model_output, word_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "scripts" / "train_tiny.py"
@@ -130,6 +131,21 @@ def test_centroids_use_the_base_model_even_when_adapted():
         plain = embed_images(model, data[:]["pixel_values"])
     again = CentroidClassifier.from_features(plain, data[:]["label"], list("abcd"))
     torch.testing.assert_close(again.weights, classifier.weights)
+
+
+def test_centroids_from_stored_units_equal_those_of_the_base_embeddings_and_hold_no_graph():
+    """From a bare model, whose weights require gradients: the centroids must still be plain constants, or every
+    training step would backpropagate into them."""
+    model = make_model("dinov2")
+    data = {"pixel_values": images(40, seed=5), "label": torch.arange(40) % 4}
+    units = collect_units(model, [data], progress=False)
+    from_units = CentroidClassifier.from_units(units, list("abcd"))
+    with torch.no_grad():
+        embeddings = embed_images(model, data["pixel_values"])
+    torch.testing.assert_close(
+        from_units.weights, CentroidClassifier.from_features(embeddings, data["label"], list("abcd")).weights
+    )
+    assert from_units.weights.grad_fn is None and not from_units.weights.requires_grad
 
 
 def test_accuracy():
@@ -320,6 +336,29 @@ def test_two_processes_streaming_match_one_within_float32_rounding(tmp_path):
     torch.testing.assert_close(two, one, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
+def test_a_pass_sharded_across_two_processes_fits_and_trains_like_one(tmp_path):
+    """``collect_units(..., accelerator=)``: each process records and keeps half the images; the fit's moments, the
+    centroids and the disk cache combine the halves. Only the order of the float64 sums differs from one process,
+    so bases, centroids and λ agree to float64 rounding carried through training, not bit for bit."""
+    _run_script("--out", str(tmp_path / "one"), "--one-pass", "--cache", "disk")
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    script = [str(SCRIPT), "--out", str(tmp_path / "two"), "--one-pass", "--cache", "disk"]
+    subprocess.run([*launch, *script, "--cache-dir", str(tmp_path / "cache")], capture_output=True, check=True)
+    one_epochs, _, one_world, one_held = (tmp_path / "one" / "result.txt").read_text().split()
+    two_epochs, _, two_world, two_held = (tmp_path / "two" / "result.txt").read_text().split()
+    assert (one_world, two_world, one_held, two_held) == ("1", "2", "192", "96")  # 192 training images, halved
+    for rank in (0, 1):  # each process cached its own half
+        assert json.loads((tmp_path / "cache" / "train" / f"progress.r{rank}.json").read_text())["rows"] == 96
+    one, two = (load_file(tmp_path / run / "lambdas.safetensors") for run in ("one", "two"))
+    torch.testing.assert_close(two["centroids"], one["centroids"], rtol=0, atol=1e-6)
+    torch.testing.assert_close(two["basis"], one["basis"], rtol=0, atol=1e-5)
+    assert float((one["lambdas"] - one["initial"]).abs().max()) > 0.1
+    torch.testing.assert_close(two["lambdas"], one["lambdas"], rtol=0, atol=1e-4)
+    assert one_epochs == two_epochs
+
+
 def test_finished_checkpoint_is_reused_and_another_run_is_refused(tmp_path):
     model, classifier, data = fitted_with_classifier()
     first = train_residual(model, classifier, data, max_epochs=2, batch_size=16, output_dir=tmp_path, progress=False)
@@ -410,8 +449,6 @@ def test_non_finite_training_images_and_loss_are_clear_errors():
 
 @pytest.mark.parametrize("budget", [None, 1], ids=["in_memory", "spilled"])
 def test_one_pass_cache_equals_the_two_pass_cache(budget):
-    from peft_residual import collect_units
-
     model = get_peft_model(make_model("dinov2"), ResiDualConfig(k=4, units="heads+mlps", rest="mean"))
     data = image_dataset(96)
     batches = [data[i : i + 32] for i in range(0, 96, 32)]

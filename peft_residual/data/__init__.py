@@ -16,9 +16,10 @@ from .images import (
     stratified_split,
 )
 from .models import load_vision_model
-from .units import UnitStore, base_embeddings, collect_units, fit_residual_bases
+from .units import ShardLayout, UnitStore, base_embeddings, collect_units, fit_residual_bases
 
 __all__ = [
+    "ShardLayout",
     "UnitStore",
     "as_image_classification",
     "base_embeddings",

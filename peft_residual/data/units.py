@@ -4,19 +4,29 @@ Per image the pieces are ``(2L + 1) x hidden`` floats (the embedding, each layer
 output at CLS); every unit contribution, the final norm's statistics included, follows from them exactly (see
 :class:`~.decomposition.UnitRecord`). The store keeps them in memory up to a byte budget and spills everything to a
 file in a temporary directory beyond it; the file goes when the store is closed or collected.
+
+Under several processes, ``collect_units(..., accelerator=)`` shards the pass by whole batches: process ``r`` records
+batches ``r, r + world, ...`` and keeps only those (:class:`ShardLayout`). The fit, the class centroids and the
+training cache then combine the shards across processes.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import shutil
 import tempfile
 import weakref
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate import Accelerator
+from accelerate.data_loader import BatchSamplerShard
+from accelerate.utils import gather_object
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -26,6 +36,8 @@ from ..tuner.architectures import Architecture, architecture_of
 from ..tuner.decomposition import UnitRecord
 from ..tuner.errors import ResiDualInputError
 from ..tuner.model import residual_tuner
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_BYTES = 2 * 2**30
 RECORD_BATCH = 256
@@ -40,6 +52,42 @@ def content_hash(*tensors: torch.Tensor) -> str:
         digest.update(f"{tuple(tensor.shape)}{tensor.dtype}".encode())
         digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """How a data set's images lie among processes: its batches, in order, are dealt out in turn, batch ``b`` to
+    process ``b % world``, which keeps its batches in order.
+
+    Example:
+        >>> ShardLayout(batch_sizes=(64, 64, 10), world=2).locate()  # rows 0-63 and 128-137 on process 0
+    """
+
+    batch_sizes: tuple[int, ...]
+    """Every batch of the data set, in order."""
+    world: int = 1
+    rank: int = 0
+    """This process."""
+
+    @property
+    def size(self) -> int:
+        return sum(self.batch_sizes)
+
+    def mine(self) -> list[int]:
+        """Which batches this process holds."""
+        return list(range(self.rank, len(self.batch_sizes), self.world))
+
+    def locate(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per image of the data set, the process holding it and its row among that process's images."""
+        sizes = torch.tensor(self.batch_sizes, dtype=torch.long)
+        batch = torch.repeat_interleave(torch.arange(len(sizes)), sizes)
+        within = torch.arange(len(batch)) - (torch.cumsum(sizes, 0) - sizes)[batch]
+        owner = torch.arange(len(sizes)) % self.world
+        rows_before = torch.zeros(len(sizes), dtype=torch.long)  # per batch, its owner's rows in earlier batches
+        for rank in range(self.world):
+            owned = sizes[rank :: self.world]
+            rows_before[rank :: self.world] = torch.cumsum(owned, 0) - owned
+        return owner[batch], rows_before[batch] + within
 
 
 class UnitStore:
@@ -65,9 +113,39 @@ class UnitStore:
         self._cleanup: weakref.finalize | None = None
         self.image_size: tuple[int, int] | None = None
         """The images' height and width."""
+        self._shard: ShardLayout | None = None
 
     def __len__(self) -> int:
+        """The images held here (this process's shard, if sharded)."""
         return self._count
+
+    @property
+    def batch_sizes(self) -> list[int]:
+        """The sizes of the batches held here, in the order they were recorded."""
+        return list(self._sizes)
+
+    @property
+    def layout(self) -> ShardLayout:
+        """Where the data set's images lie: all here in the batches they were recorded in, unless sharded."""
+        return self._shard or ShardLayout(tuple(self._sizes))
+
+    @property
+    def sharded(self) -> bool:
+        """Whether this process holds only its shard of the data set (``collect_units(..., accelerator=)``)."""
+        return self.layout.world > 1
+
+    def shard_of(self, world: int, rank: int) -> tuple[ShardLayout, list[int]]:
+        """The layout of an encoding by ``world`` processes, and which of the batches held here process ``rank``
+        encodes: its shard when sharded, else every ``world``-th recorded batch."""
+        if self.sharded:
+            if (world, rank) != (self.layout.world, self.layout.rank):
+                raise ResiDualInputError(
+                    f"These units are process {self.layout.rank}'s shard of {self.layout.world}, but {world} "
+                    "processes read them here; use the processes that collected them."
+                )
+            return self.layout, list(range(len(self._sizes)))
+        layout = ShardLayout(tuple(self._sizes), world, rank)
+        return layout, layout.mine()
 
     @property
     def spilled(self) -> bool:
@@ -127,6 +205,13 @@ class UnitStore:
         pieces = np.fromfile(self._directory / "pieces.f32", dtype=np.float32, count=count, offset=offset)
         return torch.from_numpy(pieces).view(-1, *self.piece_shape)
 
+    def recorded_batches(self, batches: list[int]) -> Iterator[pca.RecordedBatch]:
+        """The batches numbered ``batches`` (in the order recorded here), as recorded."""
+        starts = np.cumsum([0, *self._sizes])
+        labels = self.labels
+        for batch in batches:
+            yield self.recorded(int(starts[batch]), int(starts[batch + 1]), labels)
+
     def records(self, batch_size: int = RECORD_BATCH) -> Iterator[pca.RecordedBatch]:
         """``(record, labels)`` of consecutive batches, as if the backbone had just run on them."""
         labels = self.labels
@@ -150,12 +235,18 @@ class UnitStore:
         return torch.cat([batch.record.contributions(self.arch, ln_mean) for batch in self.records()])
 
     def identity(self) -> dict[str, str]:
-        """Hashes of every stored image's pieces and of every label (for run checkpoints)."""
+        """Hashes of every stored image's pieces and of every label (for run checkpoints); of every process's shard,
+        the same on each, when sharded."""
         images = hashlib.blake2b(str(self._count).encode(), digest_size=8)
         for start in range(0, self._count, 4096):
             images.update(self.pieces(start, min(start + 4096, self._count)).numpy().data)
         labels = "none" if self.labels is None else content_hash(self.labels)
-        return {"images": images.hexdigest(), "labels": labels}
+        identity = {"images": images.hexdigest(), "labels": labels}
+        if not self.sharded:
+            return identity
+        shards = gather_object([identity])
+        joined = {part: " ".join(shard[part] for shard in shards) for part in identity}
+        return {part: hashlib.blake2b(text.encode(), digest_size=8).hexdigest() for part, text in joined.items()}
 
     def close(self) -> None:
         """Delete any spill file now."""
@@ -178,24 +269,62 @@ def collect_units(
     progress: bool = True,
     desc: str = "Units",
     label_column: str = "label",
+    accelerator: Accelerator | None = None,
 ) -> UnitStore:
     """One backbone pass over ``batches``, keeping every image's raw pieces (and labels from ``label_column``) in a
     :class:`UnitStore`: enough to compute class centroids, fit the bases and cache the training scores.
+
+    With an ``accelerator`` of several processes, each records and keeps only its shard of the batches (see
+    :class:`ShardLayout`); every process must see the same ``batches``. A DataLoader of fewer batches than
+    processes is recorded whole by every process. Fit, centroids and training then combine
+    the shards.
 
     Example:
         >>> test_units = collect_units(peft_model, DataLoader(test, batch_size=64))
     """
     arch = architecture_of(model)
     store = UnitStore(arch, max_bytes)
-    bar = tqdm(total=_images_in(batches), unit="img", desc=desc, disable=not progress)  # images/s, ETA if known
-    for batch in pca.recorded_batches(arch, batches, desc, label_column):
+    world, rank = (accelerator.num_processes, accelerator.process_index) if accelerator else (1, 0)
+    if world > 1 and _batches_in(batches) is not None and _batches_in(batches) < world:
+        logger.info("%s: %d batch(es) for %d processes; every process records all of them.", desc,
+                    _batches_in(batches), world)  # fmt: skip
+        world, rank = 1, 0
+    total = _images_in(batches)
+    shown = progress and rank == 0
+    bar = tqdm(total=total and -(-total // world), unit="img", desc=desc, disable=not shown)  # images/s, ETA if known
+    for batch in pca.recorded_batches(arch, _shard(batches, world, rank), desc, label_column):
         store.add(batch.record, batch.labels)
         store.image_size = batch.image_size
         bar.update(len(batch.record.embedding))
     bar.close()
-    if len(store) == 0:
-        raise ResiDualInputError(f"{desc}: no images; the data set is empty.")
+    per_process = gather_object([store._sizes]) if world > 1 else [store._sizes]
+    if not all(per_process):  # on every process alike, so that none waits for the others in the fit
+        empty = "the data set is empty" if world == 1 else f"give more batches than the {world} processes"
+        raise ResiDualInputError(f"{desc}: no images for a process; {empty}.")
+    if world > 1:  # every process learns the sizes of every batch, to find any image among the shards
+        sizes = [per_process[b % world][b // world] for b in range(sum(map(len, per_process)))]
+        store._shard = ShardLayout(tuple(sizes), world, rank)
     return store
+
+
+def _shard(batches: Iterable, world: int, rank: int) -> Iterable:
+    """Batches ``rank, rank + world, ...`` of ``batches``: a DataLoader loads only those."""
+    if world == 1:
+        return batches
+    if isinstance(batches, DataLoader) and batches.batch_sampler is not None:
+        sampler = BatchSamplerShard(batches.batch_sampler, world, rank, even_batches=False)
+        return DataLoader(
+            batches.dataset, batch_sampler=sampler, collate_fn=batches.collate_fn, num_workers=batches.num_workers
+        )
+    return islice(batches, rank, None, world)
+
+
+def _batches_in(batches: Iterable) -> int | None:
+    """How many batches a DataLoader over a sized data set yields, if it knows."""
+    try:
+        return len(batches) if isinstance(batches, DataLoader) else None
+    except TypeError:
+        return None
 
 
 def _images_in(batches: Iterable) -> int | None:
@@ -218,7 +347,8 @@ def fit_residual_bases(
     """:func:`peft_residual.tuner.fit_residual_bases`, which also takes a :class:`UnitStore` (no backbone pass) and,
     with ``keep_units=True``, keeps the raw pieces of every image in ``FitReport.units`` (in memory up to
     ``max_unit_bytes``, then in a temporary file), so that the same images are cached for training without running
-    the backbone again.
+    the backbone again. A store sharded across processes (``collect_units(..., accelerator=)``) gives every process
+    the bases of all its shards.
 
     Example:
         >>> report = fit_residual_bases(peft_model, DataLoader(train, batch_size=64), keep_units=True)
@@ -230,12 +360,13 @@ def fit_residual_bases(
         store.add(batch.record, batch.labels)
         store.image_size = batch.image_size
 
+    merge_processes = isinstance(data, UnitStore) and data.sharded
     if isinstance(data, UnitStore):  # no backbone, but minutes at scale: a bar over the stored batches
         total = -(-len(data) // RECORD_BATCH)
         data = tqdm(data.records(), desc="ResiDual PCA (recorded units)", total=total, disable=not progress)
         progress = False
     report = pca.fit_residual_bases(
-        model, data, adapter_name, max_batches, progress, keep if store is not None else None
+        model, data, adapter_name, max_batches, progress, keep if store is not None else None, merge_processes
     )
     report.units = store
     return report

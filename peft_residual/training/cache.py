@@ -169,9 +169,9 @@ def encode_dataset(
     """
     if len(dataset) == 0:
         raise ResiDualInputError(f"{desc}: the data set is empty.")
-    if isinstance(dataset, UnitStore):
-        return _encode_store(model, dataset, batch_size, num_classes, progress, desc)
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    if isinstance(dataset, UnitStore):
+        return _encode_store(model, dataset, accelerator, num_classes, progress, desc)
     index_batches = list(torch.arange(len(dataset)).split(batch_size))
     mine = [indices.tolist() for indices in index_batches[rank::world]]
     loader = DataLoader(dataset, batch_sampler=mine, num_workers=num_workers)
@@ -191,18 +191,27 @@ def encode_dataset(
 
 
 def _encode_store(
-    model: nn.Module, store: UnitStore, batch_size: int, num_classes: int | None, progress: bool, desc: str
+    model: nn.Module,
+    store: UnitStore,
+    accelerator: Accelerator | None,
+    num_classes: int | None,
+    progress: bool,
+    desc: str,
 ) -> UnitCache:
+    """Encode stored units batch by batch as they were recorded (this process's share of those batches), and
+    gather the shares."""
     if store.labels is None:
         raise ResiDualInputError(f"{desc}: the stored units have no labels; collect them from batches with labels.")
-    scores, offsets = [], []
-    batches = tqdm(store.records(batch_size), desc=desc, total=-(-len(store) // batch_size), disable=not progress)
-    for step, (record, _, _) in enumerate(batches):
-        batch_scores, batch_offset = encode_batch(model, None, f"{desc} batch {step}", record)
-        scores.append(batch_scores)
-        offsets.append(batch_offset)
-    labels = check_labels(store.labels, num_classes, desc)
-    return UnitCache(torch.cat(scores), torch.cat(offsets), labels.to(scores[0].device))
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    layout, mine = store.shard_of(world, rank)
+    parts = []
+    batches = tqdm(store.recorded_batches(mine), desc=desc, total=len(mine), disable=not progress or rank != 0)
+    for step, (record, labels, _) in zip(mine, batches, strict=True):
+        where = f"{desc} batch {step}"
+        parts.append((*encode_batch(model, None, where, record), check_labels(labels, num_classes, where)))
+    scores, offsets, labels = (torch.cat(part) for part in zip(*parts, strict=True)) if parts else empty_batch(model)
+    gather = (lambda t: _gather_batches(accelerator, t, list(layout.batch_sizes))) if world > 1 else (lambda t: t)
+    return UnitCache(gather(scores), gather(offsets), gather(labels.to(scores.device)))
 
 
 def adapted_embeddings(model: nn.Module, cache: UnitCache) -> torch.Tensor:

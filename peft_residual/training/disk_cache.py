@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from ..data.units import UnitStore
+from ..data.units import ShardLayout, UnitStore
 from ..inference import check_labels
 from ..tuner import residual_tuner
 from ..tuner.errors import ResiDualInputError
@@ -102,50 +102,36 @@ class ShardWriter:
 class DiskUnitCache:
     """A :class:`~.cache.UnitCache` whose scores and offsets stay on disk: the same batches, read when needed.
 
-    The rows of ``size`` images encoded in batches of ``batch_size``, batch ``b`` by process ``b % world``: global
-    row ``i`` is in the files of that process at ``(b // world) * batch_size + i % batch_size``.
+    The rows of a data set encoded by the processes of ``layout`` (see :class:`~peft_residual.data.ShardLayout`),
+    each into its own files: global row ``i`` lies in the files of the process that held its batch.
 
     Example:
-        >>> cache = DiskUnitCache(directory, size=len(dataset), batch_size=64, world=1, widths={"scores": 96, ...})
+        >>> cache = DiskUnitCache(directory, ShardLayout((64, 64, 10)), widths={"scores": 96, "offset": 32})
         >>> scores, offset, labels = next(cache.batches([torch.arange(64)]))
     """
 
     granule = TILE
 
     def __init__(
-        self,
-        directory: Path,
-        size: int,
-        batch_size: int,
-        world: int,
-        widths: dict[str, int],
-        device: torch.device | str = "cpu",
+        self, directory: Path, layout: ShardLayout, widths: dict[str, int], device: torch.device | str = "cpu"
     ) -> None:
-        self.directory, self.size, self.batch_size, self.world = Path(directory), size, batch_size, world
+        self.directory, self.size, self.world = Path(directory), layout.size, layout.world
         self.widths, self.device = widths, torch.device(device)
         self._fds = {
             (part, rank): os.open(_path(self.directory, part, rank), os.O_RDONLY)
             for part in ("scores", "offset")
-            for rank in range(world)
+            for rank in range(self.world)
         }
-        batches = -(-size // batch_size)
-        sizes = [min(batch_size, size - batch_size * b) for b in range(batches)]
-        rows = [sum(sizes[rank::world]) for rank in range(world)]
-        self._rows_before = torch.tensor([0, *np.cumsum(rows)[:-1]], dtype=torch.long)
-        """Per process, how many rows the processes before it hold (where its labels start when concatenated)."""
-        per_rank = [np.fromfile(_path(self.directory, "labels", rank), dtype=np.int64) for rank in range(world)]
-        self.labels = torch.from_numpy(np.concatenate(per_rank))[self._locate(torch.arange(size))[2]]
+        for fd in self._fds.values():  # shuffled rows: readahead would read (and cache) ~4 rows per row wanted
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        self._owner, self._local = layout.locate()
+        per_rank = [np.fromfile(_path(self.directory, "labels", rank), dtype=np.int64) for rank in range(self.world)]
+        rows_before = torch.tensor([0, *np.cumsum([len(labels) for labels in per_rank])[:-1]], dtype=torch.long)
+        self.labels = torch.from_numpy(np.concatenate(per_rank))[rows_before[self._owner] + self._local]
         """All labels, in the data set's order (small enough to hold)."""
 
     def __len__(self) -> int:
         return self.size
-
-    def _locate(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per global row: its process, its row in that process's files, and its row in all files concatenated."""
-        batch = indices // self.batch_size
-        rank = batch % self.world
-        local = (batch // self.world) * self.batch_size + indices % self.batch_size
-        return rank, local, self._rows_before[rank] + local
 
     def _read(self, part: str, rank: int, row: int) -> np.ndarray:
         width = self.widths[part]
@@ -154,7 +140,7 @@ class DiskUnitCache:
 
     def rows(self, indices: torch.Tensor) -> Batch:
         """``(scores, offset, labels)`` of the images at ``indices``."""
-        ranks, local, _ = self._locate(indices)
+        ranks, local = self._owner[indices], self._local[indices]
         parts = []
         for part in ("scores", "offset"):
             rows = [self._read(part, int(r), int(i)) for r, i in zip(ranks, local, strict=True)]
@@ -203,41 +189,45 @@ def encode_to_disk(
     if temporary and world > 1:
         raise ResiDualInputError(f"{desc}: {world} processes need a directory they all read; pass one.")
     directory = Path(tempfile.mkdtemp(prefix="residual-cache-") if temporary else directory)
-    mine = list(torch.arange(len(dataset)).split(batch_size))[rank::world]
+    if isinstance(dataset, UnitStore):  # in the batches the units were recorded in
+        layout, mine = dataset.shard_of(world, rank)
+        sizes = [dataset.batch_sizes[batch] for batch in mine]
+    else:
+        layout = ShardLayout(tuple(len(batch) for batch in torch.arange(len(dataset)).split(batch_size)), world, rank)
+        mine = layout.mine()
+        sizes = [layout.batch_sizes[batch] for batch in mine]
     writer = ShardWriter(directory, rank, identity, widths)
-    done = sum(1 for end in np.cumsum([len(batch) for batch in mine]) if end <= writer.rows)
+    done = sum(1 for end in np.cumsum(sizes) if end <= writer.rows)
     shown = options.progress and rank == 0
-    bar = tqdm(total=sum(map(len, mine)), initial=writer.rows, unit="img", desc=desc, disable=not shown)
-    batches = _batches(dataset, mine[done:], options.label_column, options.num_workers)
-    for step, (indices, pixel_values, record, labels) in enumerate(batches):
-        where = f"{desc} batch {rank + (done + step) * world}"
+    bar = tqdm(total=sum(sizes), initial=writer.rows, unit="img", desc=desc, disable=not shown)
+    batches = _batches(dataset, mine[done:], batch_size, options.label_column, options.num_workers)
+    for step, (pixel_values, record, labels) in zip(mine[done:], batches, strict=True):
+        where = f"{desc} batch {step}"
         scores, offset = encode_batch(model, pixel_values, where, record)
         writer.append(scores, offset, check_labels(torch.as_tensor(labels), options.num_classes, where))
-        bar.update(len(indices))
+        bar.update(len(labels))
     bar.close()
     writer.close()
     if accelerator is not None and world > 1:
         accelerator.wait_for_everyone()  # every process's files are complete before any reads them
     device = next(tuner.model.parameters()).device
-    cache = DiskUnitCache(directory, len(dataset), batch_size, world, widths, device)
+    cache = DiskUnitCache(directory, layout, widths, device)
     if temporary:
         weakref.finalize(cache, shutil.rmtree, directory, True)
     return cache
 
 
 def _batches(
-    dataset: Dataset | UnitStore, index_batches: list[torch.Tensor], label_column: str, num_workers: int
+    dataset: Dataset | UnitStore, batches: list[int], batch_size: int, label_column: str, num_workers: int
 ) -> Iterator[tuple]:
-    """``(indices, pixel_values, record, labels)`` per batch: images to encode, or stored units already recorded."""
+    """``(pixel_values, record, labels)`` of the batches numbered ``batches``: images to encode (in batches of
+    ``batch_size``), or stored units already recorded."""
     if isinstance(dataset, UnitStore):
-        labels = dataset.labels
-        if labels is None:
+        if dataset.labels is None:
             raise ResiDualInputError("The stored units have no labels; collect them from batches with labels.")
-        for indices in index_batches:
-            recorded = dataset.recorded(int(indices[0]), int(indices[-1]) + 1, labels)
-            yield indices, None, recorded.record, recorded.labels
+        for recorded in dataset.recorded_batches(batches):
+            yield None, recorded.record, recorded.labels
         return
-    samplers = [indices.tolist() for indices in index_batches]
-    loader = DataLoader(dataset, batch_sampler=samplers, num_workers=num_workers)
-    for indices, batch in zip(index_batches, loader, strict=True):
-        yield indices, batch["pixel_values"], None, batch[label_column]
+    samplers = [list(range(batch * batch_size, min((batch + 1) * batch_size, len(dataset)))) for batch in batches]
+    for batch in DataLoader(dataset, batch_sampler=samplers, num_workers=num_workers):
+        yield batch["pixel_values"], None, batch[label_column]

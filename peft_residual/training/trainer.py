@@ -213,7 +213,8 @@ def train_residual(
 
     classifier = classifier.to(accelerator.device)
     seconds: dict[str, float] = {}
-    location = _cache_location(cache, len(train_dataset) + len(eval_dataset), scales, max_cache_bytes)
+    images = sum(d.layout.size if isinstance(d, UnitStore) else len(d) for d in (train_dataset, eval_dataset))
+    location = _cache_location(cache, images, scales, max_cache_bytes)
     if location == "disk" and cache_dir is None and output_dir is not None:
         cache_dir = Path(output_dir) / "unit-cache"
     if location == "disk" and cache_dir is None and accelerator.num_processes > 1:

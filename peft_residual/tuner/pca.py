@@ -11,6 +11,7 @@ from itertools import islice
 from typing import Any, NamedTuple
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -23,6 +24,15 @@ from .model import residual_tuner
 from .packing import canonical_signs
 
 logger = logging.getLogger(__name__)
+
+
+def sum_across_processes(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` summed over the processes of the default ``torch.distributed`` group, on ``tensor``'s device (the
+    sum itself runs where the backend needs it: NCCL sums on the GPU)."""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else tensor.device
+    total = tensor.to(device, copy=True)
+    dist.all_reduce(total)
+    return total.to(tensor.device)
 
 
 class StreamingMoments:
@@ -54,6 +64,18 @@ class StreamingMoments:
             self.scatter += torch.einsum("ud,ue->ude", delta, delta) * (self.count * n / total)
         self.mean += delta * (n / total)
         self.count = total
+
+    def merge_processes(self) -> None:
+        """Combine the moments of every process's own samples into those of all of them (in place, on every
+        process): the counts and sums add up, and each process's scatter is moved to the common mean before the sum,
+        so no process gathers another's moments."""
+        local = torch.tensor(float(self.count), dtype=torch.float64, device=self.mean.device)
+        total = sum_across_processes(local)
+        mean = sum_across_processes(self.mean * local) / total
+        if self._with_scatter:
+            delta = self.mean - mean
+            self.scatter = sum_across_processes(self.scatter + torch.einsum("ud,ue->ude", delta, delta) * local)
+        self.mean, self.count = mean, int(total)
 
     def covariance(self) -> torch.Tensor:
         return self.scatter / (self.count - 1)
@@ -157,6 +179,7 @@ def fit_residual_bases(
     max_batches: int | None = None,
     progress: bool = True,
     on_batch: Callable[[RecordedBatch], None] | None = None,
+    merge_processes: bool = False,
 ) -> FitReport:
     """Fit every unit's PCA basis and mean on reference images, then initialise the scales.
 
@@ -164,7 +187,9 @@ def fit_residual_bases(
     config (``base_signature``) with the base model's sizes and a weights fingerprint; it may also yield
     :class:`RecordedBatch` es recorded earlier, which need no backbone pass. ``on_batch`` sees every recorded batch
     (``peft_residual.fit_residual_bases(..., keep_units=True)`` keeps them to cache the same images without another
-    pass). Covariances are accumulated per unit in float64, never holding the encodings. ``k`` from the config is
+    pass). Covariances are accumulated per unit in float64, never holding the encodings; with
+    ``merge_processes=True`` each process of a ``torch.distributed`` group passes its own share of the images and
+    every process fits on all of them. ``k`` from the config is
     clamped to each unit's rank (``head_dim + 2`` for a head under the shared norm mean, see
     ``Architecture.max_rank``), and clamping is reported in the returned :class:`FitReport` and as a warning.
     Refitting an adapter resets its scales to their initial values (a warning says so if they were trained).
@@ -189,6 +214,9 @@ def fit_residual_bases(
         moments, image_size = _accumulate(tuner.arch, layers, adapter_name, config, batches, on_batch)
     finally:
         tuner.model.train(was_training)
+    if merge_processes:
+        for layer_moments in moments.values():
+            layer_moments.merge_processes()
     num_samples = next(iter(moments.values())).count if moments else 0
     if num_samples < 2:
         raise ResiDualInputError(
