@@ -455,6 +455,47 @@ def storage_projection_table() -> str:
     return "\n".join(_table(header, rows)) + "\n"
 
 
+GPUS, GPU_TFLOPS, DISK_GBPS, IMAGE_SIZE = 8, 100.0, 2.0, 224
+"""Assumptions of the GPU projection (none measured here): 8 GPUs on one node, each sustaining 100 TFLOP/s on the
+backbone's products (TF32 on an H100-class GPU, about a fifth of its dense peak), one shared NVMe volume reading or
+writing 2 GB/s, images at 224 px."""
+
+
+def gpu_projection_table() -> str:
+    """docs/scale.md: time per phase for ImageNet-1k on one node of GPUs, from FLOP and byte counts of the shapes
+    under :data:`GPU_TFLOPS` and :data:`DISK_GBPS`; each phase takes the slower of its compute and its disk."""
+    rows = []
+    for name, (hidden, layers, heads, head_dim, out) in VIT_SHAPES.items():
+        patch = int(name.split("/")[1])
+        tokens = (IMAGE_SIZE // patch) ** 2 + 1
+        backbone = layers * (2 * tokens * 12 * hidden**2 + 4 * tokens**2 * hidden)  # products and attention
+        units = 1 + layers * (heads + 1)
+        # the fit and the cache push every unit through the norm and projection, then (heads) into head coordinates
+        per_unit = units * hidden * out * 2 + layers * heads * out * (head_dim + 2) * 2
+        store = (2 * layers + 1) * hidden * 4
+        cache = (layers * heads * 64 + out) * 4 + 8  # k=64 heads
+        epoch_flops = 3 * 2 * layers * heads * 64 * out  # readout, forward and the λ-gradient
+
+        def seconds(flops: float, disk_bytes: float) -> float:
+            return max(
+                IMAGENET_TRAIN * flops / (GPUS * GPU_TFLOPS * 1e12), IMAGENET_TRAIN * disk_bytes / DISK_GBPS / 1e9
+            )
+
+        phases = {
+            "pass": seconds(backbone, store),  # writes the unit store
+            "fit": seconds(per_unit, store),  # reads it
+            "cache": seconds(per_unit, store + cache),  # reads it, writes the cache
+            "epoch": seconds(epoch_flops, cache),  # reads the cache
+        }
+        rows.append([name, f"{backbone / 1e9:.0f}", *(f"{value / 60:,.1f}" for value in phases.values())])
+    header = ["model", "backbone GFLOP per image", "pass min", "fit min", "cache min", "epoch min (k=64 heads)"]
+    note = (
+        f"Assumed: {GPUS} GPUs at {GPU_TFLOPS:.0f} TFLOP/s each, one {DISK_GBPS:.0f} GB/s disk, {IMAGE_SIZE} px; "
+        "loading and decoding the JPEGs is not modelled."
+    )
+    return "\n".join([*_table(header, rows), "", note]) + "\n"
+
+
 PUBLISHED: dict[str, Callable[[], str]] = {
     "headline": headline_table,
     "default-mnist": lambda: run_table(load("default_mnist")),
@@ -472,6 +513,7 @@ PUBLISHED: dict[str, Callable[[], str]] = {
     "ablations": ablation_table,
     "scale": lambda: scale_table(load("scale_clip_b32_random")),
     "storage-projection": storage_projection_table,
+    "gpu-projection": gpu_projection_table,
 }
 BLOCK = re.compile(r"(<!-- rendered: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- end rendered -->)", re.S)
 

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from .compat import is_residual_model
 from .tuner.architectures import architecture_of
-from .tuner.decomposition import readout_bypassed
+from .tuner.decomposition import UnitRecord, open_record, readout_bypassed
 from .tuner.errors import ResiDualInputError
 from .tuner.pca import pixel_values_of
 
@@ -35,6 +35,27 @@ def embed_images(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
     if embeds is not None:
         return embeds
     return output.last_hidden_state[:, 0] if arch.spec.pooled == "cls" else output.pooler_output
+
+
+def embed_all_adapters(
+    model: nn.Module, pixel_values: torch.Tensor, adapter_names: list[str] | None = None
+) -> dict[str, torch.Tensor]:
+    """Every adapter's image embedding (``adapter_names``: those, else every fitted one) from one backbone pass.
+
+    The backbone does not change between ResiDual adapters, so N tasks cost one forward and N readouts; each
+    embedding equals what :func:`embed_images` gives with that adapter active, exactly.
+
+    Example:
+        >>> embeddings = embed_all_adapters(peft_model, pixel_values)  # {"mnist": [B, dim], "svhn": [B, dim]}
+    """
+    if not is_residual_model(model):
+        raise ResiDualInputError("embed_all_adapters needs a PeftModel with ResiDual adapters.")
+    tuner = model.base_model
+    names = list(adapter_names) if adapter_names is not None else tuner.readout.fitted_adapters()
+    tuner.check_adapter_names(names)
+    with open_record(UnitRecord(stacked=tuple(names))):
+        embeddings = embed_images(model, pixel_values)
+    return dict(zip(names, embeddings.split(len(pixel_values)), strict=True))
 
 
 @contextmanager

@@ -74,3 +74,14 @@ def test_ablate_runs_every_factor(tiny_assets, tmp_path):
     assert scales["heads"] + scales["MLPs"] == scales["both"]
     assert (tmp_path / "ablate_images.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "ablate_images.md").read_text().count("\n|") == 2 + len(levels)
+
+
+def test_multitask_benchmark_writes_its_record_and_finds_the_passes_equal(tiny_assets, tmp_path):
+    from benchmarks import multitask
+
+    output = tmp_path / "multitask.json"
+    args = ["--model", str(tiny_assets["dinov2"]), "--image-size", "32", "--adapters", "3", "--batch", "4"]
+    multitask.main([*args, "--repeats", "2", "--output", str(output)])
+    record = json.loads(output.read_text())
+    assert [row["run"] for row in record["rows"]] == ["one adapted forward", "embed_all_adapters", "separate forwards"]
+    assert record["max_abs_difference"] == 0.0 and all(row["ms"] > 0 for row in record["rows"])

@@ -401,12 +401,3 @@ def test_layers_carry_peft_layer_attributes_and_autocast_adapter_dtype_is_honour
         fit_residual_bases(half, [{"pixel_values": images(32).to(torch.bfloat16)}], progress=False)
         scales = [p for name, p in half.named_parameters() if "residual_lambda" in name]
         assert scales and all(p.dtype == dtype for p in scales), (autocast, {p.dtype for p in scales})
-
-
-def test_a_mixed_adapter_batch_is_refused_never_ignored(fitted_models):
-    """PEFT's mixed-batch API (`adapter_names=` per sample) is not served by ResiDual: a clear error, even for a
-    name that exists, instead of running every sample through the active adapter."""
-    model = fresh(fitted_models)
-    for names in (["default"] * 3, ["nope"] * 3):
-        with pytest.raises(ResiDualInputError, match="adapter_names"), torch.no_grad():
-            model(pixel_values=images(3), adapter_names=names)

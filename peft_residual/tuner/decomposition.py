@@ -31,6 +31,9 @@ from torch import nn
 
 from .architectures import Architecture, architecture_of
 
+BASE = "__base__"
+"""PEFT's name, in ``adapter_names``, for samples that get the base model's output."""
+
 LN_MEANS = ("shared", "unit")
 """How the final norm's mean is split among the units (see the module docstring)."""
 
@@ -57,6 +60,11 @@ class UnitRecord:
     """Whether the last block runs on the CLS token alone (see :func:`last_block_at_cls`)."""
     opened_by_embedding: bool = False
     """Opened by the embedding module because no record was waiting, so the readout closes it."""
+    adapter_names: tuple[str, ...] | None = None
+    """Per sample, the adapter whose output it gets (:data:`BASE`: the base model's), as PEFT's ``adapter_names``."""
+    stacked: tuple[str, ...] | None = None
+    """Adapters whose outputs for the whole batch are returned one after another along the batch dimension (one
+    backbone pass for many tasks, see ``peft_residual.embed_all_adapters``)."""
 
     _buffer: torch.Tensor | None = field(default=None, repr=False)
     """Every piece of a live pass, ``[batch, 1 + 3 * layers, width]`` (see :meth:`capture`)."""
@@ -134,7 +142,7 @@ def capture(arch: Architecture, kind: str, layer: int | None, inputs: tuple, out
     when none is waiting (nothing open, or the open one already has its embedding: a nested forward)."""
     record = current_record()
     if kind == "embedding" and (record is None or record.embedding is not None):
-        record = UnitRecord(adapt=not _STACK.bypassed, opened_by_embedding=True)
+        record = UnitRecord(adapt=not is_bypassed(), opened_by_embedding=True)
         _STACK.records.append(record)
     if record is not None:
         record.capture(arch, kind, layer, inputs, output)
@@ -168,6 +176,11 @@ def forward_scope() -> Iterator[None]:
         yield
     finally:
         del _STACK.records[depth:]
+
+
+def is_bypassed() -> bool:
+    """Whether this thread is inside :func:`readout_bypassed`."""
+    return _STACK.bypassed > 0
 
 
 @contextmanager

@@ -27,7 +27,7 @@ from torch import nn
 
 from .architectures import Architecture
 from .config import ResiDualConfig
-from .decomposition import UnitRecord, capture, take_record
+from .decomposition import BASE, UnitRecord, capture, take_record
 from .errors import ResiDualInputError
 from .head_space import HeadFrames, head_frames
 from .packing import pack_orthonormal, packed_size, unpack_orthonormal
@@ -296,6 +296,10 @@ class ResiDualReadoutLayer(nn.Module, ResiDualLayer):
         """The layers whose ``residual_lambda``, concatenated in this order, are the adapter's scales."""
         return [layer for layer in self.unit_layers if layer.is_transformed(adapter_name)]
 
+    def fitted_adapters(self) -> list[str]:
+        """The adapters with PCA bases, in the order they were added."""
+        return [name for name in self.residual_config if self.is_fitted(name)]
+
     def is_fitted(self, adapter_name: str) -> bool:
         layers = self.layers_of(adapter_name)
         return bool(layers) and all(layer.is_fitted(adapter_name) for layer in layers)
@@ -397,14 +401,38 @@ class ResiDualReadoutLayer(nn.Module, ResiDualLayer):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         record = take_record()  # always: the record of this pass closes here
-        if record is None or not record.adapt or self.disable_adapters or not self.active_adapters:
+        if record is None or not record.adapt or self.disable_adapters:
+            return result
+        if record.stacked is not None:  # many tasks from one backbone pass
+            return torch.cat([self.output(name, record, result) for name in record.stacked])
+        if record.adapter_names is not None:
+            return self.mixed_output(record, result)
+        if not self.active_adapters:
             return result
         if len(self.active_adapters) != 1:
             raise ResiDualInputError(f"ResiDual runs one adapter at a time, but {self.active_adapters} are active.")
-        adapted = self.adapt(self.active_adapters[0], record).to(result.dtype)
+        return self.output(self.active_adapters[0], record, result)
+
+    def output(self, adapter_name: str, record: UnitRecord, result: torch.Tensor) -> torch.Tensor:
+        """What this module returns for ``adapter_name`` (:data:`BASE`: the base module's ``result``)."""
+        if adapter_name == BASE:
+            return result
+        adapted = self.adapt(adapter_name, record).to(result.dtype)
         if result.dim() == 3:  # a final norm over the whole sequence: only the CLS token is ResiDual's
             return torch.cat([adapted.unsqueeze(1), result[:, 1:]], dim=1)
         return adapted
+
+    def mixed_output(self, record: UnitRecord, result: torch.Tensor) -> torch.Tensor:
+        """Each sample's output under its own adapter (``record.adapter_names``): every adapter named reads out the
+        whole batch, as it would alone, and each sample takes its own adapter's row, so it equals that adapter's
+        output exactly."""
+        names = record.adapter_names
+        if len(names) != len(result):
+            raise ResiDualInputError(f"adapter_names has {len(names)} names for a batch of {len(result)} images.")
+        distinct = list(dict.fromkeys(names))
+        outputs = torch.stack([self.output(name, record, result) for name in distinct])
+        chosen = torch.tensor([distinct.index(name) for name in names], device=outputs.device)
+        return outputs[chosen, torch.arange(len(names), device=outputs.device)]
 
 
 def _check_image_size(adapter_name: str, config: ResiDualConfig, num_tokens: int | None) -> None:

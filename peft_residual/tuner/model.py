@@ -13,7 +13,7 @@ from torch import nn
 
 from .architectures import Architecture, check_normalised
 from .config import ResiDualConfig
-from .decomposition import forward_scope, unit_modules
+from .decomposition import BASE, UnitRecord, forward_scope, is_bypassed, open_record, unit_modules
 from .errors import ResiDualInputError
 from .layer import ResiDualLayer, ResiDualReadoutLayer, ResiDualUnitLayer, UnitRole
 from .packing import packed_size
@@ -134,15 +134,29 @@ class ResiDualModel(BaseTuner):
 
     @contextmanager
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
-        if kwargs.get("adapter_names") is not None:
-            raise ResiDualInputError(
-                "adapter_names (per-sample adapters in one batch) is not supported by ResiDual: set_adapter(name) "
-                "and run each adapter's batch separately."
-            )
+        """Per call: checks the pixels, and serves PEFT's ``adapter_names`` (one adapter per sample, ``"__base__"``
+        for the base model) through the record of this pass, never through module state."""
         if isinstance(kwargs.get("pixel_values"), torch.Tensor):
             check_normalised(kwargs["pixel_values"], "forward", in_forward=True)  # the fit's rule: no raw pixels
+        names = kwargs.get("adapter_names")
         with forward_scope():  # a forward that raises leaves no record of its pass behind
-            yield
+            if names is None:
+                yield
+                return
+            self.check_adapter_names(names)
+            with open_record(UnitRecord(adapt=not is_bypassed(), adapter_names=tuple(names))):
+                yield
+
+    def check_adapter_names(self, names: Any) -> None:
+        """Refuse ``adapter_names`` that are not a list of this model's adapters (or ``"__base__"``)."""
+        if isinstance(names, str) or not all(isinstance(name, str) for name in names):
+            raise ResiDualInputError(f"adapter_names must be a list of adapter names, one per sample; got {names!r}.")
+        unknown = sorted(set(names) - set(self.peft_config) - {BASE})
+        if unknown:
+            raise ResiDualInputError(
+                f"adapter_names names unknown adapter(s) {unknown}; the model has {sorted(self.peft_config)} (and "
+                f"{BASE!r} for the base model)."
+            )
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         with self._enable_peft_forward_hooks(*args, **kwargs):
