@@ -168,6 +168,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     from .data import class_names, collect_units, fit_residual_bases, holdout
     from .training.trainer import train_residual
 
+    if args.bases:
+        _check_source(args.bases, "bases")  # before the backbone pass
     base = _model(args)
     pool = _split(args, args.split, args.samples)
     names = class_names(pool, args.label_column)
@@ -178,8 +180,11 @@ def cmd_train(args: argparse.Namespace) -> None:
         for name, split in (("Train", train), ("Val", val))
     )
     classifier = _classifier(args, base, names, train_units=train_units)
-    model = get_peft_model(base, _config(args))
-    fit_residual_bases(model, train_units)
+    if args.bases:  # the paper's protocol: bases fitted on a reference set, only the scales trained here
+        model = _bases_from(args, base, train_units.image_size)
+    else:
+        model = get_peft_model(base, _config(args))
+        fit_residual_bases(model, train_units)
     lr = args.lr if args.lr == "auto" else float(args.lr)
     result = train_residual(
         model, classifier, train_units, val_units, lr=lr, batch_size=args.batch_size, max_epochs=args.epochs,
@@ -194,25 +199,39 @@ def cmd_train(args: argparse.Namespace) -> None:
           f"adapter and classifier saved to {args.output}")  # fmt: skip
 
 
-def _load_adapter(args: argparse.Namespace):
+def _bases_from(args: argparse.Namespace, base, image_size: tuple[int, int]):
+    """The adapter in ``--bases``, trainable, on ``base``: its PCA bases are kept, not refitted."""
+    if args.k is not None:
+        raise CliError("--k sets the components of bases fitted here; --bases brings its own, so drop --k")
+    model = _load_adapter(args.bases, base, "bases", is_trainable=True)  # refuses another base model
+    fitted = (model.peft_config["default"].base_signature or {}).get("image_size")
+    if fitted and list(image_size) != list(fitted):
+        raise CliError(
+            f"the bases in {args.bases} were fitted on {fitted[0]}x{fitted[1]} px images but these come out at "
+            f"{image_size[0]}x{image_size[1]}; pass --image-size {fitted[0]}"
+        )
+    return model
+
+
+def _load_adapter(source: str, base, what: str = "adapter", is_trainable: bool = False):
     from peft import PeftModel
 
     from .tuner import ResiDualConfig
 
-    _check_source(args.adapter, "adapter")
-    config_path = Path(args.adapter) / "adapter_config.json"
-    if _looks_local(args.adapter):
+    _check_source(source, what)
+    config_path = Path(source) / "adapter_config.json"
+    if _looks_local(source):
         if not config_path.exists():
-            raise CliError(f"{args.adapter} holds no adapter_config.json; give the directory written by fit or train")
+            raise CliError(f"{source} holds no adapter_config.json; give the directory written by fit or train")
         ResiDualConfig.from_json_file(str(config_path))  # names the file if it is malformed
-    return PeftModel.from_pretrained(_model(args), args.adapter)
+    return PeftModel.from_pretrained(base, source, is_trainable=is_trainable)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from .classifiers import Classifier
     from .inference import accuracy, embed_batches
 
-    model = _load_adapter(args)
+    model = _load_adapter(args.adapter, _model(args))
     signature = model.peft_config["default"].base_signature or {}
     fitted_size = signature.get("image_size")
     if fitted_size and args.image_size is not None and [args.image_size] * 2 != fitted_size:
@@ -368,10 +387,16 @@ def build_parser() -> argparse.ArgumentParser:
     head.add_argument("--centroid-scale", type=float, default=100.0)
 
     train = command(
-        "train", [common, data, method, head], "fit the bases, train the scales against a frozen classifier, save",
+        "train", [common, data, method, head],
+        "fit the bases (or take them from --bases), train the scales against a frozen classifier, save",
         cmd_train,
     )  # fmt: skip
     train.add_argument("--split", default="train")
+    train.add_argument(
+        "--bases",
+        help="an adapter directory (or Hub id) from `fit` on a reference set: train its scales with no refit (its "
+        "config replaces --method)",
+    )
     train.add_argument("--val-fraction", type=_fraction, default=0.1, help="the first part of the images validates")
     train.add_argument("--epochs", type=_positive_int, default=30)
     train.add_argument("--patience", type=_positive_int, default=5)

@@ -4,7 +4,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from safetensors.torch import load_file
+from transformers import Dinov2Model
 
 from peft_residual.cli import main
 
@@ -77,6 +79,52 @@ def test_fit_train_eval_on_tiny_dinov2(tiny_assets, tmp_path, capfd):
     assert code == 0, err
     zero_shot, adapted = adapter_accuracies(model, dataset, trained)  # the same through the public API
     assert out.strip() == f"48 images: zero-shot {100 * zero_shot:.2f}%  ResiDual {100 * adapted:.2f}%"
+
+
+def test_train_on_bases_fitted_elsewhere_keeps_them_and_checks_them(tiny_assets, tmp_path, capfd):
+    """The paper's protocol: `fit` on a reference split, then `train --bases` on the target: one pass over the
+    target images (centroids and cache, no fit), the saved bases are the reference's, only λ change."""
+    model, dataset = tiny_assets["dinov2"], tiny_assets["dataset"]
+    reference = tmp_path / "reference"
+    source = ["--quiet", "--model", model, "--dataset", dataset]
+    assert run_main(capfd, "fit", *source, "--split", "test", "--k", "3", "--output", reference)[0] == 0
+    seen, handle = [], None
+    handle = count_images(seen)
+    try:
+        code, _, err = run_main(
+            capfd, "train", *source, "--bases", reference, "--epochs", "2", "--output", tmp_path / "target"
+        )
+    finally:
+        handle.remove()
+    assert code == 0, err
+    assert sum(seen) == 96  # the 96 target images once; nothing refitted
+    fitted, trained = (load_file(path / "adapter_model.safetensors") for path in (reference, tmp_path / "target"))
+    assert set(fitted) == set(trained)
+    for key in fitted:
+        if "residual_lambda" in key:
+            assert not torch.equal(trained[key], fitted[key]), key  # trained
+        else:
+            assert torch.equal(trained[key], fitted[key]), key  # the reference's bases and means, untouched
+    config = json.loads((tmp_path / "target" / "adapter_config.json").read_text())
+    assert config["k"] == 3 and config["training_summary"]["training_samples"] > 0
+
+    code, _, err = run_main(capfd, "train", *source, "--bases", reference, "--image-size", "16", "--output", tmp_path)
+    assert code == 2 and "fitted on 32x32 px images but these come out at 16x16" in err
+    code, _, err = run_main(capfd, "train", *source, "--bases", reference, "--k", "5", "--output", tmp_path / "x")
+    assert code == 2 and "drop --k" in err
+    code, _, err = run_main(capfd, "train", *source, "--bases", tmp_path / "none", "--output", tmp_path / "x")
+    assert code == 2 and "no bases at" in err
+    shutil.copytree(model, tmp_path / "other-model")  # the same model but for its weights
+    other = Dinov2Model.from_pretrained(model)
+    with torch.no_grad():
+        for parameter in other.parameters():
+            parameter.add_(torch.randn_like(parameter))
+    other.save_pretrained(tmp_path / "other-model")
+    code, _, err = run_main(
+        capfd, "train", "--quiet", "--model", tmp_path / "other-model", "--dataset", dataset, "--bases", reference,
+        "--output", tmp_path / "x",
+    )  # fmt: skip
+    assert code == 2 and "fitted on another base model" in err
 
 
 def test_train_with_clip_uses_zero_shot_text_head(tiny_assets, tmp_path):
