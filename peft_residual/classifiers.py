@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Sequence
 from importlib import resources
 from pathlib import Path
@@ -94,7 +95,8 @@ class Classifier(nn.Module):
 
 
 class ZeroShotClassifier(Classifier):
-    """CLIP zero-shot head: per class, the renormalised mean of the normalised text embeddings of every template.
+    """Zero-shot text head (CLIP, BLIP): per class, the renormalised mean of the normalised text embeddings of every
+    template.
 
     Example:
         >>> clf = ZeroShotClassifier.from_clip(clip, tokenizer, ["cat", "dog"], templates="cifar10")
@@ -114,20 +116,49 @@ class ZeroShotClassifier(Classifier):
         batch_size: int = 256,
     ) -> ZeroShotClassifier:
         """Embed ``template.format(name)`` for every class and template with the CLIP text tower."""
+
+        def embed(tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+            return clip_model.get_text_features(**tokens).pooler_output
+
+        scale = float(clip_model.logit_scale.detach().exp())
+        return cls._from_prompts(embed, clip_model, tokenizer, class_names, templates, batch_size, scale)
+
+    @classmethod
+    @torch.no_grad()
+    def from_blip(
+        cls,
+        blip_model: nn.Module,
+        tokenizer,
+        class_names: Sequence[str],
+        templates: str | Sequence[str] = "imagenet",
+        batch_size: int = 256,
+    ) -> ZeroShotClassifier:
+        """The same with BLIP's contrastive text side (``BlipForImageTextRetrieval``): the text encoder's first
+        token through ``text_proj``; the scale is ``exp(logit_scale_init_value)`` of its config (1 / 0.07)."""
+
+        def embed(tokens: dict[str, torch.Tensor]) -> torch.Tensor:
+            text = blip_model.text_encoder(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
+            return blip_model.text_proj(text.last_hidden_state[:, 0])
+
+        scale = math.exp(blip_model.config.logit_scale_init_value)
+        return cls._from_prompts(embed, blip_model, tokenizer, class_names, templates, batch_size, scale)
+
+    @classmethod
+    def _from_prompts(cls, embed, model, tokenizer, class_names, templates, batch_size, scale) -> ZeroShotClassifier:
         if len(class_names) == 0:
             raise ResiDualInputError("The class list is empty; give at least one class name.")
         templates = load_templates(templates)
-        device = next(clip_model.parameters()).device
+        device = next(model.parameters()).device
         weights = []
         for name in class_names:
             prompts = [template.format(name) for template in templates]
             embeddings = []
             for start in range(0, len(prompts), batch_size):
                 tokens = tokenizer(prompts[start : start + batch_size], padding=True, return_tensors="pt").to(device)
-                embeddings.append(clip_model.get_text_features(**tokens).pooler_output.float())
+                embeddings.append(embed(tokens).float())
             mean = F.normalize(torch.cat(embeddings), dim=-1).mean(0)
             weights.append(F.normalize(mean, dim=-1))
-        return cls(torch.stack(weights).cpu(), float(clip_model.logit_scale.detach().exp()), class_names)
+        return cls(torch.stack(weights).cpu(), scale, class_names)
 
 
 CENTROID_AVERAGES = ("features", "normalized")
@@ -238,6 +269,7 @@ def default_classifier(
     class_names: Sequence[str],
     *,
     tokenizer_source: str | None = None,
+    tokenizer=None,
     templates: str | Sequence[str] = "imagenet",
     train_batches: Iterable[dict] | None = None,
     train_features: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -250,25 +282,28 @@ def default_classifier(
     """The frozen head ResiDual aligns to: CLIP's zero-shot text head when ``model`` has a text tower, class
     centroids of the training images otherwise (or as ``kind`` says: ``"zero-shot"`` or ``"centroid"``).
 
-    Zero-shot needs ``tokenizer_source`` (the model's Hub id or directory); centroids need ``train_features``
-    (base embeddings and labels), or ``train_units`` (a :class:`~.data.UnitStore` of the training images: no
-    backbone pass) or ``train_batches`` to compute them from.
+    Zero-shot needs ``tokenizer_source`` (the model's Hub id or directory) or a ``tokenizer``; centroids need
+    ``train_features`` (base embeddings and labels), or ``train_units`` (a :class:`~.data.UnitStore` of the
+    training images: no backbone pass) or ``train_batches`` to compute them from.
 
     Example:
         >>> train_units = collect_units(model, DataLoader(train, batch_size=64))  # the one backbone pass
         >>> classifier = default_classifier(model, names, tokenizer_source=path, train_units=train_units)
     """
-    has_text = hasattr(model, "get_text_features")
+    blip = hasattr(model, "text_encoder") and hasattr(model, "text_proj")
+    has_text = hasattr(model, "get_text_features") or blip
     kind = kind or ("zero-shot" if has_text else "centroid")
     if kind == "zero-shot":
         if not has_text:
             raise ResiDualInputError(
                 f"{type(model).__name__} has no text tower for a zero-shot classifier; use class centroids."
             )
-        from transformers import AutoTokenizer
+        if tokenizer is None:
+            from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
-        return ZeroShotClassifier.from_clip(model, tokenizer, class_names, templates=templates)
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+        build = ZeroShotClassifier.from_blip if blip else ZeroShotClassifier.from_clip
+        return build(model, tokenizer, class_names, templates=templates)
     if kind != "centroid":
         raise ResiDualInputError(f"Classifier kind must be 'zero-shot' or 'centroid', got {kind!r}.")
     if train_features is None and train_units is not None:

@@ -28,8 +28,11 @@ def embed_images(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
         torch.Size([8, 512])
     """
     arch = architecture_of(model)
-    if arch.spec.vision_config:  # two-tower model: only the image side runs
+    if arch.spec.vision_config and hasattr(model, "get_image_features"):  # two-tower model: only the image side runs
         return model.get_image_features(pixel_values=pixel_values).pooler_output
+    if arch.spec.vision_config:  # BLIP retrieval: its contrastive head, the tower's normed CLS through vision_proj
+        cls_token = arch.tower(pixel_values=pixel_values).last_hidden_state[:, 0]
+        return arch.model.get_submodule(arch.spec.projection)(cls_token)
     output = model(pixel_values=pixel_values)
     embeds = getattr(output, "image_embeds", None)
     if embeds is not None:

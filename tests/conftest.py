@@ -7,6 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import (
+    BlipConfig,
+    BlipForImageTextRetrieval,
+    BlipVisionConfig,
+    BlipVisionModel,
     CLIPConfig,
     CLIPModel,
     CLIPVisionConfig,
@@ -57,12 +61,20 @@ def make_model(kind: str, seed: int = 0, **overrides) -> torch.nn.Module:
     elif kind == "vit":
         vision.pop("projection_dim")
         model = ViTModel(ViTConfig(**vision))
+    elif kind == "blip_vision":  # BLIP initialises its vision weights at 1e-10 unless told otherwise
+        model = BlipVisionModel(BlipVisionConfig(**vision, initializer_range=0.02))
+    elif kind == "blip":
+        vision["initializer_range"] = 0.02
+        text = {**TEXT, "encoder_hidden_size": vision["hidden_size"], "sep_token_id": 3}
+        model = BlipForImageTextRetrieval(
+            BlipConfig(vision_config=vision, text_config=text, image_text_hidden_size=vision["projection_dim"])
+        )
     else:
         raise ValueError(kind)
     return model.eval()
 
 
-KINDS = ["clip_vision", "clip_vision_projection", "clip", "dinov2", "vit"]
+KINDS = ["clip_vision", "clip_vision_projection", "clip", "dinov2", "vit", "blip_vision", "blip"]
 
 
 def model_output(model: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -70,8 +82,11 @@ def model_output(model: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Te
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if isinstance(base, CLIPModel):
         return model.get_image_features(pixel_values=pixel_values).pooler_output
+    if isinstance(base, BlipForImageTextRetrieval):  # its contrastive head, as BLIP's own forward computes it
+        return base.vision_proj(base.vision_model(pixel_values=pixel_values).last_hidden_state[:, 0])
     out = model(pixel_values=pixel_values)
-    if isinstance(base, ViTModel):  # its pooler is a tanh layer on top; the embedding is the normed CLS token
+    # ViT's pooler is a tanh layer on top, BLIP's normalises twice: the embedding is the once-normed CLS token
+    if isinstance(base, (ViTModel, BlipVisionModel)):
         return out.last_hidden_state[:, 0]
     return out.image_embeds if hasattr(out, "image_embeds") else out.pooler_output
 

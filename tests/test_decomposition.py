@@ -69,6 +69,32 @@ def test_siglip_is_refused_with_the_reason():
         decompose_units(model, torch.randn(1, 3, 32, 32))
 
 
+def test_blip_model_is_refused_naming_the_class_that_serves_its_contrastive_head():
+    from transformers import BlipModel
+
+    from peft_residual import ResiDualInputError
+
+    retrieval = make_model("blip")
+    with pytest.raises(ResiDualInputError, match=r"BlipModel.*twice.*BlipForImageTextRetrieval"):
+        decompose_units(BlipModel(retrieval.config), torch.randn(1, 3, 32, 32))
+
+
+def test_blip_embedding_is_the_once_normed_cls_token_its_contrastive_head_reads():
+    """BlipVisionModel's pooler_output normalises the CLS token twice; the decomposed (and adapted) embedding is
+    last_hidden_state[:, 0], which BLIP retrieval's vision_proj reads."""
+    from peft_residual import embed_images
+
+    vision, retrieval = make_model("blip_vision"), make_model("blip")
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        out = vision(pixel_values=x)
+        assert not torch.allclose(out.pooler_output, out.last_hidden_state[:, 0])
+        torch.testing.assert_close(embed_images(vision, x), out.last_hidden_state[:, 0])
+        tower = retrieval.vision_model(pixel_values=x).last_hidden_state[:, 0]
+        torch.testing.assert_close(embed_images(retrieval, x), retrieval.vision_proj(tower))
+        torch.testing.assert_close(decompose_units(retrieval, x).contributions.sum(1), retrieval.vision_proj(tower))
+
+
 def test_vit_embedding_is_the_normed_cls_token_not_the_tanh_pooler():
     from peft_residual import embed_images
 

@@ -96,6 +96,28 @@ def test_zero_shot_classifier_averages_normalised_templates():
         ZeroShotClassifier.from_clip(clip, tokenizer, [], templates=templates)
 
 
+def test_blip_zero_shot_head_reads_its_contrastive_text_side():
+    """BLIP retrieval: the text encoder's first token through text_proj, per template normalised, averaged; picked
+    by default_classifier for a BLIP model."""
+    blip = make_model("blip")
+    tokenizer = word_tokenizer()
+    templates = ["a photo of the {} .", "a big {} ."]
+    classifier = ZeroShotClassifier.from_blip(blip, tokenizer, ["cat", "dog"], templates=templates)
+    with torch.no_grad():
+        for row, name in enumerate(["cat", "dog"]):
+            tokens = tokenizer([t.format(name) for t in templates], padding=True, return_tensors="pt")
+            first = blip.text_encoder(tokens["input_ids"], attention_mask=tokens["attention_mask"])[0][:, 0]
+            text = F.normalize((first.double() @ blip.text_proj.weight.double().T) + blip.text_proj.bias, dim=-1)
+            torch.testing.assert_close(classifier.weights[row].double(), F.normalize(text.mean(0), dim=-1))
+    assert classifier.scale == pytest.approx(1 / 0.07, rel=1e-4)
+    assert classifier.weights.shape[1] == blip.config.image_text_hidden_size
+
+    from peft_residual import default_classifier
+
+    chosen = default_classifier(blip, ["cat", "dog"], templates=templates, tokenizer_source=None, tokenizer=tokenizer)
+    assert isinstance(chosen, ZeroShotClassifier) and torch.equal(chosen.weights, classifier.weights)
+
+
 def test_centroid_classifier_and_round_trip(tmp_path):
     features = torch.randn(12, 6)
     labels = torch.tensor([0, 1, 2] * 4)

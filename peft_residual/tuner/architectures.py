@@ -58,6 +58,16 @@ _CLIP_TOWER = ArchitectureSpec(
 )
 
 
+_BLIP_TOWER = ArchitectureSpec(
+    vision_config=None,
+    embedding="embeddings",
+    attention_out="encoder.layers.{i}.self_attn.projection",  # q, k and v come from one packed qkv linear
+    mlp_out="encoder.layers.{i}.mlp",
+    final_norm="post_layernorm",
+    pooled="cls",
+)
+
+
 def _under(prefix: str, spec: ArchitectureSpec, **changes: str | None) -> ArchitectureSpec:
     names = ("embedding", "attention_out", "mlp_out", "mlp", "final_norm")
     paths = {name: f"{prefix}.{getattr(spec, name)}" for name in names if getattr(spec, name) is not None}
@@ -91,14 +101,27 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
         final_norm="layernorm",
         pooled="cls",
     ),
+    # BLIP's vision model applies post_layernorm twice to the pooled output (pooler_output = LN(LN(CLS))); its
+    # image-text contrastive head reads the once-normed CLS token, last_hidden_state[:, 0], which is what is
+    # decomposed: alone, and through vision_proj in the retrieval model.
+    "BlipVisionModel": _BLIP_TOWER,
+    "BlipForImageTextRetrieval": _under(
+        "vision_model", _BLIP_TOWER, vision_config="vision_config", projection="vision_proj", tower="vision_model"
+    ),
 }
 """Supported model classes, by class name."""
 
+_SIGLIP = (
+    "SigLIP has no CLS token: its pooled output comes from an attention-pooling head whose softmax weights depend on "
+    "every token, so it is not a sum of residual units, and no single token's residual is either. ResiDual needs a "
+    "pooled output that is a linear readout of one token (CLIP, DINOv2, ViT, BLIP)."
+)
 REFUSED: dict[str, str] = {
-    name: "SigLIP has no CLS token: its pooled output comes from an attention-pooling head whose softmax weights "
-    "depend on every token, so it is not a sum of residual units, and no single token's residual is either. ResiDual "
-    "needs a pooled output that is a linear readout of one token (CLIP, DINOv2, ViT)."
-    for name in ("SiglipVisionModel", "SiglipModel", "Siglip2VisionModel", "Siglip2Model")
+    **dict.fromkeys(("SiglipVisionModel", "SiglipModel", "Siglip2VisionModel", "Siglip2Model"), _SIGLIP),
+    "BlipModel": "BlipModel's image features normalise the CLS token twice (post_layernorm, then again on the "
+    "pooled token), which this decomposition does not linearise. Load the checkpoint as BlipForImageTextRetrieval "
+    "(as load_vision_model does): its image-text contrastive head reads the once-normed CLS token through "
+    "vision_proj, and BlipVisionModel's last_hidden_state[:, 0] is the same token.",
 }
 """Model classes ResiDual cannot decompose, with the reason given to the user."""
 

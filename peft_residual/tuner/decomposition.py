@@ -60,6 +60,8 @@ class UnitRecord:
     """Whether the last block runs on the CLS token alone (see :func:`last_block_at_cls`)."""
     opened_by_embedding: bool = False
     """Opened by the embedding module because no record was waiting, so the readout closes it."""
+    read_out: bool = False
+    """Whether the output module has read this record (it reads a pass's record once)."""
     adapter_names: tuple[str, ...] | None = None
     """Per sample, the adapter whose output it gets (:data:`BASE`: the base model's), as PEFT's ``adapter_names``."""
     stacked: tuple[str, ...] | None = None
@@ -149,10 +151,14 @@ def capture(arch: Architecture, kind: str, layer: int | None, inputs: tuple, out
 
 
 def take_record() -> UnitRecord | None:
-    """The record the output module reads, closed if the embedding opened it."""
+    """The record the output module reads, closed if the embedding opened it; ``None`` if that module already read
+    it in this pass (BLIP's vision model calls its final norm twice)."""
     record = current_record()
     if record is not None and record.opened_by_embedding:
         _STACK.records.pop()
+    if record is None or record.read_out:
+        return None
+    record.read_out = True
     return record
 
 
