@@ -85,3 +85,25 @@ def test_multitask_benchmark_writes_its_record_and_finds_the_passes_equal(tiny_a
     record = json.loads(output.read_text())
     assert [row["run"] for row in record["rows"]] == ["one adapted forward", "embed_all_adapters", "separate forwards"]
     assert record["max_abs_difference"] == 0.0 and all(row["ms"] > 0 for row in record["rows"])
+
+
+def test_paper_grid_runs_every_method_per_reference_and_skips_finished_cells(tiny_assets, tmp_path, capsys):
+    from benchmarks import paper
+
+    dataset = str(tiny_assets["dataset"])
+    args = ["--models", f"tiny={tiny_assets['dinov2']}", "--datasets", f"a={dataset}", f"b={dataset}"]
+    args += ["--references", "other", "target", "--train-size", "64", "--test-size", "32", "--seeds", "0"]
+    args += ["--max-epochs", "2", "--no-progress", "--out", str(tmp_path)]
+    payload = paper.main(args)
+    assert [(cell["model"], cell["dataset"]) for cell in payload["cells"]] == [("tiny", "a"), ("tiny", "b")]
+    for cell in payload["cells"]:
+        runs = {(r["method"], r["reference"]) for r in cell["records"]}
+        assert runs == {("zero-shot", None), ("linear-probe", None)} | {
+            (method, reference) for method in paper.RESIDUALS for reference in ("other", "target")
+        }
+    assert payload["cells"][0]["references"] == {"other": dataset, "target": "its own training images"}
+    table = (tmp_path / "paper_grid.md").read_text()
+    assert "| tiny | a |" in table and "residual (other)" in table and (tmp_path / "paper_grid.png").stat().st_size
+    capsys.readouterr()
+    again = paper.main(args)  # resumable: both cells are read back, nothing runs
+    assert capsys.readouterr().out.count("done earlier, skipped") == 2 and again["cells"] == payload["cells"]
