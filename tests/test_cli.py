@@ -176,7 +176,7 @@ def test_help_and_version_answer():
     version = cli("--version")
     assert version.returncode == 0 and version.stdout.startswith("peft-residual 0.")
     train_help = cli("train", "--help").stdout
-    assert "(default: 0.8)" in train_help and "fit the bases, train the scales" in train_help
+    assert "(default: 0.8)" in train_help and "take them from --bases), train the scales" in train_help
 
 
 def test_internal_errors_are_not_turned_into_one_liners(monkeypatch, tiny_assets, tmp_path):

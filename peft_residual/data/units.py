@@ -40,8 +40,10 @@ from ..tuner.model import residual_tuner
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_BYTES = 2 * 2**30
-RECORD_BATCH = 256
-"""Images per batch when stored units are read back."""
+READ_BACK_BYTES = 16 * 2**20
+"""What a batch of stored units read back may take as float32 unit contributions: their computation allocates a few
+tensors of that size, and glibc maps any allocation beyond 32 MB afresh, page by page, every time (at 256 CLIP-B/32
+images per batch the fit spent a third of its time in page faults)."""
 
 
 def content_hash(*tensors: torch.Tensor) -> str:
@@ -212,8 +214,16 @@ class UnitStore:
         for batch in batches:
             yield self.recorded(int(starts[batch]), int(starts[batch + 1]), labels)
 
-    def records(self, batch_size: int = RECORD_BATCH) -> Iterator[pca.RecordedBatch]:
-        """``(record, labels)`` of consecutive batches, as if the backbone had just run on them."""
+    @property
+    def read_batch(self) -> int:
+        """Images per batch when the units are read back (:data:`READ_BACK_BYTES`, at most 256)."""
+        per_image = self.arch.num_units * max(self.arch.hidden_size, self.arch.output_dim) * 4
+        return max(1, min(256, READ_BACK_BYTES // per_image))
+
+    def records(self, batch_size: int | None = None) -> Iterator[pca.RecordedBatch]:
+        """``(record, labels)`` of consecutive batches (of :attr:`read_batch` images by default), as if the backbone
+        had just run on them."""
+        batch_size = batch_size or self.read_batch
         labels = self.labels
         for start in range(0, self._count, batch_size):
             yield self.recorded(start, start + batch_size, labels)
@@ -362,7 +372,7 @@ def fit_residual_bases(
 
     merge_processes = isinstance(data, UnitStore) and data.sharded
     if isinstance(data, UnitStore):  # no backbone, but minutes at scale: a bar over the stored batches
-        total = -(-len(data) // RECORD_BATCH)
+        total = -(-len(data) // data.read_batch)
         data = tqdm(data.records(), desc="ResiDual PCA (recorded units)", total=total, disable=not progress)
         progress = False
     report = pca.fit_residual_bases(

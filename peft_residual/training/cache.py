@@ -62,6 +62,16 @@ def encode_batch(
     return scores.to(CACHE_DTYPE), offset.to(CACHE_DTYPE)
 
 
+def encode_recorded(model: nn.Module, record: UnitRecord, where: str, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`encode_batch` of one stored batch, ``chunk`` images at a time: a stored batch can be large, and the
+    encoding's transient contributions (``[images, units, dim]``, several at once) beyond glibc's 32 MB mmap
+    threshold are fresh pages on every batch. The chunks split each stored batch the same way on any number of
+    processes."""
+    size = len(record.embedding)
+    parts = [encode_batch(model, None, where, record.rows(start, start + chunk)) for start in range(0, size, chunk)]
+    return torch.cat([scores for scores, _ in parts]), torch.cat([offset for _, offset in parts])
+
+
 @dataclass
 class UnitCache:
     """``scores`` ``[n, sum(rank)]``, ``offset`` ``[n, dim]`` and ``labels`` ``[n]`` of a data set, in its order."""
@@ -171,7 +181,7 @@ def encode_dataset(
         raise ResiDualInputError(f"{desc}: the data set is empty.")
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     if isinstance(dataset, UnitStore):
-        return _encode_store(model, dataset, accelerator, num_classes, progress, desc)
+        return _encode_store(model, dataset, accelerator, batch_size, num_classes, progress, desc)
     index_batches = list(torch.arange(len(dataset)).split(batch_size))
     mine = [indices.tolist() for indices in index_batches[rank::world]]
     loader = DataLoader(dataset, batch_sampler=mine, num_workers=num_workers)
@@ -194,6 +204,7 @@ def _encode_store(
     model: nn.Module,
     store: UnitStore,
     accelerator: Accelerator | None,
+    chunk: int,
     num_classes: int | None,
     progress: bool,
     desc: str,
@@ -208,7 +219,7 @@ def _encode_store(
     batches = tqdm(store.recorded_batches(mine), desc=desc, total=len(mine), disable=not progress or rank != 0)
     for step, (record, labels, _) in zip(mine, batches, strict=True):
         where = f"{desc} batch {step}"
-        parts.append((*encode_batch(model, None, where, record), check_labels(labels, num_classes, where)))
+        parts.append((*encode_recorded(model, record, where, chunk), check_labels(labels, num_classes, where)))
     scores, offsets, labels = (torch.cat(part) for part in zip(*parts, strict=True)) if parts else empty_batch(model)
     gather = (lambda t: _gather_batches(accelerator, t, list(layout.batch_sizes))) if world > 1 else (lambda t: t)
     return UnitCache(gather(scores), gather(offsets), gather(labels.to(scores.device)))

@@ -35,7 +35,7 @@ from ..inference import check_labels
 from ..tuner import residual_tuner
 from ..tuner.errors import ResiDualInputError
 from ..tuner.plan import TILE
-from .cache import CACHE_DTYPE, Batch, EncodeOptions, encode_batch
+from .cache import CACHE_DTYPE, Batch, EncodeOptions, encode_batch, encode_recorded
 
 logger = logging.getLogger(__name__)
 
@@ -203,7 +203,10 @@ def encode_to_disk(
     batches = _batches(dataset, mine[done:], batch_size, options.label_column, options.num_workers)
     for step, (pixel_values, record, labels) in zip(mine[done:], batches, strict=True):
         where = f"{desc} batch {step}"
-        scores, offset = encode_batch(model, pixel_values, where, record)
+        if record is None:
+            scores, offset = encode_batch(model, pixel_values, where)
+        else:
+            scores, offset = encode_recorded(model, record, where, batch_size)
         writer.append(scores, offset, check_labels(torch.as_tensor(labels), options.num_classes, where))
         bar.update(len(labels))
     bar.close()

@@ -98,6 +98,17 @@ class UnitRecord:
         stored.copy_(piece)
         return stored
 
+    def rows(self, start: int, stop: int) -> UnitRecord:
+        """The pieces of samples ``start:stop``, as a record of their own."""
+
+        def part(pieces: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+            return {layer: piece[start:stop] for layer, piece in pieces.items()}
+
+        return UnitRecord(
+            embedding=self.embedding[start:stop], heads=part(self.heads), mlps=part(self.mlps),
+            attention=part(self.attention), num_tokens=self.num_tokens,
+        )  # fmt: skip
+
     def per_layer(self, kind: str, num_layers: int) -> torch.Tensor:
         """The pieces of ``kind`` ("heads", "attention" or "mlps") of every layer, ``[batch, layers, width]``: a
         view of a live pass's buffer, else stacked."""
