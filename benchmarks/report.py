@@ -279,6 +279,18 @@ def overhead_table() -> str:
     return "\n".join([*_table(["configuration", *(f"batch {batch}" for batch in batches)], rows), "", note]) + "\n"
 
 
+def multitask_table() -> str:
+    """docs/benchmarks.md: N adapters from one backbone pass against N adapted forwards."""
+    payload = load("multitask_dinov2")
+    rows = [[row["run"], f"{row['ms']:,.0f}", f"{row['ratio_to_one_forward']:.3f}×"] for row in payload["rows"]]
+    note = (
+        f"{payload['adapters']} adapters, batch {payload['batch']}, {payload['image_size']} px, median of "
+        f"{payload['repeats']} repeats, {payload['threads']} thread, torch {payload['torch']}. Largest difference "
+        f"between embed_all_adapters and the separate forwards: {payload['max_abs_difference']}."
+    )
+    return "\n".join([*_table(["run", "ms", "vs one adapted forward"], rows), "", note]) + "\n"
+
+
 def speed_table(payload: dict) -> str:
     """:mod:`benchmarks.speed`: each method in its own process on random CLIP-B/32-shaped weights."""
     records = payload["records"]
@@ -506,6 +518,7 @@ PUBLISHED: dict[str, Callable[[], str]] = {
     "memory": lambda: memory_table(load("memory_clip_b32_random")),
     "basis-dtype": basis_dtype_table,
     "overhead": overhead_table,
+    "multitask": multitask_table,
     "fidelity": fidelity_table,
     "heads": heads_table,
     "intrinsic-dimension": intrinsic_dimension_table,
