@@ -130,7 +130,10 @@ class ResiDualModel(BaseTuner):
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         super().set_adapter(adapter_name, inference_mode=inference_mode)
-        self.refresh()
+        readout = self.readout
+        # every fitted adapter keeps its plan; only one that has none yet is built (rebuilding all of them cost 0.2 s
+        # per adapter on DINOv2-S at every switch)
+        readout.refresh([name for name in readout.active_adapters if name not in readout.residual_plan])
 
     @contextmanager
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
