@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import shutil
 import tempfile
 import weakref
@@ -204,7 +205,11 @@ class UnitStore:
         # a positioned read, not a memory map: a map would keep every page it touched in the resident set
         stop, per_image = min(stop, self._count), int(np.prod(self.piece_shape))
         count, offset = max(stop - start, 0) * per_image, start * per_image * 4
-        pieces = np.fromfile(self._directory / "pieces.f32", dtype=np.float32, count=count, offset=offset)
+        with open(self._directory / "pieces.f32", "rb") as handle:
+            pieces = np.fromfile(handle, dtype=np.float32, count=count, offset=offset)
+            # each phase reads the store once, in order; its pages, kept, would evict the training cache's, which
+            # every epoch reads at random (at 300,000 images: a 25 GB store beside a 13 GB cache in 24 GB of RAM)
+            os.posix_fadvise(handle.fileno(), offset, count * 4, os.POSIX_FADV_DONTNEED)
         return torch.from_numpy(pieces).view(-1, *self.piece_shape)
 
     def recorded_batches(self, batches: list[int]) -> Iterator[pca.RecordedBatch]:
@@ -248,8 +253,8 @@ class UnitStore:
         """Hashes of every stored image's pieces and of every label (for run checkpoints); of every process's shard,
         the same on each, when sharded."""
         images = hashlib.blake2b(str(self._count).encode(), digest_size=8)
-        for start in range(0, self._count, 4096):
-            images.update(self.pieces(start, min(start + 4096, self._count)).numpy().data)
+        for start in range(0, self._count, self.read_batch):
+            images.update(self.pieces(start, start + self.read_batch).numpy().data)
         labels = "none" if self.labels is None else content_hash(self.labels)
         identity = {"images": images.hexdigest(), "labels": labels}
         if not self.sharded:
