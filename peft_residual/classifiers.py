@@ -121,7 +121,26 @@ class ZeroShotClassifier(Classifier):
             return clip_model.get_text_features(**tokens).pooler_output
 
         scale = float(clip_model.logit_scale.detach().exp())
-        return cls._from_prompts(embed, clip_model, tokenizer, class_names, templates, batch_size, scale)
+        return cls._from_prompts(embed, clip_model, _hf_tokenize(tokenizer), class_names, templates, batch_size, scale)
+
+    @classmethod
+    @torch.no_grad()
+    def from_open_clip(
+        cls,
+        model: nn.Module,
+        tokenizer,
+        class_names: Sequence[str],
+        templates: str | Sequence[str] = "imagenet",
+        batch_size: int = 256,
+    ) -> ZeroShotClassifier:
+        """The same with an ``open_clip`` model's text tower (``encode_text``) and its tokenizer
+        (``open_clip.get_tokenizer(name)``, which returns token ids); the scale is ``exp(logit_scale)``.
+
+        Example:
+            >>> clf = ZeroShotClassifier.from_open_clip(model, open_clip.get_tokenizer("ViT-B-16"), ["cat", "dog"])
+        """
+        scale = float(model.logit_scale.detach().exp())
+        return cls._from_prompts(model.encode_text, model, tokenizer, class_names, templates, batch_size, scale)
 
     @classmethod
     @torch.no_grad()
@@ -141,10 +160,11 @@ class ZeroShotClassifier(Classifier):
             return blip_model.text_proj(text.last_hidden_state[:, 0])
 
         scale = math.exp(blip_model.config.logit_scale_init_value)
-        return cls._from_prompts(embed, blip_model, tokenizer, class_names, templates, batch_size, scale)
+        return cls._from_prompts(embed, blip_model, _hf_tokenize(tokenizer), class_names, templates, batch_size, scale)
 
     @classmethod
-    def _from_prompts(cls, embed, model, tokenizer, class_names, templates, batch_size, scale) -> ZeroShotClassifier:
+    def _from_prompts(cls, embed, model, tokenize, class_names, templates, batch_size, scale) -> ZeroShotClassifier:
+        """``tokenize(prompts)`` gives what ``embed`` takes (on the model's device) for a batch of prompts."""
         if len(class_names) == 0:
             raise ResiDualInputError("The class list is empty; give at least one class name.")
         templates = load_templates(templates)
@@ -154,11 +174,15 @@ class ZeroShotClassifier(Classifier):
             prompts = [template.format(name) for template in templates]
             embeddings = []
             for start in range(0, len(prompts), batch_size):
-                tokens = tokenizer(prompts[start : start + batch_size], padding=True, return_tensors="pt").to(device)
+                tokens = tokenize(prompts[start : start + batch_size]).to(device)
                 embeddings.append(embed(tokens).float())
             mean = F.normalize(torch.cat(embeddings), dim=-1).mean(0)
             weights.append(F.normalize(mean, dim=-1))
         return cls(torch.stack(weights).cpu(), scale, class_names)
+
+
+def _hf_tokenize(tokenizer):
+    return lambda prompts: tokenizer(prompts, padding=True, return_tensors="pt")
 
 
 CENTROID_AVERAGES = ("features", "normalized")
@@ -291,18 +315,24 @@ def default_classifier(
         >>> classifier = default_classifier(model, names, tokenizer_source=path, train_units=train_units)
     """
     blip = hasattr(model, "text_encoder") and hasattr(model, "text_proj")
-    has_text = hasattr(model, "get_text_features") or blip
+    open_clip = hasattr(model, "encode_text") and hasattr(model, "visual")
+    has_text = hasattr(model, "get_text_features") or blip or open_clip
     kind = kind or ("zero-shot" if has_text else "centroid")
     if kind == "zero-shot":
         if not has_text:
             raise ResiDualInputError(
                 f"{type(model).__name__} has no text tower for a zero-shot classifier; use class centroids."
             )
+        if tokenizer is None and open_clip:
+            raise ResiDualInputError(
+                "An open_clip model's zero-shot head needs its tokenizer: pass tokenizer=open_clip.get_tokenizer(name)."
+            )
         if tokenizer is None:
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
-        build = ZeroShotClassifier.from_blip if blip else ZeroShotClassifier.from_clip
+        build = ZeroShotClassifier.from_clip
+        build = ZeroShotClassifier.from_blip if blip else ZeroShotClassifier.from_open_clip if open_clip else build
         return build(model, tokenizer, class_names, templates=templates)
     if kind != "centroid":
         raise ResiDualInputError(f"Classifier kind must be 'zero-shot' or 'centroid', got {kind!r}.")

@@ -19,7 +19,8 @@ from .tuner.pca import pixel_values_of
 
 def embed_images(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
     """The model's image embedding: ``image_embeds`` with a projection, else ``pooler_output`` (the normed CLS
-    token for ViT, whose pooler is a further tanh layer).
+    token for ViT, whose pooler is a further tanh layer); for open_clip ``encode_image`` (unnormalised), for timm
+    the model's output.
 
     For a ``PeftModel`` with an active ResiDual adapter this is the adapted embedding.
 
@@ -28,6 +29,8 @@ def embed_images(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
         torch.Size([8, 512])
     """
     arch = architecture_of(model)
+    if not arch.spec.keyword_input:  # open_clip's vision tower, a timm model: their output is the embedding
+        return arch.run_tower(pixel_values)
     if arch.spec.vision_config and hasattr(model, "get_image_features"):  # two-tower model: only the image side runs
         return model.get_image_features(pixel_values=pixel_values).pooler_output
     if arch.spec.vision_config:  # BLIP retrieval: its contrastive head, the tower's normed CLS through vision_proj

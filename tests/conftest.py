@@ -69,17 +69,61 @@ def make_model(kind: str, seed: int = 0, **overrides) -> torch.nn.Module:
         model = BlipForImageTextRetrieval(
             BlipConfig(vision_config=vision, text_config=text, image_text_hidden_size=vision["projection_dim"])
         )
+    elif kind == "open_clip":  # with a layer scale, as the LAION ViTs have none but other open_clip ViTs do
+        model = make_open_clip(vision, ls_init_value=0.7)
+    elif kind == "timm":  # a linear head (as timm's CLIP towers keep their projection) and a layer scale
+        model = make_timm(vision, num_classes=vision["projection_dim"], init_values=0.7)
     else:
         raise ValueError(kind)
     return model.eval()
 
 
-KINDS = ["clip_vision", "clip_vision_projection", "clip", "dinov2", "vit", "blip_vision", "blip"]
+def make_open_clip(vision: dict, **vision_options) -> torch.nn.Module:
+    """An ``open_clip.CLIP`` with VISION's vision sizes and TEXT's text sizes (GELU, as its default)."""
+    import open_clip
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+
+    heads = vision["num_attention_heads"]
+    vision_cfg = CLIPVisionCfg(
+        layers=vision["num_hidden_layers"], width=vision["hidden_size"], head_width=vision["hidden_size"] // heads,
+        mlp_ratio=vision["intermediate_size"] / vision["hidden_size"], patch_size=vision["patch_size"],
+        image_size=vision["image_size"], **vision_options,
+    )  # fmt: skip
+    text_cfg = CLIPTextCfg(
+        context_length=16, vocab_size=TEXT["vocab_size"], width=TEXT["hidden_size"],
+        heads=TEXT["num_attention_heads"], layers=TEXT["num_hidden_layers"],
+    )  # fmt: skip
+    return open_clip.CLIP(embed_dim=vision["projection_dim"], vision_cfg=vision_cfg, text_cfg=text_cfg)
+
+
+def make_timm(vision: dict, **options) -> torch.nn.Module:
+    """A ``timm`` VisionTransformer with VISION's sizes and class-token pooling."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(
+        img_size=vision["image_size"], patch_size=vision["patch_size"], embed_dim=vision["hidden_size"],
+        depth=vision["num_hidden_layers"], num_heads=vision["num_attention_heads"],
+        mlp_ratio=vision["intermediate_size"] / vision["hidden_size"], **{"global_pool": "token", **options},
+    )  # fmt: skip
+
+
+KINDS = ["clip_vision", "clip_vision_projection", "clip", "dinov2", "vit", "blip_vision", "blip", "open_clip", "timm"]
+
+
+def run_model(model: torch.nn.Module, pixel_values: torch.Tensor):
+    """Call ``model`` (or a PeftModel around it) on images, as its library does."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    library = type(base).__module__.split(".")[0]
+    return model(pixel_values) if library in ("open_clip", "timm") else model(pixel_values=pixel_values)
 
 
 def model_output(model: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
     """The pooled output, or the projected image embedding where the model has a projection."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if hasattr(base, "encode_image"):  # open_clip
+        return model.encode_image(pixel_values)
+    if type(base).__module__.startswith("timm."):
+        return model(pixel_values)
     if isinstance(base, CLIPModel):
         return model.get_image_features(pixel_values=pixel_values).pooler_output
     if isinstance(base, BlipForImageTextRetrieval):  # its contrastive head, as BLIP's own forward computes it

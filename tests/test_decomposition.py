@@ -29,7 +29,7 @@ def test_recording_pass_runs_the_last_block_on_cls_only_with_the_same_pieces(kin
     arch = Architecture(model)
     x = images(5)
     with torch.no_grad(), recording(arch) as full:
-        arch.tower(pixel_values=x)
+        arch.run_tower(x)
     widths = []
     mlp = arch.module(arch.spec.mlp or arch.spec.mlp_out, arch.num_layers - 1)
     handle = mlp.register_forward_hook(lambda module, args, output: widths.append(args[0].shape[1]))

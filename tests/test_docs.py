@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import open_clip
 import pytest
 import torch
 from peft import get_peft_model
@@ -18,7 +19,7 @@ from torch.utils.data import DataLoader
 import peft_residual
 from peft_residual import CentroidClassifier, ResiDualConfig, fit_residual_bases
 
-from .conftest import CLASS_NAMES, image_dataset, images, loader, make_model, word_tokenizer
+from .conftest import CLASS_NAMES, TEXT, image_dataset, images, loader, make_model, word_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 BLOCK = re.compile(r"(?P<before>[^\n]*)\n```python\n(?P<code>.*?)\n```", re.DOTALL)
@@ -44,7 +45,8 @@ def namespace(tmp_path: Path) -> dict:
         "clip": clip, "clip_again": make_model("clip"), "loader": loader(), "tokenizer": word_tokenizer(),
         "class_names": CLASS_NAMES, "train_dataset": image_dataset(64), "x": images(2), "adapter_dir": tmp_path / "a",
         "model": model, "train": train, "val": val, "classifier": classifier, "DataLoader": DataLoader,
-        "torch": torch,
+        "torch": torch, "open_clip_model": make_model("open_clip"), "timm_model": make_model("timm"),
+        "open_clip_tokenizer": lambda texts: open_clip.tokenize(texts, context_length=16) % TEXT["vocab_size"],
     }  # fmt: skip
 
 

@@ -34,6 +34,8 @@ from peft_residual.tuner import ResiDualLayer
 
 from .conftest import images, loader, make_model
 
+LIFECYCLE_KINDS = ["clip_vision_projection", "dinov2", "open_clip", "timm"]
+
 CONFIGS = {
     **{
         name: ResiDualConfig.preset(name, k=3) if name == "residual*" else ResiDualConfig.preset(name)
@@ -49,12 +51,23 @@ SCRIPTS = Path(__file__).resolve().parent / "scripts"
 def fitted_models():
     """One fitted adapter per (architecture, config), built once; tests take deep copies."""
     models = {}
-    for kind in ("clip_vision_projection", "dinov2"):
+    for kind in LIFECYCLE_KINDS:
         for name, config in CONFIGS.items():
             model = get_peft_model(make_model(kind), copy.deepcopy(config))
             fit_residual_bases(model, loader(), progress=False)
             models[kind, name] = model
     return models
+
+
+@pytest.mark.parametrize("kind", LIFECYCLE_KINDS)
+def test_save_and_load_give_the_same_outputs_and_refuse_other_weights(fitted_models, kind, tmp_path):
+    model = fresh(fitted_models, kind)
+    model.save_pretrained(tmp_path)
+    torch.testing.assert_close(
+        output(PeftModel.from_pretrained(make_model(kind), tmp_path)), output(model), rtol=0, atol=0
+    )
+    with pytest.raises(ResiDualInputError, match="fingerprint"):
+        PeftModel.from_pretrained(make_model(kind, seed=1), tmp_path)
 
 
 def fresh(fitted_models, kind="dinov2", name="k3-mean"):
@@ -75,7 +88,7 @@ def base_output(kind, x=None):
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
-@pytest.mark.parametrize("kind", ["clip_vision_projection", "dinov2"])
+@pytest.mark.parametrize("kind", LIFECYCLE_KINDS)
 def test_unload_returns_the_bare_model_with_no_hooks(fitted_models, kind, name):
     model = fresh(fitted_models, kind, name)
     assert not torch.allclose(output(model), base_output(kind), atol=1e-4)
@@ -100,7 +113,7 @@ def test_wrapping_again_never_accumulates_hooks_or_layers():
     assert output(again).shape == (3, 24)
 
 
-@pytest.mark.parametrize("kind", ["clip_vision_projection", "dinov2"])
+@pytest.mark.parametrize("kind", LIFECYCLE_KINDS)
 def test_deepcopy_and_pickle_give_equal_independent_models(fitted_models, kind):
     model = fresh(fitted_models, kind)
     expected = output(model)

@@ -11,9 +11,9 @@ from peft import get_peft_model
 from peft_residual import ResiDualConfig, fit_residual_bases
 from peft_residual.tuner import decomposition
 
-from .conftest import images, loader, make_model, model_output
+from .conftest import images, loader, make_model, model_output, run_model
 
-KINDS = ["clip_vision_projection", "dinov2"]
+KINDS = ["clip_vision_projection", "dinov2", "open_clip", "timm"]
 
 
 def fitted(kind: str, config: ResiDualConfig | None = None, dtype: torch.dtype = torch.float32):
@@ -94,7 +94,7 @@ def _raise_inside(model) -> None:
 
     handle = mlp.register_forward_hook(fail)
     try:
-        model(pixel_values=images(2))
+        run_model(model, images(2))
     finally:
         handle.remove()
 
@@ -127,8 +127,9 @@ def test_gradient_reaches_the_input_and_equals_a_central_difference(kind):
 def test_gradient_reaches_a_trainable_backbone_weight(kind):
     model = fitted(kind, dtype=torch.float64)
     arch = model.base_model.arch
-    query = arch.model.get_submodule(arch.spec.attention_out.format(i=0).rsplit(".", 2)[0])
-    weight = next(module for name, module in query.named_modules() if name.endswith(("q_proj", "query"))).weight
+    block = arch.model.get_submodule(arch.spec.mlp_out.format(i=0).rpartition(".")[0])
+    queries = ("q_proj.weight", "query.weight", "qkv.weight", "in_proj_weight")  # timm and open_clip pack q, k, v
+    weight = next(param for name, param in block.named_parameters() if name.endswith(queries))
     weight.requires_grad_(True)
     x, original = images(2, seed=6).double(), weight.detach().clone()
     probe = torch.randn(model_output(model, x).shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
@@ -160,12 +161,17 @@ def test_export_and_fullgraph_compile_equal_eager(kind, merged):
     x = images(3, seed=9)
     with torch.no_grad():
         eager = model_output(model, x)
-    exported = torch.export.export(model, (), {"pixel_values": x})
-    torch.testing.assert_close(_embedding(exported.module()(pixel_values=x)), eager, rtol=1e-5, atol=1e-5)
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    traced = model.base_model.model.visual if kind == "open_clip" else model  # its CLIP's forward needs text
+    positional = kind in ("open_clip", "timm")
+    args, kwargs = ((x,), {}) if positional else ((), {"pixel_values": x})
+    exported = torch.export.export(traced, args, kwargs)
+    torch.testing.assert_close(_embedding(exported.module()(*args, **kwargs)), eager, rtol=1e-5, atol=1e-5)
+    compiled = torch.compile(traced, fullgraph=True, backend="aot_eager")
     with torch.no_grad():
-        torch.testing.assert_close(_embedding(compiled(pixel_values=x)), eager, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(_embedding(compiled(*args, **kwargs)), eager, rtol=1e-5, atol=1e-5)
 
 
 def _embedding(output) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):  # open_clip, timm
+        return output
     return output.image_embeds if getattr(output, "image_embeds", None) is not None else output.pooler_output

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 import peft_residual
 from peft_residual import ResiDualConfig, ResiDualInputError, decompose_units, fit_residual_bases
 
-from .conftest import images, loader, make_model, model_output
+from .conftest import images, loader, make_model, model_output, run_model
 
 
 def fitted(kind, config, seed=0, **model_overrides):
@@ -24,28 +24,54 @@ def unwrap(module):
     return module.get_base_layer() if hasattr(module, "get_base_layer") else module
 
 
-def reference_float64(model, x):
-    """ResiDual output recomputed in float64 from hooks, raw weights and the adapter's stored bases and scales."""
-    tuner = model.base_model
-    base = tuner.model
-    config = tuner.peft_config["default"]
-    tower = getattr(base, "vision_model", base)
-    is_clip = hasattr(tower, "pre_layrnorm")
-    is_vit = hasattr(tower, "pooler") and hasattr(tower, "layers")  # ViT: like DINOv2 without layer scale
-    layers = tower.encoder.layers if is_clip else tower.layers if is_vit else tower.encoder.layer
+def _units_float64(model, x):
+    """Raw residual units at CLS in float64 from hooks on the named modules of each library (HF, timm, open_clip),
+    and the final norm, projection weight and bias and head count."""
+    base = model.base_model.model
+    library = type(base).__module__.split(".")[0]
+    tower = getattr(base, "vision_model", getattr(base, "visual", base))
+    if library == "timm":
+        layers = tower.blocks
+        emb_module, norm = (
+            tower.norm_pre,
+            unwrap(tower.fc_norm if hasattr(unwrap(tower.fc_norm), "eps") else tower.norm),
+        )
+        parts = [(b.attn.proj, b.ls2, getattr(unwrap(b.ls1), "gamma", None)) for b in layers]
+        projection = unwrap(tower.head) if hasattr(unwrap(tower.head), "weight") else None
+        n_heads = layers[0].attn.num_heads
+    elif library == "open_clip":
+        layers = tower.transformer.resblocks
+        emb_module, norm = tower.ln_pre, unwrap(tower.ln_post)
+        parts = [(b.attn, b.ls_2, getattr(unwrap(b.ls_1), "gamma", None)) for b in layers]
+        projection = None
+        n_heads = unwrap(layers[0].attn).num_heads
+    else:
+        is_clip = hasattr(tower, "pre_layrnorm")
+        is_vit = hasattr(tower, "pooler") and hasattr(tower, "layers")  # ViT: like DINOv2 without layer scale
+        layers = tower.encoder.layers if is_clip else tower.layers if is_vit else tower.encoder.layer
+        emb_module = tower.pre_layrnorm if is_clip else tower.embeddings
+        norm = unwrap(tower.post_layernorm if is_clip else tower.layernorm)
+        parts = [
+            (
+                layer.self_attn.out_proj if is_clip else layer.attention.o_proj,
+                layer.mlp if is_clip or is_vit else layer.layer_scale2,
+                None if is_clip or is_vit else layer.layer_scale1.lambda1,
+            )
+            for layer in layers
+        ]
+        projection = unwrap(base.visual_projection) if hasattr(base, "visual_projection") else None
+        n_heads = base.config.num_attention_heads
     captured = {}
 
     def save(name, from_input):
         def hook(module, args, output=None):
-            captured[name] = (args[0] if from_input else output)[:, 0].double()
+            captured[name] = (args[0] if from_input else output).double()  # every token
 
         return hook
 
-    modules = [(unwrap(tower.pre_layrnorm if is_clip else tower.embeddings), "emb", False)]
-    for i, layer in enumerate(layers):
-        out_proj = layer.self_attn.out_proj if is_clip else layer.attention.o_proj
-        modules += [(unwrap(out_proj), f"z{i}", True)]
-        modules += [(unwrap(layer.mlp if is_clip or is_vit else layer.layer_scale2), f"m{i}", False)]
+    modules = [(unwrap(emb_module), "emb", False)]
+    for i, (attention_out, mlp_out, _) in enumerate(parts):
+        modules += [(unwrap(attention_out), f"z{i}", True), (unwrap(mlp_out), f"m{i}", False)]
     handles = [
         m.register_forward_pre_hook(save(n, True)) if inp else m.register_forward_hook(save(n, False))
         for m, n, inp in modules
@@ -55,17 +81,41 @@ def reference_float64(model, x):
     for h in handles:
         h.remove()
 
-    n_layers, n_heads = len(layers), base.config.num_attention_heads
-    raw = {"emb": captured["emb"]}
-    for i, layer in enumerate(layers):
-        out_proj = unwrap(layer.self_attn.out_proj if is_clip else layer.attention.o_proj)
+    raw = {"emb": captured["emb"][:, 0]}
+    for i, (attention_out, _, layer_scale) in enumerate(parts):
+        out_proj = unwrap(attention_out)
+        if library == "open_clip":  # nn.MultiheadAttention: its heads at CLS, from its input and packed weights
+            attention, tokens = out_proj, captured[f"z{i}"]
+            q, k, v = (
+                tokens @ w.double().T + b.double()
+                for w, b in zip(attention.in_proj_weight.chunk(3), attention.in_proj_bias.chunk(3), strict=True)
+            )
+            d = q.shape[-1] // n_heads
+            heads = []
+            for h in range(n_heads):
+                part = slice(h * d, (h + 1) * d)
+                weights = torch.softmax(q[:, :1, part] @ k[:, :, part].transpose(1, 2) / d**0.5, dim=-1)
+                heads.append((weights @ v[:, :, part])[:, 0])
+            captured[f"z{i}"] = torch.cat(heads, -1)[:, None]
+            out_proj = attention.out_proj
         w, b = out_proj.weight.double(), out_proj.bias.double()
         d = w.shape[1] // n_heads
         for h in range(n_heads):
-            u = captured[f"z{i}"][:, h * d : (h + 1) * d] @ w[:, h * d : (h + 1) * d].T + b / n_heads
-            raw[f"layer{i}.head{h}"] = u if is_clip or is_vit else u * layer.layer_scale1.lambda1.double()
-        raw[f"layer{i}.mlp"] = captured[f"m{i}"]
-    norm = unwrap(tower.post_layernorm if is_clip else tower.layernorm)
+            u = captured[f"z{i}"][:, 0, h * d : (h + 1) * d] @ w[:, h * d : (h + 1) * d].T + b / n_heads
+            raw[f"layer{i}.head{h}"] = u if layer_scale is None else u * layer_scale.double()
+        raw[f"layer{i}.mlp"] = captured[f"m{i}"][:, 0]
+    if library == "open_clip" and tower.proj is not None:
+        return raw, norm, tower.proj.double().T, None, n_heads
+    weight, bias = (None, None) if projection is None else (projection.weight.double(), projection.bias)
+    return raw, norm, weight, None if bias is None else bias.double(), n_heads
+
+
+def reference_float64(model, x):
+    """ResiDual output recomputed in float64 from hooks, raw weights and the adapter's stored bases and scales."""
+    tuner = model.base_model
+    config = tuner.peft_config["default"]
+    raw, norm, projection, projection_bias, n_heads = _units_float64(model, x)
+    n_layers = (len(raw) - 1) // (n_heads + 1)
     r = sum(raw.values())
     std = (r.var(-1, unbiased=False) + norm.eps).sqrt()
     blocks = 2 * n_layers + 1
@@ -74,8 +124,10 @@ def reference_float64(model, x):
         share = 1 / (blocks * n_heads) if ".head" in name else 1 / blocks
         centre = share * r.mean(-1, keepdim=True) if config.ln_mean == "shared" else u.mean(-1, keepdim=True)
         c = norm.weight.double() * (u - centre) / std[:, None] + share * norm.bias.double()
-        if hasattr(base, "visual_projection"):
-            c = c @ unwrap(base.visual_projection).weight.double().T
+        if projection is not None:
+            c = c @ projection.T
+            if projection_bias is not None:
+                c = c + share * projection_bias
         direct["embedding" if name == "emb" else name] = c
 
     state = {}
@@ -126,7 +178,7 @@ IDS = [
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=IDS)
-@pytest.mark.parametrize("kind", ["clip_vision_projection", "dinov2", "clip_vision", "vit"])
+@pytest.mark.parametrize("kind", ["clip_vision_projection", "dinov2", "clip_vision", "vit", "open_clip", "timm"])
 def test_adapted_output_matches_independent_float64(kind, config):
     model = fitted(kind, config)
     x = images(5, seed=7)
@@ -157,7 +209,9 @@ def test_disable_adapter_gives_base_outputs_exactly(kind):
             return model.get_image_features(pixel_values=x)
         if kind == "blip":  # its forward needs text; the contrastive head reads the vision tower
             return model.vision_model(pixel_values=x)
-        return model(pixel_values=x)
+        if kind == "open_clip":  # its forward needs text too
+            return model.visual(x)
+        return run_model(model, x)
 
     base = make_model(kind)
     x = images(4)
@@ -482,7 +536,7 @@ def test_malformed_head_selections_are_clear_errors(kwargs, message):
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=IDS)
-@pytest.mark.parametrize("kind", ["clip_vision_projection", "dinov2", "clip_vision", "vit"])
+@pytest.mark.parametrize("kind", ["clip_vision_projection", "dinov2", "clip_vision", "vit", "open_clip", "timm"])
 def test_forward_from_raw_pieces_equals_the_output_space_path(kind, config, monkeypatch):
     """A frozen forward computes scores from the raw pieces (head kernels, one weighted sum through the norm); a
     forward that needs gradients for the readout's weights takes the output-space path. They agree."""

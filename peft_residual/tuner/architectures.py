@@ -10,7 +10,7 @@ models that cannot be decomposed, and why.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from functools import cached_property
 from typing import Any
 
@@ -19,35 +19,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from .errors import ResiDualInputError
-
-
-@dataclass(frozen=True)
-class ArchitectureSpec:
-    """Module paths of one model class. ``{i}`` is replaced by the layer index."""
-
-    vision_config: str | None
-    """Attribute of ``model.config`` holding the vision config, or ``None`` if ``model.config`` is it."""
-    embedding: str
-    """Module whose output (at CLS) is the embedding unit as it enters the first block."""
-    attention_out: str
-    """Attention output projection; its input is the concatenation of the heads' outputs."""
-    mlp_out: str
-    """Module whose output (at CLS) is a layer's whole MLP contribution, layer scale included."""
-    final_norm: str
-    """The LayerNorm that produces the pooled output."""
-    mlp: str | None = None
-    """Module running a layer's MLP on the normed stream, if it is not ``mlp_out`` itself (recording passes feed the
-    last layer's MLP the CLS token alone)."""
-    attention_layer_scale: str | None = None
-    """Parameter scaling the attention output before the residual add, if any (e.g. DINOv2's ``lambda1``)."""
-    projection: str | None = None
-    """Linear map from the pooled output to the embedding space, if any."""
-    tower: str | None = None
-    """Submodule that runs the vision backbone on ``pixel_values``, or ``None`` if the model itself does."""
-    pooled: str = "pooler_output"
-    """Where the model's output gives the decomposed embedding: ``"pooler_output"``, or ``"cls"`` for
-    ``last_hidden_state[:, 0]`` when the model's pooler is a further non-linear layer (ViT's tanh pooler)."""
-
+from .libraries import base_module, multihead_attention_heads, open_clip_spec, timm_spec
+from .spec import ArchitectureSpec, Sizes
 
 _CLIP_TOWER = ArchitectureSpec(
     vision_config=None,
@@ -74,7 +47,7 @@ def _under(prefix: str, spec: ArchitectureSpec, **changes: str | None) -> Archit
     return ArchitectureSpec(**{**spec.__dict__, **paths, **changes})
 
 
-ARCHITECTURES: dict[str, ArchitectureSpec] = {
+ARCHITECTURES: dict[str, ArchitectureSpec | Callable[[nn.Module], ArchitectureSpec]] = {
     "CLIPVisionModel": _CLIP_TOWER,
     "CLIPVisionModelWithProjection": _under(
         "vision_model", _CLIP_TOWER, projection="visual_projection", tower="vision_model"
@@ -108,8 +81,11 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
     "BlipForImageTextRetrieval": _under(
         "vision_model", _BLIP_TOWER, vision_config="vision_config", projection="vision_proj", tower="vision_model"
     ),
+    # other libraries: a spec built per model, which reads its variant (see .libraries)
+    **dict.fromkeys(("open_clip.CLIP", "open_clip.CustomTextCLIP", "open_clip.VisionTransformer"), open_clip_spec),
+    "timm.VisionTransformer": timm_spec,
 }
-"""Supported model classes, by class name."""
+"""Supported model classes, by :func:`model_key`: a spec, or a function giving a model's spec (or refusing it)."""
 
 _SIGLIP = (
     "SigLIP has no CLS token: its pooled output comes from an attention-pooling head whose softmax weights depend on "
@@ -126,19 +102,21 @@ REFUSED: dict[str, str] = {
 """Model classes ResiDual cannot decompose, with the reason given to the user."""
 
 
-def _unwrap(module: nn.Module) -> nn.Module:
-    return module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+def model_key(module: nn.Module) -> str:
+    """How :data:`ARCHITECTURES` names a model class: a transformers class by its name, another library's as
+    ``"library.ClassName"`` (open_clip and timm both have a ``VisionTransformer``)."""
+    library = type(module).__module__.split(".")[0]
+    return type(module).__name__ if library == "transformers" else f"{library}.{type(module).__name__}"
 
 
 def find_base_model(model: nn.Module) -> nn.Module:
-    """The transformers model inside ``model``, which may be wrapped by a ``PeftModel`` and a ``BaseTuner``."""
+    """The supported model inside ``model``, which may be wrapped by a ``PeftModel`` and a ``BaseTuner``."""
     for candidate in model.modules():
-        if type(candidate).__name__ in ARCHITECTURES:
+        key = model_key(candidate)
+        if key in ARCHITECTURES:
             return candidate
-        if type(candidate).__name__ in REFUSED:
-            raise ResiDualInputError(
-                f"ResiDual cannot adapt {type(candidate).__name__}. {REFUSED[type(candidate).__name__]}"
-            )
+        if key in REFUSED:
+            raise ResiDualInputError(f"ResiDual cannot adapt {type(candidate).__name__}. {REFUSED[key]}")
     raise ResiDualInputError(
         f"ResiDual does not support {type(model).__name__}. Supported model classes: "
         f"{', '.join(sorted(ARCHITECTURES))}. Add an ArchitectureSpec to "
@@ -175,6 +153,38 @@ def check_normalised(pixel_values: torch.Tensor, where: str, in_forward: bool = 
         raise ResiDualInputError(unnormalised_message(where))
 
 
+def _config_sizes(model: nn.Module, spec: ArchitectureSpec) -> Sizes:
+    """The sizes of a transformers model, from its (vision) config."""
+    config = getattr(model.config, spec.vision_config) if spec.vision_config else model.config
+    heads = config.num_attention_heads
+    return Sizes(config.num_hidden_layers, heads, config.hidden_size, config.hidden_size // heads, config.patch_size)
+
+
+class MatrixProjection:
+    """A projection kept as a bare ``[in, out]`` parameter and applied as ``pooled @ P`` (open_clip's ``proj``),
+    seen as the linear layer it is: ``weight`` is ``P.T``, read live (it follows moves and casts)."""
+
+    bias = None
+
+    def __init__(self, owner: nn.Module, name: str) -> None:
+        self.owner, self.name = owner, name
+
+    @property
+    def matrix(self) -> nn.Parameter:
+        return getattr(self.owner, self.name)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.matrix.T
+
+    @property
+    def out_features(self) -> int:
+        return self.matrix.shape[1]
+
+    def parameters(self, recurse: bool = False) -> Iterator[nn.Parameter]:
+        yield self.matrix
+
+
 class Architecture:
     """An :class:`ArchitectureSpec` bound to a model: sizes, unit names and module lookup.
 
@@ -186,25 +196,46 @@ class Architecture:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = find_base_model(model)
-        self.spec = ARCHITECTURES[type(self.model).__name__]
-        config = self.model.config
-        self.config = getattr(config, self.spec.vision_config) if self.spec.vision_config else config
-        self.num_layers: int = self.config.num_hidden_layers
-        self.num_heads: int = self.config.num_attention_heads
-        self.hidden_size: int = self.config.hidden_size
-        self.head_dim: int = self.hidden_size // self.num_heads
-        self.patch_size: int = self.config.patch_size
+        spec = ARCHITECTURES[model_key(self.model)]
+        self.spec: ArchitectureSpec = spec if isinstance(spec, ArchitectureSpec) else spec(self.model)
+        sizes = self.spec.sizes(self.model) if self.spec.sizes else _config_sizes(self.model, self.spec)
+        self.num_layers, self.num_heads, self.hidden_size, self.head_dim, self.patch_size = sizes
+        self.prefix_tokens = int(getattr(self.tower, "num_prefix_tokens", 1))
+        """Tokens before the patches: the class token, and timm's register tokens."""
         projection = self.projection
         self.output_dim: int = projection.out_features if projection is not None else self.hidden_size
 
     def module(self, path: str, layer: int | None = None) -> nn.Module:
         """The module at ``path`` (with ``{i}`` = ``layer``), looking through any PEFT wrapper."""
-        return _unwrap(self.model.get_submodule(path.format(i=layer)))
+        return base_module(self.model.get_submodule(path.format(i=layer)))
 
     @property
     def tower(self) -> nn.Module:
         """The module that runs the vision backbone (the vision tower of a two-tower model)."""
         return self.model.get_submodule(self.spec.tower) if self.spec.tower else self.model
+
+    def run_tower(self, pixel_values: torch.Tensor) -> Any:
+        """Run the vision backbone on ``pixel_values``, as its library calls it."""
+        return self.tower(pixel_values=pixel_values) if self.spec.keyword_input else self.tower(pixel_values)
+
+    def run_attention(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[Any, torch.Tensor, torch.Tensor]:
+        """Run one layer's attention output module: what it returns, the concatenated heads entering its output
+        projection and that projection's output. ``nn.MultiheadAttention`` runs in steps that expose its heads."""
+        if not self.spec.multihead_attention:
+            output = module(*args, **kwargs)
+            return output, args[0], output
+        heads = multihead_attention_heads(module, *args, **kwargs)
+        projected = module.out_proj(heads)
+        return (projected, None), heads, projected
+
+    def attention_pieces(
+        self, module: nn.Module, args: tuple, kwargs: dict, output: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The heads and the projection's output of an attention output module that already ran (a hook on a bare
+        model): ``nn.MultiheadAttention`` keeps its heads to itself, so they are computed again from its inputs."""
+        if not self.spec.multihead_attention:
+            return args[0], output
+        return multihead_attention_heads(module, *args, **kwargs), output[0]
 
     @cached_property
     def final_norm(self) -> nn.LayerNorm:
@@ -212,14 +243,26 @@ class Architecture:
         return self.module(self.spec.final_norm)
 
     @cached_property
-    def projection(self) -> nn.Linear | None:
+    def projection(self) -> nn.Linear | MatrixProjection | None:
         """The projection after the final norm, if any (the base module, looked up once)."""
-        return self.module(self.spec.projection) if self.spec.projection else None
+        if self.spec.projection is None:
+            return None
+        if self.spec.projection_matrix:
+            owner, name = self.spec.projection.rpartition(".")[::2]
+            return MatrixProjection(self.model.get_submodule(owner), name)
+        return self.module(self.spec.projection)
 
     @property
     def readout_path(self) -> str:
-        """The module whose output ResiDual replaces: the projection if there is one, else the final norm."""
-        return self.spec.projection or self.spec.final_norm
+        """The module ResiDual wraps to read out: the projection if it is a module, else the final norm (with a
+        projection matrix the tower's output is replaced, see :attr:`ArchitectureSpec.projection_matrix`)."""
+        if self.spec.projection and not self.spec.projection_matrix:
+            return self.spec.projection
+        return self.spec.final_norm
+
+    def out_projection(self, layer: int) -> nn.Linear:
+        """The attention output projection of ``layer``: its input is the concatenated heads."""
+        return self._head_modules[layer][0]
 
     def attention_layer_scale(self, layer: int) -> torch.Tensor | None:
         _, owner, name = self._head_modules[layer]
@@ -233,9 +276,10 @@ class Architecture:
         for layer in range(self.num_layers):
             path = self.spec.attention_layer_scale
             owner, name = path.format(i=layer).rsplit(".", 1) if path else (None, "")
-            found.append(
-                (self.module(self.spec.attention_out, layer), self.model.get_submodule(owner) if owner else None, name)
-            )
+            attention_out = self.module(self.spec.attention_out, layer)
+            if self.spec.multihead_attention:
+                attention_out = attention_out.out_proj
+            found.append((attention_out, self.model.get_submodule(owner) if owner else None, name))
         return found
 
     def head_contributions(self, layer: int, head_inputs: torch.Tensor) -> torch.Tensor:
@@ -355,7 +399,7 @@ class Architecture:
         return {
             **self.structure(),
             "image_size": [int(height), int(width)],
-            "num_tokens": 1 + (height // self.patch_size) * (width // self.patch_size),
+            "num_tokens": self.prefix_tokens + (height // self.patch_size) * (width // self.patch_size),
             "weights_fingerprint": self.weights_fingerprint(),
         }
 
@@ -382,13 +426,14 @@ class Architecture:
 
         Each projection is a standard normal for unrelated weights, but moves by ~1e-3 at most when the same weights
         are cast to half precision, so :func:`same_weights` can compare with a tolerance instead of a hash."""
-        modules = [self.tower] + ([self.projection] if self.projection is not None else [])
+        parameters = base_parameters(self.tower)
+        if self.projection is not None and not self.spec.projection_matrix:  # a matrix lies in the tower
+            parameters += base_parameters(self.projection)
         pieces = []
-        for module in modules:
-            for param in base_parameters(module):
-                flat = param.detach().reshape(-1)
-                step = max(1, len(flat) // samples_per_tensor)
-                pieces.append(flat[::step][:samples_per_tensor].double().cpu())
+        for param in parameters:
+            flat = param.detach().reshape(-1)
+            step = max(1, len(flat) // samples_per_tensor)
+            pieces.append(flat[::step][:samples_per_tensor].double().cpu())
         sample = torch.cat(pieces)
         norm = float(sample.norm())
         signs = torch.randint(0, 2, (projections, len(sample)), generator=torch.Generator().manual_seed(0)) * 2 - 1

@@ -56,6 +56,8 @@ class UnitRecord:
     """Sequence length of the embedding output, which tells the image size the model saw."""
     adapt: bool = True
     """Whether a ResiDual readout replaces the output (``False`` in passes that only record)."""
+    kept: bool = False
+    """Whether the caller reads the pieces after the pass (:func:`recording`)."""
     cls_only: bool = False
     """Whether the last block runs on the CLS token alone (see :func:`last_block_at_cls`)."""
     opened_by_embedding: bool = False
@@ -259,8 +261,12 @@ def linearise(
 
 
 def _capture_hook(arch: Architecture, kind: str, layer: int | None):
-    def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        capture(arch, kind, layer, inputs, output)
+    def hook(module: nn.Module, inputs: tuple, kwargs: dict, output: torch.Tensor) -> None:
+        if kind == "heads":
+            heads, projected = arch.attention_pieces(module, inputs, kwargs, output)
+            capture(arch, kind, layer, (heads,), projected)
+        else:
+            capture(arch, kind, layer, inputs, output)
 
     return hook
 
@@ -284,13 +290,13 @@ def recording(arch: Architecture, cls_only: bool = False) -> Iterator[UnitRecord
     handles = []
     if not wrapped:
         handles = [
-            arch.module(path).register_forward_hook(_capture_hook(arch, kind, layer))
+            arch.module(path).register_forward_hook(_capture_hook(arch, kind, layer), with_kwargs=True)
             for path, kind, layer in unit_modules(arch)
         ]
     if cls_only:
         handles += last_block_at_cls(arch)
     try:
-        with open_record(UnitRecord(adapt=False, cls_only=cls_only)) as record:
+        with open_record(UnitRecord(adapt=False, cls_only=cls_only, kept=True)) as record:
             yield record
     finally:
         for handle in handles:
@@ -307,14 +313,16 @@ def last_block_at_cls(arch: Architecture) -> list:
     """
     last = arch.num_layers - 1
     paths = (arch.spec.attention_out, arch.spec.mlp or arch.spec.mlp_out)
-    return [arch.module(path, last).register_forward_pre_hook(_first_token_only) for path in paths]
+    # on the outermost module at each path: a ResiDual layer around nn.MultiheadAttention never calls the module
+    modules = [arch.model.get_submodule(path.format(i=last)) for path in paths]
+    return [module.register_forward_pre_hook(_first_token_only) for module in modules]
 
 
 @torch.no_grad()
 def record_backbone(arch: Architecture, pixel_values: torch.Tensor) -> UnitRecord:
     """Run only the vision backbone (no ResiDual readout) and return what its unit modules produced."""
     with recording(arch, cls_only=True) as record:
-        arch.tower(pixel_values=pixel_values)
+        arch.run_tower(pixel_values)
     return record
 
 

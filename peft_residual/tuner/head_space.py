@@ -44,7 +44,7 @@ def head_frames(arch: Architecture, layer: int, ln_mean: str = "shared", centre:
     ``arch.max_rank("heads", ...)``)."""
     hidden, heads, head_dim = arch.hidden_size, arch.num_heads, arch.head_dim
     norm, projection = arch.final_norm, arch.projection
-    out_proj = arch.module(arch.spec.attention_out, layer)
+    out_proj = arch.out_projection(layer)
     # the frozen norm's linear part, left of the layer scale: centring (own-mean split only), gamma, projection
     linear = torch.eye(hidden, dtype=torch.float64)
     if ln_mean == "unit":

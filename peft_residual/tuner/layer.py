@@ -4,7 +4,8 @@ The residual stream itself is never changed. A :class:`ResiDualUnitLayer` wraps 
 embedding, one layer's attention output projection, one MLP): it passes the module's output through, stores the
 module's CLS piece in the record of the running forward pass (see :mod:`.decomposition`), and holds the PCA bases,
 means and trainable scales of those units per adapter. The :class:`ResiDualReadoutLayer` wraps the module producing
-the output (the projection, else the final norm) and replaces that output by the sum of the transformed units.
+the output (the projection, else the final norm) and replaces that output by the sum of the transformed units (where
+the projection is a bare matrix the tower applies itself, it replaces the tower's output, through a hook).
 Because each transformed unit contributes ``sum_j lambda_j * s_j * phi_j`` with PCA scores ``s_j = phi_j . (u - mu)``,
 the adapted output is always
 
@@ -27,7 +28,7 @@ from torch import nn
 
 from .architectures import Architecture
 from .config import ResiDualConfig
-from .decomposition import BASE, UnitRecord, capture, take_record
+from .decomposition import BASE, UnitRecord, capture, current_record, take_record
 from .errors import ResiDualInputError
 from .head_space import HeadFrames, head_frames
 from .packing import pack_orthonormal, packed_size, unpack_orthonormal
@@ -254,9 +255,24 @@ class ResiDualUnitLayer(nn.Module, ResiDualLayer):
         return OutputSpace(mean, torch.cat(rows), rank, frames)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        output = self.base_layer(*args, **kwargs)
-        capture(self.arch, self.kind, self.layer, args, output)
+        if self.kind != "heads":
+            output = self.base_layer(*args, **kwargs)
+            capture(self.arch, self.kind, self.layer, args, output)
+            return output
+        if not self._heads_read():  # the module itself: the base model's output bit for bit
+            return self.base_layer(*args, **kwargs)
+        output, heads, projected = self.arch.run_attention(self.base_layer, args, kwargs)
+        capture(self.arch, self.kind, self.layer, (heads,), projected)
         return output
+
+    def _heads_read(self) -> bool:
+        """Whether this pass's heads are read: always where they are the output projection's input anyway; for an
+        ``nn.MultiheadAttention``, which only exposes them when run in steps, in a recording pass or an adapted
+        one (not with the adapter disabled or bypassed)."""
+        if not self.arch.spec.multihead_attention:
+            return True
+        record = current_record()
+        return record is not None and (record.kept or (record.adapt and not self.disable_adapters))
 
 
 class ResiDualReadoutLayer(nn.Module, ResiDualLayer):
@@ -400,6 +416,19 @@ class ResiDualReadoutLayer(nn.Module, ResiDualLayer):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
+        if self.arch.spec.projection_matrix:  # the tower applies its matrix after this: its output is replaced
+            return result
+        return self.replace_output(result)
+
+    def replace_tower_output(self, tower: nn.Module, args: tuple, output: Any) -> Any:
+        """A forward hook on a tower whose forward applies a projection matrix after the final norm (open_clip):
+        its output (the first one of a tuple) is replaced."""
+        if isinstance(output, tuple):
+            return (self.replace_output(output[0]), *output[1:])
+        return self.replace_output(output)
+
+    def replace_output(self, result: torch.Tensor) -> torch.Tensor:
+        """What the model gets instead of the readout module's ``result``: the adapted output of this pass."""
         record = take_record()  # always: the record of this pass closes here
         if record is None or not record.adapt or self.disable_adapters:
             return result

@@ -81,6 +81,10 @@ class ResiDualModel(BaseTuner):
         self._targets = _targets(self.arch, peft_config)
         peft_config.target_modules = list(self._targets)
 
+    def _check_target_module_exists(self, peft_config: ResiDualConfig, key: str) -> bool:
+        # the architecture map's paths exactly: PEFT's suffix match would also take timm's patch_embed.norm for norm
+        return key in self._targets
+
     def _create_and_replace(
         self,
         peft_config: ResiDualConfig,
@@ -116,6 +120,8 @@ class ResiDualModel(BaseTuner):
         self.refresh()
         if getattr(self, "_refresh_after_load", None) is None:
             self._refresh_after_load = self.register_load_state_dict_post_hook(_refresh_after_load)
+        if self.arch.spec.projection_matrix and getattr(self, "_tower_readout", None) is None:
+            self._tower_readout = self.arch.tower.register_forward_hook(self.readout.replace_tower_output)
 
     def refresh(self) -> None:
         """Rebuild every fitted adapter's readout plan from the stored state (after a fit, load or move)."""
@@ -139,8 +145,9 @@ class ResiDualModel(BaseTuner):
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
         """Per call: checks the pixels, and serves PEFT's ``adapter_names`` (one adapter per sample, ``"__base__"``
         for the base model) through the record of this pass, never through module state."""
-        if isinstance(kwargs.get("pixel_values"), torch.Tensor):
-            check_normalised(kwargs["pixel_values"], "forward", in_forward=True)  # the fit's rule: no raw pixels
+        pixel_values = kwargs.get("pixel_values", args[0] if args and not self.arch.spec.keyword_input else None)
+        if isinstance(pixel_values, torch.Tensor):
+            check_normalised(pixel_values, "forward", in_forward=True)  # the fit's rule: no raw pixels
         names = kwargs.get("adapter_names")
         with forward_scope():  # a forward that raises leaves no record of its pass behind
             if names is None:
@@ -172,6 +179,9 @@ class ResiDualModel(BaseTuner):
                 "weights. For faster inference, merge_adapter() folds the scales into the readout and keeps the "
                 "PeftModel; unload() gives the base model back."
             )
+        if getattr(self, "_tower_readout", None) is not None:
+            self._tower_readout.remove()
+            self._tower_readout = None
         return super()._unload_and_optionally_merge(merge=False, **kwargs)
 
     @property

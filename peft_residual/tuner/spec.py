@@ -1,0 +1,58 @@
+"""What one model class must say for its residual units to be found: :class:`ArchitectureSpec`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from torch import nn
+
+
+class Sizes(NamedTuple):
+    """The sizes that fix a vision transformer's units."""
+
+    num_layers: int
+    num_heads: int
+    hidden_size: int
+    head_dim: int
+    patch_size: int
+
+
+@dataclass(frozen=True)
+class ArchitectureSpec:
+    """Module paths of one model class. ``{i}`` is replaced by the layer index."""
+
+    vision_config: str | None
+    """Attribute of ``model.config`` holding the vision config, or ``None`` if ``model.config`` is it."""
+    embedding: str
+    """Module whose output (at CLS) is the embedding unit as it enters the first block."""
+    attention_out: str
+    """Attention output projection; its input is the concatenation of the heads' outputs. With
+    ``multihead_attention``, the ``nn.MultiheadAttention`` module itself (see :mod:`.libraries`)."""
+    mlp_out: str
+    """Module whose output (at CLS) is a layer's whole MLP contribution, layer scale included."""
+    final_norm: str
+    """The LayerNorm that produces the pooled output."""
+    mlp: str | None = None
+    """Module running a layer's MLP on the normed stream, if it is not ``mlp_out`` itself (recording passes feed the
+    last layer's MLP the CLS token alone)."""
+    attention_layer_scale: str | None = None
+    """Parameter scaling the attention output before the residual add, if any (e.g. DINOv2's ``lambda1``)."""
+    projection: str | None = None
+    """Linear map from the pooled output to the embedding space, if any: a module, or with ``projection_matrix`` a
+    bare ``[in, out]`` parameter applied as ``pooled @ P``."""
+    tower: str | None = None
+    """Submodule that runs the vision backbone on ``pixel_values``, or ``None`` if the model itself does."""
+    pooled: str = "pooler_output"
+    """Where the model's output gives the decomposed embedding: ``"pooler_output"``, or ``"cls"`` for
+    ``last_hidden_state[:, 0]`` when the model's pooler is a further non-linear layer (ViT's tanh pooler)."""
+    sizes: Callable[[nn.Module], Sizes] | None = None
+    """Reads the sizes off a model with no transformers config (open_clip, timm); ``None``: from the config."""
+    multihead_attention: bool = False
+    """``attention_out`` is an ``nn.MultiheadAttention``, which never calls its ``out_proj`` as a module."""
+    projection_matrix: bool = False
+    """``projection`` is a parameter that the tower's forward applies after pooling (open_clip's ``proj``): the
+    readout then replaces the tower's output."""
+    keyword_input: bool = True
+    """Whether the tower takes ``pixel_values=`` (transformers) or the images as its first argument."""
