@@ -29,9 +29,13 @@ from peft_residual.data import load_image_dataset, prepare, sample
 from . import methods, run
 from .report import RESULTS, environment, mean_and_spread
 
-MODELS = {  # the paper's models that load here; OpenCLIP's LAION weights need open_clip, not supported yet
+MODELS = {  # the paper's models, on the Hub (not reachable from the machine that wrote this)
     "clip-b16": {"model": "openai/clip-vit-base-patch16"},
     "clip-l14": {"model": "openai/clip-vit-large-patch14"},
+    # OpenCLIP's LAION ViTs, through the transformers CLIPModel weights their Hub repos also hold: the same network as
+    # open_clip's (tests/test_libraries.py checks that the two forms give equal units and ResiDual outputs)
+    "openclip-b16": {"model": "laion/CLIP-ViT-B-16-laion2B-s34B-b88K"},
+    "openclip-l14": {"model": "laion/CLIP-ViT-L-14-laion2B-s32B-b82K"},
     "vit-l16": {"model": "google/vit-large-patch16-224"},
     "dinov2-l": {"model": "facebook/dinov2-large"},
     "blip-l": {"model": "Salesforce/blip-itm-large-flickr"},

@@ -508,6 +508,15 @@ def gpu_projection_table() -> str:
     return "\n".join([*_table(header, rows), "", note]) + "\n"
 
 
+def paper_grid_table(name: str) -> str:
+    """A ``benchmarks.paper`` grid: test accuracy per model and data set, ResiDual's columns per reference."""
+    from .paper import grid_table  # the grid's own table, so that its printout and the docs agree
+
+    payload = load(name)
+    references = [entry.partition("=")[0] for entry in payload["settings"]["references"]]
+    return "\n".join(grid_table(payload["cells"], references)) + "\n"
+
+
 PUBLISHED: dict[str, Callable[[], str]] = {
     "headline": headline_table,
     "default-mnist": lambda: run_table(load("default_mnist")),
@@ -525,6 +534,7 @@ PUBLISHED: dict[str, Callable[[], str]] = {
     "spectral-similarity": spectral_similarity_table,
     "ablations": ablation_table,
     "scale": lambda: scale_table(load("scale_clip_b32_random")),
+    "paper-grid-offline": lambda: paper_grid_table("paper_dinov2_offline/paper_grid"),
     "storage-projection": storage_projection_table,
     "gpu-projection": gpu_projection_table,
 }

@@ -145,7 +145,7 @@ def run_row(images: int, processes: int, args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, nargs="+", default=[3000, 30000])
+    parser.add_argument("--images", type=int, nargs="*", default=[3000, 30000])
     parser.add_argument("--budget-mib", type=int, default=64)
     parser.add_argument(
         "--synthetic-from", type=int, help="from this size on, random unit pieces stand in for the backbone pass"
@@ -156,6 +156,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", type=int, help="measure one size in this process and print its JSON")
     parser.add_argument("--work-dir", type=Path, help="with --only: where the caches go (shared by the processes)")
     parser.add_argument("--output", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument(
+        "--update", action="store_true", help="replace only the rows measured now in the results file, keep the rest"
+    )
     args = parser.parse_args(argv)
     budget = args.budget_mib * 2**20
     if args.only:
@@ -167,10 +170,20 @@ def main(argv: list[str] | None = None) -> None:
     for images, processes in [*((n, 1) for n in args.images), *((n, 2) for n in args.two_processes)]:
         records.append(run_row(images, processes, args))
         print(json.dumps(records[-1]), flush=True)
-    payload = {"command": "python -m benchmarks.scale " + " ".join(argv or sys.argv[1:]), "records": records}
-    payload["environment"] = environment()
+    command = "python -m benchmarks.scale " + " ".join(argv or sys.argv[1:])
+    path = args.output / "scale_clip_b32_random.json"
+    payload = {"command": command, "records": records, "environment": environment()}
+    if args.update:  # the earlier rows stay, each with the command that measured it
+        earlier = json.loads(path.read_text())
+        new_rows = {(r["images"], r["processes"]) for r in records}
+        kept = [r for r in earlier["records"] if (r["images"], r["processes"]) not in new_rows]
+        for record in kept:
+            record.setdefault("command", earlier["command"])
+        for record in records:
+            record["command"] = command
+        payload = {**earlier, "records": kept + records, "command": earlier["command"]}
     args.output.mkdir(parents=True, exist_ok=True)
-    (args.output / "scale_clip_b32_random.json").write_text(json.dumps(payload, indent=1) + "\n")
+    path.write_text(json.dumps(payload, indent=1) + "\n")
 
 
 if __name__ == "__main__":
