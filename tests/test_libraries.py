@@ -156,3 +156,32 @@ def test_open_clip_zero_shot_head_is_the_normalised_mean_of_normalised_prompt_em
     torch.testing.assert_close(classifier.weights, expected)
     assert classifier.scale == pytest.approx(float(model.logit_scale.detach().exp()))
     assert TEXT["vocab_size"] > max(words.values())
+
+
+@pytest.mark.parametrize("kind", ["open_clip", "timm"])
+def test_the_one_pass_user_path_trains_saves_and_loads(kind, tmp_path):
+    """collect_units once, fit, centroids from the stored units, train_residual on the cache, save, load."""
+    from peft import PeftModel
+
+    from peft_residual import collect_units, default_classifier, train_residual
+
+    from .conftest import learnable_images, make_model
+
+    x, y = learnable_images(128, seed=3)
+    batches = [{"pixel_values": x[i : i + 32], "label": y[i : i + 32]} for i in range(0, 128, 32)]
+    model = get_peft_model(make_model(kind), ResiDualConfig(k=4))
+    train_units, val_units = (
+        collect_units(model, batches[:3], progress=False),
+        collect_units(model, batches[3:], progress=False),
+    )
+    fit_residual_bases(model, train_units, progress=False)
+    classifier = default_classifier(model, CLASS_NAMES, kind="centroid", train_units=train_units, progress=False)
+    before = [p.detach().clone() for n, p in model.named_parameters() if "residual_lambda" in n]
+    result = train_residual(model, classifier, train_units, val_units, max_epochs=3, progress=False)
+    after = [p.detach() for n, p in model.named_parameters() if "residual_lambda" in n]
+    assert result.cached and result.epochs_run >= 1
+    assert any(not torch.equal(a, b) for a, b in zip(after, before, strict=True))
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(make_model(kind), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(embed_images(loaded, x[:8]), embed_images(model, x[:8]), rtol=0, atol=0)
