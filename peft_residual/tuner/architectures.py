@@ -4,7 +4,8 @@ Each supported model class gets one :class:`ArchitectureSpec` naming, as dotted 
 layer index), the module whose output is the embedding unit, the attention output projection whose input holds the
 concatenated heads, the module whose output is a layer's full MLP contribution, the final norm and the optional
 projection. Supporting a new pre-LN ViT is one more entry in :data:`ARCHITECTURES`; :data:`REFUSED` names the
-models that cannot be decomposed, and why.
+models that cannot be decomposed, and why. Models of other libraries (open_clip, timm) get their spec from a function
+of the model, which reads its variant or refuses it (:mod:`.libraries`).
 """
 
 from __future__ import annotations
