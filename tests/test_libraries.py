@@ -185,3 +185,24 @@ def test_the_one_pass_user_path_trains_saves_and_loads(kind, tmp_path):
     loaded = PeftModel.from_pretrained(make_model(kind), tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(embed_images(loaded, x[:8]), embed_images(model, x[:8]), rtol=0, atol=0)
+
+
+def test_an_open_clip_tower_that_also_returns_its_tokens_adapts_the_pooled_output_only():
+    """With ``output_tokens=True`` the tower returns ``(pooled, tokens)``: the readout replaces the pooled
+    embedding, as the same weights give without tokens, and leaves the tokens as the base model computes them."""
+    x = images(4, seed=2)
+    outputs = []
+    for output_tokens in (False, True):
+        torch.manual_seed(0)  # the same weights both times
+        model = make_open_clip(VISION, output_tokens=output_tokens).eval()
+        with torch.no_grad():
+            base = model.visual(x)
+        peft_model = get_peft_model(model, ResiDualConfig(k=4))
+        fit_residual_bases(peft_model, loader(), progress=False)
+        with torch.no_grad():
+            outputs.append((base, peft_model.base_model.model.visual(x)))
+    (_, adapted), ((base_pooled, base_tokens), (pooled, tokens)) = outputs
+    torch.testing.assert_close(pooled, adapted, rtol=0, atol=0)
+    # the adapted pass runs the attention in steps, equal to the fused module within float rounding
+    torch.testing.assert_close(tokens, base_tokens, rtol=0, atol=1e-5)
+    assert (pooled - base_pooled).abs().max() > 1e-3
