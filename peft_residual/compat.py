@@ -3,8 +3,14 @@
 - ``PeftType`` is a closed enum: :func:`extend_peft_type` adds ``RESIDUAL`` once (idempotent across reloads).
 - ``PeftModel.save_pretrained`` writes files in place and PEFT's generic model card; ``push_to_hub`` then replaces
   the card with transformers' template. :func:`install` wraps the three ``PeftModel`` methods so that, *for a model
-  whose adapters are all ResiDual*, saving is atomic and refuses unfitted adapters, the card is ResiDual's, and a
-  push uploads exactly the adapter files and that card. Every other model takes PEFT's own code path unchanged.
+  whose adapters are all ResiDual*, saving is atomic, safetensors only, and refuses unfitted adapters, the card is
+  ResiDual's, and a push uploads exactly the adapter files and that card. Every other model takes PEFT's own code
+  path unchanged.
+- ``PeftModel.from_pretrained`` reads ``adapter_config.json`` with PEFT's generic reader before it knows the method,
+  so a file that is not JSON surfaces as a bare ``JSONDecodeError``: :func:`install` makes that reader name the file
+  and the fix, for every method (the only change it makes outside ResiDual's models).
+- PEFT 0.21 reads transformers' deprecated ``is_gradient_checkpointing`` in every ``PeftModel``; the
+  ``FutureWarning`` that raises is PEFT's to fix, not the user's, and is filtered by its exact message.
 
 Inside PEFT none of this would exist: the enum member would be declared, and the card and saving hooks would be
 methods of the tuner.
@@ -13,6 +19,8 @@ methods of the tuner.
 from __future__ import annotations
 
 import functools
+import json
+import warnings
 from typing import Any
 
 NAME = "residual"
@@ -62,7 +70,14 @@ def _wrap(name: str, replacement) -> None:
 
 def _save_pretrained(original, model, save_directory: str, *args: Any, **kwargs: Any) -> None:
     from .hub import save_adapter_atomically
+    from .tuner.errors import ResiDualInputError
 
+    if kwargs.get("safe_serialization", args[0] if args else True) is False:
+        raise ResiDualInputError(
+            "save_pretrained(safe_serialization=False) would write adapter_model.bin, a pickle; ResiDual adapters "
+            "are saved and loaded as safetensors only, so that loading one never runs pickled code. Drop the "
+            "argument."
+        )
     if not kwargs.get("is_main_process", True):
         return original(model, save_directory, *args, **kwargs)
     save = lambda directory: original(model, directory, *args, **kwargs)  # noqa: E731
@@ -83,9 +98,33 @@ def _push_to_hub(original, model, repo_id: str, *args: Any, **kwargs: Any) -> st
     return push_adapter_to_hub(model, repo_id, **kwargs)
 
 
+def _name_malformed_config_files() -> None:
+    from peft.config import PeftConfigMixin
+
+    original = PeftConfigMixin.__dict__["from_json_file"].__func__
+    if getattr(original, "_residual_original", None) is not None:
+        return
+
+    @functools.wraps(original)
+    def from_json_file(cls, path_json_file: str, **kwargs: Any) -> dict:
+        from .tuner.errors import ResiDualInputError
+
+        try:
+            return original(cls, path_json_file, **kwargs)
+        except json.JSONDecodeError as error:
+            raise ResiDualInputError(
+                f"{path_json_file} is not valid JSON ({error}); the adapter directory is damaged. Restore the file "
+                "or save the adapter again."
+            ) from None
+
+    from_json_file._residual_original = original
+    PeftConfigMixin.from_json_file = classmethod(from_json_file)
+
+
 def install() -> None:
-    """Add ``PeftType.RESIDUAL``, register the tuner with PEFT, and route ``save_pretrained``,
-    ``create_or_update_model_card`` and ``push_to_hub`` of ResiDual models to :mod:`peft_residual.hub`; idempotent."""
+    """Add ``PeftType.RESIDUAL``, register the tuner with PEFT, route ``save_pretrained``,
+    ``create_or_update_model_card`` and ``push_to_hub`` of ResiDual models to :mod:`peft_residual.hub`, and name
+    the file in PEFT's error for a malformed adapter config; idempotent."""
     from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
     from peft.utils import register_peft_method
 
@@ -97,6 +136,10 @@ def install() -> None:
     _wrap("save_pretrained", _save_pretrained)
     _wrap("create_or_update_model_card", _model_card)
     _wrap("push_to_hub", _push_to_hub)
+    _name_malformed_config_files()
+    warnings.filterwarnings(
+        "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning, module="transformers"
+    )
 
 
 def __getattr__(name: str):

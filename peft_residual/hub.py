@@ -147,13 +147,30 @@ def save_adapter_atomically(
         files = sorted((p for p in staging.rglob("*") if p.is_file()), key=lambda p: p.name == CONFIG_NAME)
         marker = target / SAVE_IN_PROGRESS
         marker.write_text("\n".join(str(p.relative_to(staging)) for p in files) + "\n")
+        mode = 0o666 & ~_umask()
         for path in files:
+            # safetensors writes through a private temporary file (mode 0600); the adapter is shared as any other
+            # file the user writes is, so every file takes the mode the umask gives a new file
+            path.chmod(mode)
             destination = target / path.relative_to(staging)
             destination.parent.mkdir(parents=True, exist_ok=True)
             os.replace(path, destination)
         marker.unlink()
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (``os.umask`` can only set it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def push_adapter_to_hub(

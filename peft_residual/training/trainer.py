@@ -197,6 +197,12 @@ def train_residual(
             f"Adapter '{scales.adapter}' was loaded for inference (PeftModel.from_pretrained's default "
             "is_trainable=False); load it with is_trainable=True to train its scales."
         )
+    if scales.config.modules_to_save:
+        raise ResiDualInputError(
+            f"Adapter '{scales.adapter}' also trains modules_to_save={scales.config.modules_to_save}, which "
+            "train_residual cannot: it trains the scales on cached units of the frozen backbone. Train such an "
+            "adapter with a loop that runs the model (e.g. transformers.Trainer), or drop modules_to_save."
+        )
     if eval_dataset is None:
         train_dataset, eval_dataset = stratified_split(train_dataset, val_fraction, seed, label_column)
     train_dataset, eval_dataset = (

@@ -147,6 +147,12 @@ def check_normalised(pixel_values: torch.Tensor, where: str, in_forward: bool = 
             f"{where}: pixel_values are {pixel_values.dtype}, raw image bytes. Run the images through the model's "
             "image processor (AutoImageProcessor / peft_residual.data.prepare), which rescales and normalises them."
         )
+    if pixel_values.dim() != 4 or pixel_values.shape[0] == 0:  # shapes only: no branch on the data
+        raise ResiDualInputError(
+            f"{where}: pixel_values must be a batch [images, channels, height, width] of at least one image, got "
+            f"shape {tuple(pixel_values.shape)}; add a batch dimension to a single image (x[None]) and skip empty "
+            "batches."
+        )
     within = pixel_values.detach().abs().amax() <= PIXEL_LIMIT
     if in_forward:
         torch._assert_async(within, unnormalised_message(where))

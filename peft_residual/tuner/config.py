@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,7 +116,19 @@ class ResiDualConfig(PeftConfig):
     )
     target_modules: list[str] | None = field(
         default=None,
-        metadata={"help": "Filled in from the architecture map when the adapter is injected; leave it as None."},
+        metadata={
+            "help": "Written by the tuner when the adapter is injected: the module paths of the architecture map. "
+            "Choose what is transformed with `units`, `layers` and `heads`; setting this is an error."
+        },
+    )
+    modules_to_save: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Modules besides the ResiDual state that are trained and saved with the adapter, as in PEFT's "
+            "other methods (e.g. ['classifier'] for a classification head): PEFT wraps each one and keeps a copy "
+            "per adapter. They are trained by a loop that runs the model (e.g. transformers.Trainer), not on the "
+            "unit cache of train_residual, which holds the frozen backbone's units."
+        },
     )
     base_signature: dict[str, Any] | None = field(
         default=None,
@@ -135,6 +146,12 @@ class ResiDualConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = PeftType.RESIDUAL
+        if self.target_modules is not None:  # a loaded config has it dropped by from_json_file
+            raise ResiDualInputError(
+                f"ResiDualConfig.target_modules is written by the tuner from the model's architecture map, got "
+                f"{self.target_modules!r}; leave it unset and choose the transformed units with `units`, `layers` "
+                "or `heads` (modules to train besides the scales go in `modules_to_save`)."
+            )
         self.validate()
 
     def validate(self) -> None:
@@ -233,10 +250,8 @@ class ResiDualConfig(PeftConfig):
     @classmethod
     def from_json_file(cls, path_json_file: str, **kwargs: Any) -> dict:
         """Read a saved ``adapter_config.json``; malformed JSON or a missing field is an error naming the file."""
-        try:
-            loaded = super().from_json_file(path_json_file, **kwargs)
-        except json.JSONDecodeError as error:
-            raise ResiDualInputError(f"{path_json_file} is not valid JSON ({error}); save the adapter again.") from None
+        loaded = super().from_json_file(path_json_file, **kwargs)  # a file that is not JSON: see compat
+        loaded.pop("target_modules", None)  # the tuner writes it again at injection, from the architecture map
         missing = [name for name in SEMANTIC_FIELDS if name not in loaded]
         if missing:
             raise ResiDualInputError(

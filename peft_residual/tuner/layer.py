@@ -115,6 +115,8 @@ class ResiDualUnitLayer(nn.Module, ResiDualLayer):
         "residual_rank",
         "residual_role",
     )
+    stored_names: tuple[str, ...] = ("residual_mean", "residual_rank", "residual_basis", "residual_lambda")
+    """What an adapter's checkpoint holds per unit layer (the state-dict attributes)."""
     captures_units = True
     """Read by :func:`~.decomposition.recording`: this module stores its own CLS piece."""
 
@@ -228,9 +230,10 @@ class ResiDualUnitLayer(nn.Module, ResiDualLayer):
         device = self._base_device()
         for name, tensor in tensors.items():
             container = getattr(self, name)
-            if name == "residual_lambda":
+            if name == "residual_lambda":  # the dtype injection gave it: PEFT's autocast_adapter_dtype decided it
+                empty = container[adapter_name]
                 container[adapter_name] = nn.Parameter(
-                    torch.zeros(tensor.shape, device=device), requires_grad=container[adapter_name].requires_grad
+                    torch.zeros(tensor.shape, dtype=empty.dtype, device=device), requires_grad=empty.requires_grad
                 )
             else:
                 container[adapter_name] = torch.zeros(tensor.shape, dtype=tensor.dtype, device=device)

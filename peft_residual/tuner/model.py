@@ -56,6 +56,22 @@ def _targets(arch: Architecture, config: ResiDualConfig) -> dict[str, _Target]:
     return targets
 
 
+def _check_modules_to_save(model: nn.Module, names: list[str], targets: dict[str, _Target]) -> None:
+    """Refuse a ``modules_to_save`` entry that is, holds or lies inside a module ResiDual wraps: PEFT would copy
+    or wrap ResiDual's own layers."""
+    for name in names:
+        for key, _ in model.named_modules():
+            if key != name and not key.endswith(f".{name}"):
+                continue
+            clash = next((t for t in targets if t == key or t.startswith(f"{key}.") or key.startswith(f"{t}.")), None)
+            if clash is not None:
+                raise ResiDualInputError(
+                    f"modules_to_save names {name!r}, which is or holds {clash}, a module ResiDual wraps to read out "
+                    "its units; it cannot also be trained as a copy. Name modules outside the decomposed tower "
+                    "(e.g. a classifier head)."
+                )
+
+
 class ResiDualModel(BaseTuner):
     """Injects ResiDual layers (see :mod:`.layer`) where the architecture map says the units live.
 
@@ -70,6 +86,9 @@ class ResiDualModel(BaseTuner):
 
     prefix: str = "residual_"
     tuner_layer_cls = ResiDualLayer
+    uses_shared_state = True
+    """The tuner links the readout to the unit layers, keeps the plans current on moves and casts, and hooks
+    open_clip's tower: PEFT's ``inject_adapter_in_model``, which drops the tuner, refuses it with that reason."""
     target_module_mapping: ClassVar[dict[str, list[str]]] = {}
 
     def _prepare_adapter_config(self, peft_config: ResiDualConfig, model_config: dict) -> ResiDualConfig:
@@ -79,6 +98,7 @@ class ResiDualModel(BaseTuner):
         peft_config.validate()
         self.arch = Architecture(model)
         self._targets = _targets(self.arch, peft_config)
+        _check_modules_to_save(model, peft_config.modules_to_save or [], self._targets)
         peft_config.target_modules = list(self._targets)
 
     def _check_target_module_exists(self, peft_config: ResiDualConfig, key: str) -> bool:
@@ -209,7 +229,7 @@ class ResiDualModel(BaseTuner):
             if not isinstance(layer, ResiDualUnitLayer) or not layer.holds(adapter_name):
                 continue
             tensors = {}
-            for attr in ("residual_mean", "residual_rank", "residual_basis", "residual_lambda"):
+            for attr in ResiDualUnitLayer.stored_names:
                 if adapter_name not in getattr(layer, attr):
                     continue
                 key = f"{name}.{attr}.{adapter_name}"
@@ -222,13 +242,18 @@ class ResiDualModel(BaseTuner):
                 tensors[attr] = state_dict[key]
             _check_shapes(layer, adapter_name, tensors, layer.stored_dim(adapter_name))
             layer.allocate(adapter_name, tensors)
-        unexpected = sorted(k for k in state_dict if k not in expected)
+        unexpected = sorted(k for k in state_dict if k not in expected and _is_residual_key(k))
         if unexpected:
             raise ResiDualInputError(
                 f"The checkpoint holds ResiDual state this model has no unit for, e.g. {unexpected[0]}; it was saved "
                 "for a model with other layers or another ResiDualConfig."
             )
         return state_dict
+
+
+def _is_residual_key(key: str) -> bool:
+    """Whether a checkpoint key holds ResiDual state (others are PEFT's, e.g. a ``modules_to_save`` copy)."""
+    return any(f".{name}." in key for name in ResiDualUnitLayer.stored_names)
 
 
 def _check_shapes(layer: ResiDualUnitLayer, adapter_name: str, tensors: dict[str, torch.Tensor], dim: int) -> None:

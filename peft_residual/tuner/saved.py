@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 from peft.utils import SAFETENSORS_WEIGHTS_NAME
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from .errors import ResiDualInputError
 
@@ -41,11 +41,17 @@ def check_saved_adapter(directory: str | Path) -> None:
             f"{directory} has an adapter config but no {SAFETENSORS_WEIGHTS_NAME}; copy the whole adapter "
             "directory, or save the adapter there again."
         )
-    with safe_open(weights, framework="pt") as handle:
-        for key in handle.keys():  # noqa: SIM118 (safe_open has no __iter__)
-            tensor = handle.get_tensor(key)
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                raise ResiDualInputError(
-                    f"{weights} is damaged: tensor {key} holds NaN or infinity. Restore the file or save the "
-                    "adapter again."
-                )
+    try:
+        with safe_open(weights, framework="pt") as handle:
+            for key in handle.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                tensor = handle.get_tensor(key)
+                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                    raise ResiDualInputError(
+                        f"{weights} is damaged: tensor {key} holds NaN or infinity. Restore the file or save the "
+                        "adapter again."
+                    )
+    except SafetensorError as error:  # truncated or overwritten: safetensors' own message names no file
+        raise ResiDualInputError(
+            f"{weights} is not a readable safetensors file ({error}); it was truncated or damaged in a copy. Restore "
+            "the file or save the adapter again."
+        ) from None
