@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from peft_residual import ResiDualConfig, ResiDualInputError, embed_images, fit_residual_bases, train_residual
 
-from .conftest import image_dataset, images, loader, make_model
+from .conftest import image_dataset, images, make_model
 
 
 def fitted(kind: str = "dinov2", dtype: torch.dtype = torch.float32, **config) -> PeftModel:
@@ -68,7 +68,7 @@ def test_modules_to_save_may_not_name_what_residual_wraps(name):
 
 
 def test_a_user_set_target_modules_is_refused_with_the_reason(tmp_path):
-    with pytest.raises(ResiDualInputError, match="target_modules is written by the tuner.*`units`, `layers`"):
+    with pytest.raises(ResiDualInputError, match=r"target_modules is written by the tuner.*`units`, `layers`"):
         ResiDualConfig(k=3, target_modules=["encoder.layer.0.attention.output.dense"])
     model = fitted()
     written = model.peft_config["default"].target_modules
@@ -79,12 +79,12 @@ def test_a_user_set_target_modules_is_refused_with_the_reason(tmp_path):
 
 
 def test_inject_adapter_in_model_refuses_with_peft_s_shared_state_reason():
-    with pytest.raises(ValueError, match="uses shared state stored on the tuner.*get_peft_model"):
+    with pytest.raises(ValueError, match=r"uses shared state stored on the tuner.*get_peft_model"):
         inject_adapter_in_model(ResiDualConfig(k=3), make_model("dinov2"))
 
 
 def test_pickle_serialization_is_refused_before_anything_is_written(tmp_path):
-    with pytest.raises(ResiDualInputError, match="safetensors only.*Drop the argument"):
+    with pytest.raises(ResiDualInputError, match=r"safetensors only.*Drop the argument"):
         fitted().save_pretrained(tmp_path / "adapter", safe_serialization=False)
     assert not (tmp_path / "adapter").exists()
 
