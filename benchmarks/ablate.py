@@ -14,7 +14,6 @@ Writes benchmarks/results/ablate_<dataset>.{json,md,png}.
 from __future__ import annotations
 
 import argparse
-import shlex
 import statistics
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ from peft_residual import collect_units
 from peft_residual.data import load_image_dataset, prepare, sample
 
 from . import methods, run
+from .presets import recorded_command
 from .report import mean_and_spread, write_study
 
 FACTORS: dict[str, dict[str, dict]] = {
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
     for record in records:
         record.pop("fit_on", None)
     name = f"ablate_{dataset.replace('-', '_')}"
-    command = "python -m benchmarks.ablate " + " ".join(shlex.quote(a) for a in argv)
+    command = recorded_command("benchmarks.ablate", argv)
     payload = write_study(args.out, name, command, rows, records, lines)
     plot(rows, args.out / f"{name}.png", title)
     return payload

@@ -11,7 +11,6 @@ Writes benchmarks/results/fidelity_<dataset>.{json,md}.
 from __future__ import annotations
 
 import dataclasses
-import shlex
 import statistics
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 from peft_residual import CentroidClassifier, accuracy
 
 from . import methods, run
+from .presets import recorded_command
 from .report import mean_and_spread, write_study
 
 VARIANTS: dict[str, dict] = {
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"| {row['variant']} | {row['method']} | {mean_and_spread(row['accuracy'])} "
             f"| {statistics.mean(row['epochs']):.1f} | {', '.join(lrs)} |"
         )
-    command = "python -m benchmarks.fidelity " + " ".join(shlex.quote(a) for a in argv)
+    command = recorded_command("benchmarks.fidelity", argv)
     return write_study(args.out, f"fidelity_{dataset.replace('-', '_')}", command, rows, records, lines)
 
 

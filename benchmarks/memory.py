@@ -24,6 +24,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 from peft_residual import ResiDualConfig, encode_dataset, fit_residual_bases
 
 from .measure import PeakRSS
+from .presets import recorded_command
 from .report import environment, memory_table
 
 BUDGET = 2 * 2**30
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
         "",
         memory_table({"records": records}),
     ]
-    payload = {"command": "python -m benchmarks.memory " + " ".join(argv or sys.argv[1:]), "records": records}
+    payload = {"command": recorded_command("benchmarks.memory", argv or sys.argv[1:]), "records": records}
     payload["environment"] = environment()
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "memory_clip_b32_random.json").write_text(json.dumps(payload, indent=1))

@@ -25,6 +25,8 @@ from peft import get_peft_model
 
 from peft_residual import ResiDualConfig, embed_all_adapters, embed_images, fit_residual_bases, load_vision_model
 
+from .presets import portable, recorded_command
+
 
 def separately(model, names: list[str], pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
     embeddings = {}
@@ -80,8 +82,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{name:>20}: {rows[-1]['ms']:9.1f} ms  {ratio:6.3f}x one adapted forward")
     print(f"largest difference, embed_all_adapters vs separate forwards: {difference}")
     record = {
-        "command": "python -m benchmarks.multitask " + " ".join(sys.argv[1:] if argv is None else argv),
-        "model": args.model, "image_size": size, "adapters": args.adapters, "batch": args.batch,
+        "command": recorded_command("benchmarks.multitask", sys.argv[1:] if argv is None else argv),
+        "model": portable(args.model), "image_size": size, "adapters": args.adapters, "batch": args.batch,
         "repeats": args.repeats, "threads": args.threads, "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(), "max_abs_difference": difference, "rows": rows,
     }  # fmt: skip

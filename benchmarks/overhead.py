@@ -29,6 +29,8 @@ from peft import get_peft_model
 
 from peft_residual import ResiDualConfig, embed_images, fit_residual_bases, load_vision_model
 
+from .presets import portable, recorded_command
+
 CONFIGS = {  # name: (config, whether merge_adapter() folds the scales into the readout before timing)
     "k=64 heads": (ResiDualConfig(k=64), False),
     "ResiDual": (ResiDualConfig.preset("residual"), False),
@@ -99,8 +101,8 @@ def main(argv: list[str] | None = None) -> None:
                   f"ms  median paired ratio {timed['ratio']:.3f}  "
                   f"page faults per call {timed['page_faults_per_call']}")  # fmt: skip
     record = {
-        "command": "python -m benchmarks.overhead " + " ".join(sys.argv[1:] if argv is None else argv),
-        "model": args.model,
+        "command": recorded_command("benchmarks.overhead", sys.argv[1:] if argv is None else argv),
+        "model": portable(args.model),
         "image_size": size,
         "repeats": args.repeats,
         "threads": args.threads,

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import statistics
 import sys
 from pathlib import Path
@@ -27,6 +26,7 @@ from peft_residual import collect_units
 from peft_residual.data import load_image_dataset, prepare, sample
 
 from . import methods, run
+from .presets import portable, recorded_command
 from .report import RESULTS, environment, mean_and_spread
 
 MODELS = {  # the paper's models, on the Hub (not reachable from the machine that wrote this)
@@ -196,7 +196,8 @@ def main(argv: list[str] | None = None) -> dict:
             references = resolve_references(args.references, datasets, dataset_name)
             records = run_cell(args, model["model"], dataset, references)
             sources = {
-                name: "its own training images" if ref is None else ref["dataset"] for name, ref in references.items()
+                name: "its own training images" if ref is None else portable(ref["dataset"])
+                for name, ref in references.items()
             }
             cell = {"model": model_name, "dataset": dataset_name, "references": sources, "records": records}
             path.write_text(json.dumps(cell, indent=1, default=str))
@@ -209,8 +210,8 @@ def main(argv: list[str] | None = None) -> dict:
         *grid_table(cells, reference_names),
     ]
     payload = {
-        "command": "python -m benchmarks.paper " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "command": recorded_command("benchmarks.paper", argv or sys.argv[1:]),
+        "settings": portable({k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}),
         "cells": cells,
         "environment": environment(),
     }

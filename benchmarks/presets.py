@@ -4,8 +4,31 @@ offline machines. Both go through exactly the same code."""
 from __future__ import annotations
 
 import os
+import shlex
+from collections.abc import Sequence
+from typing import Any
 
 ASSETS = os.environ.get("RESIDUAL_ASSETS", os.path.expanduser("~/.cache/residual-assets"))
+
+
+def portable(value: Any) -> Any:
+    """``value`` (a string, or a list or dict of them) with the asset directory written as ``$RESIDUAL_ASSETS``:
+    a committed record names no developer's own path."""
+    if isinstance(value, str):
+        for root in sorted({ASSETS, os.path.realpath(ASSETS)}, key=len, reverse=True):
+            value = value.replace(root, "$RESIDUAL_ASSETS")
+        return value
+    if isinstance(value, dict):
+        return {key: portable(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [portable(item) for item in value]
+    return value
+
+
+def recorded_command(module: str, argv: Sequence[str]) -> str:
+    """The command line a record was made with, as ``python -m MODULE ARGS``, portable (see :func:`portable`)."""
+    return portable(f"python -m {module} {shlex.join(str(arg) for arg in argv)}".rstrip())
+
 
 PRESETS: dict[str, dict] = {
     # offline, real weights: DINOv2-S/14 with a centroid classifier

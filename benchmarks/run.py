@@ -11,7 +11,6 @@ Writes benchmarks/results/<name>.json (records, summary, machine, versions, comm
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 import time
 from collections.abc import Iterator
@@ -24,7 +23,7 @@ from peft_residual import base_embeddings, collect_units, default_classifier, em
 from peft_residual.data import class_names, load_image_dataset, prepare, sample
 
 from . import methods, report
-from .presets import PRESETS
+from .presets import PRESETS, portable, recorded_command
 
 RESULTS = report.RESULTS
 ALL_METHODS = ["zero-shot", "residual*", "residual", "coarse", "lora-qv", "lora-all", "linear-probe", "full-finetune"]
@@ -183,8 +182,8 @@ def main(argv: list[str] | None = None) -> dict:
         [Path(args.model.rstrip("/")).name, Path(args.dataset.rstrip("/")).name, f"n{args.train_size}"]
     )
     payload = {
-        "command": "python -m benchmarks.run " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "command": recorded_command("benchmarks.run", argv or sys.argv[1:]),
+        "settings": portable({k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}),
         "records": records,
         "frozen_forward_train_s": bench.frozen_seconds["train"],
         "encode_seconds": bench.encode_seconds,

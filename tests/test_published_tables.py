@@ -6,6 +6,7 @@ Tables that are not results (a config reference) are preceded by ``<!-- referenc
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -40,3 +41,34 @@ def test_one_number_edited_by_hand_is_caught():
     edited_body = re.sub(r"\d+\.\d", lambda m: m[0][:-1] + str((int(m[0][-1]) + 1) % 10), body, count=1)
     edited = text.replace(body, edited_body)
     assert edited != text and report.render_page(edited) == text
+
+
+RESULTS = report.RESULTS
+
+
+def _strings(value):
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
+
+
+@pytest.mark.parametrize("path", sorted(RESULTS.rglob("*.json")), ids=lambda p: str(p.relative_to(RESULTS)))
+def test_records_name_the_asset_directory_not_a_developers_path(path):
+    text = [s for s in _strings(json.loads(path.read_text())) if "datasets/" in s or "models/" in s]
+    personal = [s for s in text if re.search(r"(^|[\s=])(/root|/home|/work|/Users|~)/", s)]
+    assert not personal, f"{path.name}: {personal[0][:200]} (write the asset directory as $RESIDUAL_ASSETS)"
+
+
+def test_recorded_commands_write_the_asset_directory_as_the_variable(monkeypatch, tmp_path):
+    from benchmarks import presets
+
+    monkeypatch.setattr(presets, "ASSETS", str(tmp_path / "assets"))
+    argv = ["--model", f"{tmp_path}/assets/models/m", "--methods", "residual*", "--out", "/tmp/x"]
+    command = presets.recorded_command("benchmarks.run", argv)
+    assert command == "python -m benchmarks.run --model $RESIDUAL_ASSETS/models/m --methods 'residual*' --out /tmp/x"
+    assert presets.portable({"a": [f"{tmp_path}/assets/datasets/d"]}) == {"a": ["$RESIDUAL_ASSETS/datasets/d"]}
