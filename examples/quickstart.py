@@ -1,4 +1,5 @@
-"""Adapt a vision model to a labelled image data set with ResiDual; compare zero-shot and adapted accuracy.
+"""Adapt a vision model to a labelled image data set with ResiDual; compare the frozen head's accuracy on the base
+and the adapted embeddings (CLIP: the zero-shot text head; vision-only models: class centroids).
 
 With the Hub (defaults: CLIP ViT-B/32 on CIFAR-10):
     python examples/quickstart.py
@@ -67,14 +68,13 @@ peft_residual.fit_residual_bases(peft_model, train_units)
 result = peft_residual.train_residual(peft_model, classifier, train_units, val_units, lr=0.8, max_epochs=args.epochs)
 
 
-# 5. test accuracy of the frozen classifier on the base and on the adapted embeddings
+# 5. test accuracy of the frozen classifier on the base and the adapted embeddings, both from one backbone pass
 test_loader = DataLoader(test, batch_size=64)
-base_features, labels = peft_residual.embed_batches(peft_model, test_loader, base=True)
-adapted_features, _ = peft_residual.embed_batches(peft_model, test_loader)
+features, labels = peft_residual.embed_batches_of_adapters(peft_model, test_loader, ["__base__", "default"])
 with torch.no_grad():
-    zero_shot = peft_residual.accuracy(classifier(base_features), labels)
-    adapted = peft_residual.accuracy(classifier(adapted_features), labels)
-print(f"zero-shot {100 * zero_shot:.1f}%  ->  ResiDual {100 * adapted:.1f}%  ({result.epochs_run} epochs)")
+    base = peft_residual.accuracy(classifier(features["__base__"]), labels)
+    adapted = peft_residual.accuracy(classifier(features["default"]), labels)
+print(f"{classifier.head_name} {100 * base:.1f}%  ->  ResiDual {100 * adapted:.1f}%  ({result.epochs_run} epochs)")
 peft_model.save_pretrained(args.output)
 classifier.save_pretrained(f"{args.output}/classifier")
 print(f"adapter saved to {args.output}")

@@ -28,7 +28,7 @@ _EXPORTS = {
         "stratified_split",
     ],
     "hub": ["model_card", "push_adapter_to_hub"],
-    "inference": ["accuracy", "embed_all_adapters", "embed_batches", "embed_images"],
+    "inference": ["accuracy", "embed_all_adapters", "embed_batches", "embed_batches_of_adapters", "embed_images"],
     "training.cache": ["StreamedUnits", "UnitCache", "adapted_embeddings", "encode_dataset"],
     "training.lr_finder": ["find_learning_rate"],
     "training.scales": ["ScaleSet"],

@@ -47,6 +47,8 @@ class Classifier(nn.Module):
     """Logits ``scale * normalize(x) @ weights.T`` for fixed, unit-norm class vectors ``weights`` ``[classes, dim]``."""
 
     kind = "classifier"
+    head_name = "frozen head"
+    """How results name this head: "zero-shot" only for a text head, "centroids" for class centroids."""
 
     def __init__(self, weights: torch.Tensor, scale: float, class_names: Sequence[str]) -> None:
         super().__init__()
@@ -104,6 +106,7 @@ class ZeroShotClassifier(Classifier):
     """
 
     kind = "zero_shot"
+    head_name = "zero-shot"
 
     @classmethod
     @torch.no_grad()
@@ -213,6 +216,7 @@ class CentroidClassifier(Classifier):
     """
 
     kind = "centroid"
+    head_name = "centroids"
 
     @classmethod
     def from_features(
@@ -306,9 +310,9 @@ def default_classifier(
     """The frozen head ResiDual aligns to: CLIP's zero-shot text head when ``model`` has a text tower, class
     centroids of the training images otherwise (or as ``kind`` says: ``"zero-shot"`` or ``"centroid"``).
 
-    Zero-shot needs ``tokenizer_source`` (the model's Hub id or directory) or a ``tokenizer``; centroids need
-    ``train_features`` (base embeddings and labels), or ``train_units`` (a :class:`~.data.UnitStore` of the
-    training images: no backbone pass) or ``train_batches`` to compute them from.
+    Zero-shot needs ``tokenizer_source`` (the name the model was loaded by, as for ``load_vision_model``) or a
+    ``tokenizer``; centroids need ``train_features`` (base embeddings and labels), or ``train_units`` (a
+    :class:`~.data.UnitStore` of the training images: no backbone pass) or ``train_batches`` to compute them from.
 
     Example:
         >>> train_units = collect_units(model, DataLoader(train, batch_size=64))  # the one backbone pass
@@ -323,14 +327,15 @@ def default_classifier(
             raise ResiDualInputError(
                 f"{type(model).__name__} has no text tower for a zero-shot classifier; use class centroids."
             )
-        if tokenizer is None and open_clip:
+        if tokenizer is None and open_clip and tokenizer_source is None:
             raise ResiDualInputError(
-                "An open_clip model's zero-shot head needs its tokenizer: pass tokenizer=open_clip.get_tokenizer(name)."
+                "An open_clip model's zero-shot head needs its tokenizer: pass tokenizer=open_clip.get_tokenizer(name) "
+                "or tokenizer_source (the name the model was loaded by)."
             )
         if tokenizer is None:
-            from transformers import AutoTokenizer
+            from .data.models import load_tokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+            tokenizer = load_tokenizer(tokenizer_source)  # open_clip.get_tokenizer or AutoTokenizer
         build = ZeroShotClassifier.from_clip
         build = ZeroShotClassifier.from_blip if blip else ZeroShotClassifier.from_open_clip if open_clip else build
         return build(model, tokenizer, class_names, templates=templates)

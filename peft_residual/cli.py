@@ -7,8 +7,9 @@
     peft-residual push --model openai/clip-vit-base-patch32 --adapter cifar10-residual --repo-id me/cifar10-residual
     peft-residual rank-heads --model facebook/dinov2-small --dataset ylecun/mnist --samples 1000 --output heads/
 
-Models and data sets are Hub ids or local directories (``save_pretrained`` / ``save_to_disk``). Bad input exits
-with status 2 and one line on stderr. Offline, set HF_HUB_OFFLINE=1.
+Models and data sets are Hub ids or local directories (``save_pretrained`` / ``save_to_disk``); OpenCLIP and timm
+models are named as their libraries spell them (hf-hub:ORG/NAME, ViT-B-32:openai, timm/NAME; see --model). Bad input
+exits with status 2 and one line on stderr. Offline, set HF_HUB_OFFLINE=1.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 # Only the standard library is imported here, so that --help and --version answer at once; each command imports
 # what it needs.
 
+BASE_ADAPTER = "__base__"  # PEFT's adapter_names for the base model (tuner.decomposition.BASE)
 PRESET_NAMES = ("residual", "residual*", "coarse")  # tuner.config.PRESETS, without importing torch for --help
 ANALYSIS_SAMPLES = 2000  # rank-heads and analyze hold every unit of every image: the default --samples there
 logger = logging.getLogger("peft_residual.cli")
@@ -41,7 +43,13 @@ class _Parser(argparse.ArgumentParser):
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+    """Shows each option's default once: not for options without one (None, flags) or whose help names it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if any(action.default is value for value in (None, False, argparse.SUPPRESS)) or "default" in text:
+            return text
+        return super()._get_help_string(action)
 
 
 def _positive_int(text: str) -> int:
@@ -78,11 +86,11 @@ def _model(args: argparse.Namespace):
     from .tuner.architectures import architecture_of
 
     _check_source(args.model, "model")
+    image_size = getattr(args, "image_size", None)
     try:
-        model = load_vision_model(args.model)
+        model = load_vision_model(args.model, image_size=image_size)  # open_clip and timm are built at that size
     except OSError as error:
         raise CliError(f"cannot load model {args.model!r}: {str(error).splitlines()[0]}") from error
-    image_size = getattr(args, "image_size", None)
     patch = architecture_of(model).patch_size
     if image_size is not None and (image_size % patch or image_size < patch):
         raise CliError(
@@ -104,10 +112,14 @@ def _split(args: argparse.Namespace, split: str, samples: int | None):
 
 
 def _check_paths(args: argparse.Namespace) -> None:
-    """Before any model work: every local source exists, and ``--output`` is a directory or does not exist yet."""
-    for name in ("model", "dataset", "adapter", "classifier"):
+    """Before any model work: every local source exists, a local adapter directory holds a readable adapter, and
+    ``--output`` is a directory or does not exist yet."""
+    for name in ("model", "dataset", "adapter", "classifier", "bases"):
         if getattr(args, name, None):
             _check_source(getattr(args, name), name)
+    for name in ("adapter", "bases"):
+        if getattr(args, name, None) and _looks_local(getattr(args, name)):
+            _check_adapter(getattr(args, name))
     output = getattr(args, "output", None)
     if output and Path(output).exists() and not Path(output).is_dir():
         raise CliError(f"--output {output!r} is a file; name a directory (new or existing) for the results")
@@ -132,9 +144,10 @@ def _config(args: argparse.Namespace):
 
 
 def _loader(args: argparse.Namespace, dataset):
-    from torch.utils.data import DataLoader
+    """Images decoded in a worker process, off the backbone's heap (see ``image_loader``)."""
+    from .data import image_loader
 
-    return DataLoader(dataset, batch_size=args.batch_size)
+    return image_loader(dataset, batch_size=args.batch_size)
 
 
 def cmd_fit(args: argparse.Namespace) -> None:
@@ -168,8 +181,6 @@ def cmd_train(args: argparse.Namespace) -> None:
     from .data import class_names, collect_units, fit_residual_bases, holdout
     from .training.trainer import train_residual
 
-    if args.bases:
-        _check_source(args.bases, "bases")  # before the backbone pass
     base = _model(args)
     pool = _split(args, args.split, args.samples)
     names = class_names(pool, args.label_column)
@@ -203,7 +214,7 @@ def _bases_from(args: argparse.Namespace, base, image_size: tuple[int, int]):
     """The adapter in ``--bases``, trainable, on ``base``: its PCA bases are kept, not refitted."""
     if args.k is not None:
         raise CliError("--k sets the components of bases fitted here; --bases brings its own, so drop --k")
-    model = _load_adapter(args.bases, base, "bases", is_trainable=True)  # refuses another base model
+    model = _load_adapter(args.bases, base, is_trainable=True)  # refuses another base model
     fitted = (model.peft_config["default"].base_signature or {}).get("image_size")
     if fitted and list(image_size) != list(fitted):
         raise CliError(
@@ -213,23 +224,25 @@ def _bases_from(args: argparse.Namespace, base, image_size: tuple[int, int]):
     return model
 
 
-def _load_adapter(source: str, base, what: str = "adapter", is_trainable: bool = False):
-    from peft import PeftModel
-
+def _check_adapter(source: str) -> None:
+    """A local adapter directory's config and weights, read as loading will read them (a missing, malformed or
+    truncated file is named), before any model loads."""
     from .tuner import ResiDualConfig
 
-    _check_source(source, what)
-    config_path = Path(source) / "adapter_config.json"
-    if _looks_local(source):
-        if not config_path.exists():
-            raise CliError(f"{source} holds no adapter_config.json; give the directory written by fit or train")
-        ResiDualConfig.from_json_file(str(config_path))  # names the file if it is malformed
+    if not (Path(source) / "adapter_config.json").is_file():
+        raise CliError(f"{source} holds no adapter_config.json; give the directory written by fit or train")
+    ResiDualConfig.from_pretrained(source)
+
+
+def _load_adapter(source: str, base, is_trainable: bool = False):
+    from peft import PeftModel
+
     return PeftModel.from_pretrained(base, source, is_trainable=is_trainable)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from .classifiers import Classifier
-    from .inference import accuracy, embed_batches
+    from .inference import accuracy, embed_batches_of_adapters
 
     model = _load_adapter(args.adapter, _model(args))
     signature = model.peft_config["default"].base_signature or {}
@@ -241,16 +254,17 @@ def cmd_eval(args: argparse.Namespace) -> None:
         )
     classifier = Classifier.from_pretrained(args.classifier or Path(args.adapter) / "classifier")
     data = _prepared(args, _split(args, args.split, args.samples))
-    options = {"progress": not args.quiet, "num_classes": classifier.num_classes}
-    base, labels = embed_batches(model, _loader(args, data), base=True, desc="Base embeddings", **options)
     if fitted_size and list(data[0]["pixel_values"].shape[-2:]) != fitted_size:
         raise CliError(
             f"the adapter was fitted on {fitted_size[0]}x{fitted_size[1]} px images but this data comes out at "
             f"{tuple(data[0]['pixel_values'].shape[-2:])}; pass --image-size {fitted_size[0]}"
         )
-    adapted, _ = embed_batches(model, _loader(args, data), desc="ResiDual embeddings", **options)
-    base, adapted = accuracy(classifier(base), labels), accuracy(classifier(adapted), labels)
-    print(f"{len(labels)} images: zero-shot {100 * base:.2f}%  ResiDual {100 * adapted:.2f}%")
+    features, labels = embed_batches_of_adapters(  # the base and the adapted embedding from one backbone pass
+        model, _loader(args, data), [BASE_ADAPTER, "default"], progress=not args.quiet,
+        num_classes=classifier.num_classes, desc="Embeddings",
+    )  # fmt: skip
+    base, adapted = (accuracy(classifier(features[name]), labels) for name in (BASE_ADAPTER, "default"))
+    print(f"{len(labels)} images: {classifier.head_name} {100 * base:.2f}%  ResiDual {100 * adapted:.2f}%")
 
 
 def cmd_rank_heads(args: argparse.Namespace) -> None:
@@ -344,7 +358,7 @@ def cmd_analyze(args: argparse.Namespace) -> None:
 
 
 def cmd_push(args: argparse.Namespace) -> None:
-    model = _load_adapter(args)
+    model = _load_adapter(args.adapter, _model(args))
     summary_path = Path(args.adapter) / "training.json"
     training = json.loads(summary_path.read_text()) if summary_path.exists() else None
     url = model.push_to_hub(args.repo_id, private=args.private, token=args.token, training=training)
@@ -357,17 +371,24 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     common = _Parser(add_help=False)
     common.add_argument("--quiet", action="store_true", help="no progress bars or log lines, only the result")
-    common.add_argument("--model", required=True, help="Hub id or local directory of a CLIP or DINOv2 model")
+    common.add_argument(
+        "--model",
+        required=True,
+        help="a ViT as its library names it: transformers (CLIP, DINOv2, ViT, BLIP) Hub id or save_pretrained "
+        "directory; open_clip hf-hub:ORG/NAME, NAME:TAG (a pair of open_clip.list_pretrained(), e.g. "
+        "ViT-B-32:openai), NAME:WEIGHTS_FILE or a directory with open_clip_config.json; timm timm/NAME, "
+        "hf-hub:ORG/NAME, a registry NAME[.TAG] or a save_for_hf directory",
+    )
     data = _Parser(add_help=False)
     data.add_argument("--dataset", required=True, help="Hub id or local save_to_disk directory")
-    data.add_argument("--image-column", default="image")
-    data.add_argument("--label-column", default="label")
+    data.add_argument("--image-column", default="image", help="the data set's column of images")
+    data.add_argument("--label-column", default="label", help="the data set's column of class labels")
     data.add_argument(
-        "--image-size", type=_positive_int, help="resize images to this square side (default: the processor's)"
+        "--image-size", type=_positive_int, help="resize images to this square side (default: the processor's size)"
     )
-    data.add_argument("--samples", type=_positive_int, help="use this many images, drawn with --seed; None: all")
-    data.add_argument("--batch-size", type=_positive_int, default=64)
-    data.add_argument("--seed", type=int, default=0)
+    data.add_argument("--samples", type=_positive_int, help="use this many images, drawn with --seed (default: all)")
+    data.add_argument("--batch-size", type=_positive_int, default=64, help="images per backbone batch and per step")
+    data.add_argument("--seed", type=int, default=0, help="seeds the image draw, the split and the scales' init")
     method = _Parser(add_help=False)
     method.add_argument("--method", choices=PRESET_NAMES, default="residual", help="the paper's setting")
     method.add_argument("--k", help="override the components per unit: an int, or a variance ratio such as 0.9")
@@ -378,28 +399,34 @@ def build_parser() -> argparse.ArgumentParser:
         return sub
 
     fit = command("fit", [common, data, method], "fit the PCA bases on images and save the adapter", cmd_fit)
-    fit.add_argument("--split", default="train")
+    fit.add_argument("--split", default="train", help="the data set's split to fit the bases on")
     fit.add_argument("--output", required=True, help="directory for the adapter")
 
     head = _Parser(add_help=False)
-    head.add_argument("--classifier", choices=["zero-shot", "centroid"], help="default: zero-shot for CLIP")
+    head.add_argument(
+        "--classifier", choices=["zero-shot", "centroid"],
+        help="the frozen head: CLIP's and BLIP's text embeddings of the class names, or the class centroids of the "
+        "training images (default: zero-shot where the model has a text tower, else centroid)",
+    )  # fmt: skip
     head.add_argument("--templates", help="template set (imagenet, cifar10, ...) or a file with one per line")
-    head.add_argument("--centroid-scale", type=float, default=100.0)
+    head.add_argument("--centroid-scale", type=float, default=100.0, help="logit scale of the centroid head")
 
     train = command(
         "train", [common, data, method, head],
         "fit the bases (or take them from --bases), train the scales against a frozen classifier, save",
         cmd_train,
     )  # fmt: skip
-    train.add_argument("--split", default="train")
+    train.add_argument("--split", default="train", help="the split whose images train and validate")
     train.add_argument(
         "--bases",
         help="an adapter directory (or Hub id) from `fit` on a reference set: train its scales with no refit (its "
         "config replaces --method)",
     )
     train.add_argument("--val-fraction", type=_fraction, default=0.1, help="the first part of the images validates")
-    train.add_argument("--epochs", type=_positive_int, default=30)
-    train.add_argument("--patience", type=_positive_int, default=5)
+    train.add_argument("--epochs", type=_positive_int, default=30, help="at most this many epochs")
+    train.add_argument(
+        "--patience", type=_positive_int, default=5, help="stop after this many epochs without a better validation"
+    )
     train.add_argument("--lr", default="0.8", help="learning rate, or 'auto' for an LR range test")
     train.add_argument("--output", required=True, help="directory for the adapter, classifier and checkpoint")
     train.add_argument(
@@ -409,7 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = command("eval", [common, data], "zero-shot and ResiDual test accuracy of a saved adapter", cmd_eval)
     evaluate.add_argument("--adapter", required=True, help="adapter directory or Hub id")
     evaluate.add_argument("--classifier", help="classifier directory (default: ADAPTER/classifier)")
-    evaluate.add_argument("--split", default="test")
+    evaluate.add_argument("--split", default="test", help="the split to evaluate on")
 
     rank = command(
         "rank-heads", [common, data, head],
@@ -418,7 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_rank_heads,
     )  # fmt: skip
     rank.add_argument("--split", default="train", help="reference images: the ranking, centroids and means")
-    rank.add_argument("--test-split", default="test")
+    rank.add_argument("--test-split", default="test", help="images the curves are measured on")
     rank.add_argument(
         "--test-samples", type=_positive_int, default=ANALYSIS_SAMPLES, help="test images, drawn with --seed"
     )
@@ -430,7 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
         f"({ANALYSIS_SAMPLES} images per data set unless --samples: every unit of every image is held)",
         cmd_analyze,
     )  # fmt: skip
-    analyze.add_argument("--split", default="train")
+    analyze.add_argument("--split", default="train", help="the split whose images are analysed")
     analyze.add_argument("--compare-dataset", help="also fit on this data set and compare the units' spectra")
     analyze.add_argument("--max-samples", type=_positive_int, default=2000, help="images per unit for TwoNN")
     analyze.add_argument("--text-bank", help="CLIP only: a file of descriptions, one per line (default: shipped)")
@@ -439,8 +466,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     push = command("push", [common], "upload a saved adapter with its ResiDual model card", cmd_push)
     push.add_argument("--adapter", required=True, help="adapter directory")
-    push.add_argument("--repo-id", required=True)
-    push.add_argument("--private", action="store_true")
+    push.add_argument("--repo-id", required=True, help="the Hub repository to create or update, e.g. me/my-adapter")
+    push.add_argument("--private", action="store_true", help="create the repository private")
     push.add_argument("--token", help="Hub token (default: HF_TOKEN or the stored login)")
     return parser
 

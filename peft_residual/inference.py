@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -104,18 +105,56 @@ def embed_batches(
         >>> features, labels = embed_batches(peft_model, DataLoader(test, batch_size=64))
         >>> accuracy(classifier(features), labels)
     """
+    embed = lambda x: {"": embed_images(model, x)}  # noqa: E731
+    with base_outputs(model) if base else nullcontext():
+        features, labels = _embedded(model, batches, embed, label_column, progress, num_classes, desc)
+    return features[""], labels
+
+
+@torch.no_grad()
+def embed_batches_of_adapters(
+    model: nn.Module,
+    batches: Iterable[dict],
+    adapter_names: list[str] | None = None,
+    label_column: str = "label",
+    progress: bool = True,
+    num_classes: int | None = None,
+    desc: str = "Embedding images",
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """:func:`embed_batches` for several adapters from one backbone pass per batch (see :func:`embed_all_adapters`;
+    ``"__base__"`` names the base model): each adapter's embeddings, and the labels.
+
+    Example:
+        >>> features, labels = embed_batches_of_adapters(peft_model, test_loader, ["__base__", "default"])
+        >>> accuracy(classifier(features["__base__"]), labels), accuracy(classifier(features["default"]), labels)
+    """
+    embed = lambda x: embed_all_adapters(model, x, adapter_names)  # noqa: E731
+    return _embedded(model, batches, embed, label_column, progress, num_classes, desc)
+
+
+def _embedded(
+    model: nn.Module,
+    batches: Iterable[dict],
+    embed: Callable[[torch.Tensor], dict[str, torch.Tensor]],
+    label_column: str,
+    progress: bool,
+    num_classes: int | None,
+    desc: str,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Every batch's checked pixels through ``embed`` (named embeddings), gathered float32 on the CPU, with the
+    checked labels."""
     arch = architecture_of(model)
     reference = next(model.parameters())
-    features, labels = [], []
+    features, labels = defaultdict(list), []
     total = len(batches) if hasattr(batches, "__len__") else None
-    with base_outputs(model) if base else nullcontext():
-        for step, batch in enumerate(tqdm(batches, desc=desc, total=total, disable=not progress)):
-            pixel_values = arch.check_pixel_values(pixel_values_of(batch), f"{desc} batch {step}")
-            features.append(embed_images(model, pixel_values.to(reference.device, reference.dtype)).float().cpu())
-            labels.append(check_labels(torch.as_tensor(batch[label_column]), num_classes, f"{desc} batch {step}"))
-    if not features:
+    for step, batch in enumerate(tqdm(batches, desc=desc, total=total, disable=not progress)):
+        pixel_values = arch.check_pixel_values(pixel_values_of(batch), f"{desc} batch {step}")
+        for name, embedding in embed(pixel_values.to(reference.device, reference.dtype)).items():
+            features[name].append(embedding.float().cpu())
+        labels.append(check_labels(torch.as_tensor(batch[label_column]), num_classes, f"{desc} batch {step}"))
+    if not labels:
         raise ResiDualInputError(f"{desc}: no batches; the data set is empty.")
-    return torch.cat(features), torch.cat(labels)
+    return {name: torch.cat(parts) for name, parts in features.items()}, torch.cat(labels)
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:

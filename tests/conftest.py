@@ -207,13 +207,13 @@ def word_tokenizer():
 CLASS_NAMES = ["cat", "dog", "bird", "fish"]
 
 
-def save_image_dataset(directory, n_train: int = 96, n_test: int = 48) -> None:
+def save_image_dataset(directory, n_train: int = 96, n_test: int = 48, seed: int = 0, image_column: str = "image"):
     """A DatasetDict of PIL images whose brightness pattern depends on the label, saved with save_to_disk."""
     import datasets
     import numpy as np
     from PIL import Image
 
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
 
     def split(n: int) -> datasets.Dataset:
         labels = [i % len(CLASS_NAMES) for i in range(n)]
@@ -222,10 +222,30 @@ def save_image_dataset(directory, n_train: int = 96, n_test: int = 48) -> None:
             pixels = rng.integers(0, 60, (IMAGE_SIZE, IMAGE_SIZE, 3))
             pixels[:, label * 8 : (label + 1) * 8] += 180
             pictures.append(Image.fromarray(pixels.astype(np.uint8)))
-        features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=CLASS_NAMES)})
-        return datasets.Dataset.from_dict({"image": pictures, "label": labels}, features=features)
+        features = datasets.Features({image_column: datasets.Image(), "label": datasets.ClassLabel(names=CLASS_NAMES)})
+        return datasets.Dataset.from_dict({image_column: pictures, "label": labels}, features=features)
 
     datasets.DatasetDict({"train": split(n_train), "test": split(n_test)}).save_to_disk(str(directory))
+
+
+@pytest.fixture
+def local_hub(monkeypatch, tmp_path):
+    """The Hub-compatible server of ``hub_server.py``, with ``huggingface_hub`` in this process pointed at it
+    (uploads, downloads, a cache under ``tmp_path``) and logged in, whatever ``HF_HUB_OFFLINE`` said at import."""
+    from huggingface_hub import constants, hf_api
+
+    from .hub_server import LocalHub
+
+    with LocalHub() as hub:
+        monkeypatch.setattr(constants, "ENDPOINT", hub.endpoint)
+        monkeypatch.setattr(hf_api.api, "endpoint", hub.endpoint)  # behind the module-level functions
+        template = hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}"
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub_cache"))
+        monkeypatch.setenv("HF_TOKEN", hub.state.token)
+        monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+        yield hub
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,7 @@
 """A small Hub-compatible HTTP server (stdlib only) for testing uploads and downloads with the real client.
 
-It implements what ``huggingface_hub`` uses to create a repo, commit regular files, read repo info and resolve
-files, keeps everything in memory, checks bearer tokens for writes and private repos, and can be told to fail.
+It implements what ``huggingface_hub`` uses to create a repo, commit regular files, read repo info, list and
+resolve files, keeps everything in memory, checks bearer tokens for writes and private repos, and can be told to fail.
 """
 
 from __future__ import annotations
@@ -88,6 +88,15 @@ class Handler(BaseHTTPRequestHandler):
                 return self._preupload(repo_id, json.loads(body))
             if action == "commit":
                 return self._commit(repo_id, body)
+        if method == "GET" and parts[:2] == ["api", "models"] and len(parts) >= 6 and parts[4] == "tree":
+            repo = self._readable_repo("/".join(parts[2:4]))  # the file listing (snapshot_download): one page
+            if repo is not None:
+                tree = [
+                    {"type": "file", "path": name, "size": len(content), "oid": hashlib.sha1(content).hexdigest()}
+                    for name, content in sorted(repo.files.items())
+                ]
+                self._send(200, json.dumps(tree).encode(), {"Content-Type": "application/json"})
+            return None
         if method == "GET" and parts[:2] == ["api", "models"] and len(parts) >= 4:
             repo = self._readable_repo("/".join(parts[2:4]))
             if repo is not None:

@@ -5,12 +5,26 @@ import sys
 
 import pytest
 import torch
+from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
+from torch.utils.data import DataLoader
 from transformers import Dinov2Model
 
+from peft_residual import (
+    CentroidClassifier,
+    ResiDualConfig,
+    accuracy,
+    analysis,
+    collect_units,
+    embed_batches,
+    embed_images,
+    fit_residual_bases,
+    load_vision_model,
+)
 from peft_residual.cli import main
+from peft_residual.data import load_image_dataset, prepare, sample
 
-from .conftest import adapter_accuracies
+from .conftest import CLASS_NAMES, adapter_accuracies, images
 from .scripts.count_images import count_images
 
 
@@ -56,7 +70,14 @@ def test_fit_train_eval_on_tiny_dinov2(tiny_assets, tmp_path, capfd):
         "--output", tmp_path / "fit",
     )  # fmt: skip
     assert code == 0, err
-    assert "fitted" in out and (tmp_path / "fit" / "adapter_model.safetensors").exists()
+    fitted = PeftModel.from_pretrained(load_vision_model(str(model)), tmp_path / "fit")
+    again = get_peft_model(load_vision_model(str(model)), ResiDualConfig.preset("residual*", k=3))  # the API's fit
+    images_seen = prepare(sample(load_image_dataset(str(dataset), "train"), None, seed=0), str(model))
+    report = fit_residual_bases(again, DataLoader(images_seen, batch_size=64), progress=False)
+    assert out.strip() == f"fitted {report.num_scales:,} scales on 96 images; adapter saved to {tmp_path / 'fit'}"
+    x = images(4, seed=7)
+    assert torch.allclose(embed_images(fitted, x), embed_images(again, x), atol=1e-5)
+    assert not torch.allclose(embed_images(fitted, x), embed_images(load_vision_model(str(model)), x), atol=1e-3)
 
     trained = tmp_path / "trained"
     seen = []
@@ -78,7 +99,7 @@ def test_fit_train_eval_on_tiny_dinov2(tiny_assets, tmp_path, capfd):
     code, out, err = run_main(capfd, "eval", "--model", model, "--dataset", dataset, "--adapter", trained)
     assert code == 0, err
     zero_shot, adapted = adapter_accuracies(model, dataset, trained)  # the same through the public API
-    assert out.strip() == f"48 images: zero-shot {100 * zero_shot:.2f}%  ResiDual {100 * adapted:.2f}%"
+    assert out.strip() == f"48 images: centroids {100 * zero_shot:.2f}%  ResiDual {100 * adapted:.2f}%"
 
 
 def test_train_on_bases_fitted_elsewhere_keeps_them_and_checks_them(tiny_assets, tmp_path, capfd):
@@ -247,6 +268,14 @@ def test_rank_heads_writes_curves_and_plot(tiny_assets, tmp_path, capfd):
     assert set(curves["curves"]) == {"S", "U", "U|T", "random"} and curves["num_heads"] == 8
     assert sorted(curves["rankings"]["U"]) == sorted(f"layer{i}.head{h}" for i in range(2) for h in range(4))
     assert (tmp_path / "heads" / "heads.png").read_bytes()[:4] == b"\x89PNG"
+    # the full model's accuracy again through the public API: centroids of every training image, all test images
+    source, dataset = str(tiny_assets["dinov2"]), str(tiny_assets["dataset"])
+    model = load_vision_model(source)
+    train, test = (prepare(load_image_dataset(dataset, split), source) for split in ("train", "test"))
+    classifier = CentroidClassifier.from_model(model, DataLoader(train, batch_size=64), CLASS_NAMES, progress=False)
+    features, labels = embed_batches(model, DataLoader(test, batch_size=64), progress=False)
+    assert curves["full_accuracy"] == accuracy(classifier(features), labels)
+    assert out.startswith(f"full model {100 * curves['full_accuracy']:.1f}%;")
 
 
 def test_analyze_reports_dimensions_similarity_and_textspan(tiny_assets, tmp_path, capfd):
@@ -258,6 +287,14 @@ def test_analyze_reports_dimensions_similarity_and_textspan(tiny_assets, tmp_pat
     assert "hunchback" in out and "TextSpan descriptions of 8 heads" in out
     dims = json.loads((tmp_path / "intrinsic_dimension.json").read_text())
     assert len(dims["layer_profile"]["two_nn"]["heads"]) == 2 and "layer1.mlp" in dims["units"]
+    # the dimensions again through the public API, on the same 40 training images (drawn with seed 0)
+    clip = load_vision_model(str(tiny_assets["clip"]))
+    drawn = sample(load_image_dataset(str(tiny_assets["dataset"]), "train"), 40, seed=0)
+    store = collect_units(clip, DataLoader(prepare(drawn, str(tiny_assets["clip"])), batch_size=64), progress=False)
+    again = analysis.unit_dimensions(store.contributions(), store.arch.unit_names)
+    assert dims["units"].keys() == again.keys()
+    for unit, values in again.items():
+        assert dims["units"][unit] == pytest.approx(values, rel=1e-4), unit
     spectral = json.loads((tmp_path / "spectral_similarity.json").read_text())
     assert all(abs(v - 1.0) < 1e-6 for v in spectral["same_unit"].values())  # the same images twice
     spans = json.loads((tmp_path / "textspan.json").read_text())
@@ -313,3 +350,37 @@ def test_an_image_column_of_encoded_bytes_and_string_labels_are_normalised():
     data = as_image_classification(raw, "img", "label")
     assert data[0]["img"].size == (8, 8) and data[0]["img"].getpixel((0, 0)) == (255, 0, 0)
     assert class_names(data) == ["cat", "dog"] and data["label"] == [1, 0, 1]
+
+
+def test_push_uploads_the_adapter_and_its_card_and_pulls_back_the_same(tiny_assets, tmp_path, capfd, local_hub):
+    """`push` to the tests' local Hub server, then back through huggingface_hub and PEFT: the same files, tensors
+    and adapted embeddings as the local adapter, and our card with the training summary."""
+    from huggingface_hub import snapshot_download
+
+    model, adapter = tiny_assets["dinov2"], tmp_path / "trained"
+    source = ["--quiet", "--model", model, "--dataset", tiny_assets["dataset"]]
+    assert run_main(capfd, "train", *source, "--epochs", "1", "--output", adapter)[0] == 0
+    code, out, err = run_main(capfd, "push", "--quiet", "--model", model, "--adapter", adapter, "--repo-id", "me/tiny")
+    assert code == 0, err
+    repo = local_hub.state.repos["me/tiny"]
+    assert len(repo.commits) == 1 and out.strip() == f"pushed to {local_hub.endpoint}/me/tiny/commit/{repo.sha}"
+
+    pulled = tmp_path / "pulled"
+    snapshot_download("me/tiny", local_dir=pulled, endpoint=local_hub.endpoint)
+    assert sorted(p.name for p in pulled.iterdir() if not p.name.startswith(".")) == [
+        "README.md", "adapter_config.json", "adapter_model.safetensors"
+    ]  # fmt: skip
+    local, remote = (load_file(path / "adapter_model.safetensors") for path in (adapter, pulled))
+    assert set(local) == set(remote) and all(torch.equal(local[key], remote[key]) for key in local)
+    assert json.loads((pulled / "adapter_config.json").read_text()) == json.loads(
+        (adapter / "adapter_config.json").read_text()
+    )
+    card = (pulled / "README.md").read_text()
+    assert card.startswith("---\n") and "library_name: peft" in card and "# ResiDual adapter for" in card
+    assert f"- dataset: {tiny_assets['dataset']}" in card  # training.json, beside the adapter, went into the card
+
+    x = images(4, seed=7)
+    from_hub = PeftModel.from_pretrained(load_vision_model(str(model)), "me/tiny")  # by repo id, through the server
+    from_disk = PeftModel.from_pretrained(load_vision_model(str(model)), adapter)
+    assert torch.equal(embed_images(from_hub, x), embed_images(from_disk, x))
+    assert not torch.equal(embed_images(from_hub, x), embed_images(load_vision_model(str(model)), x))

@@ -144,9 +144,10 @@ class ResiDualConfig(PeftConfig):
     )
 
     def __post_init__(self) -> None:
+        rebuilt = self.peft_type is not None  # from a saved dict (to_dict holds peft_type); a user never passes it
         super().__post_init__()
         self.peft_type = PeftType.RESIDUAL
-        if self.target_modules is not None:  # a loaded config has it dropped by from_json_file
+        if self.target_modules is not None and not rebuilt:
             raise ResiDualInputError(
                 f"ResiDualConfig.target_modules is written by the tuner from the model's architecture map, got "
                 f"{self.target_modules!r}; leave it unset and choose the transformed units with `units`, `layers` "
@@ -251,7 +252,6 @@ class ResiDualConfig(PeftConfig):
     def from_json_file(cls, path_json_file: str, **kwargs: Any) -> dict:
         """Read a saved ``adapter_config.json``; malformed JSON or a missing field is an error naming the file."""
         loaded = super().from_json_file(path_json_file, **kwargs)  # a file that is not JSON: see compat
-        loaded.pop("target_modules", None)  # the tuner writes it again at injection, from the architecture map
         missing = [name for name in SEMANTIC_FIELDS if name not in loaded]
         if missing:
             raise ResiDualInputError(

@@ -1,0 +1,114 @@
+"""The CLI's front: every option explains itself, and bad input exits 2 with exactly one line on stderr, before any
+progress output."""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+import pytest
+
+from peft_residual.cli import build_parser, main
+
+COMMANDS = ["train", "eval", "fit", "push", "rank-heads", "analyze"]
+
+
+def subparser(name: str) -> argparse.ArgumentParser:
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return commands.choices[name]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_option_has_help_and_shows_its_default_once(command):
+    parser = subparser(command)
+    silent = [a.option_strings[0] for a in parser._actions if a.option_strings and not a.help]
+    assert not silent, f"{command}: {silent} have no help"
+    text = re.sub(r"\s+", " ", parser.format_help())
+    assert "(default: None)" not in text
+    for action in parser._actions:
+        if action.option_strings and action.help != argparse.SUPPRESS:
+            shown = parser._get_formatter()._expand_help(action) if action.help else ""
+            described = parser.formatter_class("x")._get_help_string(action) % {"default": action.default}
+            assert described.count("default") <= 1, (command, action.option_strings[0], shown)
+            if action.default not in (None, False, argparse.SUPPRESS) and not isinstance(action.default, bool):
+                assert "default" in described, (command, action.option_strings[0], described)
+
+
+def test_model_help_names_every_supported_family():
+    text = re.sub(r"\s+", " ", subparser("train").format_help())
+    for family in ("CLIP", "DINOv2", "ViT", "BLIP", "open_clip", "timm"):
+        assert family in text, family
+
+
+def one_line_error(capfd, *args) -> str:
+    capfd.readouterr()
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as stop:
+        code = stop.code
+    captured = capfd.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, (code, captured.err[-3000:])
+    assert lines[0].startswith("peft-residual: error: "), lines[0]
+    return lines[0]
+
+
+def bert_directory(path):
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    BertModel(config).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "fit", "push", "rank-heads", "analyze"])
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda tmp, assets: tmp, "holds no model"),  # an empty directory
+        (lambda tmp, assets: assets["dataset"], "holds no model"),  # a data set directory
+        (
+            lambda tmp, assets: bert_directory(tmp / "bert"),
+            "ResiDual does not support BertModel",
+        ),
+    ],
+    ids=["empty directory", "data set directory", "text model"],
+)
+def test_a_model_argument_that_is_not_a_supported_vision_model(tiny_assets, tmp_path, capfd, command, make, message):
+    model = make(tmp_path, tiny_assets)
+    options = {
+        "train": ["--dataset", tiny_assets["dataset"], "--output", tmp_path / "out"],
+        "eval": ["--dataset", tiny_assets["dataset"], "--adapter", tmp_path / "adapter"],
+        "fit": ["--dataset", tiny_assets["dataset"], "--output", tmp_path / "out"],
+        "push": ["--adapter", tmp_path / "adapter", "--repo-id", "me/x"],
+        "rank-heads": ["--dataset", tiny_assets["dataset"], "--output", tmp_path / "out"],
+        "analyze": ["--dataset", tiny_assets["dataset"], "--output", tmp_path / "out"],
+    }[command]
+    if command in ("eval", "push"):  # a real adapter, so that the model is what is wrong
+        assert main(["fit", "--quiet", "--model", str(tiny_assets["dinov2"]), "--dataset", str(tiny_assets["dataset"]),
+                     "--k", "2", "--output", str(tmp_path / "adapter")]) == 0  # fmt: skip
+    line = one_line_error(capfd, command, "--model", model, *options)  # no progress bar before it: one line
+    assert message in line and str(model) in line, line
+
+
+@pytest.mark.parametrize("damage", ["no config", "config not JSON", "weights truncated"])
+def test_a_damaged_adapter_is_refused_before_the_model_loads(tiny_assets, tmp_path, capfd, damage, monkeypatch):
+    adapter = tmp_path / "adapter"
+    assert main(["fit", "--quiet", "--model", str(tiny_assets["dinov2"]), "--dataset", str(tiny_assets["dataset"]),
+                 "--k", "2", "--output", str(adapter)]) == 0  # fmt: skip
+    if damage == "no config":
+        (adapter / "adapter_config.json").unlink()
+    elif damage == "config not JSON":
+        (adapter / "adapter_config.json").write_text("{")
+    else:
+        weights = adapter / "adapter_model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:100])
+    import peft_residual.data
+
+    def no_model_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the adapter was checked")
+
+    monkeypatch.setattr(peft_residual.data, "load_vision_model", no_model_load)
+    for command in (["eval", "--dataset", tiny_assets["dataset"]], ["push", "--repo-id", "me/x"]):
+        line = one_line_error(capfd, *command, "--model", tiny_assets["dinov2"], "--adapter", adapter)
+        assert str(adapter) in line, line
