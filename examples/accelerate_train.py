@@ -29,7 +29,7 @@ parser.add_argument("--output", required=True)
 args = parser.parse_args()
 
 accelerator = default_accelerator()
-model = load_vision_model(args.model)
+model = load_vision_model(args.model, image_size=args.image_size)  # open_clip and timm are built at that size
 pool = sample(load_image_dataset(args.dataset, "train"), args.train_samples, seed=0)
 names = class_names(pool)
 pool = prepare(pool, args.model, args.image_size)

@@ -29,7 +29,7 @@ parser.add_argument("--output", type=Path, help="PNG path (default: in a new tem
 args = parser.parse_args()
 args.output = args.output or Path(tempfile.mkdtemp(prefix="residual-units-")) / "unit_decomposition.png"
 
-model = load_vision_model(args.model)
+model = load_vision_model(args.model, image_size=args.image_size)  # open_clip and timm are built at that size
 data = prepare(sample(load_image_dataset(args.dataset, "train"), args.images, seed=0), args.model, args.image_size)
 pixel_values = next(iter(DataLoader(data, batch_size=args.images)))["pixel_values"]
 units = decompose_units(model, pixel_values)

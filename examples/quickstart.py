@@ -40,7 +40,7 @@ args.output = args.output or tempfile.mkdtemp(prefix="residual-adapter-")
 image_column = args.image_column or ("img" if args.dataset == "uoft-cs/cifar10" else "image")
 
 try:
-    model = load_vision_model(args.model)
+    model = load_vision_model(args.model, image_size=args.image_size)  # open_clip and timm are built at that size
     dataset = load_image_dataset(args.dataset)
 except OSError as error:  # no network and no local copy
     print(f"Cannot load {args.model} / {args.dataset} ({str(error).splitlines()[0]}). Offline, run:\n  {OFFLINE}")

@@ -181,6 +181,10 @@ def cmd_train(args: argparse.Namespace) -> None:
     from .data import class_names, collect_units, fit_residual_bases, holdout
     from .training.trainer import train_residual
 
+    if args.bases:  # before the model loads and the backbone runs
+        if args.k is not None:
+            raise CliError("--k sets the components of bases fitted here; --bases brings its own, so drop --k")
+        _check_fitted_size(args, args.bases)
     base = _model(args)
     pool = _split(args, args.split, args.samples)
     names = class_names(pool, args.label_column)
@@ -210,10 +214,24 @@ def cmd_train(args: argparse.Namespace) -> None:
           f"adapter and classifier saved to {args.output}")  # fmt: skip
 
 
+def _check_fitted_size(args: argparse.Namespace, adapter: str) -> list[int] | None:
+    """The image size ``adapter`` was fitted at, checked against ``--image-size`` before any model loads (an
+    open_clip model built at another size would otherwise fail on its weights' fingerprint, not say this)."""
+    from .tuner import ResiDualConfig
+
+    fitted = (ResiDualConfig.from_pretrained(adapter).base_signature or {}).get("image_size")
+    size = args.image_size
+    if fitted and size is not None and [size] * 2 != list(fitted):
+        given = f"these come out at {size}x{size}" if getattr(args, "bases", None) else f"--image-size is {size}"
+        raise CliError(
+            f"the adapter in {adapter} was fitted on {fitted[0]}x{fitted[1]} px images but {given}; pass "
+            f"--image-size {fitted[0]}"
+        )
+    return fitted
+
+
 def _bases_from(args: argparse.Namespace, base, image_size: tuple[int, int]):
     """The adapter in ``--bases``, trainable, on ``base``: its PCA bases are kept, not refitted."""
-    if args.k is not None:
-        raise CliError("--k sets the components of bases fitted here; --bases brings its own, so drop --k")
     model = _load_adapter(args.bases, base, is_trainable=True)  # refuses another base model
     fitted = (model.peft_config["default"].base_signature or {}).get("image_size")
     if fitted and list(image_size) != list(fitted):
@@ -244,14 +262,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .classifiers import Classifier
     from .inference import accuracy, embed_batches_of_adapters
 
+    fitted_size = _check_fitted_size(args, args.adapter)
     model = _load_adapter(args.adapter, _model(args))
-    signature = model.peft_config["default"].base_signature or {}
-    fitted_size = signature.get("image_size")
-    if fitted_size and args.image_size is not None and [args.image_size] * 2 != fitted_size:
-        raise CliError(
-            f"the adapter was fitted on {fitted_size[0]}x{fitted_size[1]} px images but --image-size is "
-            f"{args.image_size}; evaluate at --image-size {fitted_size[0]}"
-        )
     classifier = Classifier.from_pretrained(args.classifier or Path(args.adapter) / "classifier")
     data = _prepared(args, _split(args, args.split, args.samples))
     if fitted_size and list(data[0]["pixel_values"].shape[-2:]) != fitted_size:
@@ -465,7 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--output", required=True, help="directory for the JSON reports and plots")
 
     push = command("push", [common], "upload a saved adapter with its ResiDual model card", cmd_push)
-    push.add_argument("--adapter", required=True, help="adapter directory")
+    push.add_argument("--adapter", required=True, help="adapter directory or Hub id")
     push.add_argument("--repo-id", required=True, help="the Hub repository to create or update, e.g. me/my-adapter")
     push.add_argument("--private", action="store_true", help="create the repository private")
     push.add_argument("--token", help="Hub token (default: HF_TOKEN or the stored login)")

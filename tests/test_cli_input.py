@@ -112,3 +112,24 @@ def test_a_damaged_adapter_is_refused_before_the_model_loads(tiny_assets, tmp_pa
     for command in (["eval", "--dataset", tiny_assets["dataset"]], ["push", "--repo-id", "me/x"]):
         line = one_line_error(capfd, *command, "--model", tiny_assets["dinov2"], "--adapter", adapter)
         assert str(adapter) in line, line
+
+
+def test_the_image_size_is_checked_against_the_adapter_before_the_model_loads(
+    tiny_assets, tmp_path, capfd, monkeypatch
+):
+    """An open_clip model is built at --image-size: loaded first, its weights' fingerprint would fail instead."""
+    adapter = tmp_path / "adapter"
+    source = ["--model", str(tiny_assets["dinov2"]), "--dataset", str(tiny_assets["dataset"])]
+    assert main(["fit", "--quiet", *source, "--k", "2", "--output", str(adapter)]) == 0
+    import peft_residual.data
+
+    def no_model_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the image size was checked")
+
+    monkeypatch.setattr(peft_residual.data, "load_vision_model", no_model_load)
+    line = one_line_error(capfd, "eval", *source, "--adapter", adapter, "--image-size", "16")
+    assert "fitted on 32x32 px images but --image-size is 16; pass --image-size 32" in line
+    line = one_line_error(capfd, "train", *source, "--bases", adapter, "--image-size", "16", "--output", tmp_path / "t")
+    assert "fitted on 32x32 px images but these come out at 16x16; pass --image-size 32" in line
+    line = one_line_error(capfd, "train", *source, "--bases", adapter, "--k", "3", "--output", tmp_path / "t")
+    assert "drop --k" in line
