@@ -27,7 +27,7 @@ from peft_residual.data import load_image_dataset, prepare, sample
 
 from . import methods, run
 from .presets import portable, recorded_command
-from .report import RESULTS, environment, mean_and_spread
+from .report import RESIDUALS, RESULTS, cell_accuracies, environment, grid_table
 
 MODELS = {  # the paper's models, on the Hub (not reachable from the machine that wrote this)
     "clip-b16": {"model": "openai/clip-vit-base-patch16"},
@@ -58,7 +58,6 @@ DATASETS = {  # the paper's 10 target data sets on the Hub (not reachable from t
     "svhn": {"dataset": "tanganke/svhn", "templates": "svhn"},
 }
 REFERENCE = "imagenet=ILSVRC/imagenet-1k"
-RESIDUALS = ("residual*", "residual", "coarse")
 
 
 def named(entries: list[str], presets: dict[str, dict], key: str) -> dict[str, dict]:
@@ -114,24 +113,6 @@ def run_cell(args: argparse.Namespace, model: str, dataset: dict, references: di
         for method in RESIDUALS:
             records += methods.residual_seeds(bench, args.seeds, method, {"reference": name}, fit_on=units)
     return records
-
-
-def cell_accuracies(cell: dict, method: str, reference: str | None) -> list[float]:
-    """Test accuracies of ``method``'s seeds in ``cell`` (with bases from ``reference``; ``None``: no bases)."""
-    return [r["test_accuracy"] for r in cell["records"] if r["method"] == method and r["reference"] == reference]
-
-
-def grid_table(cells: list[dict], references: list[str]) -> list[str]:
-    header = ["model", "data set", "zero-shot", "linear probe"]
-    header += [f"{method} ({reference})" for reference in references for method in RESIDUALS]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for cell in cells:
-        columns = [("zero-shot", None), ("linear-probe", None)]
-        columns += [(method, reference) for reference in references for method in RESIDUALS]
-        row = [cell["model"], cell["dataset"]]
-        row += [mean_and_spread(runs) if (runs := cell_accuracies(cell, *column)) else "-" for column in columns]
-        lines.append("| " + " | ".join(row) + " |")
-    return lines
 
 
 def heat_map(cells: list[dict], references: list[str], path: Path) -> None:

@@ -279,6 +279,24 @@ def overhead_table() -> str:
     return "\n".join([*_table(["configuration", *(f"batch {batch}" for batch in batches)], rows), "", note]) + "\n"
 
 
+def overhead_ops_table() -> str:
+    """docs/benchmarks.md: aten ops of one batch-1 forward (``benchmarks.opcount``), bare and adapted."""
+    ops = load("overhead_dinov2")["ops"]
+    bare = ops["rows"][0]["by_op"]
+    rows = []
+    for row in ops["rows"]:
+        extra = sorted(((n - bare.get(op, 0), op) for op, n in row["by_op"].items()), key=lambda e: (-e[0], e[1]))
+        beyond = ", ".join(f"{n} `{op}`" for n, op in extra[:5] if n > 0) if row["form"] else ""
+        label = f"{row['config']}, {row['form']}" if row["form"] else row["config"]
+        rows.append([label, f"{row['ops']}", f"{row['ratio']:.2f}", beyond or "—"])
+    note = (
+        f"One batch-1 forward (`embed_images`, no gradients), {ops['device']}, torch {ops['torch']}; "
+        f"{len(ops['excluded'])} metadata-only op names left out (`benchmarks.opcount.METADATA_ONLY`). "
+        f"`{ops['command']}`"
+    )
+    return "\n".join([*_table(["model", "aten ops", "× bare", "most of the extra ops"], rows), "", note]) + "\n"
+
+
 def multitask_table() -> str:
     """docs/benchmarks.md: N adapters from one backbone pass against N adapted forwards."""
     payload = load("multitask_dinov2")
@@ -508,10 +526,31 @@ def gpu_projection_table() -> str:
     return "\n".join([*_table(header, rows), "", note]) + "\n"
 
 
+RESIDUALS = ("residual*", "residual", "coarse")
+"""The ResiDual variants of a ``benchmarks.paper`` cell, one column each per reference."""
+
+
+def cell_accuracies(cell: dict, method: str, reference: str | None) -> list[float]:
+    """Test accuracies of ``method``'s seeds in a grid ``cell`` (with bases from ``reference``; ``None``: no bases)."""
+    return [r["test_accuracy"] for r in cell["records"] if r["method"] == method and r["reference"] == reference]
+
+
+def grid_table(cells: list[dict], references: list[str]) -> list[str]:
+    """The ``benchmarks.paper`` grid's lines, for its printout and for the docs alike."""
+    header = ["model", "data set", "zero-shot", "linear probe"]
+    header += [f"{method} ({reference})" for reference in references for method in RESIDUALS]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for cell in cells:
+        columns = [("zero-shot", None), ("linear-probe", None)]
+        columns += [(method, reference) for reference in references for method in RESIDUALS]
+        row = [cell["model"], cell["dataset"]]
+        row += [mean_and_spread(runs) if (runs := cell_accuracies(cell, *column)) else "-" for column in columns]
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
 def paper_grid_table(name: str) -> str:
     """A ``benchmarks.paper`` grid: test accuracy per model and data set, ResiDual's columns per reference."""
-    from .paper import grid_table  # the grid's own table, so that its printout and the docs agree
-
     payload = load(name)
     references = [entry.partition("=")[0] for entry in payload["settings"]["references"]]
     return "\n".join(grid_table(payload["cells"], references)) + "\n"
@@ -527,6 +566,7 @@ PUBLISHED: dict[str, Callable[[], str]] = {
     "memory": lambda: memory_table(load("memory_clip_b32_random")),
     "basis-dtype": basis_dtype_table,
     "overhead": overhead_table,
+    "overhead-ops": overhead_ops_table,
     "multitask": multitask_table,
     "fidelity": fidelity_table,
     "heads": heads_table,

@@ -13,11 +13,10 @@ main process writes files.
 import argparse
 
 from peft import get_peft_model
-from torch.utils.data import DataLoader
 
 import peft_residual
 from peft_residual import default_accelerator, load_vision_model
-from peft_residual.data import class_names, load_image_dataset, prepare, sample
+from peft_residual.data import class_names, image_loader, keep_freed_memory, load_image_dataset, prepare, sample
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--model", required=True)
@@ -27,6 +26,7 @@ parser.add_argument("--train-samples", type=int, default=3000)
 parser.add_argument("--epochs", type=int, default=30)
 parser.add_argument("--output", required=True)
 args = parser.parse_args()
+keep_freed_memory()  # each process's forwards reuse the memory they free (glibc), as the CLI's do
 
 accelerator = default_accelerator()
 model = load_vision_model(args.model, image_size=args.image_size)  # open_clip and timm are built at that size
@@ -38,7 +38,7 @@ train, val = peft_residual.holdout(pool, 0.1)
 # one backbone pass, shared among the processes, over the training and validation images feeds the centroids, the
 # fit and the cache
 train_units, val_units = (
-    peft_residual.collect_units(model, DataLoader(split, batch_size=64), desc=desc, accelerator=accelerator)
+    peft_residual.collect_units(model, image_loader(split), desc=desc, accelerator=accelerator)
     for split, desc in ((train, "Train units"), (val, "Val units"))
 )
 classifier = peft_residual.default_classifier(model, names, tokenizer_source=args.model, train_units=train_units)

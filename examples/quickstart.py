@@ -14,11 +14,10 @@ import tempfile
 
 import torch
 from peft import get_peft_model
-from torch.utils.data import DataLoader
 
 import peft_residual
 from peft_residual import load_vision_model
-from peft_residual.data import class_names, load_image_dataset, prepare, sample
+from peft_residual.data import class_names, image_loader, keep_freed_memory, load_image_dataset, prepare, sample
 
 OFFLINE = (
     "python examples/quickstart.py --model ~/.cache/residual-assets/models/dinov2-small-imgfocus "
@@ -38,6 +37,7 @@ parser.add_argument("--output", help="directory for the adapter (default: a new 
 args = parser.parse_args()
 args.output = args.output or tempfile.mkdtemp(prefix="residual-adapter-")
 image_column = args.image_column or ("img" if args.dataset == "uoft-cs/cifar10" else "image")
+keep_freed_memory()  # this process's forwards reuse the memory they free (glibc), as the CLI's do
 
 try:
     model = load_vision_model(args.model, image_size=args.image_size)  # open_clip and timm are built at that size
@@ -53,9 +53,10 @@ pool = prepare(pool, args.model, args.image_size, image_column)
 train, val = peft_residual.holdout(pool, 0.1)
 test = prepare(sample(dataset["test"], args.test_samples, seed=0), args.model, args.image_size, image_column)
 
-# 2. the one backbone pass over the training and validation images: their unit pieces feed everything below
-train_units = peft_residual.collect_units(model, DataLoader(train, batch_size=64), desc="Train units")
-val_units = peft_residual.collect_units(model, DataLoader(val, batch_size=64), desc="Val units")
+# 2. the one backbone pass over the training and validation images (decoded in a worker process, batches of 64):
+# their unit pieces feed everything below
+train_units = peft_residual.collect_units(model, image_loader(train), desc="Train units")
+val_units = peft_residual.collect_units(model, image_loader(val), desc="Val units")
 
 # 3. the frozen classifier: CLIP's zero-shot text head, or class centroids for vision-only models
 classifier = peft_residual.default_classifier(
@@ -69,7 +70,7 @@ result = peft_residual.train_residual(peft_model, classifier, train_units, val_u
 
 
 # 5. test accuracy of the frozen classifier on the base and the adapted embeddings, both from one backbone pass
-test_loader = DataLoader(test, batch_size=64)
+test_loader = image_loader(test)
 features, labels = peft_residual.embed_batches_of_adapters(peft_model, test_loader, ["__base__", "default"])
 with torch.no_grad():
     base = peft_residual.accuracy(classifier(features["__base__"]), labels)

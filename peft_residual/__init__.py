@@ -1,8 +1,9 @@
 """ResiDual (arXiv 2411.00246) as a PEFT method. Importing this package registers the method "residual" with PEFT.
 
-The tuner itself (config, architecture map, unit decomposition, PCA fit, layers, injection) is
-:mod:`peft_residual.tuner`; data intake (:mod:`.data`), training (:mod:`.training`), classifiers, analyses, Hub and
-CLI sit on top of it. Names below load on first use.
+The tuner itself (config, unit decomposition, PCA fit, layers, injection) is :mod:`peft_residual.tuner`; the models
+it reads are a registry, :mod:`peft_residual.models` (one file per family, and loading by name). Data intake
+(:mod:`.data`), training (:mod:`.training`), classifiers, analyses, Hub and CLI sit on top of them. Names below load
+on first use.
 
 Example:
     >>> import peft_residual
@@ -23,21 +24,18 @@ _EXPORTS = {
     "analysis.ranking": ["HeadRanking", "ablated_output", "ablation_accuracy", "rank_heads", "ranking_curves"],
     "classifiers": ["CentroidClassifier", "Classifier", "ZeroShotClassifier", "default_classifier", "load_templates"],
     "compat": ["RESIDUAL_PEFT_TYPE"],
-    "data": [
-        "UnitStore", "base_embeddings", "collect_units", "fit_residual_bases", "holdout", "load_vision_model",
-        "stratified_split",
-    ],
+    "data": ["UnitStore", "base_embeddings", "collect_units", "fit_residual_bases", "holdout", "stratified_split"],
     "hub": ["model_card", "push_adapter_to_hub"],
     "inference": ["accuracy", "embed_all_adapters", "embed_batches", "embed_batches_of_adapters", "embed_images"],
+    "models": ["ARCHITECTURES", "Architecture", "ArchitectureSpec", "load_vision_model", "register_model"],
     "training.cache": ["StreamedUnits", "UnitCache", "adapted_embeddings", "encode_dataset"],
     "training.lr_finder": ["find_learning_rate"],
     "training.scales": ["ScaleSet"],
     "training.steps": ["epoch_seed"],
     "training.trainer": ["TrainingResult", "default_accelerator", "train_residual"],
     "tuner": [
-        "ARCHITECTURES", "PRESETS", "Architecture", "ArchitectureSpec", "FitReport", "ResiDualConfig",
-        "ResiDualInputError", "ResiDualModel", "ResiDualReadoutLayer", "ResiDualUnitLayer", "Units",
-        "decompose_units", "readout",
+        "PRESETS", "FitReport", "ResiDualConfig", "ResiDualInputError", "ResiDualModel", "ResiDualReadoutLayer",
+        "ResiDualUnitLayer", "Units", "decompose_units", "readout",
     ],
 }  # fmt: skip
 _HOME = {name: module for module, names in _EXPORTS.items() for name in names}

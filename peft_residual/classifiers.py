@@ -15,7 +15,7 @@ from torch import nn
 
 from .data.units import UnitStore
 from .inference import embed_batches
-from .tuner.errors import ResiDualInputError
+from .tuner.config import ResiDualInputError
 from .tuner.pca import sum_across_processes
 
 
@@ -284,7 +284,7 @@ class CentroidClassifier(Classifier):
         progress: bool = True,
         average: str = "features",
     ) -> CentroidClassifier:
-        """Centroids of the *base* model's embeddings (any adapter bypassed) over batches with pixel_values/labels."""
+        """Centroids of the *base* model's embeddings (no adapter applied) over batches with pixel_values/labels."""
         features, labels = embed_batches(
             model, batches, label_column, base=True, progress=progress, num_classes=len(class_names),
             desc="Class centroids",
@@ -333,7 +333,7 @@ def default_classifier(
                 "or tokenizer_source (the name the model was loaded by)."
             )
         if tokenizer is None:
-            from .data.models import load_tokenizer
+            from .models import load_tokenizer
 
             tokenizer = load_tokenizer(tokenizer_source)  # open_clip.get_tokenizer or AutoTokenizer
         build = ZeroShotClassifier.from_clip

@@ -83,7 +83,7 @@ def _check_source(name: str, what: str) -> None:
 
 def _model(args: argparse.Namespace):
     from .data import load_vision_model
-    from .tuner.architectures import architecture_of
+    from .models import architecture_of
 
     _check_source(args.model, "model")
     image_size = getattr(args, "image_size", None)
@@ -282,8 +282,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_rank_heads(args: argparse.Namespace) -> None:
     from .analysis.ranking import ranking_curves
     from .data import base_embeddings, class_names, collect_units
+    from .models import architecture_of
     from .plots import ranking_plot
-    from .tuner.architectures import architecture_of
 
     model = _model(args)
     pool = _split(args, args.split, args.samples or ANALYSIS_SAMPLES)
@@ -317,8 +317,8 @@ def _units(args: argparse.Namespace, model, dataset: str, desc: str):
 
 def cmd_analyze(args: argparse.Namespace) -> None:
     from . import analysis
+    from .models import architecture_of
     from .plots import dimension_plot, similarity_heatmap
-    from .tuner.architectures import architecture_of
 
     model = _model(args)
     names = architecture_of(model).unit_names
@@ -510,8 +510,10 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError:
             print(f"peft-residual: error: --lr must be a number or 'auto', got {args.lr!r}", file=sys.stderr)
             return 2
-    from .tuner.errors import ResiDualInputError
+    from .data import keep_freed_memory
+    from .tuner.config import ResiDualInputError
 
+    keep_freed_memory()  # this process is the CLI's: its forwards reuse the pages they free (glibc)
     try:
         _check_paths(args)
         args.run(args)

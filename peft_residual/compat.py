@@ -8,7 +8,10 @@
   path unchanged.
 - ``PeftModel.from_pretrained`` reads ``adapter_config.json`` with PEFT's generic reader before it knows the method,
   so a file that is not JSON surfaces as a bare ``JSONDecodeError``: :func:`install` makes that reader name the file
-  and the fix, for every method (the only change it makes outside ResiDual's models).
+  and the fix, for every method (the only change it makes outside ResiDual's models); and before a ResiDual config
+  is read from a local adapter directory (``ResiDualConfig.from_pretrained``, which ``PeftModel.from_pretrained`` and
+  ``load_adapter`` call), :func:`.tuner.saved.check_saved_adapter` refuses a directory that an interrupted save, a
+  missing or a damaged weights file left unusable, naming the file.
 - PEFT 0.21 reads transformers' deprecated ``is_gradient_checkpointing`` in every ``PeftModel``; the
   ``FutureWarning`` that raises is PEFT's to fix, not the user's, and is filtered by its exact message.
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 import functools
 import json
 import warnings
+from pathlib import Path
 from typing import Any
 
 NAME = "residual"
@@ -70,7 +74,7 @@ def _wrap(name: str, replacement) -> None:
 
 def _save_pretrained(original, model, save_directory: str, *args: Any, **kwargs: Any) -> None:
     from .hub import save_adapter_atomically
-    from .tuner.errors import ResiDualInputError
+    from .tuner.config import ResiDualInputError
 
     if kwargs.get("safe_serialization", args[0] if args else True) is False:
         raise ResiDualInputError(
@@ -107,7 +111,7 @@ def _name_malformed_config_files() -> None:
 
     @functools.wraps(original)
     def from_json_file(cls, path_json_file: str, **kwargs: Any) -> dict:
-        from .tuner.errors import ResiDualInputError
+        from .tuner.config import ResiDualInputError
 
         try:
             return original(cls, path_json_file, **kwargs)
@@ -121,10 +125,34 @@ def _name_malformed_config_files() -> None:
     PeftConfigMixin.from_json_file = classmethod(from_json_file)
 
 
+def _check_residual_directories() -> None:
+    from peft.config import PeftConfigMixin
+
+    original = PeftConfigMixin.__dict__["from_pretrained"].__func__
+    if getattr(original, "_residual_original", None) is not None:
+        return
+
+    @functools.wraps(original)
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs: Any):
+        from peft.utils import CONFIG_NAME
+
+        from .tuner.config import ResiDualConfig
+        from .tuner.saved import check_saved_adapter
+
+        directory = Path(pretrained_model_name_or_path, subfolder or "")
+        if issubclass(cls, ResiDualConfig) and (directory / CONFIG_NAME).is_file():
+            check_saved_adapter(directory)
+        return original(cls, pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+
+    from_pretrained._residual_original = original
+    PeftConfigMixin.from_pretrained = classmethod(from_pretrained)
+
+
 def install() -> None:
     """Add ``PeftType.RESIDUAL``, register the tuner with PEFT, route ``save_pretrained``,
     ``create_or_update_model_card`` and ``push_to_hub`` of ResiDual models to :mod:`peft_residual.hub`, and name
-    the file in PEFT's error for a malformed adapter config; idempotent."""
+    the file in PEFT's error for a malformed adapter config, and check a local ResiDual adapter directory before
+    its config is read; idempotent."""
     from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
     from peft.utils import register_peft_method
 
@@ -137,6 +165,7 @@ def install() -> None:
     _wrap("create_or_update_model_card", _model_card)
     _wrap("push_to_hub", _push_to_hub)
     _name_malformed_config_files()
+    _check_residual_directories()
     warnings.filterwarnings(
         "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning, module="transformers"
     )

@@ -19,8 +19,7 @@ from peft import PeftModel
 from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 
 from .tuner import ResiDualConfig, residual_tuner
-from .tuner.config import SEMANTIC_FIELDS
-from .tuner.errors import ResiDualInputError
+from .tuner.config import SEMANTIC_FIELDS, ResiDualInputError
 from .tuner.saved import SAVE_IN_PROGRESS, STAGING_PREFIX
 
 ADAPTER_FILES = (CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME)

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Iterable
+from contextlib import nullcontext
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from .compat import is_residual_model
-from .tuner.architectures import architecture_of
-from .tuner.decomposition import UnitRecord, open_record, readout_bypassed
-from .tuner.errors import ResiDualInputError
+from .models import architecture_of
+from .tuner.config import ResiDualInputError
+from .tuner.decomposition import BASE
 from .tuner.pca import pixel_values_of
 
 
@@ -59,19 +59,9 @@ def embed_all_adapters(
         raise ResiDualInputError("embed_all_adapters needs a PeftModel with ResiDual adapters.")
     tuner = model.base_model
     names = list(adapter_names) if adapter_names is not None else tuner.readout.fitted_adapters()
-    tuner.check_adapter_names(names)
-    with open_record(UnitRecord(stacked=tuple(names))):
+    with tuner.each_adapter(names):
         embeddings = embed_images(model, pixel_values)
     return dict(zip(names, embeddings.split(len(pixel_values)), strict=True))
-
-
-@contextmanager
-def base_outputs(model: nn.Module) -> Iterator[None]:
-    """Make ``model`` give its base model's outputs for the block: any ResiDual readout passes through, any other
-    PEFT adapter is disabled."""
-    other_peft = hasattr(model, "disable_adapter") and not is_residual_model(model)
-    with model.disable_adapter() if other_peft else readout_bypassed():
-        yield
 
 
 def check_labels(labels: torch.Tensor, num_classes: int | None, where: str) -> torch.Tensor:
@@ -105,8 +95,11 @@ def embed_batches(
         >>> features, labels = embed_batches(peft_model, DataLoader(test, batch_size=64))
         >>> accuracy(classifier(features), labels)
     """
+    if base and is_residual_model(model):  # read out as "__base__" pass by pass: no module state changes
+        features, labels = embed_batches_of_adapters(model, batches, [BASE], label_column, progress, num_classes, desc)
+        return features[BASE], labels
     embed = lambda x: {"": embed_images(model, x)}  # noqa: E731
-    with base_outputs(model) if base else nullcontext():
+    with model.disable_adapter() if base and hasattr(model, "disable_adapter") else nullcontext():
         features, labels = _embedded(model, batches, embed, label_column, progress, num_classes, desc)
     return features[""], labels
 

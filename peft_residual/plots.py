@@ -5,7 +5,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from .tuner.errors import ResiDualInputError
+from .tuner.config import ResiDualInputError
 
 
 def _pyplot():

@@ -11,7 +11,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from peft_residual.cli import main
-from peft_residual.data.models import image_preprocessor, load_tokenizer, load_vision_model, model_source
+from peft_residual.models.loading import image_preprocessor, load_tokenizer, load_vision_model, model_source
 
 from .conftest import VISION, save_image_dataset
 from .hub_server import LocalHub, Repo

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from peft_residual import Architecture, decompose_units
-from peft_residual.tuner.architectures import find_base_model
+from peft_residual.models import find_base_model
 
 from .conftest import images, make_model, model_output
 

@@ -10,8 +10,8 @@ from peft import get_peft_model
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from peft_residual import ResiDualConfig, ZeroShotClassifier, decompose_units, embed_images, fit_residual_bases
-from peft_residual.tuner.errors import ResiDualInputError
-from peft_residual.tuner.libraries import multihead_attention_heads
+from peft_residual.models import multihead_attention_heads
+from peft_residual.tuner.config import ResiDualInputError
 
 from .conftest import CLASS_NAMES, TEXT, VISION, images, loader, make_open_clip, make_timm, model_output
 

@@ -184,7 +184,10 @@ def test_head_coordinate_fit_matches_the_output_space_oracle(kind, name):
     for layer in model.base_model.readout.layers_of("default"):
         mean, basis = layer.output_space("default")[:2]
         transformed = layer.is_transformed("default")
-        lambdas = layer.component_lambdas("default").double() if transformed else None
+        lambdas = layer.residual_lambda["default"].detach().double() if transformed else None
+        if transformed and config.scale_per == "unit":  # one scale per unit, repeated over its components
+            rank = layer.residual_rank["default"]
+            lambdas = lambdas.repeat_interleave(rank[rank > 0])
         start = 0
         for unit, unit_name in enumerate(layer.unit_names):
             index = names.index(unit_name)

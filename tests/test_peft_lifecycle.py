@@ -257,17 +257,18 @@ def test_other_image_size_warns_once(fitted_models):
         ({"rest": "drop"}, "rest must be one of"),
     ],
 )
-def test_config_fields_changed_after_construction_are_checked_when_used(mutation, message):
+def test_config_fields_changed_after_construction_are_checked_when_set(mutation, message):
+    """A config is checked when it is created and when a field is set, so a bad value never reaches a fit."""
     config = ResiDualConfig(k=2)
     for key, value in mutation.items():
-        setattr(config, key, value)
-    with pytest.raises(ResiDualInputError, match=message):
-        get_peft_model(make_model("clip_vision"), config)
+        with pytest.raises(ResiDualInputError, match=message):
+            setattr(config, key, value)
+    get_peft_model(make_model("clip_vision"), config)  # the refused value was not kept
     model = get_peft_model(make_model("clip_vision"), ResiDualConfig(k=2))
     for key, value in mutation.items():
-        setattr(model.peft_config["default"], key, value)
-    with pytest.raises(ResiDualInputError, match=message):
-        fit_residual_bases(model, loader(), progress=False)
+        with pytest.raises(ResiDualInputError, match=message):
+            setattr(model.peft_config["default"], key, value)
+    fit_residual_bases(model, loader(), progress=False)
 
 
 @pytest.mark.parametrize(

@@ -9,12 +9,11 @@ principal components reaching 99 % of the variance.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
 import torch
 
-from ..tuner.errors import ResiDualInputError
+from ..tuner.config import UNIT_NAME, ResiDualInputError
 
 
 @torch.no_grad()
@@ -71,16 +70,13 @@ def unit_dimensions(
     }
 
 
-_LAYER = re.compile(r"layer(\d+)\.(head\d+|mlp)")
-
-
 def layer_profile(dimensions: dict[str, dict[str, float]]) -> dict[str, dict[str, list[float]]]:
     """Per layer (in depth order), the mean over its heads and its MLP, for each estimate."""
     layers: dict[int, dict[str, list[dict[str, float]]]] = {}
     for name, values in dimensions.items():
-        match = _LAYER.fullmatch(name)
+        match = UNIT_NAME.fullmatch(name)
         if match:
-            kind = "mlp" if match.group(2) == "mlp" else "heads"
+            kind = "mlp" if match.group(2) is None else "heads"
             layers.setdefault(int(match.group(1)), {"heads": [], "mlp": []})[kind].append(values)
     profile: dict[str, dict[str, list[float]]] = {}
     for estimate in ("two_nn", "linear"):

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from ..classifiers import Classifier
 from ..inference import accuracy
-from ..tuner.errors import ResiDualInputError
+from ..tuner.config import ResiDualInputError
 
 CRITERIA = ("S", "U", "U|T", "random")
 FRACTIONS = (0.01, 0.05, 0.10, 0.25, 0.50)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..tuner.errors import ResiDualInputError
+from ..tuner.config import ResiDualInputError
 
 
 @dataclass

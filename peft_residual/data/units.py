@@ -32,10 +32,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..models import Architecture, architecture_of
 from ..tuner import pca
-from ..tuner.architectures import Architecture, architecture_of
+from ..tuner.config import ResiDualInputError
 from ..tuner.decomposition import UnitRecord
-from ..tuner.errors import ResiDualInputError
 from ..tuner.model import residual_tuner
 
 logger = logging.getLogger(__name__)
@@ -359,11 +359,16 @@ def fit_residual_bases(
     keep_units: bool = False,
     max_unit_bytes: int | None = None,
 ) -> pca.FitReport:
-    """:func:`peft_residual.tuner.fit_residual_bases`, which also takes a :class:`UnitStore` (no backbone pass) and,
-    with ``keep_units=True``, keeps the raw pieces of every image in ``FitReport.units`` (in memory up to
-    ``max_unit_bytes``, then in a temporary file), so that the same images are cached for training without running
-    the backbone again. A store sharded across processes (``collect_units(..., accelerator=)``) gives every process
-    the bases of all its shards.
+    """Fit every unit's PCA basis and mean on reference images, then initialise the scales: the tuner's
+    :func:`~peft_residual.tuner.get_residual_bases`, then :func:`~peft_residual.tuner.apply_residual_bases`, which
+    records the image size and base model in the config (``base_signature``). Refitting an adapter resets its scales
+    to their initial values (a warning says so if they were trained).
+
+    ``data`` is a loader of dicts with ``pixel_values`` (or tensors), all of one image size, or a
+    :class:`UnitStore` (no backbone pass; one sharded across processes by ``collect_units(..., accelerator=)``
+    gives every process the bases of all its shards). With ``keep_units=True`` the raw pieces of every image are
+    kept in ``FitReport.units`` (in memory up to ``max_unit_bytes``, then in a temporary file), so that the same
+    images are cached for training without running the backbone again.
 
     Example:
         >>> report = fit_residual_bases(peft_model, DataLoader(train, batch_size=64), keep_units=True)
@@ -380,8 +385,9 @@ def fit_residual_bases(
         total = -(-len(data) // data.read_batch)
         data = tqdm(data.records(), desc="ResiDual PCA (recorded units)", total=total, disable=not progress)
         progress = False
-    report = pca.fit_residual_bases(
+    bases = pca.get_residual_bases(
         model, data, adapter_name, max_batches, progress, keep if store is not None else None, merge_processes
     )
-    report.units = store
-    return report
+    pca.apply_residual_bases(model, bases)
+    bases.report.units = store
+    return bases.report

@@ -22,9 +22,9 @@ from tqdm.auto import tqdm
 
 from ..data.units import UnitStore
 from ..inference import check_labels
-from ..tuner import residual_tuner
+from ..tuner import active_adapter, residual_tuner
+from ..tuner.config import ResiDualInputError
 from ..tuner.decomposition import UnitRecord, record_backbone
-from ..tuner.errors import ResiDualInputError
 from ..tuner.plan import TILE, readout
 
 CACHE_DTYPE = torch.float32
@@ -50,13 +50,11 @@ def encode_batch(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """PCA scores and offset of one batch of images (or of its recorded unit pieces) for the active adapter."""
     tuner = residual_tuner(model)
-    adapter = tuner.active_adapters[0]
     if record is None:
         pixel_values = tuner.arch.check_pixel_values(pixel_values, where)
         reference = next(tuner.model.parameters())
         record = record_backbone(tuner.arch, pixel_values.to(reference.device, reference.dtype))
-    contributions = record.contributions(tuner.arch, tuner.peft_config[adapter].ln_mean)
-    scores, offset = tuner.readout.scores_and_offset(adapter, contributions)
+    scores, offset = tuner.readout.scores_and_offset(active_adapter(tuner), record)
     if not (torch.isfinite(scores).all() and torch.isfinite(offset).all()):
         raise ResiDualInputError(f"{where}: the unit scores are not finite; check the images and the model's dtype.")
     return scores.to(CACHE_DTYPE), offset.to(CACHE_DTYPE)
@@ -125,10 +123,9 @@ class StreamedUnits:
 def empty_batch(model: nn.Module) -> Batch:
     """The scores, offset and labels of no images, for a process with no share of some work."""
     tuner = residual_tuner(model)
-    adapter = tuner.active_adapters[0]
     device = next(tuner.model.parameters()).device
     return (
-        torch.empty(0, len(tuner.readout.lambdas(adapter)), dtype=CACHE_DTYPE, device=device),
+        torch.empty(0, len(tuner.readout.components(active_adapter(tuner)).basis), dtype=CACHE_DTYPE, device=device),
         torch.empty(0, tuner.arch.output_dim, dtype=CACHE_DTYPE, device=device),
         torch.empty(0, dtype=torch.long, device=device),
     )
@@ -228,7 +225,7 @@ def _encode_store(
 def adapted_embeddings(model: nn.Module, cache: UnitCache) -> torch.Tensor:
     """The adapter's output for every image of ``cache``: what the model would return, without the backbone."""
     tuner = residual_tuner(model)
-    adapter = tuner.active_adapters[0]
+    adapter = active_adapter(tuner)
     with torch.no_grad():
-        basis = tuner.readout.basis(adapter)
+        basis = tuner.readout.components(adapter).basis
         return readout(cache.scores.to(basis), tuner.readout.lambdas(adapter).to(basis), basis, cache.offset.to(basis))

@@ -32,8 +32,8 @@ from tqdm.auto import tqdm
 
 from ..data.units import ShardLayout, UnitStore
 from ..inference import check_labels
-from ..tuner import residual_tuner
-from ..tuner.errors import ResiDualInputError
+from ..tuner import active_adapter, residual_tuner
+from ..tuner.config import ResiDualInputError
 from ..tuner.plan import TILE
 from .cache import CACHE_DTYPE, Batch, EncodeOptions, encode_batch, encode_recorded
 
@@ -183,7 +183,7 @@ def encode_to_disk(
     if len(dataset) == 0:
         raise ResiDualInputError(f"{desc}: the data set is empty.")
     tuner = residual_tuner(model)
-    widths = {"scores": len(tuner.readout.lambdas(tuner.active_adapters[0])), "offset": tuner.arch.output_dim}
+    widths = {"scores": len(tuner.readout.components(active_adapter(tuner)).basis), "offset": tuner.arch.output_dim}
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     temporary = directory is None
     if temporary and world > 1:

@@ -5,15 +5,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..tuner import residual_tuner
-from ..tuner.errors import ResiDualInputError
-from ..tuner.plan import readout
+from ..tuner import active_adapter, readout, residual_tuner
+from ..tuner.config import ResiDualInputError
 
 TRAINING_DTYPE = torch.float64
 """The scales, their optimiser state, the adapted output and every sum over samples are float64."""
 READOUT_DTYPE = torch.float32
 """The products of the scores with the basis, nearly all of a step's arithmetic, run in float32 (the tiled form of
-:func:`~.tuner.layer.readout`): about 1.7 times as fast as float64 on a CPU."""
+:func:`~peft_residual.tuner.plan.readout`): about 1.7 times as fast as float64 on a CPU."""
 
 
 class ScaleSet:
@@ -22,6 +21,8 @@ class ScaleSet:
 
     The adapted output of cached or streamed ``(scores, offset)`` is ``offset + (scores * λ) @ basis``, so training
     needs nothing else from the model. One leaf, not one per layer, so that the optimiser updates one tensor a step.
+    The adapter's tensors are read and written through its readout layer (``scales``, ``set_scales``,
+    ``components``, ``fitted_state``).
 
     Example:
         >>> scales = ScaleSet(peft_model)
@@ -30,36 +31,26 @@ class ScaleSet:
 
     def __init__(self, model: nn.Module, device: torch.device | str = "cpu", dtype: torch.dtype = TRAINING_DTYPE):
         tuner = residual_tuner(model)
-        self.adapter = tuner.active_adapters[0]
-        readout = tuner.readout
-        readout.check_fitted(self.adapter)
-        if readout.merged:
+        self.adapter, self.readout = active_adapter(tuner), tuner.readout
+        self.components = self.readout.components(self.adapter).to(device, READOUT_DTYPE)
+        """The components in score order, and which scale each takes."""
+        if self.readout.merged:
             raise ResiDualInputError(
                 f"Adapter '{self.adapter}' is merged, so the model's output no longer follows its scales; call "
                 "model.unmerge_adapter() before training them."
             )
         self.config = tuner.peft_config[self.adapter]
-        self.layers = readout.transformed_layers(self.adapter)
-        groups = [layer.residual_lambda[self.adapter].detach() for layer in self.layers]
+        groups = [scale.detach() for scale in self.readout.scales(self.adapter)]
         self.sizes = [len(group) for group in groups]
         """The number of scales of each layer, in :attr:`values`' order."""
         self.values = nn.Parameter(torch.cat(groups).to(device, dtype))
-        plan = readout.plan(self.adapter)
-        index = plan.lambda_index[plan.components]
-        self._index = (
-            None if torch.equal(index, torch.arange(len(self.values), device=index.device)) else index.to(device)
-        )
-        """Which scale each component takes, where some layers have one scale per unit or the order differs."""
-        self.basis = readout.basis(self.adapter).to(device, READOUT_DTYPE)
-        self.fitted_state = [
-            tensor
-            for layer in readout.layers_of(self.adapter)
-            for tensor in (
-                layer.residual_mean[self.adapter],
-                *([layer.residual_basis[self.adapter]] if layer.is_transformed(self.adapter) else []),
-            )
-        ]
+        self.fitted_state = self.readout.fitted_state(self.adapter)
         """The mean and basis tensors the scales act on (for run fingerprints)."""
+
+    @property
+    def basis(self) -> torch.Tensor:
+        """``[components, output_dim]``, float32."""
+        return self.components.basis
 
     @property
     def params(self) -> list[nn.Parameter]:
@@ -72,7 +63,7 @@ class ScaleSet:
 
     def lambdas(self) -> torch.Tensor:
         """One scale per component, in score order."""
-        return self.values if self._index is None else self.values[self._index]
+        return self.components.scales(self.values)
 
     def output(self, scores: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
         """The adapted embedding of cached or streamed ``scores`` and ``offset``."""
@@ -89,8 +80,6 @@ class ScaleSet:
     def load(self, values: torch.Tensor) -> None:
         self.values.copy_(values)
 
-    @torch.no_grad()
     def write_back(self) -> None:
         """Store the current scales in the model's adapter (in its dtype)."""
-        for layer, part in zip(self.layers, self.values.split(self.sizes), strict=True):
-            layer.residual_lambda[self.adapter].copy_(part)
+        self.readout.set_scales(self.adapter, self.values)

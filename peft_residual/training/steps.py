@@ -19,7 +19,7 @@ from accelerate import Accelerator
 from schedulefree import AdamWScheduleFree
 
 from ..classifiers import Classifier
-from ..tuner.errors import ResiDualInputError
+from ..tuner.config import ResiDualInputError
 from .cache import StreamedUnits, UnitCache
 from .disk_cache import DiskUnitCache
 from .scales import ScaleSet

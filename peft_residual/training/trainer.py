@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from ..classifiers import Classifier
 from ..data import check_dataset, dataset_identity, stratified_split
 from ..data.units import UnitStore, collect_units, content_hash
-from ..tuner.errors import ResiDualInputError
+from ..tuner.config import ResiDualInputError
 from .cache import EncodeOptions, StreamedUnits, UnitCache, available_memory_bytes, encode_dataset
 from .checkpoint import load_checkpoint, save_checkpoint
 from .disk_cache import encode_to_disk
@@ -191,7 +191,6 @@ def train_residual(
     _check_arguments(lr, batch_size, max_epochs, patience, cache)
     accelerator = accelerator or default_accelerator()
     scales = ScaleSet(model, accelerator.device)
-    scales.config.validate()
     if scales.config.inference_mode:
         raise ResiDualInputError(
             f"Adapter '{scales.adapter}' was loaded for inference (PeftModel.from_pretrained's default "

@@ -1,22 +1,21 @@
-"""The ResiDual tuner, laid out like a PEFT tuner (``peft/tuners/<method>/``): config, architecture map, unit
-decomposition (with head coordinates and packed bases), layers, injection and the PCA fit. It imports only torch,
-transformers and peft. Registration with PEFT happens in :mod:`peft_residual.compat`, on ``import peft_residual``."""
+"""The ResiDual tuner, laid out like a PEFT tuner (``peft/tuners/<method>/``): config, unit decomposition (with head
+coordinates and packed bases), layers, injection and the PCA fit. Which models it reads, and how, is model support
+(:mod:`peft_residual.models`), as PEFT's tuners take their target maps from ``utils/constants.py``. Registration
+with PEFT happens in :mod:`peft_residual.compat`, on ``import peft_residual``."""
 
-from .architectures import ARCHITECTURES, Architecture, ArchitectureSpec
-from .config import PRESETS, ResiDualConfig
+from .config import PRESETS, ResiDualConfig, ResiDualInputError
 from .decomposition import UnitRecord, Units, decompose_units, recording
-from .errors import ResiDualInputError
-from .layer import ResiDualLayer, ResiDualReadoutLayer, ResiDualUnitLayer, readout
+from .layer import ResiDualLayer, ResiDualReadoutLayer, ResiDualUnitLayer, active_adapter
 from .model import ResiDualModel, residual_tuner
-from .pca import FitReport, RecordedBatch, fit_residual_bases
+from .pca import FitReport, RecordedBatch, ResiDualBases, apply_residual_bases, get_residual_bases
+from .plan import Components, readout
 
 __all__ = [
-    "ARCHITECTURES",
     "PRESETS",
-    "Architecture",
-    "ArchitectureSpec",
+    "Components",
     "FitReport",
     "RecordedBatch",
+    "ResiDualBases",
     "ResiDualConfig",
     "ResiDualInputError",
     "ResiDualLayer",
@@ -25,8 +24,10 @@ __all__ = [
     "ResiDualUnitLayer",
     "UnitRecord",
     "Units",
+    "active_adapter",
+    "apply_residual_bases",
     "decompose_units",
-    "fit_residual_bases",
+    "get_residual_bases",
     "readout",
     "recording",
     "residual_tuner",

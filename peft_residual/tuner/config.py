@@ -1,30 +1,41 @@
-"""Configuration of the ResiDual PEFT method."""
+"""Configuration of the ResiDual PEFT method, and its error type. It imports only peft, the standard library and
+torch: the allowed values of a field are read off its ``Literal`` annotation (:func:`choices`), and every field is
+checked when the config is created (or loaded: PEFT creates it from the saved dict) and when a field is set."""
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from peft.config import PeftConfig
-from peft.utils import CONFIG_NAME, PeftType
+from peft.utils import PeftType
 
-from .decomposition import LN_MEANS
-from .errors import ResiDualInputError
-from .saved import check_saved_adapter
 
-UNIT_KINDS = ("heads", "mlps", "heads+mlps")
-REST_MODES = ("sum", "zero", "mean")
-LAMBDA_INITS = ("ones", "randn", "eigen")
-REMAINDER_MODES = ("drop", "keep")
-SCALE_PER = ("component", "unit")
-BASIS_DTYPES = ("float32", "float16", "bfloat16")
+class ResiDualInputError(ValueError):
+    """A configuration, data set, file or argument that ResiDual cannot use; the message says how to fix it. The one
+    exception type for bad user input, so that callers (the CLI) can tell it from a bug."""
+
+
 SEMANTIC_FIELDS = (
     "k", "units", "layers", "heads", "rest", "remainder", "lambda_init", "scale_per", "seed", "ln_mean", "centre",
 )  # fmt: skip
-HEAD_NAME = re.compile(r"layer(\d+)\.head(\d+)")
 """Fields that change what a saved adapter computes: a saved config must hold every one of them."""
+UNIT_NAME = re.compile(r"layer(\d+)\.(?:head(\d+)|mlp)")
+"""How a layer's units are named (:func:`unit_name`; the first unit is ``"embedding"``): the one owner of the
+format, which ``Architecture.unit_names`` writes and ``heads`` and the analyses read."""
+
+
+def unit_name(layer: int, head: int | None = None) -> str:
+    """The name of head ``head`` of ``layer``, or of its MLP."""
+    return f"layer{layer}.mlp" if head is None else f"layer{layer}.head{head}"
+
+
+def head_of(name: str) -> tuple[int, int] | None:
+    """``(layer, head)`` of a head's name, else ``None``."""
+    match = UNIT_NAME.fullmatch(name)
+    return (int(match[1]), int(match[2])) if match and match[2] is not None else None
 
 
 @dataclass
@@ -153,64 +164,61 @@ class ResiDualConfig(PeftConfig):
                 f"{self.target_modules!r}; leave it unset and choose the transformed units with `units`, `layers` "
                 "or `heads` (modules to train besides the scales go in `modules_to_save`)."
             )
-        self.validate()
+        for name in _CHECKED:
+            setattr(self, name, self._checked(name, getattr(self, name)))
+        self.__dict__["_created"] = True  # from now on each field is checked as it is set
 
-    def validate(self) -> None:
-        """Check every field; called at construction and again wherever the config is used, so that fields
-        changed after construction are checked too."""
-        k = self.k
-        if isinstance(k, bool) or not (k is None or isinstance(k, (int, float))):
-            raise ResiDualInputError(f"ResiDualConfig.k must be an int, a float in (0, 1) or None, got {k!r}.")
-        if isinstance(k, int) and k < 1:
-            raise ResiDualInputError(f"ResiDualConfig.k must be at least 1 as an int, got {k}.")
-        if isinstance(k, float) and not 0.0 < k < 1.0:
-            raise ResiDualInputError(
-                f"ResiDualConfig.k as a float is an explained-variance ratio in (0, 1), got {k}; pass an int for a "
-                "fixed number of components."
-            )
-        for name, allowed in (
-            ("units", UNIT_KINDS),
-            ("rest", REST_MODES),
-            ("remainder", REMAINDER_MODES),
-            ("lambda_init", LAMBDA_INITS),
-            ("scale_per", SCALE_PER),
-            ("basis_dtype", BASIS_DTYPES),
-            ("ln_mean", LN_MEANS),
-        ):
-            if getattr(self, name) not in allowed:
+    def __setattr__(self, name: str, value: Any) -> None:
+        """Refuse a bad value of a checked field when it is set, so that a config is valid wherever it is used."""
+        if name in _CHECKED and self.__dict__.get("_created", False):
+            value = self._checked(name, value)
+        super().__setattr__(name, value)
+
+    def _checked(self, name: str, value: Any) -> Any:
+        """``value`` for field ``name``, normalised (``layers`` and ``heads`` sorted), or the error naming the fix."""
+        if name == "k":
+            if isinstance(value, bool) or not (value is None or isinstance(value, (int, float))):
+                raise ResiDualInputError(f"ResiDualConfig.k must be an int, a float in (0, 1) or None, got {value!r}.")
+            if isinstance(value, int) and value < 1:
+                raise ResiDualInputError(f"ResiDualConfig.k must be at least 1 as an int, got {value}.")
+            if isinstance(value, float) and not 0.0 < value < 1.0:
                 raise ResiDualInputError(
-                    f"ResiDualConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}."
+                    f"ResiDualConfig.k as a float is an explained-variance ratio in (0, 1), got {value}; pass an int "
+                    "for a fixed number of components."
                 )
-        layers = self.layers
-        if layers is not None:
+        elif name in _LITERALS:
+            if value not in choices(name):
+                raise ResiDualInputError(f"ResiDualConfig.{name} must be one of {choices(name)}, got {value!r}.")
+        elif name == "layers" and value is not None:
             if (
-                not isinstance(layers, (list, tuple))
-                or not layers
-                or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers)
+                not isinstance(value, (list, tuple))
+                or not value
+                or not all(isinstance(i, int) and not isinstance(i, bool) for i in value)
             ):
                 raise ResiDualInputError(
-                    f"ResiDualConfig.layers must be a non-empty list of ints or None, got {layers!r}; "
+                    f"ResiDualConfig.layers must be a non-empty list of ints or None, got {value!r}; "
                     "e.g. layers=[5] for one layer."
                 )
-            self.layers = sorted(set(layers))
-        if not isinstance(self.centre, bool):
-            raise ResiDualInputError(f"ResiDualConfig.centre must be True or False, got {self.centre!r}.")
-        heads = self.heads
-        if heads is not None:
+            if self.__dict__.get("_created", False) and self.heads is not None:
+                raise ResiDualInputError("Give ResiDualConfig.layers or ResiDualConfig.heads, not both.")
+            value = sorted(set(value))
+        elif name == "centre" and not isinstance(value, bool):
+            raise ResiDualInputError(f"ResiDualConfig.centre must be True or False, got {value!r}.")
+        elif name == "heads" and value is not None:
             if (
-                not isinstance(heads, (list, tuple))
-                or not heads
-                or not all(isinstance(h, str) and HEAD_NAME.fullmatch(h) for h in heads)
+                not isinstance(value, (list, tuple))
+                or not value
+                or not all(isinstance(h, str) and head_of(h) for h in value)
             ):
                 raise ResiDualInputError(
-                    f"ResiDualConfig.heads must be a non-empty list of names like 'layer11.head3', got {heads!r}."
+                    f"ResiDualConfig.heads must be a non-empty list of names like 'layer11.head3', got {value!r}."
                 )
-            if layers is not None:
+            if self.layers is not None:
                 raise ResiDualInputError("Give ResiDualConfig.layers or ResiDualConfig.heads, not both.")
-            self.heads = sorted(set(heads), key=lambda h: tuple(map(int, HEAD_NAME.fullmatch(h).groups())))
-        seed = self.seed
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-            raise ResiDualInputError(f"ResiDualConfig.seed must be an int in [0, 2**63), got {seed!r}.")
+            value = sorted(set(value), key=head_of)
+        elif name == "seed" and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63):
+            raise ResiDualInputError(f"ResiDualConfig.seed must be an int in [0, 2**63), got {value!r}.")
+        return value
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> ResiDualConfig:
@@ -240,15 +248,6 @@ class ResiDualConfig(PeftConfig):
         return cls.preset("coarse", **overrides)
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs: Any):
-        """PEFT's loading, after :func:`.saved.check_saved_adapter` on a local directory (an interrupted save, a
-        missing weights file or non-finite weights are refused there, naming the file)."""
-        directory = Path(pretrained_model_name_or_path, subfolder or "")
-        if (directory / CONFIG_NAME).is_file():
-            check_saved_adapter(directory)
-        return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-
-    @classmethod
     def from_json_file(cls, path_json_file: str, **kwargs: Any) -> dict:
         """Read a saved ``adapter_config.json``; malformed JSON or a missing field is an error naming the file."""
         loaded = super().from_json_file(path_json_file, **kwargs)  # a file that is not JSON: see compat
@@ -268,3 +267,24 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 """The paper's settings by name: ResiDual (heads and MLPs, all components, embedding added back), ResiDual* (heads,
 90% explained variance, the rest dropped) and the coarse baseline (one scale per raw head, the rest dropped)."""
+
+
+@functools.cache
+def _hints() -> dict[str, Any]:
+    return get_type_hints(ResiDualConfig)
+
+
+def choices(name: str) -> tuple[Any, ...]:
+    """The values field ``name`` of :class:`ResiDualConfig` allows: the arguments of its ``Literal`` annotation.
+
+    Example:
+        >>> choices("units")
+        ('heads', 'mlps', 'heads+mlps')
+    """
+    return get_args(_hints()[name])
+
+
+_LITERALS = tuple(name for name in ResiDualConfig.__annotations__ if get_origin(_hints()[name]) is Literal)
+"""The fields whose allowed values are a ``Literal`` annotation, in their order."""
+_CHECKED = ("k", *_LITERALS, "layers", "centre", "heads", "seed")
+"""The fields checked at creation, in this order, and whenever one is set."""

@@ -29,7 +29,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .architectures import Architecture, architecture_of
+from ..models import Architecture, architecture_of
 
 BASE = "__base__"
 """PEFT's name, in ``adapter_names``, for samples that get the base model's output."""
@@ -54,10 +54,8 @@ class UnitRecord:
     live forward records so that the readout needs no product to get it. Stored pieces do without."""
     num_tokens: int | None = None
     """Sequence length of the embedding output, which tells the image size the model saw."""
-    adapt: bool = True
-    """Whether a ResiDual readout replaces the output (``False`` in passes that only record)."""
     kept: bool = False
-    """Whether the caller reads the pieces after the pass (:func:`recording`)."""
+    """Whether the caller reads the pieces after the pass (:func:`recording`): no readout replaces the output."""
     cls_only: bool = False
     """Whether the last block runs on the CLS token alone (see :func:`last_block_at_cls`)."""
     opened_by_embedding: bool = False
@@ -68,7 +66,7 @@ class UnitRecord:
     """Per sample, the adapter whose output it gets (:data:`BASE`: the base model's), as PEFT's ``adapter_names``."""
     stacked: tuple[str, ...] | None = None
     """Adapters whose outputs for the whole batch are returned one after another along the batch dimension (one
-    backbone pass for many tasks, see ``peft_residual.embed_all_adapters``)."""
+    backbone pass for many tasks, see ``ResiDualModel.each_adapter``)."""
 
     _buffer: torch.Tensor | None = field(default=None, repr=False)
     """Every piece of a live pass, ``[batch, 1 + 3 * layers, width]`` (see :meth:`capture`)."""
@@ -92,6 +90,11 @@ class UnitRecord:
             self.attention[layer] = self._piece(2 + 3 * layer, output[:, 0])
         else:
             self.mlps[layer] = self._piece(3 + 3 * layer, output[:, 0])
+
+    def reads_adapters(self) -> bool:
+        """Whether the pass reads out an adapter, not only the base model's output (:data:`BASE`)."""
+        names = self.stacked if self.stacked is not None else self.adapter_names
+        return not self.kept and (names is None or any(name != BASE for name in names))
 
     def _piece(self, slot: int, piece: torch.Tensor) -> torch.Tensor:
         if self._buffer is None:  # a record opened after its pass's embedding ran: nothing to place it beside
@@ -140,7 +143,6 @@ class UnitRecord:
 class _RecordStack(threading.local):
     def __init__(self) -> None:
         self.records: list[UnitRecord] = []
-        self.bypassed = 0  # depth of readout_bypassed blocks in this thread
 
 
 _STACK = _RecordStack()
@@ -157,7 +159,7 @@ def capture(arch: Architecture, kind: str, layer: int | None, inputs: tuple, out
     when none is waiting (nothing open, or the open one already has its embedding: a nested forward)."""
     record = current_record()
     if kind == "embedding" and (record is None or record.embedding is not None):
-        record = UnitRecord(adapt=not is_bypassed(), opened_by_embedding=True)
+        record = UnitRecord(opened_by_embedding=True)
         _STACK.records.append(record)
     if record is not None:
         record.capture(arch, kind, layer, inputs, output)
@@ -176,41 +178,16 @@ def take_record() -> UnitRecord | None:
 
 
 @contextmanager
-def open_record(record: UnitRecord) -> Iterator[UnitRecord]:
-    """Make ``record`` the one this thread's next forward pass fills; on exit, drop it and any record a failed
-    forward left above it."""
+def open_record(record: UnitRecord | None = None) -> Iterator[UnitRecord | None]:
+    """Make ``record`` (if any) the one this thread's next forward pass fills; on exit, drop it and any record a
+    forward pass inside the block opened and left open (when it raised)."""
     depth = len(_STACK.records)
-    _STACK.records.append(record)
+    if record is not None:
+        _STACK.records.append(record)
     try:
         yield record
     finally:
         del _STACK.records[depth:]
-
-
-@contextmanager
-def forward_scope() -> Iterator[None]:
-    """Drop, on exit, any record a forward pass inside the block opened and left open (when it raised)."""
-    depth = len(_STACK.records)
-    try:
-        yield
-    finally:
-        del _STACK.records[depth:]
-
-
-def is_bypassed() -> bool:
-    """Whether this thread is inside :func:`readout_bypassed`."""
-    return _STACK.bypassed > 0
-
-
-@contextmanager
-def readout_bypassed() -> Iterator[None]:
-    """Forward passes in this thread give the base model's output for the block (no module is touched, so other
-    threads keep their adapted outputs)."""
-    _STACK.bypassed += 1
-    try:
-        yield
-    finally:
-        _STACK.bypassed -= 1
 
 
 def unit_modules(arch: Architecture) -> Iterator[tuple[str, str, int | None]]:
@@ -296,7 +273,7 @@ def recording(arch: Architecture, cls_only: bool = False) -> Iterator[UnitRecord
     if cls_only:
         handles += last_block_at_cls(arch)
     try:
-        with open_record(UnitRecord(adapt=False, cls_only=cls_only, kept=True)) as record:
+        with open_record(UnitRecord(cls_only=cls_only, kept=True)) as record:
             yield record
     finally:
         for handle in handles:

@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import torch
 
-from .architectures import Architecture
+from ..models import Architecture
 
 
 def _float64(tensor: torch.Tensor) -> torch.Tensor:
@@ -42,9 +42,9 @@ class HeadFrames(NamedTuple):
 def head_frames(arch: Architecture, layer: int, ln_mean: str = "shared", centre: bool = True) -> HeadFrames:
     """``(Q, t, R)`` for the heads of ``layer``, in float64, from the base weights alone (``r`` is
     ``arch.max_rank("heads", ...)``)."""
-    hidden, heads, head_dim = arch.hidden_size, arch.num_heads, arch.head_dim
+    hidden, heads = arch.hidden_size, arch.num_heads
     norm, projection = arch.final_norm, arch.projection
-    out_proj = arch.out_projection(layer)
+    weight, bias, scale = (t if t is None else _float64(t) for t in arch.head_map(layer, torch.float64))
     # the frozen norm's linear part, left of the layer scale: centring (own-mean split only), gamma, projection
     linear = torch.eye(hidden, dtype=torch.float64)
     if ln_mean == "unit":
@@ -53,10 +53,8 @@ def head_frames(arch: Architecture, layer: int, ln_mean: str = "shared", centre:
         linear = _float64(norm.weight)[:, None] * linear
     if projection is not None:
         linear = _float64(projection.weight) @ linear
-    scale = arch.attention_layer_scale(layer)
-    mixing = linear * _float64(scale) if scale is not None else linear
-    weight = _float64(out_proj.weight).view(hidden, heads, head_dim)
-    bias = _float64(out_proj.bias) / heads if out_proj.bias is not None else torch.zeros(hidden, dtype=torch.float64)
+    mixing = linear * scale if scale is not None else linear
+    bias = bias if bias is not None else torch.zeros(hidden, dtype=torch.float64)
     columns = [torch.einsum("oh,hnk->nok", mixing, weight), (mixing @ bias)[None, :, None].expand(heads, -1, 1)]
     if ln_mean == "shared":  # the direction the shared mean of the residual moves a unit along
         columns.append(linear.sum(1)[None, :, None].expand(heads, -1, 1))

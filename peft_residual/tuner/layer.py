@@ -1,4 +1,4 @@
-"""ResiDual tuner layers and the one readout formula.
+"""ResiDual tuner layers.
 
 The residual stream itself is never changed. A :class:`ResiDualUnitLayer` wraps each module that produces units (the
 embedding, one layer's attention output projection, one MLP): it passes the module's output through, stores the
@@ -9,30 +9,30 @@ the projection is a bare matrix the tower applies itself, it replaces the tower'
 Because each transformed unit contributes ``sum_j lambda_j * s_j * phi_j`` with PCA scores ``s_j = phi_j . (u - mu)``,
 the adapted output is always
 
-    ``offset + (scores * lambda) @ basis``  (:func:`readout`)
+    ``offset + (scores * lambda) @ basis``  (:func:`~.plan.readout`)
 
 where ``scores`` and ``offset`` do not depend on ``lambda``: the forward pass, the training cache and training all
-go through that one function.
+go through that one function, which lives in :mod:`.plan` with each adapter's readout plan.
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from peft.tuners._buffer_dict import BufferDict
-from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from .architectures import Architecture
-from .config import ResiDualConfig
+from ..models import Architecture
+from .config import ResiDualConfig, ResiDualInputError
 from .decomposition import BASE, UnitRecord, capture, current_record, take_record
-from .errors import ResiDualInputError
 from .head_space import HeadFrames, head_frames
-from .packing import pack_orthonormal, packed_size, unpack_orthonormal
+from .packing import packed_size, unpack_orthonormal
 from .plan import (
+    Components,
+    LayerState,
     OutputSpace,
     ReadoutPlan,
     ReadoutScales,
@@ -43,8 +43,13 @@ from .plan import (
     readout,
 )
 
-ROLES = ("transform", "mean", "record")
-"""Per adapter, a unit layer transforms its units, replaces them by their mean, or only records them."""
+
+def active_adapter(module: BaseTuner | BaseTunerLayer) -> str:
+    """The one adapter ``module`` (a ResiDual layer or the tuner) runs: ResiDual runs one adapter at a time."""
+    names = module.active_adapters
+    if len(names) != 1:
+        raise ResiDualInputError(f"ResiDual runs one adapter at a time, but {names} are active.")
+    return names[0]
 
 
 def _getattr_or_base(self: nn.Module, name: str) -> Any:
@@ -87,25 +92,16 @@ class ResiDualLayer(BaseTunerLayer):
         return tensor.device if tensor is not None else torch.device("cpu")
 
 
-@dataclass(frozen=True)
-class UnitRole:
-    """What one adapter does with the units of one unit layer, derived from its config at injection."""
-
-    role: str = "record"
-    """See :data:`ROLES`."""
-    selected: tuple[bool, ...] | None = None
-    """For a transformed layer, which of its units are transformed (``None``: all); the others have rank 0."""
-
-
 class ResiDualUnitLayer(nn.Module, ResiDualLayer):
     """Captures and holds the ResiDual state of the units produced by one module.
 
-    Per adapter: ``residual_role`` (a :class:`UnitRole`); ``residual_mean`` ``[units, dim]`` unless the role is
-    "record"; for transformed units also ``residual_rank`` ``[units]`` (components per unit, 0 for a unit that is not
-    selected), ``residual_basis`` (each unit's ``[rank, dim]`` orthonormal rows as Householder reflectors, see
-    :mod:`.packing`, concatenated) and the trainable ``residual_lambda`` ``[sum(rank)]`` (one per selected unit with
-    one scale per unit). ``dim`` is the output dimension, except for heads, whose means and bases are stored in head
-    coordinates (see :mod:`.head_space`).
+    Per adapter: ``residual_treatments`` (per unit, one of :data:`~.plan.TREATMENTS`, from its config at
+    injection); ``residual_mean`` ``[units, dim]`` where some unit is transformed or replaced by its mean; where some
+    unit is transformed also ``residual_rank`` ``[units]`` (components per unit, 0 for a unit that is not),
+    ``residual_basis`` (each unit's ``[rank, dim]`` orthonormal rows as Householder reflectors, see
+    :mod:`.packing`, concatenated) and the trainable ``residual_lambda`` ``[sum(rank)]`` (one per transformed unit
+    with one scale per unit). ``dim`` is the output dimension, except for heads, whose means and bases are stored in
+    head coordinates (see :mod:`.head_space`).
     """
 
     other_param_names: tuple[str, ...] = (
@@ -113,7 +109,7 @@ class ResiDualUnitLayer(nn.Module, ResiDualLayer):
         "residual_basis",
         "residual_mean",
         "residual_rank",
-        "residual_role",
+        "residual_treatments",
     )
     stored_names: tuple[str, ...] = ("residual_mean", "residual_rank", "residual_basis", "residual_lambda")
     """What an adapter's checkpoint holds per unit layer (the state-dict attributes)."""
@@ -135,22 +131,22 @@ class ResiDualUnitLayer(nn.Module, ResiDualLayer):
         self.residual_basis = BufferDict({}, persistent=True)
         self.residual_mean = BufferDict({}, persistent=True)
         self.residual_rank = BufferDict({}, persistent=True)
-        self.residual_role: dict[str, UnitRole] = {}
+        self.residual_treatments: dict[str, tuple[str, ...]] = {}
 
     @property
     def num_units(self) -> int:
         return len(self.unit_names)
 
     def update_layer(
-        self, adapter_name: str, config: ResiDualConfig, role: UnitRole, inference_mode: bool = False
+        self, adapter_name: str, config: ResiDualConfig, treatments: tuple[str, ...], inference_mode: bool = False
     ) -> None:
-        """Create empty state for ``adapter_name``; :meth:`set_fit` or a checkpoint load fills it."""
+        """Create empty state for ``adapter_name``; :meth:`store` fills it (a fit, or a checkpoint load)."""
         device = self._base_device()
         self.residual_config[adapter_name] = config
-        self.residual_role[adapter_name] = role
-        if role.role != "record":
+        self.residual_treatments[adapter_name] = treatments
+        if self.holds(adapter_name):
             self.residual_mean[adapter_name] = torch.empty(0, device=device)
-        if role.role == "transform":
+        if self.is_transformed(adapter_name):
             self.residual_rank[adapter_name] = torch.empty(0, dtype=torch.long, device=device)
             self.residual_basis[adapter_name] = torch.empty(0, device=device)
             # in the base's dtype, as PEFT creates adapter weights: its autocast_adapter_dtype (on by default) then
@@ -160,28 +156,18 @@ class ResiDualUnitLayer(nn.Module, ResiDualLayer):
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
     def holds(self, adapter_name: str) -> bool:
-        """Whether these units take part in ``adapter_name`` (transformed or mean-replaced)."""
-        return adapter_name in self.residual_role and self.residual_role[adapter_name].role != "record"
+        """Whether ``adapter_name`` stores state here: a unit transformed or replaced by its mean."""
+        return bool({"transform", "mean"} & set(self.residual_treatments.get(adapter_name, ())))
 
     def is_transformed(self, adapter_name: str) -> bool:
-        return adapter_name in self.residual_role and self.residual_role[adapter_name].role == "transform"
+        return "transform" in self.residual_treatments.get(adapter_name, ())
 
     def selected(self, adapter_name: str) -> list[bool]:
         """Per unit, whether ``adapter_name`` transforms it."""
-        chosen = self.residual_role[adapter_name].selected if adapter_name in self.residual_role else None
-        return [self.is_transformed(adapter_name)] * self.num_units if chosen is None else list(chosen)
+        return [t == "transform" for t in self.residual_treatments.get(adapter_name, ("sum",) * self.num_units)]
 
     def is_fitted(self, adapter_name: str) -> bool:
         return self.residual_mean[adapter_name].numel() > 0
-
-    def scales_per_unit(self, adapter_name: str) -> bool:
-        """Whether ``adapter_name`` has one scale per transformed unit here, rather than one per component."""
-        return len(self.residual_lambda[adapter_name]) != int(self.residual_rank[adapter_name].sum())
-
-    def component_lambdas(self, adapter_name: str) -> torch.Tensor:
-        """One scale per component, ``[sum(rank)]``, repeating per-unit scales over their unit's components."""
-        lambdas, rank = self.residual_lambda[adapter_name], self.residual_rank[adapter_name]
-        return lambdas.repeat_interleave(rank[rank > 0]) if self.scales_per_unit(adapter_name) else lambdas
 
     @property
     def in_head_space(self) -> bool:
@@ -203,47 +189,26 @@ class ResiDualUnitLayer(nn.Module, ResiDualLayer):
         config = self.residual_config[adapter_name]
         return head_frames(self.arch, self.layer, config.ln_mean, config.centre)
 
-    def set_fit(
-        self,
-        adapter_name: str,
-        mean: torch.Tensor,
-        bases: list[torch.Tensor] | None,
-        lambdas: list[torch.Tensor],
-        basis_dtype: torch.dtype = torch.float32,
-    ) -> None:
-        """Store a fitted mean ``[units, dim]`` and, when transformed, per-unit bases ``[k_u, dim]`` and scales."""
-        device = self._base_device()
-        self.residual_mean[adapter_name] = mean.float().to(device)
-        if self.is_transformed(adapter_name):
-            self.residual_rank[adapter_name] = torch.tensor([b.shape[0] for b in bases], device=device)
-            self.residual_basis[adapter_name] = torch.cat([pack_orthonormal(rows) for rows in bases]).to(
-                device, basis_dtype
-            )
-            with torch.no_grad():
-                self.residual_lambda[adapter_name] = nn.Parameter(
-                    torch.cat(lambdas).to(device, self.residual_lambda[adapter_name].dtype),
-                    requires_grad=self.residual_lambda[adapter_name].requires_grad,
-                )
-
-    def allocate(self, adapter_name: str, tensors: dict[str, torch.Tensor]) -> None:
-        """Resize the empty state of ``adapter_name`` to a checkpoint's shapes and dtypes, to load it into."""
+    @torch.no_grad()
+    def store(self, adapter_name: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Set the state of ``adapter_name`` (:attr:`stored_names`) to ``tensors``, a fit's or a checkpoint's, on the
+        base module's device. The scales keep the dtype injection gave them (PEFT's autocast_adapter_dtype decided
+        it) and their trainability."""
         device = self._base_device()
         for name, tensor in tensors.items():
-            container = getattr(self, name)
-            if name == "residual_lambda":  # the dtype injection gave it: PEFT's autocast_adapter_dtype decided it
-                empty = container[adapter_name]
-                container[adapter_name] = nn.Parameter(
-                    torch.zeros(tensor.shape, dtype=empty.dtype, device=device), requires_grad=empty.requires_grad
+            if name == "residual_lambda":
+                empty = self.residual_lambda[adapter_name]
+                self.residual_lambda[adapter_name] = nn.Parameter(
+                    tensor.to(device, empty.dtype), requires_grad=empty.requires_grad
                 )
             else:
-                container[adapter_name] = torch.zeros(tensor.shape, dtype=tensor.dtype, device=device)
+                getattr(self, name)[adapter_name] = tensor.to(device)
 
     @torch.no_grad()
-    def output_space(self, adapter_name: str, frames: HeadFrames | None = None) -> OutputSpace:
-        """The stored mean and components in output space, unpacked in float64 (with ``frames``, the head
-        coordinates to use, if already built)."""
+    def output_space(self, adapter_name: str) -> OutputSpace:
+        """The stored mean and components in output space, unpacked in float64."""
         mean = self.residual_mean[adapter_name].double().cpu()
-        frames = frames if frames is not None else self.frames(adapter_name)
+        frames = self.frames(adapter_name)
         if frames is not None:
             mean = torch.einsum("nor,nr->no", frames[0], mean) + frames[1]
         if not self.is_transformed(adapter_name):
@@ -256,6 +221,11 @@ class ResiDualUnitLayer(nn.Module, ResiDualLayer):
             coefficients = unpack_orthonormal(unit_packed, unit_rank, dim)
             rows.append(coefficients @ frames[0][unit].T if frames is not None else coefficients)
         return OutputSpace(mean, torch.cat(rows), rank, frames)
+
+    def plan_state(self, adapter_name: str) -> LayerState:
+        """What the readout plan of ``adapter_name`` reads of this layer."""
+        space = self.output_space(adapter_name) if self.holds(adapter_name) else None
+        return LayerState(self.kind, self.unit_slice.start, self.residual_treatments[adapter_name], space)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.kind != "heads":
@@ -270,12 +240,12 @@ class ResiDualUnitLayer(nn.Module, ResiDualLayer):
 
     def _heads_read(self) -> bool:
         """Whether this pass's heads are read: always where they are the output projection's input anyway; for an
-        ``nn.MultiheadAttention``, which only exposes them when run in steps, in a recording pass or an adapted
-        one (not with the adapter disabled or bypassed)."""
+        ``nn.MultiheadAttention``, which only exposes them when run in steps, in a recording pass or one that reads
+        out an adapter (not with the adapters disabled, nor for the base model's output alone)."""
         if not self.arch.spec.multihead_attention:
             return True
         record = current_record()
-        return record is not None and (record.kept or (record.adapt and not self.disable_adapters))
+        return record is not None and (record.kept or (record.reads_adapters() and not self.disable_adapters))
 
 
 class ResiDualReadoutLayer(nn.Module, ResiDualLayer):
@@ -341,7 +311,8 @@ class ResiDualReadoutLayer(nn.Module, ResiDualLayer):
             if name in self.residual_config and self.is_fitted(name):
                 dtype = torch.promote_types(torch.float32, next(self.get_base_layer().parameters()).dtype)
                 config, device = self.residual_config[name], self._base_device()
-                plan = build_plan(self.layers_of(name), name, config, self.arch, device, dtype)
+                states = [layer.plan_state(name) for layer in self.unit_layers]
+                plan = build_plan(states, config, self.arch, device, dtype)
                 self.residual_plan[name] = plan
                 if name in self.merged_adapters:
                     self.residual_merged[name] = fold_scales(plan, self.padded_lambdas(name, plan).detach())
@@ -375,24 +346,50 @@ class ResiDualReadoutLayer(nn.Module, ResiDualLayer):
 
     def padded_lambdas(self, adapter_name: str, plan: ReadoutPlan) -> torch.Tensor:
         """The scales per slot of ``plan``, ``-1`` for kept remainders included (the model's own parameters)."""
-        scales = [layer.residual_lambda[adapter_name] for layer in self.transformed_layers(adapter_name)]
         zero = plan.basis.new_zeros(1)
-        return torch.cat([*(s.to(plan.basis.dtype) for s in scales), zero])[plan.lambda_index] + plan.lambda_shift
+        scales = (s.to(plan.basis.dtype) for s in self.scales(adapter_name))
+        return torch.cat([*scales, zero])[plan.lambda_index] + plan.lambda_shift
+
+    # What training and inference read and write of an adapter: nothing outside the tuner touches its tensors.
+
+    def scales(self, adapter_name: str) -> list[nn.Parameter]:
+        """The adapter's trainable scales, one tensor per transformed unit layer in unit order (as its checkpoint
+        stores them)."""
+        return [layer.residual_lambda[adapter_name] for layer in self.transformed_layers(adapter_name)]
+
+    @torch.no_grad()
+    def set_scales(self, adapter_name: str, values: torch.Tensor) -> None:
+        """Copy ``values``, the adapter's scales concatenated in :meth:`scales`' order, into it (in its dtype)."""
+        scales = self.scales(adapter_name)
+        for scale, part in zip(scales, values.split([len(scale) for scale in scales]), strict=True):
+            scale.copy_(part)
+
+    def components(self, adapter_name: str) -> Components:
+        """The adapter's components in output space, in score order (as :meth:`scores_and_offset` gives the
+        scores), and which of its scales each takes."""
+        return self.plan(adapter_name).in_score_order()
 
     def lambdas(self, adapter_name: str) -> torch.Tensor:
-        """The adapter's scales, one per component in score order (as the training cache's scores)."""
-        plan = self.plan(adapter_name)
-        return self.padded_lambdas(adapter_name, plan)[plan.components] - plan.lambda_shift[plan.components]
+        """The adapter's scales, one per component in score order."""
+        empty = self.plan(adapter_name).basis.new_zeros(0)
+        scales = torch.cat([*(s.to(empty.dtype) for s in self.scales(adapter_name)), empty])
+        return self.components(adapter_name).scales(scales)
 
-    def basis(self, adapter_name: str) -> torch.Tensor:
-        """The adapter's components in output space, ``[components, output_dim]``, in score order."""
-        plan = self.plan(adapter_name)
-        return plan.basis[plan.components]
+    def fitted_state(self, adapter_name: str) -> list[torch.Tensor]:
+        """The means and packed bases the adapter's scales act on, in unit order (what a training run
+        fingerprints)."""
+        state = []
+        for layer in self.layers_of(adapter_name):
+            state.append(layer.residual_mean[adapter_name])
+            if layer.is_transformed(adapter_name):
+                state.append(layer.residual_basis[adapter_name])
+        return state
 
-    def scores_and_offset(self, adapter_name: str, contributions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """PCA scores ``[batch, components]`` of unit contributions ``[batch, units, dim]`` and the part of the
-        output the scales do not touch: ``readout(scores, lambdas(), basis(), offset)`` is the adapted output."""
+    def scores_and_offset(self, adapter_name: str, record: UnitRecord) -> tuple[torch.Tensor, torch.Tensor]:
+        """PCA scores ``[batch, components]`` of the pieces of one recorded pass, and the part of the output the
+        scales do not touch: ``readout(scores, lambdas(), components().basis, offset)`` is the adapted output."""
         plan = self.plan(adapter_name)
+        contributions = record.contributions(self.arch, self.residual_config[adapter_name].ln_mean)
         contributions = contributions.to(plan.basis.dtype)
         padded = plan.scores(contributions)
         offset = readout(padded, plan.lambda_shift, plan.basis, plan.offset(contributions))
@@ -433,7 +430,7 @@ class ResiDualReadoutLayer(nn.Module, ResiDualLayer):
     def replace_output(self, result: torch.Tensor) -> torch.Tensor:
         """What the model gets instead of the readout module's ``result``: the adapted output of this pass."""
         record = take_record()  # always: the record of this pass closes here
-        if record is None or not record.adapt or self.disable_adapters:
+        if record is None or record.kept or self.disable_adapters:
             return result
         if record.stacked is not None:  # many tasks from one backbone pass
             return torch.cat([self.output(name, record, result) for name in record.stacked])
@@ -441,9 +438,7 @@ class ResiDualReadoutLayer(nn.Module, ResiDualLayer):
             return self.mixed_output(record, result)
         if not self.active_adapters:
             return result
-        if len(self.active_adapters) != 1:
-            raise ResiDualInputError(f"ResiDual runs one adapter at a time, but {self.active_adapters} are active.")
-        return self.output(self.active_adapters[0], record, result)
+        return self.output(active_adapter(self), record, result)
 
     def output(self, adapter_name: str, record: UnitRecord, result: torch.Tensor) -> torch.Tensor:
         """What this module returns for ``adapter_name`` (:data:`BASE`: the base module's ``result``)."""

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
-from .architectures import Architecture, check_normalised
-from .config import ResiDualConfig
-from .decomposition import BASE, UnitRecord, forward_scope, is_bypassed, open_record, unit_modules
-from .errors import ResiDualInputError
-from .layer import ResiDualLayer, ResiDualReadoutLayer, ResiDualUnitLayer, UnitRole
+from ..models import Architecture, check_normalised
+from .config import ResiDualConfig, ResiDualInputError
+from .decomposition import BASE, UnitRecord, open_record, unit_modules
+from .layer import ResiDualLayer, ResiDualReadoutLayer, ResiDualUnitLayer
 from .packing import packed_size
 
 
@@ -24,11 +23,13 @@ class _Target:
     kind: str  # "embedding" | "heads" | "mlps" | "readout"
     layer: int | None = None
     unit_slice: slice | None = None
-    role: UnitRole = field(default_factory=UnitRole)
+    treatments: tuple[str, ...] = ()
+    """Per unit, what the adapter does with it (see :data:`~.plan.TREATMENTS`)."""
 
 
 def _targets(arch: Architecture, config: ResiDualConfig) -> dict[str, _Target]:
-    """Every unit module (each records; some transform or keep their mean) and the readout, by module path."""
+    """Every unit module (each records; some transform or keep their mean) and the readout, by module path. The one
+    place that reads which units are transformed and what ``rest`` does with the others."""
     layers = range(arch.num_layers) if config.layers is None else config.layers
     bad = [i for i in layers if not 0 <= i < arch.num_layers]
     if bad:
@@ -44,14 +45,13 @@ def _targets(arch: Architecture, config: ResiDualConfig) -> dict[str, _Target]:
     targets = {}
     for path, kind, layer in unit_modules(arch):
         unit_slice = slices[kind](layer)
-        selected = None
+        names = arch.unit_names[unit_slice]
         if kind == "heads" and config.heads is not None:
-            selected = tuple(name in heads for name in arch.unit_names[unit_slice])
-            transformed = any(selected)
+            selected = [name in heads for name in names]
         else:
-            transformed = layer in layers and kind != "embedding" and kind in config.units.split("+")
-        role = "transform" if transformed else "mean" if config.rest == "mean" else "record"
-        targets[path] = _Target(kind, layer, unit_slice, UnitRole(role, selected))
+            selected = [kind != "embedding" and layer in layers and kind in config.units.split("+")] * len(names)
+        treatments = tuple("transform" if chosen else config.rest for chosen in selected)
+        targets[path] = _Target(kind, layer, unit_slice, treatments)
     targets[arch.readout_path] = _Target("readout")
     return targets
 
@@ -95,7 +95,6 @@ class ResiDualModel(BaseTuner):
         return peft_config  # target modules come from the architecture map, in _prepare_model
 
     def _prepare_model(self, peft_config: ResiDualConfig, model: nn.Module) -> None:
-        peft_config.validate()
         self.arch = Architecture(model)
         self._targets = _targets(self.arch, peft_config)
         _check_modules_to_save(model, peft_config.modules_to_save or [], self._targets)
@@ -126,13 +125,15 @@ class ResiDualModel(BaseTuner):
         if spec.kind == "readout":
             target.update_layer(adapter_name, peft_config, peft_config.inference_mode)
         else:
-            target.update_layer(adapter_name, peft_config, spec.role, peft_config.inference_mode)
+            target.update_layer(adapter_name, peft_config, spec.treatments, peft_config.inference_mode)
         if adapter_name not in self.active_adapters:
             target.requires_grad_(False)
 
     def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
-        # PEFT's version copies `weight` onto unwrapped modules, which an MLP or an embedding module does not have;
-        # ResiDual layers create their state on the base module's device, so a plain swap is all that is needed.
+        # PEFT's version moves the new adapter state to the device of the wrapped module's weight, taking the
+        # module's first parameter where it has no weight: a parameterless unit module (timm's and open_clip's
+        # Identity layer scale, ls2/ls_2, when the model has no layer scale) has none, and it raises StopIteration.
+        # ResiDual layers create their state on the base module's device already, so a plain swap is all it takes.
         setattr(parent, child_name, new_module)
 
     def _post_injection_hook(self, model: nn.Module, config: ResiDualConfig, adapter_name: str) -> None:
@@ -169,13 +170,11 @@ class ResiDualModel(BaseTuner):
         if isinstance(pixel_values, torch.Tensor):
             check_normalised(pixel_values, "forward", in_forward=True)  # the fit's rule: no raw pixels
         names = kwargs.get("adapter_names")
-        with forward_scope():  # a forward that raises leaves no record of its pass behind
-            if names is None:
-                yield
-                return
+        if names is not None:
             self.check_adapter_names(names)
-            with open_record(UnitRecord(adapt=not is_bypassed(), adapter_names=tuple(names))):
-                yield
+        # a forward that raises leaves no record of its pass behind
+        with open_record(UnitRecord(adapter_names=tuple(names)) if names is not None else None):
+            yield
 
     def check_adapter_names(self, names: Any) -> None:
         """Refuse ``adapter_names`` that are not a list of this model's adapters (or ``"__base__"``)."""
@@ -211,6 +210,15 @@ class ResiDualModel(BaseTuner):
     def unit_layers(self) -> list[ResiDualUnitLayer]:
         return [module for module in self.model.modules() if isinstance(module, ResiDualUnitLayer)]
 
+    @contextmanager
+    def each_adapter(self, adapter_names: list[str]) -> Iterator[None]:
+        """The next forward pass in the block returns, for its whole batch, the output of each of ``adapter_names``
+        in turn (``"__base__"``: the base model's), stacked along the batch dimension: one backbone pass for many
+        adapters."""
+        self.check_adapter_names(adapter_names)
+        with open_record(UnitRecord(stacked=tuple(adapter_names))):
+            yield
+
     @classmethod
     def _remap_adapter_state_dict_for_load(
         cls, model: nn.Module, config: ResiDualConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
@@ -241,7 +249,7 @@ class ResiDualModel(BaseTuner):
                     )
                 tensors[attr] = state_dict[key]
             _check_shapes(layer, adapter_name, tensors, layer.stored_dim(adapter_name))
-            layer.allocate(adapter_name, tensors)
+            layer.store(adapter_name, {attr: torch.zeros_like(tensor) for attr, tensor in tensors.items()})
         unexpected = sorted(k for k in state_dict if k not in expected and _is_residual_key(k))
         if unexpected:
             raise ResiDualInputError(
@@ -276,13 +284,14 @@ def _check_shapes(layer: ResiDualUnitLayer, adapter_name: str, tensors: dict[str
             "(fit_residual_bases) and save it again."
         )
     components = [int(k) for k in rank.tolist()] if tuple(rank.shape) == (units,) else None
+    per_unit = layer.residual_config[adapter_name].scale_per == "unit"
     if (
         components is None
         or not all(0 <= k <= dim for k in components)
         or components
         != [k if chosen else 0 for k, chosen in zip(components, layer.selected(adapter_name), strict=True)]
         or len(basis) != sum(packed_size(k, dim) for k in components)
-        or tuple(lambdas.shape) not in {(sum(components),), (sum(k > 0 for k in components),)}
+        or tuple(lambdas.shape) != (sum(k > 0 if per_unit else k for k in components),)
     ):
         raise ResiDualInputError(
             f"Unit {first}: the checkpoint's rank {tuple(rank.shape)}, basis {tuple(basis.shape)} and scales "

@@ -1,4 +1,6 @@
-"""Streaming per-unit PCA of the direct contributions, in the style of PEFT's EVA initialisation."""
+"""Streaming per-unit PCA of the direct contributions, split as PEFT's EVA initialisation splits its own: computing
+the bases (:func:`get_residual_bases`, a state dict per adapter) is apart from storing them in a model
+(:func:`apply_residual_bases`). ``peft_residual.fit_residual_bases`` does both."""
 
 from __future__ import annotations
 
@@ -15,13 +17,12 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from .architectures import Architecture
-from .config import ResiDualConfig
+from ..models import Architecture
+from .config import ResiDualConfig, ResiDualInputError
 from .decomposition import UnitRecord, record_backbone
-from .errors import ResiDualInputError
-from .layer import ResiDualUnitLayer
-from .model import residual_tuner
-from .packing import canonical_signs
+from .layer import ResiDualUnitLayer, active_adapter
+from .model import ResiDualModel, residual_tuner
+from .packing import canonical_signs, pack_orthonormal
 
 logger = logging.getLogger(__name__)
 
@@ -171,8 +172,25 @@ def _initial_lambdas(init: str, eigenvalues: torch.Tensor, generator: torch.Gene
     return (eigenvalues / eigenvalues.mean().clamp_min(torch.finfo(eigenvalues.dtype).tiny)).float()
 
 
+class ResiDualBases(NamedTuple):
+    """The bases fitted for one adapter, apart from any model (:func:`get_residual_bases`)."""
+
+    adapter_name: str
+    state_dict: dict[str, torch.Tensor]
+    """``"<unit module path>.<name>"`` for each of ``ResiDualUnitLayer.stored_names`` a unit module holds: the
+    means, ranks, packed bases and initial scales, as the adapter's checkpoint stores them."""
+    image_size: tuple[int, int]
+    report: FitReport
+
+
+def _layers(tuner: ResiDualModel, adapter_name: str) -> dict[str, ResiDualUnitLayer]:
+    """The unit layers taking part in ``adapter_name``, by module path, in unit order."""
+    paths = {id(module): path for path, module in tuner.model.named_modules()}
+    return {paths[id(layer)]: layer for layer in tuner.readout.layers_of(adapter_name)}
+
+
 @torch.no_grad()
-def fit_residual_bases(
+def get_residual_bases(
     model: nn.Module,
     dataloader: Iterable,
     adapter_name: str | None = None,
@@ -180,38 +198,31 @@ def fit_residual_bases(
     progress: bool = True,
     on_batch: Callable[[RecordedBatch], None] | None = None,
     merge_processes: bool = False,
-) -> FitReport:
-    """Fit every unit's PCA basis and mean on reference images, then initialise the scales.
+) -> ResiDualBases:
+    """Fit every unit's PCA basis and mean on reference images, and the initial scales, leaving ``model`` as it is.
 
-    ``dataloader`` yields dicts with ``pixel_values`` (or tensors), all of one image size, which is recorded in the
-    config (``base_signature``) with the base model's sizes and a weights fingerprint; it may also yield
-    :class:`RecordedBatch` es recorded earlier, which need no backbone pass. ``on_batch`` sees every recorded batch
-    (``peft_residual.fit_residual_bases(..., keep_units=True)`` keeps them to cache the same images without another
-    pass). Covariances are accumulated per unit in float64, never holding the encodings; with
-    ``merge_processes=True`` each process of a ``torch.distributed`` group passes its own share of the images and
-    every process fits on all of them. ``k`` from the config is
-    clamped to each unit's rank (``head_dim + 2`` for a head under the shared norm mean, see
-    ``Architecture.max_rank``), and clamping is reported in the returned :class:`FitReport` and as a warning.
-    Refitting an adapter resets its scales to their initial values (a warning says so if they were trained).
+    ``dataloader`` yields dicts with ``pixel_values`` (or tensors), all of one image size; it may also yield
+    :class:`RecordedBatch` es recorded earlier, which need no backbone pass. ``on_batch`` sees every recorded batch.
+    Covariances are accumulated per unit in float64, never holding the encodings; with ``merge_processes=True``
+    each process of a ``torch.distributed`` group passes its own share of the images and every process fits on all
+    of them. ``k`` from the config is clamped to each unit's rank (``head_dim + 2`` for a head under the shared norm
+    mean, see ``Architecture.max_rank``), and clamping is reported in the :class:`FitReport` and as a warning.
 
     Example:
-        >>> model = get_peft_model(clip_vision, ResiDualConfig(k=64))
-        >>> report = fit_residual_bases(model, DataLoader(reference_images, batch_size=64))
-        >>> report.num_scales
-        9216
+        >>> bases = get_residual_bases(peft_model, DataLoader(reference_images, batch_size=64))
+        >>> apply_residual_bases(peft_model, bases)
     """
     tuner = residual_tuner(model)
-    adapter_name = adapter_name or tuner.active_adapters[0]
+    adapter_name = adapter_name or active_adapter(tuner)
     config = tuner.peft_config[adapter_name]
-    config.validate()
-    layers = tuner.readout.layers_of(adapter_name)
+    layers = _layers(tuner, adapter_name)
     total = max_batches if max_batches is not None else (len(dataloader) if hasattr(dataloader, "__len__") else None)
     batches = tqdm(dataloader, desc="ResiDual PCA", total=total, disable=not progress)
     was_training = tuner.model.training
     tuner.model.eval()
     try:
         batches = islice(recorded_batches(tuner.arch, batches, "fit_residual_bases"), max_batches)
-        moments, image_size = _accumulate(tuner.arch, layers, adapter_name, config, batches, on_batch)
+        moments, image_size = _accumulate(tuner.arch, layers.values(), adapter_name, config, batches, on_batch)
     finally:
         tuner.model.train(was_training)
     if merge_processes:
@@ -223,42 +234,63 @@ def fit_residual_bases(
             f"fit_residual_bases saw {num_samples} image(s); a PCA needs at least 2 (and more than k). "
             "Pass more reference images."
         )
-    _refuse_constant_units(layers, adapter_name, moments, num_samples)
-    before = tuner.readout.lambdas(adapter_name).detach().clone() if tuner.readout.is_fitted(adapter_name) else None
-    report = _solve(layers, adapter_name, config, moments, progress)
-    tuner.readout.refresh([adapter_name])
-    after = tuner.readout.lambdas(adapter_name).detach()
-    if before is not None and (config.training_summary is not None or not torch.equal(before, after.to(before))):
-        # however they were changed (train_residual, a hand-written loop, a loaded adapter), they are gone now
-        warnings.warn(
-            f"Refitting adapter '{adapter_name}' replaced scales that differed from their initial values with new "
-            "initial values; train again (or fit a new adapter name to keep these).",
-            stacklevel=2,
-        )
-    config.training_summary = None
-    config.base_signature = tuner.arch.signature(image_size)
+    _refuse_constant_units(layers.values(), adapter_name, moments, num_samples)
+    state_dict, report = _solve(layers, adapter_name, config, moments, progress)
     if report.flat:
         warnings.warn(
             f"{len(report.flat)} unit(s) have zero variance over the reference images (e.g. {report.flat[0]}); their "
             "bases are arbitrary. See FitReport.flat.",
-            stacklevel=2,
+            stacklevel=3,
         )
     if report.undersampled:
+        largest = max(layer.max_rank(adapter_name) for layer in layers.values())
         warnings.warn(
-            f"{num_samples} reference images for units of up to {max(layer.max_rank(adapter_name) for layer in layers)}"
-            " dimensions: the PCA of the all-component or variance-ratio units (e.g. "
-            f"{report.undersampled[0]}) rests on too few images. Fit on more images than that. See "
-            "FitReport.undersampled.",
-            stacklevel=2,
+            f"{num_samples} reference images for units of up to {largest} dimensions: the PCA of the all-component "
+            f"or variance-ratio units (e.g. {report.undersampled[0]}) rests on too few images. Fit on more images "
+            "than that. See FitReport.undersampled.",
+            stacklevel=3,
         )
     if report.clamped:
         (name, (asked, used)), more = next(iter(report.clamped.items())), len(report.clamped) - 1
         warnings.warn(
             f"k={asked} exceeds the rank of {len(report.clamped)} units (e.g. {name}: {used}); clamped to their rank. "
             f"See FitReport.clamped{f' for the other {more}' if more else ''}.",
-            stacklevel=2,
+            stacklevel=3,
         )
-    return report
+    return ResiDualBases(adapter_name, state_dict, image_size, report)
+
+
+@torch.no_grad()
+def apply_residual_bases(model: nn.Module, bases: ResiDualBases) -> None:
+    """Store ``bases`` in their adapter of ``model``, and record the image size and base model they were fitted on
+    in its config (``base_signature``). Refitting an adapter resets its scales to their initial values (a warning
+    says so if they were trained)."""
+    tuner, adapter_name = residual_tuner(model), bases.adapter_name
+    config, readout = tuner.peft_config[adapter_name], tuner.readout
+    layers = _layers(tuner, adapter_name)
+    held = {
+        path: [name for name in layer.stored_names if adapter_name in getattr(layer, name)]
+        for path, layer in layers.items()
+    }
+    if set(bases.state_dict) != {f"{path}.{name}" for path, names in held.items() for name in names}:
+        raise ResiDualInputError(
+            f"These bases were fitted for another model or ResiDualConfig than adapter '{adapter_name}' of this one; "
+            "fit them on this model."
+        )
+    before = readout.lambdas(adapter_name).detach().clone() if readout.is_fitted(adapter_name) else None
+    for path, layer in layers.items():
+        layer.store(adapter_name, {name: bases.state_dict[f"{path}.{name}"] for name in held[path]})
+    readout.refresh([adapter_name])
+    after = readout.lambdas(adapter_name).detach()
+    if before is not None and (config.training_summary is not None or not torch.equal(before, after.to(before))):
+        # however they were changed (train_residual, a hand-written loop, a loaded adapter), they are gone now
+        warnings.warn(
+            f"Refitting adapter '{adapter_name}' replaced scales that differed from their initial values with new "
+            "initial values; train again (or fit a new adapter name to keep these).",
+            stacklevel=3,
+        )
+    config.training_summary = None
+    config.base_signature = tuner.arch.signature(bases.image_size)
 
 
 def _is_flat(variance: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
@@ -267,7 +299,7 @@ def _is_flat(variance: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
 
 
 def _refuse_constant_units(
-    layers: list[ResiDualUnitLayer], adapter_name: str, moments: dict[int, StreamingMoments], num_samples: int
+    layers: Iterable[ResiDualUnitLayer], adapter_name: str, moments: dict[int, StreamingMoments], num_samples: int
 ) -> None:
     """Refuse, before anything is replaced, reference images that leave every transformed unit constant."""
     transformed = [layer for layer in layers if layer.is_transformed(adapter_name)]
@@ -284,7 +316,7 @@ def _refuse_constant_units(
 
 def _accumulate(
     arch: Architecture,
-    layers: list[ResiDualUnitLayer],
+    layers: Iterable[ResiDualUnitLayer],
     adapter_name: str,
     config: ResiDualConfig,
     batches: Iterable[RecordedBatch],
@@ -319,28 +351,34 @@ def _accumulate(
 
 
 def _solve(
-    layers: list[ResiDualUnitLayer],
+    layers: dict[str, ResiDualUnitLayer],
     adapter_name: str,
     config: ResiDualConfig,
     moments: dict[int, StreamingMoments],
     progress: bool,
-) -> FitReport:
-    """Eigendecompose every transformed layer's moments and store means, bases and initial scales."""
+) -> tuple[dict[str, torch.Tensor], FitReport]:
+    """Eigendecompose every transformed layer's moments: the means, ranks, packed bases and initial scales, by
+    module path and name (see :class:`ResiDualBases`), and the report."""
     report = FitReport(num_samples=next(iter(moments.values())).count)
     generator = torch.Generator().manual_seed(config.seed)
-    transformed = [layer for layer in layers if layer.is_transformed(adapter_name)]
+    transformed = [layer for layer in layers.values() if layer.is_transformed(adapter_name)]
     logger.info("Eigendecomposition of %d unit groups", len(transformed))
     basis_dtype = getattr(torch, config.basis_dtype)
+    state = {}
     started = time.perf_counter()
-    for layer in tqdm(layers, desc="ResiDual eigendecomposition", disable=not progress or not transformed):
+    for path, layer in tqdm(
+        layers.items(), desc="ResiDual eigendecomposition", disable=not progress or not transformed
+    ):
         stats = moments[id(layer)]
+        state[f"{path}.residual_mean"] = stats.mean.float()
         if not layer.is_transformed(adapter_name):
-            layer.set_fit(adapter_name, stats.mean, None, [])
             continue
         bases, lambdas = _fit_layer(layer, adapter_name, stats, config, generator, report)
-        layer.set_fit(adapter_name, stats.mean, bases, lambdas, basis_dtype)
+        state[f"{path}.residual_rank"] = torch.tensor([rows.shape[0] for rows in bases])
+        state[f"{path}.residual_basis"] = torch.cat([pack_orthonormal(rows) for rows in bases]).to(basis_dtype)
+        state[f"{path}.residual_lambda"] = torch.cat(lambdas)
     report.eigen_seconds = time.perf_counter() - started
-    return report
+    return state, report
 
 
 def _fit_layer(

@@ -19,7 +19,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .architectures import Architecture
+from ..models import Architecture
+from .config import ResiDualConfig
 from .decomposition import UnitRecord, linearise, norm_statistics
 from .head_space import HeadFrames
 
@@ -91,6 +92,24 @@ class OutputSpace(NamedTuple):
     def rows(self) -> tuple[torch.Tensor, ...]:
         """Per unit, its components ``[rank, output_dim]``."""
         return self.basis.split(self.rank)
+
+
+TREATMENTS = ("transform", "sum", "mean", "zero")
+"""What an adapter does with a unit: transform it, add it unchanged, replace it by its mean, or drop it (the last
+three are ``ResiDualConfig.rest``)."""
+
+
+class LayerState(NamedTuple):
+    """What a readout plan reads of one unit layer for one adapter (``ResiDualUnitLayer.plan_state``)."""
+
+    kind: str
+    """``"embedding"``, ``"heads"`` or ``"mlps"``."""
+    start: int
+    """The index of its first unit."""
+    treatments: tuple[str, ...]
+    """Per unit, one of :data:`TREATMENTS`."""
+    space: OutputSpace | None
+    """Its fitted state, where it stores one (a unit transformed or replaced by its mean)."""
 
 
 class HeadScores(NamedTuple):
@@ -175,6 +194,31 @@ class ReadoutPlan(NamedTuple):
     def offset(self, contributions: torch.Tensor) -> torch.Tensor:
         """The part of the output no scale touches, before any kept remainder."""
         return torch.einsum("bnd,n->bd", contributions, self.sum_weight) + self.constant
+
+    def in_score_order(self) -> Components:
+        """The components in score order, without padding, and which scale each takes."""
+        index = self.lambda_index[self.components]
+        identity = torch.equal(index, torch.arange(len(index), device=index.device))
+        return Components(self.basis[self.components], None if identity else index)
+
+
+class Components(NamedTuple):
+    """An adapter's components in score order (the training cache's scores) and which of its scales each takes."""
+
+    basis: torch.Tensor
+    """``[components, output_dim]``."""
+    scale_index: torch.Tensor | None
+    """Per component, its scale's index among the adapter's concatenated scales (``None``: one scale per component,
+    in order)."""
+
+    def scales(self, scales: torch.Tensor) -> torch.Tensor:
+        """One scale per component from the adapter's concatenated ``scales``: the one map from scales to
+        components (a forward's padded slots follow :attr:`ReadoutPlan.lambda_index`)."""
+        return scales if self.scale_index is None else scales[self.scale_index]
+
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> Components:
+        index = None if self.scale_index is None else self.scale_index.to(device)
+        return Components(self.basis.to(device, dtype), index)
 
 
 def _group_scores(contributions: torch.Tensor, mean: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
@@ -278,42 +322,39 @@ class _Member(NamedTuple):
 
 
 def _members(
-    layers: list, adapter_name: str, config, arch: Architecture
+    layers: list[LayerState], config: ResiDualConfig, arch: Architecture
 ) -> tuple[dict[str, list[_Member]], torch.Tensor, torch.Tensor, int]:
     """The transformed units by kind, the per-unit ``sum_weight``, the ``constant`` and the number of scales."""
     sum_weight = torch.zeros(arch.num_units, dtype=torch.float64)
     constant = torch.zeros(arch.output_dim, dtype=torch.float64)
-    covered = torch.zeros(arch.num_units, dtype=torch.bool)
     members: dict[str, list[_Member]] = {"heads": [], "mlps": []}
-    num_scales = 0
+    num_scales, per_unit = 0, config.scale_per == "unit"
     for layer in layers:
-        space, start = layer.output_space(adapter_name), layer.unit_slice.start
-        if not layer.is_transformed(adapter_name):  # replaced by its mean
+        space = layer.space
+        if set(layer.treatments) == {"mean"}:  # the whole layer replaced by its mean
             constant += space.mean.sum(0)
-            covered[layer.unit_slice] = True
             continue
-        per_unit = layer.scales_per_unit(adapter_name)
-        for unit, (selected, rows) in enumerate(zip(layer.selected(adapter_name), space.rows, strict=True)):
-            if not selected:
-                if config.rest == "mean":
-                    constant += space.mean[unit]
-                    covered[start + unit] = True
+        rows_of = space.rows if space is not None else (None,) * len(layer.treatments)
+        for unit, (treatment, rows) in enumerate(zip(layer.treatments, rows_of, strict=True)):
+            index = layer.start + unit
+            if treatment == "sum":
+                sum_weight[index] = 1.0
+            elif treatment == "mean":
+                constant += space.mean[unit]
+            if treatment != "transform":
                 continue
             scales = torch.full((len(rows),), num_scales) if per_unit else num_scales + torch.arange(len(rows))
             num_scales += 1 if per_unit else len(rows)
             mean = space.mean[unit] if config.centre else torch.zeros_like(space.mean[unit])
-            member = _Member(start + unit, mean, rows, scales)
+            member = _Member(index, mean, rows, scales)
             if space.frames is not None:
                 frames = space.frames
                 kernel = rows @ frames.frames[unit] @ frames.triangular[unit]
                 member = member._replace(kernel=kernel, constant=rows @ (frames.offset[unit] - mean))
             members[layer.kind].append(member)
-            covered[start + unit] = True
             if config.remainder == "keep":
-                sum_weight[start + unit] = 1.0
+                sum_weight[index] = 1.0
                 constant -= mean
-    if config.rest == "sum":
-        sum_weight[~covered] = 1.0
     return members, sum_weight, constant, num_scales
 
 
@@ -321,7 +362,7 @@ def _layer_of(arch: Architecture, unit: int) -> int:
     return (unit - 1) // (arch.num_heads + 1)
 
 
-def _head_scores(group: list[_Member], width: int, config, arch: Architecture, cast) -> HeadScores:
+def _head_scores(group: list[_Member], width: int, config: ResiDualConfig, arch: Architecture, cast) -> HeadScores:
     """The heads group's kernel, split into the columns of ``x = [z; 1; -s mean(r); sigma] / sigma``."""
     kernel = torch.zeros(len(group), width, group[0].kernel.shape[1], dtype=torch.float64)
     constant = torch.zeros(len(group), width, dtype=torch.float64)
@@ -365,11 +406,11 @@ def _raw_weights(sum_weight: torch.Tensor, mlp_layers: list[int], arch: Architec
 
 @torch.no_grad()
 def build_plan(
-    layers: list, adapter_name: str, config, arch: Architecture, device: torch.device, dtype: torch.dtype
+    layers: list[LayerState], config: ResiDualConfig, arch: Architecture, device: torch.device, dtype: torch.dtype
 ) -> ReadoutPlan:
-    """The :class:`ReadoutPlan` of a fitted adapter from its unit layers' stored state (those taking part, in unit
-    order), built in float64 and stored in ``dtype`` on ``device``."""
-    members, sum_weight, constant, num_scales = _members(layers, adapter_name, config, arch)
+    """The :class:`ReadoutPlan` of a fitted adapter from every unit layer's state, in unit order, built in float64
+    and stored in ``dtype`` on ``device``."""
+    members, sum_weight, constant, num_scales = _members(layers, config, arch)
 
     def cast(tensor: torch.Tensor, to: torch.dtype | None = dtype) -> torch.Tensor:
         return tensor.to(device, to) if to is not None else tensor.to(device)

@@ -2,7 +2,8 @@
 
 :func:`peft_residual.hub.save_adapter_atomically` stages a save inside the target directory and marks the few
 moments in which it moves the staged files into place with :data:`SAVE_IN_PROGRESS`; a process killed then leaves
-the marker, and :func:`check_saved_adapter` (run by ``ResiDualConfig.from_pretrained``) refuses the directory.
+the marker, and :func:`check_saved_adapter` (run before ``ResiDualConfig.from_pretrained`` reads a local
+directory, see :mod:`peft_residual.compat`) refuses the directory.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 from peft.utils import SAFETENSORS_WEIGHTS_NAME
 from safetensors import SafetensorError, safe_open
 
-from .errors import ResiDualInputError
+from .config import ResiDualInputError
 
 SAVE_IN_PROGRESS = ".residual-save-in-progress"
 """Present in an adapter directory only while a save replaces its files."""

@@ -82,7 +82,7 @@ if accelerator.is_main_process:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     final = model.base_model.readout.lambdas("default").detach().contiguous()
-    basis = model.base_model.readout.basis("default").contiguous()
+    basis = model.base_model.readout.components("default").basis.contiguous()
     saved = {"lambdas": final, "initial": initial, "basis": basis, "centroids": classifier.weights.contiguous()}
     save_file(saved, out / "lambdas.safetensors")
     (out / "result.txt").write_text(

@@ -1,129 +1,23 @@
-"""Where a vision transformer keeps its residual units.
-
-Each supported model class gets one :class:`ArchitectureSpec` naming, as dotted module paths (``{i}`` stands for the
-layer index), the module whose output is the embedding unit, the attention output projection whose input holds the
-concatenated heads, the module whose output is a layer's full MLP contribution, the final norm and the optional
-projection. Supporting a new pre-LN ViT is one more entry in :data:`ARCHITECTURES`; :data:`REFUSED` names the
-models that cannot be decomposed, and why. Models of other libraries (open_clip, timm) get their spec from a function
-of the model, which reads its variant or refuses it (:mod:`.libraries`).
+"""An :class:`ArchitectureSpec` bound to a model (:class:`Architecture`): its sizes, unit names, the modules and
+weights the decomposition reads, how to run its pieces, its signature and weights fingerprint; and the input rule
+for ``pixel_values``. The spec comes from the registry (:mod:`.registry`), filled by the family files.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from functools import cached_property
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from .errors import ResiDualInputError
-from .libraries import base_module, multihead_attention_heads, open_clip_spec, timm_spec
-from .spec import ArchitectureSpec, Sizes
-
-_CLIP_TOWER = ArchitectureSpec(
-    vision_config=None,
-    embedding="pre_layrnorm",
-    attention_out="encoder.layers.{i}.self_attn.out_proj",
-    mlp_out="encoder.layers.{i}.mlp",
-    final_norm="post_layernorm",
-)
-
-
-_BLIP_TOWER = ArchitectureSpec(
-    vision_config=None,
-    embedding="embeddings",
-    attention_out="encoder.layers.{i}.self_attn.projection",  # q, k and v come from one packed qkv linear
-    mlp_out="encoder.layers.{i}.mlp",
-    final_norm="post_layernorm",
-    pooled="cls",
-)
-
-
-def _under(prefix: str, spec: ArchitectureSpec, **changes: str | None) -> ArchitectureSpec:
-    names = ("embedding", "attention_out", "mlp_out", "mlp", "final_norm")
-    paths = {name: f"{prefix}.{getattr(spec, name)}" for name in names if getattr(spec, name) is not None}
-    return ArchitectureSpec(**{**spec.__dict__, **paths, **changes})
-
-
-ARCHITECTURES: dict[str, ArchitectureSpec | Callable[[nn.Module], ArchitectureSpec]] = {
-    "CLIPVisionModel": _CLIP_TOWER,
-    "CLIPVisionModelWithProjection": _under(
-        "vision_model", _CLIP_TOWER, projection="visual_projection", tower="vision_model"
-    ),
-    "CLIPModel": _under(
-        "vision_model", _CLIP_TOWER, vision_config="vision_config", projection="visual_projection", tower="vision_model"
-    ),
-    "Dinov2Model": ArchitectureSpec(
-        vision_config=None,
-        embedding="embeddings",
-        attention_out="encoder.layer.{i}.attention.o_proj",
-        attention_layer_scale="encoder.layer.{i}.layer_scale1.lambda1",
-        mlp_out="encoder.layer.{i}.layer_scale2",
-        mlp="encoder.layer.{i}.mlp",
-        final_norm="layernorm",
-    ),
-    # ViTModel's pooler_output is tanh(dense(CLS)), not linear in the units: the embedding is the normed CLS token,
-    # which is also what ViTForImageClassification classifies.
-    "ViTModel": ArchitectureSpec(
-        vision_config=None,
-        embedding="embeddings",
-        attention_out="layers.{i}.attention.o_proj",
-        mlp_out="layers.{i}.mlp",
-        final_norm="layernorm",
-        pooled="cls",
-    ),
-    # BLIP's vision model applies post_layernorm twice to the pooled output (pooler_output = LN(LN(CLS))); its
-    # image-text contrastive head reads the once-normed CLS token, last_hidden_state[:, 0], which is what is
-    # decomposed: alone, and through vision_proj in the retrieval model.
-    "BlipVisionModel": _BLIP_TOWER,
-    "BlipForImageTextRetrieval": _under(
-        "vision_model", _BLIP_TOWER, vision_config="vision_config", projection="vision_proj", tower="vision_model"
-    ),
-    # other libraries: a spec built per model, which reads its variant (see .libraries)
-    **dict.fromkeys(("open_clip.CLIP", "open_clip.CustomTextCLIP", "open_clip.VisionTransformer"), open_clip_spec),
-    "timm.VisionTransformer": timm_spec,
-}
-"""Supported model classes, by :func:`model_key`: a spec, or a function giving a model's spec (or refusing it)."""
-
-_SIGLIP = (
-    "SigLIP has no CLS token: its pooled output comes from an attention-pooling head whose softmax weights depend on "
-    "every token, so it is not a sum of residual units, and no single token's residual is either. ResiDual needs a "
-    "pooled output that is a linear readout of one token (CLIP, DINOv2, ViT, BLIP)."
-)
-REFUSED: dict[str, str] = {
-    **dict.fromkeys(("SiglipVisionModel", "SiglipModel", "Siglip2VisionModel", "Siglip2Model"), _SIGLIP),
-    "BlipModel": "BlipModel's image features normalise the CLS token twice (post_layernorm, then again on the "
-    "pooled token), which this decomposition does not linearise. Load the checkpoint as BlipForImageTextRetrieval "
-    "(as load_vision_model does): its image-text contrastive head reads the once-normed CLS token through "
-    "vision_proj, and BlipVisionModel's last_hidden_state[:, 0] is the same token.",
-}
-"""Model classes ResiDual cannot decompose, with the reason given to the user."""
-
-
-def model_key(module: nn.Module) -> str:
-    """How :data:`ARCHITECTURES` names a model class: a transformers class by its name, another library's as
-    ``"library.ClassName"`` (open_clip and timm both have a ``VisionTransformer``)."""
-    library = type(module).__module__.split(".")[0]
-    return type(module).__name__ if library == "transformers" else f"{library}.{type(module).__name__}"
-
-
-def find_base_model(model: nn.Module) -> nn.Module:
-    """The supported model inside ``model``, which may be wrapped by a ``PeftModel`` and a ``BaseTuner``."""
-    for candidate in model.modules():
-        key = model_key(candidate)
-        if key in ARCHITECTURES:
-            return candidate
-        if key in REFUSED:
-            raise ResiDualInputError(f"ResiDual cannot adapt {type(candidate).__name__}. {REFUSED[key]}")
-    raise ResiDualInputError(
-        f"ResiDual does not support {type(model).__name__}. Supported model classes: "
-        f"{', '.join(sorted(ARCHITECTURES))}. Add an ArchitectureSpec to "
-        "peft_residual.tuner.architectures.ARCHITECTURES for another pre-LN vision transformer."
-    )
-
+from ..tuner.config import ResiDualInputError, unit_name
+from .registry import find_base_model, spec_of
+from .spec import ArchitectureSpec, Sizes, base_module
 
 PIXEL_LIMIT = 20.0
 """Largest magnitude accepted in ``pixel_values``: an image processor's output (rescaled to [0, 1], then
@@ -158,6 +52,47 @@ def check_normalised(pixel_values: torch.Tensor, where: str, in_forward: bool = 
         torch._assert_async(within, unnormalised_message(where))
     elif not bool(within):
         raise ResiDualInputError(unnormalised_message(where))
+
+
+def multihead_attention_heads(
+    attention: nn.MultiheadAttention,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_padding_mask: torch.Tensor | None = None,
+    need_weights: bool = True,
+    attn_mask: torch.Tensor | None = None,
+    average_attn_weights: bool = True,
+    is_causal: bool = False,
+) -> torch.Tensor:
+    """The concatenated head outputs ``[batch, queries, dim]`` that ``attention`` (batch-first, packed ``in_proj``)
+    feeds its ``out_proj``, computed as its own forward computes them; takes ``nn.MultiheadAttention``'s arguments.
+
+    Example:
+        >>> heads = multihead_attention_heads(block.attn, x, x, x, need_weights=False)
+        >>> torch.allclose(block.attn.out_proj(heads), block.attn(x, x, x, need_weights=False)[0], atol=1e-6)
+        True
+    """
+    if need_weights or key_padding_mask is not None or is_causal:
+        raise ResiDualInputError(
+            "An adapted nn.MultiheadAttention runs with need_weights=False and no key_padding_mask or is_causal "
+            "(as open_clip's vision blocks call it); call it that way, or on the base model."
+        )
+    heads = attention.num_heads
+    weight, bias = attention.in_proj_weight, attention.in_proj_bias
+    if query is key and key is value:  # self-attention: one matrix product, as the module's own fast path
+        q, k, v = F.linear(query, weight, bias).chunk(3, dim=-1)
+    else:  # e.g. the query of the CLS token alone (a recording pass's last block)
+        biases = bias.chunk(3) if bias is not None else (None, None, None)
+        q, k, v = (F.linear(x, w, b) for x, w, b in zip((query, key, value), weight.chunk(3), biases, strict=True))
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        attn_mask = attn_mask.logical_not()  # nn.MultiheadAttention masks True; scaled_dot_product_attention keeps it
+    out = F.scaled_dot_product_attention(
+        *(t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v)),
+        attn_mask=attn_mask,
+        dropout_p=attention.dropout if attention.training else 0.0,
+    )
+    return out.transpose(1, 2).flatten(2)
 
 
 def _config_sizes(model: nn.Module, spec: ArchitectureSpec) -> Sizes:
@@ -203,8 +138,7 @@ class Architecture:
 
     def __init__(self, model: nn.Module) -> None:
         self.model = find_base_model(model)
-        spec = ARCHITECTURES[model_key(self.model)]
-        self.spec: ArchitectureSpec = spec if isinstance(spec, ArchitectureSpec) else spec(self.model)
+        self.spec: ArchitectureSpec = spec_of(self.model)
         sizes = self.spec.sizes(self.model) if self.spec.sizes else _config_sizes(self.model, self.spec)
         self.num_layers, self.num_heads, self.hidden_size, self.head_dim, self.patch_size = sizes
         self.prefix_tokens = int(getattr(self.tower, "num_prefix_tokens", 1))
@@ -267,10 +201,6 @@ class Architecture:
             return self.spec.projection
         return self.spec.final_norm
 
-    def out_projection(self, layer: int) -> nn.Linear:
-        """The attention output projection of ``layer``: its input is the concatenated heads."""
-        return self._head_modules[layer][0]
-
     def attention_layer_scale(self, layer: int) -> torch.Tensor | None:
         _, owner, name = self._head_modules[layer]
         return getattr(owner, name) if owner is not None else None
@@ -289,16 +219,23 @@ class Architecture:
             found.append((attention_out, self.model.get_submodule(owner) if owner else None, name))
         return found
 
+    def head_map(self, layer: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Each head of ``layer`` adds ``(W_h z + b / heads) * scale`` to the residual stream, ``z`` its output:
+        ``W`` ``[hidden, heads, head_dim]`` and ``b / heads`` in ``dtype``, and the layer scale (each ``None`` if
+        the model has none). The one owner of that map: :meth:`head_contributions` applies it to a batch, and
+        ``peft_residual.tuner.head_space`` spans its image."""
+        out_proj = self._head_modules[layer][0]
+        weight = out_proj.weight.to(dtype).view(self.hidden_size, self.num_heads, self.head_dim)
+        bias = out_proj.bias.to(dtype) / self.num_heads if out_proj.bias is not None else None
+        return weight, bias, self.attention_layer_scale(layer)
+
     def head_contributions(self, layer: int, head_inputs: torch.Tensor) -> torch.Tensor:
         """What each head of ``layer`` adds to the residual stream, ``[batch, heads, hidden]``, from the
         concatenated head outputs ``[batch, hidden]`` entering the output projection (in their dtype)."""
-        out_proj = self._head_modules[layer][0]
         dtype, heads, head_dim = head_inputs.dtype, self.num_heads, self.head_dim
-        weight = out_proj.weight.to(dtype).view(self.hidden_size, heads, head_dim).permute(1, 2, 0)
-        per_head = torch.bmm(head_inputs.view(-1, heads, head_dim).transpose(0, 1), weight).transpose(0, 1)
-        if out_proj.bias is not None:
-            per_head = per_head + out_proj.bias.to(dtype) / heads
-        scale = self.attention_layer_scale(layer)
+        weight, bias, scale = self.head_map(layer, dtype)
+        per_head = torch.bmm(head_inputs.view(-1, heads, head_dim).transpose(0, 1), weight.permute(1, 2, 0))
+        per_head = per_head.transpose(0, 1) if bias is None else per_head.transpose(0, 1) + bias
         return per_head * scale.to(dtype) if scale is not None else per_head
 
     @property
@@ -336,7 +273,7 @@ class Architecture:
         """Names of the units, in the order of :meth:`unit_slices`: embedding, then per layer its heads and MLP."""
         names = ["embedding"]
         for layer in range(self.num_layers):
-            names += [f"layer{layer}.head{h}" for h in range(self.num_heads)] + [f"layer{layer}.mlp"]
+            names += [unit_name(layer, head) for head in range(self.num_heads)] + [unit_name(layer)]
         return names
 
     @property
@@ -356,7 +293,7 @@ class Architecture:
 
         A head's contribution is an affine image of a ``head_dim`` vector rescaled per sample by the final norm,
         so it spans at most ``head_dim + 1`` directions, one more with the shared mean of the norm (``ln_mean``)
-        and one more uncentred (see :mod:`.head_space`); other units may span the whole output space.
+        and one more uncentred (see :mod:`peft_residual.tuner.head_space`); other units may span the whole output space.
         """
         if kind != "heads":
             return self.output_dim

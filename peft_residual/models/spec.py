@@ -1,12 +1,17 @@
-"""What one model class must say for its residual units to be found: :class:`ArchitectureSpec`."""
+"""The vocabulary of a model family: what one model class must say for its residual units to be found
+(:class:`ArchitectureSpec`, :class:`Sizes`), and the helpers a family's spec uses to read a model through any PEFT
+wrapper or to refuse it."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
+
+from ..tuner.config import ResiDualInputError
 
 
 class Sizes(NamedTuple):
@@ -29,7 +34,8 @@ class ArchitectureSpec:
     """Module whose output (at CLS) is the embedding unit as it enters the first block."""
     attention_out: str
     """Attention output projection; its input is the concatenation of the heads' outputs. With
-    ``multihead_attention``, the ``nn.MultiheadAttention`` module itself (see :mod:`.libraries`)."""
+    ``multihead_attention``, the ``nn.MultiheadAttention`` module itself (see
+    :func:`.architecture.multihead_attention_heads`)."""
     mlp_out: str
     """Module whose output (at CLS) is a layer's whole MLP contribution, layer scale included."""
     final_norm: str
@@ -56,3 +62,35 @@ class ArchitectureSpec:
     readout then replaces the tower's output."""
     keyword_input: bool = True
     """Whether the tower takes ``pixel_values=`` (transformers) or the images as its first argument."""
+
+    def under(self, prefix: str, **changes: Any) -> ArchitectureSpec:
+        """This spec for the same tower inside a larger model, at submodule ``prefix``, with ``changes``."""
+        names = ("embedding", "attention_out", "mlp_out", "mlp", "final_norm")
+        paths = {name: f"{prefix}.{getattr(self, name)}" for name in names if getattr(self, name) is not None}
+        return ArchitectureSpec(**{**self.__dict__, **paths, **changes})
+
+
+def base_module(module: nn.Module) -> nn.Module:
+    """``module`` itself, or the module a PEFT layer wraps (specs and sizes are also read off adapted models)."""
+    return module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+
+
+def refusal(model: nn.Module, reason: str) -> ResiDualInputError:
+    """The error a spec raises for a variant of a supported class that ResiDual cannot decompose."""
+    return ResiDualInputError(f"ResiDual cannot adapt this {type(model).__name__}: {reason}")
+
+
+def check_layer_norm(model: nn.Module, norm: nn.Module, name: str) -> None:
+    if not isinstance(norm, nn.LayerNorm):
+        raise refusal(
+            model,
+            f"its {name} is {type(norm).__name__}, not a LayerNorm; the decomposition linearises a LayerNorm with "
+            "each sample's own mean and variance.",
+        )
+
+
+def square_patch(model: nn.Module, patch_size: tuple[int, int] | int) -> int:
+    height, width = (patch_size, patch_size) if isinstance(patch_size, int) else tuple(patch_size)
+    if height != width:
+        raise refusal(model, f"its patches are {height}x{width} px; only square patches are supported.")
+    return int(height)

@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..tuner.architectures import ARCHITECTURES, REFUSED, find_base_model
-from ..tuner.errors import ResiDualInputError
+from ..tuner.config import ResiDualInputError
+from .registry import ARCHITECTURES, REFUSED, find_base_model
 
 HF_HUB = "hf-hub:"
 LOCAL_DIR = "local-dir:"
