@@ -24,7 +24,6 @@ from pathlib import Path
 # Only the standard library is imported here, so that --help and --version answer at once; each command imports
 # what it needs.
 
-BASE_ADAPTER = "__base__"  # PEFT's adapter_names for the base model (tuner.decomposition.BASE)
 PRESET_NAMES = ("residual", "residual*", "coarse")  # tuner.config.PRESETS, without importing torch for --help
 ANALYSIS_SAMPLES = 2000  # rank-heads and analyze hold every unit of every image: the default --samples there
 logger = logging.getLogger("peft_residual.cli")
@@ -97,7 +96,9 @@ def _model(args: argparse.Namespace):
             f"--image-size {image_size} is not a multiple of the model's {patch}-pixel patches; "
             f"use e.g. {max(patch, round(image_size / patch) * patch)}"
         )
-    return model
+    from accelerate import PartialState
+
+    return model.to(PartialState().device)  # the backbone runs where training will (a GPU when there is one)
 
 
 def _split(args: argparse.Namespace, split: str, samples: int | None):
@@ -271,11 +272,13 @@ def cmd_eval(args: argparse.Namespace) -> None:
             f"the adapter was fitted on {fitted_size[0]}x{fitted_size[1]} px images but this data comes out at "
             f"{tuple(data[0]['pixel_values'].shape[-2:])}; pass --image-size {fitted_size[0]}"
         )
+    from .tuner.decomposition import BASE
+
     features, labels = embed_batches_of_adapters(  # the base and the adapted embedding from one backbone pass
-        model, _loader(args, data), [BASE_ADAPTER, "default"], progress=not args.quiet,
+        model, _loader(args, data), [BASE, "default"], progress=not args.quiet,
         num_classes=classifier.num_classes, desc="Embeddings",
     )  # fmt: skip
-    base, adapted = (accuracy(classifier(features[name]), labels) for name in (BASE_ADAPTER, "default"))
+    base, adapted = (accuracy(classifier(features[name]), labels) for name in (BASE, "default"))
     print(f"{len(labels)} images: {classifier.head_name} {100 * base:.2f}%  ResiDual {100 * adapted:.2f}%")
 
 

@@ -384,3 +384,15 @@ def test_push_uploads_the_adapter_and_its_card_and_pulls_back_the_same(tiny_asse
     from_disk = PeftModel.from_pretrained(load_vision_model(str(model)), adapter)
     assert torch.equal(embed_images(from_hub, x), embed_images(from_disk, x))
     assert not torch.equal(embed_images(from_hub, x), embed_images(load_vision_model(str(model)), x))
+
+
+def test_the_model_runs_on_accelerates_device(tiny_assets, monkeypatch):
+    """On a GPU machine the backbone pass and training run on the GPU: the CLI puts the model where Accelerate's
+    state says (``meta`` stands in for a GPU here)."""
+    import accelerate
+
+    from peft_residual.cli import _model, build_parser
+
+    monkeypatch.setattr(accelerate, "PartialState", lambda: type("State", (), {"device": torch.device("meta")})())
+    args = build_parser().parse_args(["fit", "--model", str(tiny_assets["dinov2"]), "--dataset", "d", "--output", "o"])
+    assert {parameter.device.type for parameter in _model(args).parameters()} == {"meta"}

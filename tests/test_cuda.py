@@ -125,12 +125,6 @@ def test_training_under_accelerate_on_cuda():
     check_trained(model, result, before)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="a model left on the CPU with Accelerate on cuda (train_residual's default on a GPU machine): the unit "
-    "cache is on the model's device, the scales on the accelerator's (see the issue-28 report)",
-)
 def test_training_a_model_left_on_the_cpu():
     model, classifier, data = model_and_classifier(device=None)
     result = train_residual(model, classifier, data, max_epochs=2, batch_size=16, cache=True, progress=False)

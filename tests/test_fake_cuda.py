@@ -289,3 +289,21 @@ def test_a_cpu_tensor_in_the_model_fails():
         with pytest.raises(RuntimeError, match="device"), DeviceAudit() as audit:
             embed_images(model, to_cuda(mode, images(2)))
     assert audit.off_device
+
+
+def test_a_cache_encoded_on_the_cpu_trains_with_scales_on_cuda():
+    """``train_residual`` on a GPU machine with the model left on the CPU: the cache is where the model is, the
+    scales on the accelerator's device; the training product must bring the cache's rows over."""
+    from peft_residual import ScaleSet, encode_dataset
+
+    from .conftest import image_dataset
+
+    model = get_peft_model(make_model("dinov2"), ResiDualConfig(k=4))
+    fit_residual_bases(model, loader(), progress=False)
+    cache = encode_dataset(model, image_dataset(32), progress=False)
+    scales = ScaleSet(model)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        scales.values = torch.nn.Parameter(scales.values.to("cuda"))
+        scales.components = scales.components.to("cuda", torch.float32)
+        output = scales.output(cache.scores[:8], cache.offset[:8])
+        assert output.device.type == "cuda"

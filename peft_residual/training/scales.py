@@ -66,8 +66,10 @@ class ScaleSet:
         return self.components.scales(self.values)
 
     def output(self, scores: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-        """The adapted embedding of cached or streamed ``scores`` and ``offset``."""
-        return readout(scores, self.lambdas(), self.basis, offset, tiled=True)
+        """The adapted embedding of cached or streamed ``scores`` and ``offset``, on the scales' device (a cache
+        encoded where the model is, e.g. the CPU, trains on the accelerator's device)."""
+        device = self.basis.device
+        return readout(scores.to(device), self.lambdas(), self.basis, offset.to(device), tiled=True)
 
     def per_layer(self, values: torch.Tensor) -> list[torch.Tensor]:
         """``values`` shaped like :attr:`values` (the scales, or optimiser state), split into one tensor per layer."""
