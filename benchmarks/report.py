@@ -464,6 +464,36 @@ def scale_table(payload: dict) -> str:
     return "\n".join([*_table([*header, "disk MiB (units / cache)", "cache"], rows), "", note]) + "\n"
 
 
+USER_PATH_RECORDS = ("user_path_before_3000", "user_path_cli_3000", "user_path_cli_54000")
+
+
+def user_path_table() -> str:
+    """docs/scale.md: :mod:`benchmarks.user_path`, `peft-residual train`'s pass (decoding included) against the bare
+    forward on a ready batch, before issue 30 and now."""
+    rows = []
+    for name in USER_PATH_RECORDS:
+        r = load(name)
+        passed, bare, loop = r["pass"], r["bare"], r["bare_alone_glibc_defaults"]
+        load_before, load_after = (minutes[0] for minutes in r["loadavg_before_after"])
+        rows.append(
+            [
+                {"before": "before", "cli": "now"}[r["path"]],
+                f"{r['images']:,}",
+                f"{load_before:.1f} / {load_after:.1f}",
+                f"{passed['images_per_s']:.1f}",
+                f"{bare['images_per_s']:.1f}",
+                f"{r['speed_ratio']:.2f} / {r['speed_ratio_paired']['median']:.2f}",
+                f"{passed['cpu_ms_per_image']:.1f} / {bare['cpu_ms_per_image']:.1f}",
+                f"{passed['minor_faults_per_image']:,.0f} ({passed['minor_faults_per_image_main']:,.0f} + "
+                f"{passed['minor_faults_per_image_workers']:,.0f})",
+                f"{loop['minor_faults_per_image']:,.0f}",
+            ]
+        )
+    header = ["path", "images", "load average (1 min, before / after)", "pass images/s", "yardstick images/s"]
+    header += ["ratio: total / pairs", "CPU ms/image: pass / yardstick", "faults/image: pass (main + worker)"]
+    return "\n".join(_table([*header, "faults/image: bare loop, glibc defaults"], rows)) + "\n"
+
+
 IMAGENET_TRAIN = 1_281_167
 VIT_SHAPES = {  # hidden size, layers, heads, head size, output dimension (CLIP's projection)
     "ViT-B/16": (768, 12, 12, 64, 512),
@@ -576,6 +606,7 @@ PUBLISHED: dict[str, Callable[[], str]] = {
     "scale": lambda: scale_table(load("scale_clip_b32_random")),
     "paper-grid-offline": lambda: paper_grid_table("paper_dinov2_offline/paper_grid"),
     "storage-projection": storage_projection_table,
+    "user-path": user_path_table,
     "gpu-projection": gpu_projection_table,
 }
 BLOCK = re.compile(r"(<!-- rendered: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- end rendered -->)", re.S)

@@ -10,7 +10,7 @@
   so a file that is not JSON surfaces as a bare ``JSONDecodeError``: :func:`install` makes that reader name the file
   and the fix, for every method (the only change it makes outside ResiDual's models); and before a ResiDual config
   is read from a local adapter directory (``ResiDualConfig.from_pretrained``, which ``PeftModel.from_pretrained`` and
-  ``load_adapter`` call), :func:`.tuner.saved.check_saved_adapter` refuses a directory that an interrupted save, a
+  ``load_adapter`` call), :func:`.hub.check_saved_adapter` refuses a directory that an interrupted save, a
   missing or a damaged weights file left unusable, naming the file.
 - PEFT 0.21 reads transformers' deprecated ``is_gradient_checkpointing`` in every ``PeftModel``; the
   ``FutureWarning`` that raises is PEFT's to fix, not the user's, and is filtered by its exact message.
@@ -136,8 +136,8 @@ def _check_residual_directories() -> None:
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs: Any):
         from peft.utils import CONFIG_NAME
 
+        from .hub import check_saved_adapter
         from .tuner.config import ResiDualConfig
-        from .tuner.saved import check_saved_adapter
 
         directory = Path(pretrained_model_name_or_path, subfolder or "")
         if issubclass(cls, ResiDualConfig) and (directory / CONFIG_NAME).is_file():

@@ -1,7 +1,10 @@
 """Saving and sharing ResiDual adapters: atomic saves, a model card of their own, one-commit pushes.
 
 :mod:`.compat` routes ``PeftModel.save_pretrained``, ``create_or_update_model_card`` and ``push_to_hub`` here for
-models whose adapters are all ResiDual; other PEFT methods keep PEFT's own behaviour.
+models whose adapters are all ResiDual; other PEFT methods keep PEFT's own behaviour. A save is staged inside the
+target directory, and :data:`SAVE_IN_PROGRESS` marks the few moments in which the staged files move into place: a
+process killed then leaves the marker, and :func:`check_saved_adapter` (run before ``ResiDualConfig.from_pretrained``
+reads a local directory) refuses the directory.
 """
 
 from __future__ import annotations
@@ -14,15 +17,57 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 from peft import PeftModel
 from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
+from safetensors import SafetensorError, safe_open
 
 from .tuner import ResiDualConfig, residual_tuner
 from .tuner.config import SEMANTIC_FIELDS, ResiDualInputError
-from .tuner.saved import SAVE_IN_PROGRESS, STAGING_PREFIX
 
 ADAPTER_FILES = (CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME)
+
+SAVE_IN_PROGRESS = ".residual-save-in-progress"
+"""Present in an adapter directory only while a save replaces its files."""
+STAGING_PREFIX = ".residual-staging."
+"""Directories inside an adapter directory that hold a save being written; leftovers of a killed save."""
+
+
+def check_saved_adapter(directory: str | Path) -> None:
+    """Refuse a local adapter directory that a killed save left half replaced, that lacks its weights file, or
+    whose weights hold NaN or infinity; a clear error names the directory or file and the fix.
+
+    Example:
+        >>> check_saved_adapter("out/adapter")  # before PeftModel.from_pretrained(base, "out/adapter")
+    """
+    directory = Path(directory)
+    # a named adapter sits in a subfolder of the directory that was saved to, where the marker is
+    if (directory / SAVE_IN_PROGRESS).exists() or (directory.parent / SAVE_IN_PROGRESS).exists():
+        raise ResiDualInputError(
+            f"{directory} holds an interrupted save: the process saving an adapter there was killed while it "
+            "replaced the files, so they may come from two saves. Save the adapter there again."
+        )
+    weights = directory / SAFETENSORS_WEIGHTS_NAME
+    if not weights.is_file():
+        raise ResiDualInputError(
+            f"{directory} has an adapter config but no {SAFETENSORS_WEIGHTS_NAME}; copy the whole adapter "
+            "directory, or save the adapter there again."
+        )
+    try:
+        with safe_open(weights, framework="pt") as handle:
+            for key in handle.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                tensor = handle.get_tensor(key)
+                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                    raise ResiDualInputError(
+                        f"{weights} is damaged: tensor {key} holds NaN or infinity. Restore the file or save the "
+                        "adapter again."
+                    )
+    except SafetensorError as error:  # truncated or overwritten: safetensors' own message names no file
+        raise ResiDualInputError(
+            f"{weights} is not a readable safetensors file ({error}); it was truncated or damaged in a copy. Restore "
+            "the file or save the adapter again."
+        ) from None
 
 
 def _residual_config(model: PeftModel, adapter_name: str | None) -> tuple[str, ResiDualConfig | None]:
@@ -122,7 +167,7 @@ def save_adapter_atomically(
 
     It works wherever the directory itself is writable: a mount point, a directory under a read-only parent, a
     symlink (followed: the link stays, its target gets the adapter). While the files move, a marker
-    (:data:`~peft_residual.tuner.saved.SAVE_IN_PROGRESS`) says so: a process killed at any moment leaves the old
+    (:data:`SAVE_IN_PROGRESS`) says so: a process killed at any moment leaves the old
     adapter, the new one, or a directory that ``PeftModel.from_pretrained`` refuses as an interrupted save, never
     a silent mix of two saves. The next save clears what a killed one left. Other files in the directory are kept,
     and an existing ``README.md`` is updated, not replaced (see :func:`write_model_card`). An unfitted adapter is

@@ -15,7 +15,6 @@ from .compat import is_residual_model
 from .models import architecture_of
 from .tuner.config import ResiDualInputError
 from .tuner.decomposition import BASE
-from .tuner.pca import pixel_values_of
 
 
 def embed_images(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -136,6 +135,8 @@ def _embedded(
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Every batch's checked pixels through ``embed`` (named embeddings), gathered float32 on the CPU, with the
     checked labels."""
+    from .data.batches import pixel_values_of  # the data package imports this module
+
     arch = architecture_of(model)
     reference = next(model.parameters())
     features, labels = defaultdict(list), []

@@ -4,15 +4,20 @@ annotations, and refuses a bad value when it is created, loaded or set."""
 from __future__ import annotations
 
 import ast
+import json
 import re
 import sys
 import typing
 from pathlib import Path
 
 import pytest
+from peft import PeftModel, get_peft_model
 
 from peft_residual import ResiDualConfig, ResiDualInputError
 from peft_residual.tuner import config as config_module
+
+from .conftest import make_model
+from .testing_utils import fitted
 
 
 def test_config_imports_only_peft_the_standard_library_and_torch():
@@ -50,3 +55,58 @@ def test_set_fields_are_normalised_and_checked_against_each_other():
     with pytest.raises(ResiDualInputError, match="not both"):
         config.layers = [0]
     config.target_modules = ["written.by.the.tuner"]  # unchecked: the tuner writes it at injection
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"k": 0}, "at least 1"),
+        ({"k": 1.5}, r"in \(0, 1\)"),
+        ({"k": "64"}, "must be an int"),
+        ({"units": "embedding"}, "units must be one of"),
+        ({"rest": "drop"}, "rest must be one of"),
+        ({"lambda_init": "zeros"}, "lambda_init must be one of"),
+        ({"remainder": "both"}, "remainder must be one of"),
+        ({"layers": []}, "non-empty list"),
+    ],
+)
+def test_malformed_config_values_are_clear_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ResiDualConfig(**kwargs)
+
+
+def test_layers_out_of_range_is_an_error():
+    with pytest.raises(ValueError, match=r"layers 0\.\.1"):
+        get_peft_model(make_model("clip_vision"), ResiDualConfig(k=2, layers=[5]))
+
+
+def test_malformed_saved_config_is_a_clear_error(tmp_path):
+    model = fitted("clip_vision", ResiDualConfig(k=2))
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config["rest"] = "everything"
+    path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="rest must be one of"):
+        PeftModel.from_pretrained(make_model("clip_vision"), tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"heads": ["layer9.head0"]}, "names layer9.head0, which this model does not have"),
+        ({"heads": ["layer0.head7"]}, "heads 0..3"),
+    ],
+)
+def test_heads_the_model_lacks_are_clear_errors(kwargs, message):
+    with pytest.raises(ResiDualInputError, match=message):
+        get_peft_model(make_model("dinov2"), ResiDualConfig(**kwargs))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"heads": ["head3"]}, "names like 'layer11.head3'"), ({"heads": ["layer0.head1"], "layers": [0]}, "not both")],
+)
+def test_malformed_head_selections_are_clear_errors(kwargs, message):
+    with pytest.raises(ResiDualInputError, match=message):
+        ResiDualConfig(**kwargs)

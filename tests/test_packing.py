@@ -6,7 +6,7 @@ from peft_residual import ResiDualConfig, ResiDualInputError
 from peft_residual.tuner.packing import canonical_signs, pack_orthonormal, packed_size, unpack_orthonormal
 
 from .conftest import make_model
-from .test_tuner import fitted
+from .testing_utils import fitted
 
 
 def random_rows(rank: int, dim: int, seed: int = 0) -> torch.Tensor:

@@ -85,6 +85,17 @@ def test_a_forward_that_raises_leaves_no_record_behind():
         torch.testing.assert_close(model_output(model, images(2)), model_output(model, images(2)))
 
 
+def test_a_tower_run_alone_leaves_no_record_behind():
+    """BLIP-retrieval's readout wraps vision_proj, outside the vision tower: the tower alone never reaches it."""
+    model, x = fitted("blip"), images(2)
+    with torch.no_grad():
+        fresh = model_output(model, x)
+        model.base_model.model.vision_model(pixel_values=images(2, seed=3))
+        assert decomposition._STACK.records == []
+        torch.testing.assert_close(model_output(model, x), fresh, rtol=0, atol=0)
+        assert decomposition._STACK.records == [] and decomposition._STACK.handed_over is None
+
+
 def _raise_inside(model) -> None:
     arch = model.base_model.arch
     mlp = arch.model.get_submodule(arch.spec.mlp_out.format(i=1))

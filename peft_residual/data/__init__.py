@@ -1,6 +1,8 @@
 """Data intake: image data sets (load, sample, split, pixel transform), stores of recorded unit pieces, and loading
 a supported model."""
 
+from ..models import load_vision_model
+from .heap import keep_freed_memory
 from .images import (
     as_image_classification,
     check_columns,
@@ -16,7 +18,6 @@ from .images import (
     sample,
     stratified_split,
 )
-from .models import load_vision_model
 from .units import ShardLayout, UnitStore, base_embeddings, collect_units, fit_residual_bases
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "fit_residual_bases",
     "holdout",
     "image_loader",
+    "keep_freed_memory",
     "load_image_dataset",
     "load_vision_model",
     "pixel_transform",

@@ -37,6 +37,7 @@ from ..tuner import pca
 from ..tuner.config import ResiDualInputError
 from ..tuner.decomposition import UnitRecord
 from ..tuner.model import residual_tuner
+from .batches import RecordedBatch, recorded_batches
 
 logger = logging.getLogger(__name__)
 
@@ -212,7 +213,7 @@ class UnitStore:
             os.posix_fadvise(handle.fileno(), offset, count * 4, os.POSIX_FADV_DONTNEED)
         return torch.from_numpy(pieces).view(-1, *self.piece_shape)
 
-    def recorded_batches(self, batches: list[int]) -> Iterator[pca.RecordedBatch]:
+    def recorded_batches(self, batches: list[int]) -> Iterator[RecordedBatch]:
         """The batches numbered ``batches`` (in the order recorded here), as recorded."""
         starts = np.cumsum([0, *self._sizes])
         labels = self.labels
@@ -225,7 +226,7 @@ class UnitStore:
         per_image = self.arch.num_units * max(self.arch.hidden_size, self.arch.output_dim) * 4
         return max(1, min(256, READ_BACK_BYTES // per_image))
 
-    def records(self, batch_size: int | None = None) -> Iterator[pca.RecordedBatch]:
+    def records(self, batch_size: int | None = None) -> Iterator[RecordedBatch]:
         """``(record, labels)`` of consecutive batches (of :attr:`read_batch` images by default), as if the backbone
         had just run on them."""
         batch_size = batch_size or self.read_batch
@@ -233,16 +234,14 @@ class UnitStore:
         for start in range(0, self._count, batch_size):
             yield self.recorded(start, start + batch_size, labels)
 
-    def recorded(self, start: int, stop: int, labels: torch.Tensor | None = None) -> pca.RecordedBatch:
+    def recorded(self, start: int, stop: int, labels: torch.Tensor | None = None) -> RecordedBatch:
         """Images ``start:stop`` as a batch the backbone had just run on (``labels``: :attr:`labels`, if known)."""
         pieces = self.pieces(start, stop)
         record = UnitRecord(embedding=pieces[:, 0])
         for layer in range(self.arch.num_layers):
             record.heads[layer], record.mlps[layer] = pieces[:, 1 + 2 * layer], pieces[:, 2 + 2 * layer]
         labels = self.labels if labels is None else labels
-        return pca.RecordedBatch(
-            record, None if labels is None else labels[start : start + len(pieces)], self.image_size
-        )
+        return RecordedBatch(record, None if labels is None else labels[start : start + len(pieces)], self.image_size)
 
     @torch.no_grad()
     def contributions(self, ln_mean: str = "shared") -> torch.Tensor:
@@ -307,7 +306,7 @@ def collect_units(
     total = _images_in(batches)
     shown = progress and rank == 0
     bar = tqdm(total=total and -(-total // world), unit="img", desc=desc, disable=not shown)  # images/s, ETA if known
-    for batch in pca.recorded_batches(arch, _shard(batches, world, rank), desc, label_column):
+    for batch in recorded_batches(arch, _shard(batches, world, rank), desc, label_column):
         store.add(batch.record, batch.labels)
         store.image_size = batch.image_size
         bar.update(len(batch.record.embedding))
@@ -376,7 +375,7 @@ def fit_residual_bases(
     """
     store = UnitStore(residual_tuner(model).arch, max_unit_bytes) if keep_units else None
 
-    def keep(batch: pca.RecordedBatch) -> None:
+    def keep(batch: RecordedBatch) -> None:
         store.add(batch.record, batch.labels)
         store.image_size = batch.image_size
 

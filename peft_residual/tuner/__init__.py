@@ -7,14 +7,13 @@ from .config import PRESETS, ResiDualConfig, ResiDualInputError
 from .decomposition import UnitRecord, Units, decompose_units, recording
 from .layer import ResiDualLayer, ResiDualReadoutLayer, ResiDualUnitLayer, active_adapter
 from .model import ResiDualModel, residual_tuner
-from .pca import FitReport, RecordedBatch, ResiDualBases, apply_residual_bases, get_residual_bases
+from .pca import FitReport, ResiDualBases, apply_residual_bases, get_residual_bases
 from .plan import Components, readout
 
 __all__ = [
     "PRESETS",
     "Components",
     "FitReport",
-    "RecordedBatch",
     "ResiDualBases",
     "ResiDualConfig",
     "ResiDualInputError",

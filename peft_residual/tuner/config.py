@@ -38,6 +38,10 @@ def head_of(name: str) -> tuple[int, int] | None:
     return (int(match[1]), int(match[2])) if match and match[2] is not None else None
 
 
+def _non_empty_list(value: Any, valid: Any) -> bool:
+    return isinstance(value, (list, tuple)) and bool(value) and all(valid(item) for item in value)
+
+
 @dataclass
 class ResiDualConfig(PeftConfig):
     """ResiDual: per-unit spectral rescaling of a ViT's residual units (arXiv 2411.00246), in readout form.
@@ -190,11 +194,7 @@ class ResiDualConfig(PeftConfig):
             if value not in choices(name):
                 raise ResiDualInputError(f"ResiDualConfig.{name} must be one of {choices(name)}, got {value!r}.")
         elif name == "layers" and value is not None:
-            if (
-                not isinstance(value, (list, tuple))
-                or not value
-                or not all(isinstance(i, int) and not isinstance(i, bool) for i in value)
-            ):
+            if not _non_empty_list(value, lambda i: isinstance(i, int) and not isinstance(i, bool)):
                 raise ResiDualInputError(
                     f"ResiDualConfig.layers must be a non-empty list of ints or None, got {value!r}; "
                     "e.g. layers=[5] for one layer."
@@ -205,11 +205,7 @@ class ResiDualConfig(PeftConfig):
         elif name == "centre" and not isinstance(value, bool):
             raise ResiDualInputError(f"ResiDualConfig.centre must be True or False, got {value!r}.")
         elif name == "heads" and value is not None:
-            if (
-                not isinstance(value, (list, tuple))
-                or not value
-                or not all(isinstance(h, str) and head_of(h) for h in value)
-            ):
+            if not _non_empty_list(value, lambda h: isinstance(h, str) and head_of(h)):
                 raise ResiDualInputError(
                     f"ResiDualConfig.heads must be a non-empty list of names like 'layer11.head3', got {value!r}."
                 )

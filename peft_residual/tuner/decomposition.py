@@ -143,6 +143,8 @@ class UnitRecord:
 class _RecordStack(threading.local):
     def __init__(self) -> None:
         self.records: list[UnitRecord] = []
+        self.handed_over: UnitRecord | None = None
+        """A finished pass's record, off the stack, for a readout outside its tower (see :func:`capture`)."""
 
 
 _STACK = _RecordStack()
@@ -158,19 +160,38 @@ def capture(arch: Architecture, kind: str, layer: int | None, inputs: tuple, out
     """Store one unit module's piece in this thread's open record. The embedding, which runs first, opens a record
     when none is waiting (nothing open, or the open one already has its embedding: a nested forward)."""
     record = current_record()
-    if kind == "embedding" and (record is None or record.embedding is not None):
-        record = UnitRecord(opened_by_embedding=True)
-        _STACK.records.append(record)
-    if record is not None:
-        record.capture(arch, kind, layer, inputs, output)
+    if kind == "embedding":
+        _STACK.handed_over = None  # a new pass: a record a tower run alone handed over is stale
+        if record is None or record.embedding is not None:
+            record = UnitRecord(opened_by_embedding=True)
+            _STACK.records.append(record)
+    if record is None:
+        return
+    record.capture(arch, kind, layer, inputs, output)
+    if (
+        record.opened_by_embedding
+        and kind == "mlps"
+        and layer == arch.num_layers - 1
+        and not _tower_holds_readout(arch)
+    ):
+        # the tower's last unit, its readout outside it (a two-tower model's projection): the record leaves the stack
+        # now, held for that readout until the next pass starts, so that a tower run alone leaves no record open
+        _STACK.handed_over = _STACK.records.pop()
+
+
+def _tower_holds_readout(arch: Architecture) -> bool:
+    return not arch.spec.tower or arch.readout_path.startswith(f"{arch.spec.tower}.")
 
 
 def take_record() -> UnitRecord | None:
     """The record the output module reads, closed if the embedding opened it; ``None`` if that module already read
-    it in this pass (BLIP's vision model calls its final norm twice)."""
-    record = current_record()
-    if record is not None and record.opened_by_embedding:
-        _STACK.records.pop()
+    it in this pass (BLIP's vision model calls its final norm twice). A record handed over by its tower's last unit
+    (see :func:`capture`) comes first."""
+    record, _STACK.handed_over = _STACK.handed_over, None
+    if record is None:
+        record = current_record()
+        if record is not None and record.opened_by_embedding:
+            _STACK.records.pop()
     if record is None or record.read_out:
         return None
     record.read_out = True

@@ -7,10 +7,10 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from itertools import islice
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -19,10 +19,12 @@ from tqdm.auto import tqdm
 
 from ..models import Architecture
 from .config import ResiDualConfig, ResiDualInputError
-from .decomposition import UnitRecord, record_backbone
 from .layer import ResiDualUnitLayer, active_adapter
 from .model import ResiDualModel, residual_tuner
 from .packing import canonical_signs, pack_orthonormal
+
+if TYPE_CHECKING:
+    from ..data.batches import RecordedBatch
 
 logger = logging.getLogger(__name__)
 
@@ -111,49 +113,6 @@ class FitReport:
         return sum(self.components.values())
 
 
-def pixel_values_of(batch: object) -> torch.Tensor:
-    """The ``pixel_values`` of a batch that is a dict holding them, or a tensor."""
-    if isinstance(batch, Mapping):
-        if "pixel_values" not in batch:
-            raise ResiDualInputError(f"Each batch must hold 'pixel_values'; this one has keys {sorted(batch)}.")
-        return batch["pixel_values"]
-    if isinstance(batch, torch.Tensor):
-        return batch
-    raise ResiDualInputError(f"Batches must be dicts with 'pixel_values' or tensors, got {type(batch).__name__}.")
-
-
-class RecordedBatch(NamedTuple):
-    """The unit pieces of one batch of images, with its labels (if any) and the images' size."""
-
-    record: UnitRecord
-    labels: torch.Tensor | None
-    image_size: tuple[int, int]
-
-
-def recorded_batches(
-    arch: Architecture, data: Iterable, where: str, label_column: str = "label"
-) -> Iterator[RecordedBatch]:
-    """A :class:`RecordedBatch` per batch of ``data``: images through the backbone once each, or batches that were
-    recorded already passed on as they are. All images must have one size."""
-    reference = next(arch.model.parameters())
-    image_size = None
-    for step, batch in enumerate(data):
-        if isinstance(batch, RecordedBatch):
-            yield batch
-            continue
-        pixel_values = arch.check_pixel_values(pixel_values_of(batch), f"{where} batch {step}")
-        if image_size not in (None, tuple(pixel_values.shape[-2:])):
-            raise ResiDualInputError(
-                f"{where} batch {step} has images of {tuple(pixel_values.shape[-2:])} px after {image_size}; use "
-                "images of one size (the size the adapter will see)."
-            )
-        image_size = tuple(pixel_values.shape[-2:])
-        labels = torch.as_tensor(batch[label_column]) if isinstance(batch, Mapping) and label_column in batch else None
-        yield RecordedBatch(
-            record_backbone(arch, pixel_values.to(reference.device, reference.dtype)), labels, image_size
-        )
-
-
 def choose_components(eigenvalues: torch.Tensor, k: int | float | None, max_rank: int) -> int:
     """Components to keep for descending ``eigenvalues``: all (``None``), a count, or a variance ratio."""
     if k is None:
@@ -202,7 +161,8 @@ def get_residual_bases(
     """Fit every unit's PCA basis and mean on reference images, and the initial scales, leaving ``model`` as it is.
 
     ``dataloader`` yields dicts with ``pixel_values`` (or tensors), all of one image size; it may also yield
-    :class:`RecordedBatch` es recorded earlier, which need no backbone pass. ``on_batch`` sees every recorded batch.
+    batches recorded earlier (``peft_residual.data.batches.RecordedBatch``), which need no backbone pass.
+    ``on_batch`` sees every recorded batch.
     Covariances are accumulated per unit in float64, never holding the encodings; with ``merge_processes=True``
     each process of a ``torch.distributed`` group passes its own share of the images and every process fits on all
     of them. ``k`` from the config is clamped to each unit's rank (``head_dim + 2`` for a head under the shared norm
@@ -212,6 +172,8 @@ def get_residual_bases(
         >>> bases = get_residual_bases(peft_model, DataLoader(reference_images, batch_size=64))
         >>> apply_residual_bases(peft_model, bases)
     """
+    from ..data.batches import recorded_batches  # data intake; the data package imports this module
+
     tuner = residual_tuner(model)
     adapter_name = adapter_name or active_adapter(tuner)
     config = tuner.peft_config[adapter_name]
