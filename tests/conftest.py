@@ -263,3 +263,13 @@ def tiny_assets(tmp_path_factory):
     word_tokenizer().save_pretrained(root / "clip")
     save_image_dataset(root / "images")
     return {"dinov2": root / "dinov2", "clip": root / "clip", "dataset": root / "images"}
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from a second intra-op thread, and on a busy machine it waits for a core (the fits
+    in test_fake_cuda and test_opcount took 5x as long with 2 threads on 2 shared cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -26,22 +26,12 @@ from peft_residual.data import load_image_dataset, prepare, sample
 
 from .conftest import CLASS_NAMES, adapter_accuracies, images
 from .scripts.count_images import count_images
+from .testing_utils import run_main
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "peft_residual.cli", *map(str, args)]
     return subprocess.run(command, capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", **_env()})
-
-
-def run_main(capfd, *args) -> tuple[int, str, str]:
-    """The CLI in this process (sparing a Python start per call): exit code, stdout, stderr."""
-    capfd.readouterr()
-    try:
-        code = main([str(a) for a in args])
-    except SystemExit as stop:
-        code = stop.code
-    captured = capfd.readouterr()
-    return code, captured.out, captured.err
 
 
 def _env() -> dict:

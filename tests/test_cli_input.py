@@ -10,6 +10,8 @@ import pytest
 
 from peft_residual.cli import build_parser, main
 
+from .testing_utils import run_main
+
 COMMANDS = ["train", "eval", "fit", "push", "rank-heads", "analyze"]
 
 
@@ -41,14 +43,9 @@ def test_model_help_names_every_supported_family():
 
 
 def one_line_error(capfd, *args) -> str:
-    capfd.readouterr()
-    try:
-        code = main([str(a) for a in args])
-    except SystemExit as stop:
-        code = stop.code
-    captured = capfd.readouterr()
-    lines = captured.err.strip().splitlines()
-    assert code == 2 and len(lines) == 1, (code, captured.err[-3000:])
+    code, _, err = run_main(capfd, *args)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, (code, err[-3000:])
     assert lines[0].startswith("peft-residual: error: "), lines[0]
     return lines[0]
 

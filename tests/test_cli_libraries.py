@@ -10,11 +10,11 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from peft_residual.cli import main
 from peft_residual.models.loading import image_preprocessor, load_tokenizer, load_vision_model, model_source
 
 from .conftest import VISION, save_image_dataset
 from .hub_server import LocalHub, Repo
+from .testing_utils import run_main
 
 # open_clip's default tokenizer (SimpleTokenizer) has open_clip's vocabulary, so the tiny text tower keeps its size
 OPEN_CLIP_CFG = {
@@ -51,16 +51,6 @@ def assets(tmp_path_factory):
     timm.models.save_for_hf(vit, root / "timm", model_args=TIMM_ARGS, safe_serialization=True)
     save_image_dataset(root / "images")
     return {"open_clip": root / "open_clip", "timm": root / "timm", "dataset": root / "images"}
-
-
-def run_main(capfd, *args) -> tuple[int, str, str]:
-    capfd.readouterr()
-    try:
-        code = main([str(a) for a in args])
-    except SystemExit as stop:
-        code = stop.code
-    captured = capfd.readouterr()
-    return code, captured.out, captured.err
 
 
 def public_api_accuracies(model_name: str, dataset, adapter, image_size=None) -> tuple[float, float]:

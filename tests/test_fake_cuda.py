@@ -47,14 +47,7 @@ THIRD_PARTY = {  # ops on the CPU that are not ResiDual's: (kind, op) -> why
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second intra-op thread, and on a busy machine it waits for a core (the fits
-    here took 5x as long with 2 threads on 2 shared cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def fitted(kind: str, adapters: tuple[str, ...] = tuple(ADAPTERS)) -> torch.nn.Module:

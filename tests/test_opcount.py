@@ -26,14 +26,7 @@ CONFIGS = {"k=64 heads": ResiDualConfig(k=64), "ResiDual": ResiDualConfig.preset
 LAYERS = 12  # DINOv2-S's depth: the readout's fixed ops weigh as they do there
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second intra-op thread, and on a busy machine it waits for a core (the fits
-    here took 5x as long with 2 threads on 2 shared cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_counter_counts_kernels_not_views():

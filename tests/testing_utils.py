@@ -1,4 +1,5 @@
-"""Helpers shared by test files: a fitted adapter and the independent float64 oracle of its output."""
+"""Helpers shared by test files: a fitted adapter, the independent float64 oracle of its output, and the CLI run
+in this process."""
 
 import copy
 
@@ -6,6 +7,7 @@ import torch
 from peft import get_peft_model
 
 from peft_residual import fit_residual_bases
+from peft_residual.cli import main
 
 from .conftest import loader, make_model, model_output
 
@@ -154,3 +156,14 @@ def reference_float64(model, x):
         elif config.rest == "mean":
             out += mean
     return out
+
+
+def run_main(capfd, *args) -> tuple[int, str, str]:
+    """The CLI in this process (sparing a Python start per call): exit code, stdout, stderr."""
+    capfd.readouterr()
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as stop:
+        code = stop.code
+    captured = capfd.readouterr()
+    return code, captured.out, captured.err
