@@ -22,7 +22,10 @@ compat.install()  # PeftType.RESIDUAL, the tuner's registration, and ResiDual's 
 
 _EXPORTS = {
     "analysis.ranking": ["HeadRanking", "ablated_output", "ablation_accuracy", "rank_heads", "ranking_curves"],
-    "classifiers": ["CentroidClassifier", "Classifier", "ZeroShotClassifier", "default_classifier", "load_templates"],
+    "classifiers": [
+        "CentroidClassifier", "Classifier", "LinearClassifier", "ZeroShotClassifier", "default_classifier",
+        "load_templates",
+    ],
     "compat": ["RESIDUAL_PEFT_TYPE"],
     "data": ["UnitStore", "base_embeddings", "collect_units", "fit_residual_bases", "holdout", "stratified_split"],
     "hub": ["model_card", "push_adapter_to_hub"],

@@ -14,8 +14,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .data.units import UnitStore
+from .errors import ResiDualInputError
 from .inference import embed_batches
-from .tuner.config import ResiDualInputError
 from .tuner.pca import sum_across_processes
 
 
@@ -87,9 +87,12 @@ class Classifier(nn.Module):
             meta = json.loads(path.read_text())
         except json.JSONDecodeError as error:
             raise ResiDualInputError(f"{path} is not valid JSON ({error}); save the classifier again.") from None
-        kinds = {c.kind: c for c in (ZeroShotClassifier, CentroidClassifier)}
+        kinds = {c.kind: c for c in (ZeroShotClassifier, CentroidClassifier, LinearClassifier)}
         if meta.get("kind") not in kinds:
             raise ResiDualInputError(f"{directory}/classifier.json has unknown kind {meta.get('kind')!r}.")
+        if meta["kind"] == LinearClassifier.kind:
+            tensors = load_file(directory / "classifier.safetensors")
+            return LinearClassifier(tensors["weight"], tensors["bias"], meta["class_names"])
         weights = load_file(directory / "classifier.safetensors")["weights"]
         classifier = kinds[meta["kind"]](weights, meta["scale"], meta["class_names"])
         classifier.weights.copy_(weights)  # as saved, not normalised a second time
@@ -290,6 +293,106 @@ class CentroidClassifier(Classifier):
             desc="Class centroids",
         )  # fmt: skip
         return cls.from_features(features, labels, class_names, scale, average)
+
+
+class LinearClassifier(Classifier):
+    """A trainable linear head, logits ``x @ weight.T + bias`` on the (adapted) embedding: what
+    ``train_residual(..., head="linear")`` trains together with the scales, and what a ``*ForImageClassification``
+    model's ``classifier`` computes. It starts from a frozen head (:meth:`from_classifier`).
+
+    Example:
+        >>> head = LinearClassifier.from_classifier(centroids, embeddings)  # the centroids' logits, as a linear map
+        >>> head(embed_images(peft_model, x)).argmax(-1)
+    """
+
+    kind = "linear"
+    head_name = "linear head"
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, class_names: Sequence[str]) -> None:
+        nn.Module.__init__(self)  # no normalised class vectors: the weights are trained as they are
+        if len(class_names) == 0:
+            raise ResiDualInputError("The class list is empty; give at least one class name.")
+        if weight.dim() != 2 or weight.shape[0] != len(class_names) or tuple(bias.shape) != (len(class_names),):
+            raise ResiDualInputError(
+                f"A linear head needs weight [classes, dim] and bias [classes] for {len(class_names)} class names, "
+                f"got {tuple(weight.shape)} and {tuple(bias.shape)}."
+            )
+        self.weight = nn.Parameter(weight.detach().clone())
+        self.bias = nn.Parameter(bias.detach().clone())
+        self.scale = 1.0
+        self.class_names = list(class_names)
+
+    @property
+    def weights(self) -> torch.Tensor:
+        """The weight matrix ``[classes, dim]`` (what run fingerprints hash)."""
+        return self.weight
+
+    @classmethod
+    @torch.no_grad()
+    def from_classifier(
+        cls, classifier: Classifier, features: torch.Tensor | float, dtype: torch.dtype = torch.float32
+    ) -> LinearClassifier:
+        """A linear head that starts where ``classifier`` is: a copy of a linear head, or for a frozen head
+        (``scale * normalize(x) @ weights.T``) the linear map ``scale * weights / r`` with ``r`` the mean norm of
+        ``features`` (embeddings ``[n, dim]``, or that norm itself) and no bias, which gives the frozen head's logits
+        for an embedding of typical norm."""
+        if isinstance(classifier, LinearClassifier):
+            return cls(classifier.weight.to(dtype), classifier.bias.to(dtype), classifier.class_names)
+        norm = float(features.double().norm(dim=-1).mean()) if isinstance(features, torch.Tensor) else float(features)
+        if not math.isfinite(norm) or norm <= 0:
+            raise ResiDualInputError(f"A linear head starts from embeddings of positive finite norm, got {norm}.")
+        weight = classifier.scale * classifier.weights.double() / norm
+        return cls(weight.to(dtype), weight.new_zeros(len(weight)).to(dtype), classifier.class_names)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        dtype = torch.promote_types(features.dtype, self.weight.dtype)
+        return F.linear(features.to(dtype), self.weight.to(dtype), self.bias.to(dtype))
+
+    @torch.no_grad()
+    def copy_into(self, model: nn.Module) -> nn.Linear:
+        """Write this head into the classifier of ``model``, a ResiDual ``PeftModel`` of a
+        ``ViTForImageClassification`` or ``Dinov2ForImageClassification``: the active adapter's copy when
+        ``modules_to_save`` holds the classifier (so ``save_pretrained`` saves it), else the model's own. DINOv2's
+        classifier reads ``[CLS, mean of the patch tokens]``: the patch-mean half of its weights is set to zero, so
+        the model's logits are this head's on the adapted embedding. Returns the module written.
+
+        Example:
+            >>> LinearClassifier.from_classifier(centroids, base_embeddings(train_units)[0]).copy_into(peft_model)
+        """
+        from .tuner import active_adapter, residual_tuner
+
+        tuner = residual_tuner(model)
+        path, reads = tuner.arch.spec.classifier, tuner.arch.spec.classifier_input
+        if path is None:
+            raise ResiDualInputError(
+                f"{type(tuner.model).__name__} has no classifier to write a head into; use the head on "
+                "embed_images' output, or a ViTForImageClassification / Dinov2ForImageClassification base."
+            )
+        module = tuner.model.get_submodule(path)
+        copies = getattr(module, "modules_to_save", {})
+        adapter = active_adapter(tuner)
+        target = copies[adapter] if adapter in copies else getattr(module, "original_module", module)
+        weight = self.weight.detach()
+        if reads == "cls+patch_mean":
+            weight = torch.cat([weight, torch.zeros_like(weight)], dim=1)
+        if not isinstance(target, nn.Linear) or target.weight.shape != weight.shape or target.bias is None:
+            shape = tuple(target.weight.shape) if isinstance(target, nn.Linear) else type(target).__name__
+            raise ResiDualInputError(
+                f"The model's classifier is {shape}, but this head needs a linear map with a bias, weight "
+                f"{tuple(weight.shape)}; build the model with num_labels={self.num_classes}."
+            )
+        target.weight.copy_(weight.to(target.weight))
+        target.bias.copy_(self.bias.detach().to(target.bias))
+        return target
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write ``classifier.safetensors`` (weight and bias, float32) and ``classifier.json``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {"weight": self.weight.detach().float().contiguous(), "bias": self.bias.detach().float().contiguous()}
+        save_file({name: tensor.cpu() for name, tensor in tensors.items()}, directory / "classifier.safetensors")
+        meta = {"kind": self.kind, "scale": self.scale, "class_names": self.class_names}
+        (directory / "classifier.json").write_text(json.dumps(meta, indent=1))
 
 
 def default_classifier(

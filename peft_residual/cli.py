@@ -205,10 +205,10 @@ def cmd_train(args: argparse.Namespace) -> None:
     result = train_residual(
         model, classifier, train_units, val_units, lr=lr, batch_size=args.batch_size, max_epochs=args.epochs,
         patience=args.patience, seed=args.seed, output_dir=Path(args.output) / "checkpoint", progress=not args.quiet,
-        resume=not args.overwrite,
+        resume=not args.overwrite, head=args.head, head_lr=args.head_lr,
     )  # fmt: skip
     model.save_pretrained(args.output)
-    classifier.save_pretrained(Path(args.output) / "classifier")
+    (result.head or classifier).save_pretrained(Path(args.output) / "classifier")  # the head eval reads
     summary = {"dataset": args.dataset, **model.peft_config["default"].training_summary}
     (Path(args.output) / "training.json").write_text(json.dumps(summary, indent=1))
     print(f"best validation accuracy {100 * result.best_val_accuracy:.1f}% after {result.epochs_run} epochs; "
@@ -443,6 +443,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--patience", type=_positive_int, default=5, help="stop after this many epochs without a better validation"
     )
     train.add_argument("--lr", default="0.8", help="learning rate, or 'auto' for an LR range test")
+    train.add_argument(
+        "--head", choices=["frozen", "linear"], default="frozen",
+        help="frozen: train the scales against the classifier; linear: also train a linear head on the adapted "
+        "embedding, starting from that classifier, saved as ADAPTER/classifier",
+    )  # fmt: skip
+    train.add_argument("--head-lr", type=float, default=1e-3, help="learning rate of the linear head (--head linear)")
     train.add_argument("--output", required=True, help="directory for the adapter, classifier and checkpoint")
     train.add_argument(
         "--overwrite", action="store_true", help="start fresh even if --output holds another run's checkpoint"
@@ -514,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"peft-residual: error: --lr must be a number or 'auto', got {args.lr!r}", file=sys.stderr)
             return 2
     from .data import keep_freed_memory
-    from .tuner.config import ResiDualInputError
+    from .errors import ResiDualInputError
 
     keep_freed_memory()  # this process is the CLI's: its forwards reuse the pages they free (glibc)
     try:

@@ -73,8 +73,8 @@ def _wrap(name: str, replacement) -> None:
 
 
 def _save_pretrained(original, model, save_directory: str, *args: Any, **kwargs: Any) -> None:
+    from .errors import ResiDualInputError
     from .hub import save_adapter_atomically
-    from .tuner.config import ResiDualInputError
 
     if kwargs.get("safe_serialization", args[0] if args else True) is False:
         raise ResiDualInputError(
@@ -111,7 +111,7 @@ def _name_malformed_config_files() -> None:
 
     @functools.wraps(original)
     def from_json_file(cls, path_json_file: str, **kwargs: Any) -> dict:
-        from .tuner.config import ResiDualInputError
+        from .errors import ResiDualInputError
 
         try:
             return original(cls, path_json_file, **kwargs)

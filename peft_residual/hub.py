@@ -23,8 +23,9 @@ from peft import PeftModel
 from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 from safetensors import SafetensorError, safe_open
 
+from .errors import ResiDualInputError
 from .tuner import ResiDualConfig, residual_tuner
-from .tuner.config import SEMANTIC_FIELDS, ResiDualInputError
+from .tuner.config import SEMANTIC_FIELDS
 
 ADAPTER_FILES = (CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME)
 
@@ -83,7 +84,7 @@ def model_card(model: PeftModel, adapter_name: str | None = None, training: dict
         raise ResiDualInputError(f"Adapter {adapter_name!r} is not a ResiDual adapter.")
     base_model = config.base_model_name_or_path
     training = {**(config.training_summary or {}), **(training or {})}
-    scales = sum(p.numel() for n, p in model.named_parameters() if n.endswith(f"residual_lambda.{adapter_name}"))
+    scales = sum(scale.numel() for scale in residual_tuner(model).readout.scales(adapter_name))
     tags = ["residual", "peft_residual", *([base_model] if base_model else [])]
     data = ModelCardData(library_name="peft", base_model=base_model, tags=tags, datasets=training.get("datasets"))
     settings = {key: value for key, value in config.to_dict().items() if key in SEMANTIC_FIELDS}

@@ -12,15 +12,17 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .compat import is_residual_model
+from .errors import ResiDualInputError
 from .models import architecture_of
-from .tuner.config import ResiDualInputError
+from .tuner.batches import pixel_values_of
 from .tuner.decomposition import BASE
 
 
 def embed_images(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
     """The model's image embedding: ``image_embeds`` with a projection, else ``pooler_output`` (the normed CLS
-    token for ViT, whose pooler is a further tanh layer); for open_clip ``encode_image`` (unnormalised), for timm
-    the model's output.
+    token for ViT, whose pooler is a further tanh layer); for an image classifier (``ViTForImageClassification``,
+    ``Dinov2ForImageClassification``) its tower's, the CLS embedding its head reads; for open_clip
+    ``encode_image`` (unnormalised), for timm the model's output.
 
     For a ``PeftModel`` with an active ResiDual adapter this is the adapted embedding.
 
@@ -36,6 +38,9 @@ def embed_images(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
     if arch.spec.vision_config:  # BLIP retrieval: its contrastive head, the tower's normed CLS through vision_proj
         cls_token = arch.tower(pixel_values=pixel_values).last_hidden_state[:, 0]
         return arch.model.get_submodule(arch.spec.projection)(cls_token)
+    if arch.spec.classifier:  # an image classifier's output is logits: the embedding is its tower's
+        output = arch.tower(pixel_values=pixel_values)
+        return output.last_hidden_state[:, 0] if arch.spec.pooled == "cls" else output.pooler_output
     output = model(pixel_values=pixel_values)
     embeds = getattr(output, "image_embeds", None)
     if embeds is not None:
@@ -135,8 +140,6 @@ def _embedded(
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Every batch's checked pixels through ``embed`` (named embeddings), gathered float32 on the CPU, with the
     checked labels."""
-    from .data.batches import pixel_values_of  # the data package imports this module
-
     arch = architecture_of(model)
     reference = next(model.parameters())
     features, labels = defaultdict(list), []

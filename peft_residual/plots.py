@@ -5,7 +5,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from .tuner.config import ResiDualInputError
+from .errors import ResiDualInputError
 
 
 def _pyplot():

@@ -1,9 +1,10 @@
-"""ResiDualConfig stands alone (peft, the standard library and torch), reads its allowed values off its Literal
-annotations, and refuses a bad value when it is created, loaded or set."""
+"""ResiDualConfig stands alone (peft, the standard library, torch and the package's two leaf modules), reads its
+allowed values off its Literal annotations, and refuses a bad value when it is created, loaded or set."""
 
 from __future__ import annotations
 
 import ast
+import importlib
 import json
 import re
 import sys
@@ -19,14 +20,26 @@ from peft_residual.tuner import config as config_module
 from .conftest import make_model
 from .testing_utils import fitted
 
+LEAVES = {"errors", "unit_names"}
+"""The package's leaf modules: they import nothing from the package, so the config may import them."""
 
-def test_config_imports_only_peft_the_standard_library_and_torch():
-    tree = ast.parse(Path(config_module.__file__).read_text())
+
+def _imports(module) -> tuple[set[str], set[str]]:
+    """The roots of the absolute imports of ``module``'s file, and the modules its relative imports name."""
+    tree = ast.parse(Path(module.__file__).read_text())
     imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level == 0}
-    assert not [node for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level > 0]
-    roots = {name.split(".")[0] for name in imported}
+    relative = [node for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level > 0]
+    return {name.split(".")[0] for name in imported}, {"." * node.level + (node.module or "") for node in relative}
+
+
+def test_config_imports_only_peft_the_standard_library_torch_and_the_leaves():
+    roots, relative = _imports(config_module)
     assert roots <= {"peft", "torch", "__future__"} | set(sys.stdlib_module_names), roots
+    assert relative <= {f"..{leaf}" for leaf in LEAVES}, relative
+    for leaf in LEAVES:
+        roots, relative = _imports(importlib.import_module(f"peft_residual.{leaf}"))
+        assert roots <= {"__future__"} | set(sys.stdlib_module_names) and not relative, (leaf, roots, relative)
 
 
 @pytest.mark.parametrize("name", ["units", "rest", "remainder", "lambda_init", "scale_per", "ln_mean", "basis_dtype"])

@@ -13,7 +13,8 @@ from collections.abc import Sequence
 
 import torch
 
-from ..tuner.config import UNIT_NAME, ResiDualInputError
+from ..errors import ResiDualInputError
+from ..unit_names import UNIT_NAME
 
 
 @torch.no_grad()

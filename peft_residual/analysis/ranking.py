@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from ..classifiers import Classifier
+from ..errors import ResiDualInputError
 from ..inference import accuracy
-from ..tuner.config import ResiDualInputError
 
 CRITERIA = ("S", "U", "U|T", "random")
 FRACTIONS = (0.01, 0.05, 0.10, 0.25, 0.50)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..tuner.config import ResiDualInputError
+from ..errors import ResiDualInputError
 
 
 @dataclass

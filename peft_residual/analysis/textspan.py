@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..tuner.config import ResiDualInputError
+from ..errors import ResiDualInputError
 
 
 def default_text_bank() -> list[str]:

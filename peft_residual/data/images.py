@@ -14,8 +14,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from transformers import AutoImageProcessor
 
+from ..errors import ResiDualInputError
 from ..inference import check_labels
-from ..tuner.config import ResiDualInputError
 from .units import UnitStore, content_hash
 
 logger = logging.getLogger(__name__)

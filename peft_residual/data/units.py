@@ -32,12 +32,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..errors import ResiDualInputError
 from ..models import Architecture, architecture_of
 from ..tuner import pca
-from ..tuner.config import ResiDualInputError
+from ..tuner.batches import RecordedBatch, recorded_batches
 from ..tuner.decomposition import UnitRecord
 from ..tuner.model import residual_tuner
-from .batches import RecordedBatch, recorded_batches
 
 logger = logging.getLogger(__name__)
 

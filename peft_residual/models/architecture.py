@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from ..tuner.config import ResiDualInputError, unit_name
+from ..errors import ResiDualInputError
+from ..unit_names import unit_name
 from .registry import find_base_model, spec_of
 from .spec import ArchitectureSpec, Sizes, base_module
 
@@ -47,7 +48,7 @@ def check_normalised(pixel_values: torch.Tensor, where: str, in_forward: bool = 
             f"shape {tuple(pixel_values.shape)}; add a batch dimension to a single image (x[None]) and skip empty "
             "batches."
         )
-    within = pixel_values.detach().abs().amax() <= PIXEL_LIMIT
+    within = torch.linalg.vector_norm(pixel_values.detach(), float("inf")) <= PIXEL_LIMIT  # max |x|, one kernel
     if in_forward:
         torch._assert_async(within, unnormalised_message(where))
     elif not bool(within):

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..tuner.config import ResiDualInputError
+from ..errors import ResiDualInputError
 from .registry import ARCHITECTURES, REFUSED, find_base_model
 
 HF_HUB = "hf-hub:"

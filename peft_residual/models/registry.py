@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from ..tuner.config import ResiDualInputError
+from ..errors import ResiDualInputError
 from .spec import ArchitectureSpec
 
 SpecOf = Callable[[nn.Module], ArchitectureSpec]

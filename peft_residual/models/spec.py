@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from ..tuner.config import ResiDualInputError
+from ..errors import ResiDualInputError
 
 
 class Sizes(NamedTuple):
@@ -62,10 +62,18 @@ class ArchitectureSpec:
     readout then replaces the tower's output."""
     keyword_input: bool = True
     """Whether the tower takes ``pixel_values=`` (transformers) or the images as its first argument."""
+    classifier: str | None = None
+    """The classification head of a ``*ForImageClassification`` model, which reads the decomposed embedding (so
+    ResiDual adapts its input), or ``None``. The model's output is then the head's logits, and the embedding is
+    read off ``tower``."""
+    classifier_input: str = "cls"
+    """What ``classifier`` reads: ``"cls"`` (the decomposed embedding, ViT), or ``"cls+patch_mean"`` (DINOv2:
+    ``[CLS, mean of the patch tokens]`` of the normed sequence, whose CLS half is adapted and whose patch mean stays
+    the base model's)."""
 
     def under(self, prefix: str, **changes: Any) -> ArchitectureSpec:
         """This spec for the same tower inside a larger model, at submodule ``prefix``, with ``changes``."""
-        names = ("embedding", "attention_out", "mlp_out", "mlp", "final_norm")
+        names = ("embedding", "attention_out", "attention_layer_scale", "mlp_out", "mlp", "final_norm")
         paths = {name: f"{prefix}.{getattr(self, name)}" for name in names if getattr(self, name) is not None}
         return ArchitectureSpec(**{**self.__dict__, **paths, **changes})
 

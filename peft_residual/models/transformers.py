@@ -1,5 +1,6 @@
 """Vision transformers of ``transformers``: CLIP, DINOv2, ViT and BLIP (each tower alone, and inside the model that
-adds its projection or text tower), and the classes refused with the reason (SigLIP, ``BlipModel``).
+adds its projection or text tower), ViT's and DINOv2's image classifiers, and the classes refused with the reason
+(SigLIP, ``BlipModel``, ``CLIPForImageClassification``).
 
 Each class has one fixed :class:`.ArchitectureSpec`; its sizes come from the model's (vision) config. This module
 names classes only; it never imports transformers.
@@ -66,6 +67,17 @@ SPECS: dict[str, ArchitectureSpec] = {
 }
 """The fixed spec of each transformers class."""
 
+# The image classifiers whose head reads the decomposed embedding: ResiDual adapts exactly what the head reads.
+# ViTForImageClassification classifies the normed CLS token, last_hidden_state[:, 0], ViTModel's embedding.
+# Dinov2ForImageClassification classifies [CLS, mean of the patch tokens] of the normed sequence: the readout replaces
+# the CLS token of that sequence, so the head reads the adapted CLS beside the base model's patch mean (a mean over
+# tokens, each normed at its own statistics, is not the CLS sum of units ResiDual decomposes; it stays exact, as
+# the base model computes it).
+SPECS["ViTForImageClassification"] = SPECS["ViTModel"].under("vit", tower="vit", classifier="classifier")
+SPECS["Dinov2ForImageClassification"] = SPECS["Dinov2Model"].under(
+    "dinov2", tower="dinov2", classifier="classifier", classifier_input="cls+patch_mean"
+)
+
 
 @register_model(*SPECS)
 def transformers_spec(model: nn.Module) -> ArchitectureSpec:
@@ -79,6 +91,14 @@ _SIGLIP = (
     "pooled output that is a linear readout of one token (CLIP, DINOv2, ViT, BLIP)."
 )
 refuse_model("SiglipVisionModel", "SiglipModel", "Siglip2VisionModel", "Siglip2Model", reason=_SIGLIP)
+refuse_model(
+    "CLIPForImageClassification",
+    reason="Its classifier reads the mean of the patch tokens of CLIP's last_hidden_state, taken before "
+    "post_layernorm: neither the CLS token nor normed, so not the sum of units ResiDual adapts, and ResiDual cannot "
+    "change what this head reads. Use CLIPVisionModel (its pooler_output is the adapted CLS embedding) or "
+    "CLIPVisionModelWithProjection / CLIPModel with a ZeroShotClassifier, and train a head on the adapted embedding "
+    "with train_residual(..., head='linear') (CLI: peft-residual train --head linear).",
+)
 refuse_model(
     "BlipModel",
     reason="BlipModel's image features normalise the CLS token twice (post_layernorm, then again on the pooled "

@@ -21,9 +21,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ..data.units import UnitStore
+from ..errors import ResiDualInputError
 from ..inference import check_labels
 from ..tuner import active_adapter, residual_tuner
-from ..tuner.config import ResiDualInputError
 from ..tuner.decomposition import UnitRecord, record_backbone
 from ..tuner.plan import TILE, readout
 

@@ -31,9 +31,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ..data.units import ShardLayout, UnitStore
+from ..errors import ResiDualInputError
 from ..inference import check_labels
 from ..tuner import active_adapter, residual_tuner
-from ..tuner.config import ResiDualInputError
 from ..tuner.plan import TILE
 from .cache import CACHE_DTYPE, Batch, EncodeOptions, encode_batch, encode_recorded
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import ResiDualInputError
 from ..tuner import active_adapter, readout, residual_tuner
-from ..tuner.config import ResiDualInputError
 
 TRAINING_DTYPE = torch.float64
 """The scales, their optimiser state, the adapted output and every sum over samples are float64."""

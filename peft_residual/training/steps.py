@@ -19,7 +19,7 @@ from accelerate import Accelerator
 from schedulefree import AdamWScheduleFree
 
 from ..classifiers import Classifier
-from ..tuner.config import ResiDualInputError
+from ..errors import ResiDualInputError
 from .cache import StreamedUnits, UnitCache
 from .disk_cache import DiskUnitCache
 from .scales import ScaleSet
@@ -66,15 +66,19 @@ def train_step(
     accelerator: Accelerator | None,
     check_finite: bool = True,
 ) -> float:
-    """One optimiser step on a global batch; returns its mean loss over all processes."""
+    """One optimiser step on a global batch; returns its mean loss over all processes. A classifier with trainable
+    parameters (a :class:`~peft_residual.classifiers.LinearClassifier`) gets their gradients too; they are cleared
+    after the step, so an optimiser that holds only the scales (the LR range test) never sees them."""
     scores, offset, labels, size = batch
     logits = classifier(scales.output(scores, offset))
     loss = F.cross_entropy(logits, labels.to(logits.device), reduction="sum") / size
     loss.backward()
-    for param in scales.params:
+    params = [*scales.params, *(p for p in classifier.parameters() if p.requires_grad)]
+    for param in params:
         param.grad = _sum(accelerator, param.grad)
     optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    for param in params:
+        param.grad = None
     value = float(_sum(accelerator, loss.detach()))
     if check_finite and not (math.isfinite(value) and bool(torch.isfinite(scales.values).all())):
         raise ResiDualInputError(

@@ -24,10 +24,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm.auto import tqdm
 
-from ..classifiers import Classifier
+from ..classifiers import Classifier, LinearClassifier
 from ..data import check_dataset, dataset_identity, stratified_split
 from ..data.units import UnitStore, collect_units, content_hash
-from ..tuner.config import ResiDualInputError
+from ..errors import ResiDualInputError
+from ..tuner import residual_tuner
 from .cache import EncodeOptions, StreamedUnits, UnitCache, available_memory_bytes, encode_dataset
 from .checkpoint import load_checkpoint, save_checkpoint
 from .disk_cache import encode_to_disk
@@ -53,6 +54,16 @@ class TrainingResult:
     history: list[dict] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     """Wall time of the phases, ``cache`` (encoding), ``lr_range`` and ``train``, and ``total``, the whole call."""
+    head: LinearClassifier | None = None
+    """The trained linear head on the adapted embedding (``head="linear"``, or a classifier in
+    ``modules_to_save``), at its best epoch; ``None`` when the classifier stayed frozen."""
+
+
+HEADS = (None, "frozen", "linear")
+"""What :func:`train_residual` does with the classifier: keep it frozen (``None``, ``"frozen"``), or train a linear
+head that starts from it together with the scales (``"linear"``)."""
+HEAD_LR = 1e-3
+"""The default learning rate of a trained head (its own parameter group; the scales keep ``lr``)."""
 
 
 def default_accelerator() -> Accelerator:
@@ -165,6 +176,8 @@ def train_residual(
     progress: bool = True,
     on_epoch_end: Callable[[dict], None] | None = None,
     resume: bool = True,
+    head: str | None = None,
+    head_lr: float = HEAD_LR,
 ) -> TrainingResult:
     """Train the ResiDual scales of ``model`` (fitted with :func:`fit_residual_bases`) against ``classifier``.
 
@@ -178,10 +191,20 @@ def train_residual(
     ``cache_dir`` (default: ``output_dir/unit-cache`` when checkpointing, else a temporary directory), where an
     interrupted encoding resumes at its last complete shard; under several processes it must be a directory they
     all read.
-    ``lr="auto"`` runs an LR range test first. With ``output_dir``, the main process writes an atomic checkpoint
-    after every epoch, and the same call after an interruption resumes from the last completed epoch. A checkpoint
-    of any other run is refused before any encoding, naming what differs (bases, classifier, the images or labels
-    of either split, hyper-parameters); ``resume=False`` ignores it and starts fresh.
+    ``head="linear"`` trains a linear head on the adapted embedding together with the scales, on the same cache
+    (one backbone pass still suffices), with its own rate ``head_lr``; it starts from ``classifier`` (class
+    centroids or a text head, see :meth:`LinearClassifier.from_classifier`) and is returned in
+    :attr:`TrainingResult.head`. An adapter whose ``modules_to_save`` holds the model's own classifier (a
+    ``ViTForImageClassification`` or ``Dinov2ForImageClassification`` with ``modules_to_save=["classifier"]``)
+    trains that head this way by default, and its trained weights are written into the adapter's copy, so
+    ``save_pretrained`` saves them and the model's logits are the trained head's. DINOv2's classifier reads
+    ``[CLS, mean of the patch tokens]``; the cache holds only the CLS units, so the head is trained on the adapted CLS
+    and the patch-mean half of its weights is set to zero (the model's logits then equal the trained head's exactly).
+    ``lr="auto"`` runs an LR range test first (for the scales, the head held at its start). With ``output_dir``,
+    the main process writes an atomic checkpoint after every epoch (the head's state too), and the same call after
+    an interruption resumes from the last completed epoch. A checkpoint of any other run is refused before any
+    encoding, naming what differs (bases, classifier, the images or labels of either split, hyper-parameters);
+    ``resume=False`` ignores it and starts fresh.
 
     Example:
         >>> result = train_residual(peft_model, classifier, train_dataset, lr=0.8)
@@ -196,12 +219,13 @@ def train_residual(
             f"Adapter '{scales.adapter}' was loaded for inference (PeftModel.from_pretrained's default "
             "is_trainable=False); load it with is_trainable=True to train its scales."
         )
-    if scales.config.modules_to_save:
-        raise ResiDualInputError(
-            f"Adapter '{scales.adapter}' also trains modules_to_save={scales.config.modules_to_save}, which "
-            "train_residual cannot: it trains the scales on cached units of the frozen backbone. Train such an "
-            "adapter with a loop that runs the model (e.g. transformers.Trainer), or drop modules_to_save."
-        )
+    saved_head = _saved_classifier(model, scales, classifier, head)
+    head = "linear" if head is None and saved_head is not None else head
+    if head not in HEADS:
+        raise ResiDualInputError(f"head must be one of {HEADS}, got {head!r}.")
+    if head == "linear" and (isinstance(head_lr, bool) or not isinstance(head_lr, (int, float)) or head_lr <= 0):
+        raise ResiDualInputError(f"head_lr must be a positive number, got {head_lr!r}.")
+    trains_head = head == "linear"
     if eval_dataset is None:
         train_dataset, eval_dataset = stratified_split(train_dataset, val_fraction, seed, label_column)
     train_dataset, eval_dataset = (
@@ -211,6 +235,8 @@ def train_residual(
     for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
         check_dataset(dataset, name, label_column, classifier.num_classes)
     settings = {"lr": lr, "batch_size": batch_size, "max_epochs": max_epochs, "patience": patience, "seed": seed}
+    if trains_head:
+        settings.update(head=head, head_lr=head_lr)
     identity, checkpoint = None, None
     if output_dir is not None:  # only a checkpointed run needs its identity (every label, or example, is hashed)
         identity = run_identity(scales, classifier, train_dataset, eval_dataset, label_column, **settings)
@@ -235,31 +261,108 @@ def train_residual(
     with _timed(seconds, "cache"):
         train = encoding.features(model, train_dataset, "train")
         val = encoding.features(model, eval_dataset, "val")
+    trained = None
+    if trains_head:  # starts from the frozen head, calibrated to the adapted embeddings' norm at the start
+        norm = _mean_norm(scales, train, batch_size, accelerator)
+        trained = LinearClassifier.from_classifier(classifier, norm, dtype=scales.values.dtype).to(scales.basis.device)
+        classifier = trained
     if checkpoint is None and lr == "auto":
         with _timed(seconds, "lr_range"):
             lr = find_learning_rate(
                 scales, classifier, train, seed=seed, batch_size=batch_size, accelerator=accelerator
             )
     lr = checkpoint[1]["lr"] if checkpoint is not None else float(lr)
-    optimizer = AdamWScheduleFree(scales.params, lr=lr)
-    stopping, best = EarlyStopping(patience, max_epochs), scales.snapshot()
+    groups = [{"params": scales.params, "lr": lr}]
+    if trained is not None:
+        groups.append({"params": list(trained.parameters()), "lr": float(head_lr)})
+    optimizer = AdamWScheduleFree(groups, lr=lr)
+    stopping, best = EarlyStopping(patience, max_epochs), _snapshot(scales, trained)
     if checkpoint is not None:
-        best = _restore(scales, optimizer, stopping, *checkpoint)
+        best = _restore(scales, trained, optimizer, stopping, *checkpoint)
 
     with _timed(seconds, "train"):
         loop = _EpochLoop(scales, classifier, optimizer, stopping, accelerator, batch_size, seed)
         best = loop.run(train, val, best, max_epochs, progress, on_epoch_end, output_dir, (lr, identity))
-    scales.load(best)
+    _load(scales, trained, best)
     scales.write_back()
+    if trained is not None and saved_head is not None:
+        trained.copy_into(model)  # into the adapter's copy of the model's classifier, saved with the adapter
+    elif trained is not None and residual_tuner(model).arch.spec.classifier:
+        logger.info(
+            "The trained head is in TrainingResult.head; the model's own classifier is not in modules_to_save, so it "
+            "stays as it was (ResiDualConfig(modules_to_save=['classifier']) trains and saves it with the adapter)."
+        )
     scales.config.training_summary = {
         "training_samples": len(train), "validation_samples": len(val), "learning_rate": lr,
         "best_validation_accuracy": round(stopping.best_accuracy, 4), "epochs": stopping.epoch,
+        **({"head": "linear", "head_learning_rate": float(head_lr)} if trained is not None else {}),
     }  # fmt: skip
     seconds["total"] = time.perf_counter() - started
     return TrainingResult(
         lr=lr, best_val_accuracy=stopping.best_accuracy, best_epoch=stopping.best_epoch, epochs_run=stopping.epoch,
         cached=location != "streamed", cache_location=location, history=stopping.history, seconds=seconds,
+        head=trained.float().requires_grad_(False) if trained is not None else None,
     )  # fmt: skip
+
+
+def _saved_classifier(model: nn.Module, scales: ScaleSet, classifier: Classifier, head: str | None) -> nn.Linear | None:
+    """The adapter's trainable copy of the model's own classifier (``modules_to_save``), if it has one; any other
+    module in ``modules_to_save`` is refused, since training on the cache reads nothing but the adapted
+    embedding."""
+    names = list(scales.config.modules_to_save or [])
+    if not names:
+        return None
+    path = residual_tuner(model).arch.spec.classifier
+    others = [name for name in names if path is None or not (path == name or path.endswith(f".{name}"))]
+    if others:
+        where = f"the model's classifier ({path!r})" if path else "a head on the adapted embedding"
+        raise ResiDualInputError(
+            f"Adapter '{scales.adapter}' also trains modules_to_save={names}, but train_residual trains, on cached "
+            f"units of the frozen backbone, only the scales and {where}; {others} read something else. Train such "
+            "an adapter with a loop that runs the model (e.g. transformers.Trainer), or drop them from "
+            "modules_to_save."
+        )
+    if head == "frozen":
+        raise ResiDualInputError(
+            f"Adapter '{scales.adapter}' trains the model's classifier (modules_to_save={names}), but head='frozen' "
+            "keeps it as it is; pass head='linear' (or leave head unset), or drop modules_to_save."
+        )
+    wrapper = residual_tuner(model).model.get_submodule(path)
+    saved = dict(getattr(wrapper, "modules_to_save", {})).get(scales.adapter)  # PEFT's ModuleDict of copies
+    dims = {"cls": 1, "cls+patch_mean": 2}[residual_tuner(model).arch.spec.classifier_input]
+    expected = (classifier.num_classes, dims * scales.basis.shape[1])
+    if not isinstance(saved, nn.Linear) or tuple(saved.weight.shape) != expected:
+        shape = tuple(saved.weight.shape) if isinstance(saved, nn.Linear) else type(saved).__name__
+        raise ResiDualInputError(
+            f"The model's classifier is {shape}, but the head trained on the cache is a linear map of "
+            f"{classifier.num_classes} classes, weight {expected}; build the model with "
+            f"num_labels={classifier.num_classes}."
+        )
+    return saved
+
+
+@torch.no_grad()
+def _mean_norm(scales: ScaleSet, features: Features, batch_size: int, accelerator: Accelerator) -> float:
+    """The mean norm of the adapted embeddings of ``features`` under the scales as they are."""
+    total = torch.zeros((), dtype=torch.float64, device=scales.basis.device)
+    for scores, offset, _, _ in global_batches(features, torch.arange(len(features)), batch_size, accelerator):
+        total += scales.output(scores, offset).double().norm(dim=-1).sum()
+    if accelerator.num_processes > 1:
+        total = accelerator.reduce(total, "sum")
+    return float(total) / len(features)
+
+
+def _snapshot(scales: ScaleSet, head: LinearClassifier | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The scales and the head's parameters as they are now."""
+    tensors = {name: p.detach().clone() for name, p in head.named_parameters()} if head is not None else {}
+    return scales.snapshot(), tensors
+
+
+@torch.no_grad()
+def _load(scales: ScaleSet, head: LinearClassifier | None, snapshot: tuple[torch.Tensor, dict]) -> None:
+    scales.load(snapshot[0])
+    for name, param in head.named_parameters() if head is not None else ():
+        param.copy_(snapshot[1][name])
 
 
 def _recorded_if_streamed(
@@ -303,8 +406,13 @@ class _EpochLoop:
     batch_size: int
     seed: int
 
-    def run(self, train, val, best, max_epochs, progress, on_epoch_end, output_dir, run) -> torch.Tensor:
-        """Run the remaining epochs and return the best scales; ``run`` is ``(lr, identity)`` for checkpoints."""
+    @property
+    def _head(self) -> LinearClassifier | None:
+        return self.classifier if isinstance(self.classifier, LinearClassifier) else None
+
+    def run(self, train, val, best, max_epochs, progress, on_epoch_end, output_dir, run) -> tuple:
+        """Run the remaining epochs and return the best scales and head parameters (see :func:`_snapshot`);
+        ``run`` is ``(lr, identity)`` for checkpoints."""
         accelerator, stopping = self.accelerator, self.stopping
         show = progress and accelerator.is_local_main_process and not stopping.done
         epochs = tqdm(range(stopping.epoch, max_epochs), desc="ResiDual training", disable=not show)
@@ -318,9 +426,9 @@ class _EpochLoop:
             record = {"epoch": epoch + 1, "train_loss": sum(losses) / len(losses)}
             record["val_accuracy"] = evaluate(self.scales, self.classifier, val, self.batch_size, accelerator)
             if stopping.update(record):
-                best = self.scales.snapshot()
+                best = _snapshot(self.scales, self._head)
             if output_dir is not None and accelerator.is_main_process:
-                _save(output_dir, self.scales, self.optimizer, stopping, best, *run)
+                _save(output_dir, self.scales, self._head, self.optimizer, stopping, best, *run)
             accelerator.wait_for_everyone()
             epochs.set_postfix(loss=f"{record['train_loss']:.4f}", val_acc=f"{record['val_accuracy']:.4f}")
             if on_epoch_end is not None:
@@ -368,35 +476,54 @@ _GROUP_SCALARS = ("k", "weight_sum", "lr_max", "scheduled_lr", "train_mode", "lr
 def _save(
     directory: str | Path,
     scales: ScaleSet,
+    head: LinearClassifier | None,
     optimizer: AdamWScheduleFree,
     stopping: EarlyStopping,
-    best: torch.Tensor,
+    best: tuple[torch.Tensor, dict[str, torch.Tensor]],
     lr: float,
     identity: dict[str, str],
 ) -> None:
     # per layer, as the adapter holds them, so the layout does not follow how the optimiser groups the scales
     state = optimizer.state[scales.values]
-    named = {"lambda": scales.values, "best": best, **{f"optimizer.{name}": value for name, value in state.items()}}
+    named = {"lambda": scales.values, "best": best[0], **{f"optimizer.{name}": value for name, value in state.items()}}
     tensors = {f"{name}.{i}": part for name, value in named.items() for i, part in enumerate(scales.per_layer(value))}
     groups = {name: optimizer.param_groups[0][name] for name in _GROUP_SCALARS}
-    save_checkpoint(directory, tensors, {**stopping.state(), "optimizer": groups, "lr": lr, "identity": identity})
+    extra = {}
+    if head is not None:  # the head's parameters, its best ones and its optimiser state, by parameter name
+        for name, param in head.named_parameters():
+            tensors[f"head.{name}"], tensors[f"best_head.{name}"] = param, best[1][name]
+            tensors.update({f"head_optimizer.{name}.{key}": v for key, v in optimizer.state[param].items()})
+        extra["head_optimizer"] = {name: optimizer.param_groups[1][name] for name in _GROUP_SCALARS}
+    state = {**stopping.state(), "optimizer": groups, **extra, "lr": lr, "identity": identity}
+    save_checkpoint(directory, tensors, state)
 
 
 def _restore(
     scales: ScaleSet,
+    head: LinearClassifier | None,
     optimizer: AdamWScheduleFree,
     stopping: EarlyStopping,
     tensors: dict[str, torch.Tensor],
     state: dict,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     def joined(name: str) -> torch.Tensor:
         return torch.cat([tensors[f"{name}.{i}"] for i in range(len(scales.sizes))]).to(scales.values.device)
 
     scales.load(joined("lambda"))
     names = {key.split(".")[1] for key in tensors if key.startswith("optimizer.")}
     optimizer.state[scales.values] = {name: joined(f"optimizer.{name}") for name in sorted(names)}
-    for group in optimizer.param_groups:
-        group.update({name: state["optimizer"][name] for name in _GROUP_SCALARS})
+    optimizer.param_groups[0].update({name: state["optimizer"][name] for name in _GROUP_SCALARS})
+    best_head = {}
+    if head is not None:
+        optimizer.param_groups[1].update({name: state["head_optimizer"][name] for name in _GROUP_SCALARS})
+        for name, param in head.named_parameters():
+            device = param.device
+            with torch.no_grad():
+                param.copy_(tensors[f"head.{name}"])
+            best_head[name] = tensors[f"best_head.{name}"].to(device)
+            prefix = f"head_optimizer.{name}."
+            state_of = {key[len(prefix) :]: v.to(device) for key, v in tensors.items() if key.startswith(prefix)}
+            optimizer.state[param] = state_of
     for key, value in stopping.state().items():
         setattr(stopping, key, state.get(key, value))
-    return joined("best")
+    return joined("best"), best_head

@@ -1,7 +1,8 @@
 """The ResiDual tuner, laid out like a PEFT tuner (``peft/tuners/<method>/``): config, unit decomposition (with head
-coordinates and packed bases), layers, injection and the PCA fit. Which models it reads, and how, is model support
-(:mod:`peft_residual.models`), as PEFT's tuners take their target maps from ``utils/constants.py``. Registration
-with PEFT happens in :mod:`peft_residual.compat`, on ``import peft_residual``."""
+coordinates and packed bases), layers, injection, and the PCA fit with its intake of batches (:mod:`.batches`).
+Which models it reads, and how, is model support (:mod:`peft_residual.models`), as PEFT's tuners take their target
+maps from ``utils/constants.py``. Registration with PEFT happens in :mod:`peft_residual.compat`, on
+``import peft_residual``."""
 
 from .config import PRESETS, ResiDualConfig, ResiDualInputError
 from .decomposition import UnitRecord, Units, decompose_units, recording

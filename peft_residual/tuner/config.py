@@ -1,41 +1,28 @@
-"""Configuration of the ResiDual PEFT method, and its error type. It imports only peft, the standard library and
-torch: the allowed values of a field are read off its ``Literal`` annotation (:func:`choices`), and every field is
-checked when the config is created (or loaded: PEFT creates it from the saved dict) and when a field is set."""
+"""Configuration of the ResiDual PEFT method. It imports only peft, the standard library, torch and the package's two
+leaf modules :mod:`~peft_residual.errors` and :mod:`~peft_residual.unit_names` (which import nothing from the
+package): the allowed values of a field are read off its ``Literal`` annotation (:func:`choices`), and every field is
+checked when the config is created (or loaded: PEFT creates it from the saved dict) and when a field is set.
+``ResiDualInputError`` is re-exported here for the imports that found it in this module."""
 
 from __future__ import annotations
 
 import functools
-import re
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
+from ..errors import ResiDualInputError
+from ..unit_names import head_of
 
-class ResiDualInputError(ValueError):
-    """A configuration, data set, file or argument that ResiDual cannot use; the message says how to fix it. The one
-    exception type for bad user input, so that callers (the CLI) can tell it from a bug."""
+__all__ = ["PRESETS", "SEMANTIC_FIELDS", "ResiDualConfig", "ResiDualInputError", "choices"]
 
 
 SEMANTIC_FIELDS = (
     "k", "units", "layers", "heads", "rest", "remainder", "lambda_init", "scale_per", "seed", "ln_mean", "centre",
 )  # fmt: skip
 """Fields that change what a saved adapter computes: a saved config must hold every one of them."""
-UNIT_NAME = re.compile(r"layer(\d+)\.(?:head(\d+)|mlp)")
-"""How a layer's units are named (:func:`unit_name`; the first unit is ``"embedding"``): the one owner of the
-format, which ``Architecture.unit_names`` writes and ``heads`` and the analyses read."""
-
-
-def unit_name(layer: int, head: int | None = None) -> str:
-    """The name of head ``head`` of ``layer``, or of its MLP."""
-    return f"layer{layer}.mlp" if head is None else f"layer{layer}.head{head}"
-
-
-def head_of(name: str) -> tuple[int, int] | None:
-    """``(layer, head)`` of a head's name, else ``None``."""
-    match = UNIT_NAME.fullmatch(name)
-    return (int(match[1]), int(match[2])) if match and match[2] is not None else None
 
 
 def _non_empty_list(value: Any, valid: Any) -> bool:

@@ -56,6 +56,23 @@ def _targets(arch: Architecture, config: ResiDualConfig) -> dict[str, _Target]:
     return targets
 
 
+def _check_outermost(model: nn.Module, arch: Architecture) -> None:
+    """Refuse a model class that is not registered itself but holds a supported one (e.g. a head around a ViT): what
+    its head reads is unknown, so ResiDual cannot say it adapts it."""
+    if arch.model is model:
+        return
+    path = next(name for name, module in model.named_modules() if module is arch.model)
+    outer, inner = type(model).__name__, type(arch.model).__name__
+    raise ResiDualInputError(
+        f"ResiDual does not support {outer}: it holds a {inner} at {path!r}, but nothing says what its head reads, "
+        f"so ResiDual cannot adapt it (ResiDual adapts exactly the embedding a registered model's head reads; "
+        f"supported classifiers: ViTForImageClassification, Dinov2ForImageClassification). Pass the inner model "
+        f"(model.{path}) to get_peft_model and train a head on its adapted embedding (train_residual(..., "
+        f"head='linear')), or register {outer} with @peft_residual.models.register_model, its spec naming the "
+        "classifier and what it reads."
+    )
+
+
 def _check_modules_to_save(model: nn.Module, names: list[str], targets: dict[str, _Target]) -> None:
     """Refuse a ``modules_to_save`` entry that is, holds or lies inside a module ResiDual wraps: PEFT would copy
     or wrap ResiDual's own layers."""
@@ -96,6 +113,7 @@ class ResiDualModel(BaseTuner):
 
     def _prepare_model(self, peft_config: ResiDualConfig, model: nn.Module) -> None:
         self.arch = Architecture(model)
+        _check_outermost(model, self.arch)
         self._targets = _targets(self.arch, peft_config)
         _check_modules_to_save(model, peft_config.modules_to_save or [], self._targets)
         peft_config.target_modules = list(self._targets)
@@ -198,9 +216,10 @@ class ResiDualModel(BaseTuner):
                 "weights. For faster inference, merge_adapter() folds the scales into the readout and keeps the "
                 "PeftModel; unload() gives the base model back."
             )
-        if getattr(self, "_tower_readout", None) is not None:
-            self._tower_readout.remove()
-            self._tower_readout = None
+        for hook in ("_tower_readout",):
+            if getattr(self, hook, None) is not None:
+                getattr(self, hook).remove()
+                setattr(self, hook, None)
         return super()._unload_and_optionally_merge(merge=False, **kwargs)
 
     @property

@@ -10,7 +10,7 @@ import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from itertools import islice
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -18,13 +18,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..models import Architecture
+from .batches import RecordedBatch, recorded_batches
 from .config import ResiDualConfig, ResiDualInputError
 from .layer import ResiDualUnitLayer, active_adapter
 from .model import ResiDualModel, residual_tuner
 from .packing import canonical_signs, pack_orthonormal
-
-if TYPE_CHECKING:
-    from ..data.batches import RecordedBatch
 
 logger = logging.getLogger(__name__)
 
@@ -161,7 +159,7 @@ def get_residual_bases(
     """Fit every unit's PCA basis and mean on reference images, and the initial scales, leaving ``model`` as it is.
 
     ``dataloader`` yields dicts with ``pixel_values`` (or tensors), all of one image size; it may also yield
-    batches recorded earlier (``peft_residual.data.batches.RecordedBatch``), which need no backbone pass.
+    batches recorded earlier (``peft_residual.tuner.batches.RecordedBatch``), which need no backbone pass.
     ``on_batch`` sees every recorded batch.
     Covariances are accumulated per unit in float64, never holding the encodings; with ``merge_processes=True``
     each process of a ``torch.distributed`` group passes its own share of the images and every process fits on all
@@ -172,8 +170,6 @@ def get_residual_bases(
         >>> bases = get_residual_bases(peft_model, DataLoader(reference_images, batch_size=64))
         >>> apply_residual_bases(peft_model, bases)
     """
-    from ..data.batches import recorded_batches  # data intake; the data package imports this module
-
     tuner = residual_tuner(model)
     adapter_name = adapter_name or active_adapter(tuner)
     config = tuner.peft_config[adapter_name]

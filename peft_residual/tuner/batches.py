@@ -1,5 +1,6 @@
 """Batches into unit pieces: the ``pixel_values`` of a batch, and one backbone pass per batch of images into a
-:class:`RecordedBatch` (the intake of ``fit_residual_bases`` and of the unit stores)."""
+:class:`RecordedBatch`. The intake of the fit (:func:`~.pca.get_residual_bases`), which the unit stores of
+:mod:`peft_residual.data` share: it lives in the tuner so that the tuner imports nothing of the data package."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ from typing import NamedTuple
 
 import torch
 
+from ..errors import ResiDualInputError
 from ..models import Architecture
-from ..tuner.config import ResiDualInputError
-from ..tuner.decomposition import UnitRecord, record_backbone
+from .decomposition import UnitRecord, record_backbone
 
 
 def pixel_values_of(batch: object) -> torch.Tensor:
