@@ -60,15 +60,11 @@ def batches(images: int, seed: int, batch_size: int = 250):
 def synthetic_units(model, images: int, seed: int, budget: int, batch_size: int = 250) -> UnitStore:
     """A unit store of random pieces and labels, as if the backbone had run: for sizes it is too slow for here."""
     store = UnitStore(residual_tuner(model).arch, budget)
-    arch = store.arch
     for start in range(0, images, batch_size):
         size = min(batch_size, images - start)
         generator = torch.Generator().manual_seed(seed * 10_000_019 + start)
         pieces = torch.randn(size, *store.piece_shape, generator=generator)
-        record = UnitRecord(embedding=pieces[:, 0])
-        for layer in range(arch.num_layers):
-            record.heads[layer], record.mlps[layer] = pieces[:, 1 + 2 * layer], pieces[:, 2 + 2 * layer]
-        store.add(record, torch.randint(0, CLASSES, (size,), generator=generator))
+        store.add(UnitRecord.from_pieces(pieces), torch.randint(0, CLASSES, (size,), generator=generator))
     store.image_size = (64, 64)
     return store
 

@@ -140,39 +140,40 @@ def test_selected_heads_alone_are_transformed(tmp_path, rest):
 
 @pytest.mark.parametrize("config", CONFIGS, ids=IDS)
 @pytest.mark.parametrize("kind", ["clip_vision_projection", "dinov2", "clip_vision", "vit", "open_clip", "timm"])
-def test_forward_from_raw_pieces_equals_the_output_space_path(kind, config, monkeypatch):
-    """A frozen forward computes scores from the raw pieces (head kernels, one weighted sum through the norm); a
-    forward that needs gradients for the readout's weights takes the output-space path. They agree."""
-    import peft_residual.tuner.layer as layer_module
+def test_folded_forward_equals_the_output_space_path(kind, config, monkeypatch):
+    """A frozen forward folds each piece into the output as it arrives (:mod:`peft_residual.tuner.fold`); a forward
+    that needs gradients for the readout's weights keeps the pieces and takes the output-space path. They agree."""
+    from peft_residual.tuner.fold import Fold
 
     model = fitted(kind, config)
     x = images(4, seed=8)
     calls = []
-    fast = layer_module.adapt_from_pieces
-    monkeypatch.setattr(layer_module, "adapt_from_pieces", lambda *a: calls.append(1) or fast(*a))
+    fold_output = Fold.output
+    monkeypatch.setattr(Fold, "output", lambda *a: calls.append(1) or fold_output(*a))
     with torch.no_grad():
-        from_pieces = model_output(model, x)
+        folded = model_output(model, x)
     assert calls == [1]
     norm = model.base_model.arch.final_norm
     norm.weight.requires_grad_(True)
     exact = model_output(model, x)
     assert calls == [1]  # the trainable norm weight sent this forward down the output-space path
     assert exact.requires_grad
-    torch.testing.assert_close(from_pieces, exact.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(folded, exact.detach(), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=IDS)
 @pytest.mark.parametrize("kind", ["clip_vision_projection", "dinov2"])
 def test_merged_adapter_matches_independent_float64_on_both_paths(kind, config):
-    """merge_adapter() snapshots the scales and folds each MLP's into a dense map where that pays (k > dim / 2); the
-    frozen and the output-space forward through the fold still equal the float64 oracle."""
+    """merge_adapter() snapshots the scales and folds them into one ``[in, output_dim]`` map per piece; the frozen
+    forward through those maps and the output-space forward with the snapshot still equal the float64 oracle."""
     model = fitted(kind, config)
     x = images(5, seed=7)
     reference = reference_float64(model, x)
     model.merge_adapter()
-    merged = model.base_model.readout.residual_merged["default"]
-    # all components of every MLP: folded into dense maps; a few (k=3 of 32 dims): the factored readout is cheaper
-    assert merged.dense_mlps == ("mlps" in config.units and config.k is None)
+    merged = model.base_model.readout.residual_fold["default"]
+    assert merged.merged and merged.maps and merged.lambdas is not None
+    output_dim = reference.shape[1]
+    assert all(piece_map.weight.shape[1] == output_dim for piece_map in merged.maps.values())
     with torch.no_grad():
         torch.testing.assert_close(model_output(model, x).double(), reference, rtol=1e-4, atol=1e-5)
     model.base_model.arch.final_norm.weight.requires_grad_(True)  # the output-space path

@@ -237,9 +237,7 @@ class UnitStore:
     def recorded(self, start: int, stop: int, labels: torch.Tensor | None = None) -> RecordedBatch:
         """Images ``start:stop`` as a batch the backbone had just run on (``labels``: :attr:`labels`, if known)."""
         pieces = self.pieces(start, stop)
-        record = UnitRecord(embedding=pieces[:, 0])
-        for layer in range(self.arch.num_layers):
-            record.heads[layer], record.mlps[layer] = pieces[:, 1 + 2 * layer], pieces[:, 2 + 2 * layer]
+        record = UnitRecord.from_pieces(pieces)
         labels = self.labels if labels is None else labels
         return RecordedBatch(record, None if labels is None else labels[start : start + len(pieces)], self.image_size)
 

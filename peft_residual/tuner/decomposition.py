@@ -21,10 +21,10 @@ modules of a bare model instead.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import nn
@@ -38,6 +38,13 @@ LN_MEANS = ("shared", "unit")
 """How the final norm's mean is split among the units (see the module docstring)."""
 
 
+class PieceFolder(Protocol):
+    """What a pass folds its pieces into as they arrive (one adapter's :class:`~.fold.Fold`)."""
+
+    def add(self, key: tuple[str, int | None], piece: torch.Tensor, folded: object) -> object:
+        """``folded`` after the piece ``key`` (``(kind, layer)``), ``[batch, in]``."""
+
+
 @dataclass(eq=False)
 class UnitRecord:
     """The raw CLS pieces of one forward pass: the embedding, each layer's concatenated heads and each MLP output.
@@ -49,9 +56,6 @@ class UnitRecord:
     heads: dict[int, torch.Tensor] = field(default_factory=dict)
     """Per layer, the concatenated head outputs entering the attention output projection."""
     mlps: dict[int, torch.Tensor] = field(default_factory=dict)
-    attention: dict[int, torch.Tensor] = field(default_factory=dict)
-    """Per layer, what the attention output projection returned (before any layer scale): the heads' sum, which a
-    live forward records so that the readout needs no product to get it. Stored pieces do without."""
     num_tokens: int | None = None
     """Sequence length of the embedding output, which tells the image size the model saw."""
     kept: bool = False
@@ -67,9 +71,26 @@ class UnitRecord:
     stacked: tuple[str, ...] | None = None
     """Adapters whose outputs for the whole batch are returned one after another along the batch dimension (one
     backbone pass for many tasks, see ``ResiDualModel.each_adapter``)."""
+    folds: dict[str, PieceFolder] | None = None
+    """Per adapter this pass reads out, its :class:`~.fold.Fold`: the pieces are folded in as they arrive and none
+    is kept. ``None``: the pieces are kept (a recording pass, or one whose readout needs them all, see
+    ``ResiDualReadoutLayer.folds_for``). Set when the embedding arrives."""
+    folded: dict[str, object] = field(default_factory=dict)
+    """Per adapter of :attr:`folds`, what the pieces so far folded into."""
+    residual: torch.Tensor | None = None
+    """The CLS residual entering the final norm, in a pass that folds (see :func:`note_residual`)."""
 
     _buffer: torch.Tensor | None = field(default=None, repr=False)
-    """Every piece of a live pass, ``[batch, 1 + 3 * layers, width]`` (see :meth:`capture`)."""
+    """Every kept piece of a pass, ``[batch, 1 + 2 * layers, width]`` (see :meth:`capture`)."""
+
+    @classmethod
+    def from_pieces(cls, pieces: torch.Tensor) -> UnitRecord:
+        """Stored pieces ``[batch, 1 + 2 * layers, width]`` (the embedding, then each layer's concatenated heads and
+        MLP output, as ``UnitStore`` stacks them) as the record of a pass that kept them."""
+        record = cls(embedding=pieces[:, 0], kept=True)
+        for layer in range((pieces.shape[1] - 1) // 2):
+            record.heads[layer], record.mlps[layer] = pieces[:, 1 + 2 * layer], pieces[:, 2 + 2 * layer]
+        return record
 
     def capture(self, arch: Architecture, kind: str, layer: int | None, inputs: tuple, output: torch.Tensor) -> None:
         """Store what the unit module of ``kind`` (in ``layer``) produced in one forward call.
@@ -81,15 +102,19 @@ class UnitRecord:
         its time).
         """
         if kind == "embedding":
+            self.num_tokens = output.shape[1]
+        piece = inputs[0][:, 0] if kind == "heads" else output[:, 0]  # the heads enter the projection as its input
+        if self.folds is not None:
+            for name, fold in self.folds.items():
+                self.folded[name] = fold.add((kind, layer), piece, self.folded.get(name))
+            return
+        if kind == "embedding":
             width = max(arch.hidden_size, arch.num_heads * arch.head_dim)
             dtype = torch.promote_types(output.dtype, torch.float32)  # lossless for pieces of any dtype
-            self._buffer = output.new_empty(len(output), 1 + 3 * arch.num_layers, width, dtype=dtype)
-            self.embedding, self.num_tokens = self._piece(0, output[:, 0]), output.shape[1]
-        elif kind == "heads":  # the heads enter the output projection as its input
-            self.heads[layer] = self._piece(1 + 3 * layer, inputs[0][:, 0])
-            self.attention[layer] = self._piece(2 + 3 * layer, output[:, 0])
+            self._buffer = output.new_empty(len(output), 1 + 2 * arch.num_layers, width, dtype=dtype)
+            self.embedding = self._piece(0, piece)
         else:
-            self.mlps[layer] = self._piece(3 + 3 * layer, output[:, 0])
+            getattr(self, kind)[layer] = self._piece((kind == "mlps") + 1 + 2 * layer, piece)
 
     def reads_adapters(self) -> bool:
         """Whether the pass reads out an adapter, not only the base model's output (:data:`BASE`)."""
@@ -111,17 +136,8 @@ class UnitRecord:
 
         return UnitRecord(
             embedding=self.embedding[start:stop], heads=part(self.heads), mlps=part(self.mlps),
-            attention=part(self.attention), num_tokens=self.num_tokens,
+            num_tokens=self.num_tokens, kept=True,
         )  # fmt: skip
-
-    def per_layer(self, kind: str, num_layers: int) -> torch.Tensor:
-        """The pieces of ``kind`` ("heads", "attention" or "mlps") of every layer, ``[batch, layers, width]``: a
-        view of a live pass's buffer, else stacked."""
-        pieces = getattr(self, kind)
-        if self._buffer is not None:
-            slot = {"heads": 1, "attention": 2, "mlps": 3}[kind]
-            return self._buffer[:, slot::3, : pieces[0].shape[-1]]
-        return torch.stack([pieces[layer] for layer in range(num_layers)], 1)
 
     def raw_units(self, arch: Architecture, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The units as they enter the residual stream at CLS, ``[batch, units, hidden]`` (at least float32)."""
@@ -134,10 +150,12 @@ class UnitRecord:
             units += [arch.head_contributions(layer, self.heads[layer].to(dtype)), self.mlps[layer].to(dtype)[:, None]]
         return torch.cat(units, dim=1)
 
-    def contributions(self, arch: Architecture, ln_mean: str = "shared") -> torch.Tensor:
+    def contributions(
+        self, arch: Architecture, ln_mean: str = "shared", shares: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Direct contributions in output space, ``[batch, units, output_dim]`` (at least float32); they sum to the
-        output."""
-        return linearise(self.raw_units(arch), arch, ln_mean)
+        output. ``shares``: the units' bias shares where the pieces are (see :func:`linearise`)."""
+        return linearise(self.raw_units(arch), arch, ln_mean, shares=shares)
 
 
 class _RecordStack(threading.local):
@@ -156,15 +174,25 @@ def current_record() -> UnitRecord | None:
     return records[-1] if records else None
 
 
-def capture(arch: Architecture, kind: str, layer: int | None, inputs: tuple, output: torch.Tensor) -> None:
-    """Store one unit module's piece in this thread's open record. The embedding, which runs first, opens a record
-    when none is waiting (nothing open, or the open one already has its embedding: a nested forward)."""
+def capture(
+    arch: Architecture,
+    kind: str,
+    layer: int | None,
+    inputs: tuple,
+    output: torch.Tensor,
+    folds_for: Callable[[UnitRecord], dict[str, PieceFolder] | None] | None = None,
+) -> None:
+    """Fold or keep one unit module's piece in this thread's open record. The embedding, which runs first, opens a
+    record when none is waiting (nothing open, or the open one already has its embedding or folds: a nested
+    forward), and decides with ``folds_for`` (a ResiDual model's; none: keep) what the pass folds."""
     record = current_record()
     if kind == "embedding":
         _STACK.handed_over = None  # a new pass: a record a tower run alone handed over is stale
-        if record is None or record.embedding is not None:
+        if record is None or record.embedding is not None or record.folds is not None:
             record = UnitRecord(opened_by_embedding=True)
             _STACK.records.append(record)
+        if folds_for is not None and not record.kept:
+            record.folds = folds_for(record)
     if record is None:
         return
     record.capture(arch, kind, layer, inputs, output)
@@ -177,6 +205,16 @@ def capture(arch: Architecture, kind: str, layer: int | None, inputs: tuple, out
         # the tower's last unit, its readout outside it (a two-tower model's projection): the record leaves the stack
         # now, held for that readout until the next pass starts, so that a tower run alone leaves no record open
         _STACK.handed_over = _STACK.records.pop()
+
+
+def note_residual(norm: nn.Module, args: tuple) -> None:
+    """A forward pre-hook on the final norm (of a ResiDual model): a pass that folds its pieces notes the CLS
+    residual entering the norm, whose statistics scale every unit (the first call only: BLIP's vision model calls
+    its final norm again on the normed CLS)."""
+    record = _STACK.handed_over or current_record()
+    if record is not None and record.folds is not None and record.residual is None:
+        residual = args[0]
+        record.residual = residual[:, 0] if residual.dim() == 3 else residual
 
 
 def _tower_holds_readout(arch: Architecture) -> bool:
@@ -224,23 +262,48 @@ def norm_statistics(residual: torch.Tensor, eps: float) -> tuple[torch.Tensor, t
     return residual.mean(dim=-1), torch.sqrt(residual.var(dim=-1, unbiased=False) + eps)
 
 
+def frozen_norm(arch: Architecture, ln_mean: str = "shared") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The final norm frozen at a sample's statistics, and the projection, as float64 maps on the CPU: ``(N, n, t)``
+    such that a unit with raw contribution ``v`` and bias share ``s`` contributes ``(N v - s mean(r) n) / std(r) +
+    s t`` (``N`` ``[output_dim, hidden]``; ``n`` zero when each unit is centred on its own mean, whose centring ``N``
+    then holds). :func:`linearise` computes the same elementwise, in the units' dtype (the cache's arithmetic)."""
+    if ln_mean not in LN_MEANS:
+        raise ValueError(f"ln_mean must be one of {LN_MEANS}, got {ln_mean!r}.")
+    norm, projection, hidden = arch.final_norm, arch.projection, arch.hidden_size
+
+    def float64(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.detach().double().cpu()
+
+    linear = torch.eye(hidden, dtype=torch.float64)
+    if ln_mean == "unit":
+        linear = linear - 1.0 / hidden
+    offset = torch.zeros(hidden, dtype=torch.float64)
+    if norm.weight is not None:
+        linear = float64(norm.weight)[:, None] * linear
+    if norm.bias is not None:
+        offset = float64(norm.bias)
+    if projection is not None:
+        linear, offset = float64(projection.weight) @ linear, float64(projection.weight) @ offset
+        if projection.bias is not None:
+            offset = offset + float64(projection.bias)
+    mean_direction = linear.sum(1) if ln_mean == "shared" else torch.zeros(len(linear), dtype=torch.float64)
+    return linear, mean_direction, offset
+
+
 def linearise(
     raw_units: torch.Tensor,
     arch: Architecture,
     ln_mean: str = "shared",
-    residual: torch.Tensor | None = None,
     shares: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Push raw residual units through the final norm, frozen at each sample's statistics, and the projection;
-    ``ln_mean`` says how the norm's mean is split among the units (:data:`LN_MEANS`).
-
-    By default ``raw_units`` are all the units, which sum to the residual; give ``residual`` and the units' bias
-    ``shares`` to push through only some units, or sums of units (the map is affine in them)."""
+    """Push all the raw residual units of a pass, which sum to the residual, through the final norm, frozen at each
+    sample's statistics, and the projection; ``ln_mean`` says how the norm's mean is split among the units
+    (:data:`LN_MEANS`), ``shares`` gives the units' bias shares where the units are (default
+    ``arch.bias_shares``)."""
     if ln_mean not in LN_MEANS:
         raise ValueError(f"ln_mean must be one of {LN_MEANS}, got {ln_mean!r}.")
     norm, projection, dtype = arch.final_norm, arch.projection, raw_units.dtype
-    residual = raw_units.sum(dim=1) if residual is None else residual
-    mean, std = norm_statistics(residual, norm.eps)
+    mean, std = norm_statistics(raw_units.sum(dim=1), norm.eps)
     shares = (arch.bias_shares if shares is None else shares).to(raw_units)
     if ln_mean == "shared":
         centred = raw_units - shares[None, :, None] * mean[:, None, None]

@@ -20,10 +20,7 @@ from typing import NamedTuple
 import torch
 
 from ..models import Architecture
-
-
-def _float64(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.detach().double().cpu()
+from .decomposition import frozen_norm
 
 
 class HeadFrames(NamedTuple):
@@ -33,38 +30,21 @@ class HeadFrames(NamedTuple):
     """``Q``: orthonormal frames ``[heads, output_dim, r]``."""
     offset: torch.Tensor
     """``t``: offsets ``[heads, output_dim]``."""
-    triangular: torch.Tensor
-    """``R`` ``[heads, r, columns]``: a head's coordinates are ``R x / sigma`` with ``x = [z; 1; -s mean(r)
-    (shared mean only); sigma (uncentred only)]``, so they follow from the head's output ``z`` alone."""
 
 
 @torch.no_grad()
 def head_frames(arch: Architecture, layer: int, ln_mean: str = "shared", centre: bool = True) -> HeadFrames:
-    """``(Q, t, R)`` for the heads of ``layer``, in float64, from the base weights alone (``r`` is
+    """``(Q, t)`` for the heads of ``layer``, in float64, from the base weights alone (``r`` is
     ``arch.max_rank("heads", ...)``)."""
-    hidden, heads = arch.hidden_size, arch.num_heads
-    norm, projection = arch.final_norm, arch.projection
-    weight, bias, scale = (t if t is None else _float64(t) for t in arch.head_map(layer, torch.float64))
-    # the frozen norm's linear part, left of the layer scale: centring (own-mean split only), gamma, projection
-    linear = torch.eye(hidden, dtype=torch.float64)
-    if ln_mean == "unit":
-        linear = linear - 1.0 / hidden
-    if norm.weight is not None:
-        linear = _float64(norm.weight)[:, None] * linear
-    if projection is not None:
-        linear = _float64(projection.weight) @ linear
+    heads = arch.num_heads
+    linear, mean_direction, offset = frozen_norm(arch, ln_mean)
+    weight, bias, scale = (t if t is None else t.detach().double().cpu() for t in arch.head_map(layer, torch.float64))
     mixing = linear * scale if scale is not None else linear
-    bias = bias if bias is not None else torch.zeros(hidden, dtype=torch.float64)
+    bias = bias if bias is not None else torch.zeros(arch.hidden_size, dtype=torch.float64)
     columns = [torch.einsum("oh,hnk->nok", mixing, weight), (mixing @ bias)[None, :, None].expand(heads, -1, 1)]
     if ln_mean == "shared":  # the direction the shared mean of the residual moves a unit along
-        columns.append(linear.sum(1)[None, :, None].expand(heads, -1, 1))
+        columns.append(mean_direction[None, :, None].expand(heads, -1, 1))
     share = float(arch.bias_shares[arch.heads_slice(layer)][0])
-    offset = torch.zeros(arch.output_dim, dtype=torch.float64)
-    if norm.bias is not None:
-        beta = _float64(norm.bias)
-        offset = _float64(projection.weight) @ beta if projection is not None else beta
-    if projection is not None and projection.bias is not None:
-        offset = offset + _float64(projection.bias)
     offset = (share * offset).expand(heads, -1).clone()
     if not centre:
         columns.append(offset[:, :, None])
@@ -73,5 +53,4 @@ def head_frames(arch: Architecture, layer: int, ln_mean: str = "shared", centre:
     signs = torch.sign(torch.diagonal(triangular, dim1=-2, dim2=-1))
     signs = torch.where(signs == 0, torch.ones_like(signs), signs)
     rank = arch.max_rank("heads", ln_mean, centre)
-    frames, triangular = frames * signs[:, None, :], triangular * signs[:, :, None]
-    return HeadFrames(frames[:, :, :rank], offset, triangular[:, :rank])
+    return HeadFrames((frames * signs[:, None, :])[:, :, :rank], offset)

@@ -7,12 +7,9 @@ means and trainable scales of those units per adapter. The :class:`ResiDualReado
 the output (the projection, else the final norm) and replaces that output by the sum of the transformed units (where
 the projection is a bare matrix the tower applies itself, it replaces the tower's output, through a hook).
 Because each transformed unit contributes ``sum_j lambda_j * s_j * phi_j`` with PCA scores ``s_j = phi_j . (u - mu)``,
-the adapted output is always
-
-    ``offset + (scores * lambda) @ basis``  (:func:`~.plan.readout`)
-
-where ``scores`` and ``offset`` do not depend on ``lambda``: the forward pass, the training cache and training all
-go through that one function, which lives in :mod:`.plan` with each adapter's readout plan.
+the adapted output is affine in the raw pieces at frozen norm statistics: a forward folds each piece into the output
+as its module produces it (:mod:`.fold`), and the training cache reads out stored scores with
+``offset + (scores * lambda) @ basis`` (:func:`~.plan.readout`). Both are derived from the same stored state.
 """
 
 from __future__ import annotations
@@ -28,20 +25,10 @@ from torch import nn
 from ..models import Architecture
 from .config import ResiDualConfig, ResiDualInputError
 from .decomposition import BASE, UnitRecord, capture, current_record, take_record
+from .fold import Fold, build_fold
 from .head_space import HeadFrames, head_frames
 from .packing import packed_size, unpack_orthonormal
-from .plan import (
-    Components,
-    LayerState,
-    OutputSpace,
-    ReadoutPlan,
-    ReadoutScales,
-    adapt_from_pieces,
-    build_plan,
-    fold_scales,
-    read_out,
-    readout,
-)
+from .plan import Components, LayerState, OutputSpace, ReadoutPlan, build_plan, readout
 
 
 def active_adapter(module: BaseTuner | BaseTunerLayer) -> str:
@@ -127,6 +114,8 @@ class ResiDualUnitLayer(nn.Module, ResiDualLayer):
         self.layer = layer
         self.unit_slice = unit_slice
         self.unit_names = arch.unit_names[unit_slice]
+        self.readout: tuple[ResiDualReadoutLayer, ...] = ()
+        """The readout layer that reads these units (in a tuple: a reference, not a submodule), set by its link."""
         self.residual_lambda = nn.ParameterDict({})
         self.residual_basis = BufferDict({}, persistent=True)
         self.residual_mean = BufferDict({}, persistent=True)
@@ -212,7 +201,7 @@ class ResiDualUnitLayer(nn.Module, ResiDualLayer):
         if frames is not None:
             mean = torch.einsum("nor,nr->no", frames[0], mean) + frames[1]
         if not self.is_transformed(adapter_name):
-            return OutputSpace(mean, mean.new_zeros(0, mean.shape[1]), [0] * self.num_units, frames)
+            return OutputSpace(mean, mean.new_zeros(0, mean.shape[1]), [0] * self.num_units)
         rank = self.residual_rank[adapter_name].cpu().tolist()
         dim = self.stored_dim(adapter_name)
         packed = self.residual_basis[adapter_name].cpu().split([packed_size(k, dim) for k in rank])
@@ -220,7 +209,7 @@ class ResiDualUnitLayer(nn.Module, ResiDualLayer):
         for unit, (unit_rank, unit_packed) in enumerate(zip(rank, packed, strict=True)):
             coefficients = unpack_orthonormal(unit_packed, unit_rank, dim)
             rows.append(coefficients @ frames[0][unit].T if frames is not None else coefficients)
-        return OutputSpace(mean, torch.cat(rows), rank, frames)
+        return OutputSpace(mean, torch.cat(rows), rank)
 
     def plan_state(self, adapter_name: str) -> LayerState:
         """What the readout plan of ``adapter_name`` reads of this layer."""
@@ -230,7 +219,9 @@ class ResiDualUnitLayer(nn.Module, ResiDualLayer):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.kind != "heads":
             output = self.base_layer(*args, **kwargs)
-            capture(self.arch, self.kind, self.layer, args, output)
+            # the embedding opens the pass: its readout says what the pass folds
+            folds_for = self.readout[0].folds_for if self.kind == "embedding" and self.readout else None
+            capture(self.arch, self.kind, self.layer, args, output, folds_for)
             return output
         if not self._heads_read():  # the module itself: the base model's output bit for bit
             return self.base_layer(*args, **kwargs)
@@ -256,7 +247,7 @@ class ResiDualReadoutLayer(nn.Module, ResiDualLayer):
     """
 
     adapter_layer_names: tuple[str, ...] = ()
-    other_param_names: tuple[str, ...] = (*ResiDualLayer.other_param_names, "residual_plan")
+    other_param_names: tuple[str, ...] = (*ResiDualLayer.other_param_names, "residual_plan", "residual_fold")
 
     __getattr__ = _getattr_or_base
 
@@ -266,8 +257,9 @@ class ResiDualReadoutLayer(nn.Module, ResiDualLayer):
         self.unit_layers: list[ResiDualUnitLayer] = []
         self.residual_plan: dict[str, ReadoutPlan] = {}
         """Per fitted adapter, derived from the unit layers' stored state (never saved)."""
-        self.residual_merged: dict[str, ReadoutScales] = {}
-        """Per merged adapter (:meth:`merge`), its scales as they were merged, folded into its readout."""
+        self.residual_fold: dict[str, Fold] = {}
+        """Per fitted adapter, its forward's readout (never saved): live, or with the scales as they were merged
+        (:meth:`merge`)."""
 
     def update_layer(self, adapter_name: str, config: ResiDualConfig, inference_mode: bool = False) -> None:
         self.residual_config[adapter_name] = config
@@ -276,6 +268,8 @@ class ResiDualReadoutLayer(nn.Module, ResiDualLayer):
     def link(self, unit_layers: list[ResiDualUnitLayer]) -> None:
         """Read the units of ``unit_layers``, in unit order."""
         self.unit_layers = sorted(unit_layers, key=lambda layer: layer.unit_slice.start)
+        for layer in self.unit_layers:
+            layer.readout = (self,)
 
     def layers_of(self, adapter_name: str) -> list[ResiDualUnitLayer]:
         """The unit layers taking part in ``adapter_name``, in unit order."""
@@ -307,27 +301,29 @@ class ResiDualReadoutLayer(nn.Module, ResiDualLayer):
         self.merged_adapters = [name for name in self.merged_adapters if name in self.residual_config]
         for name in adapter_names if adapter_names is not None else list(self.residual_config):
             self.residual_plan.pop(name, None)
-            self.residual_merged.pop(name, None)
+            self.residual_fold.pop(name, None)
             if name in self.residual_config and self.is_fitted(name):
                 dtype = torch.promote_types(torch.float32, next(self.get_base_layer().parameters()).dtype)
                 config, device = self.residual_config[name], self._base_device()
                 states = [layer.plan_state(name) for layer in self.unit_layers]
-                plan = build_plan(states, config, self.arch, device, dtype)
-                self.residual_plan[name] = plan
+                self.residual_plan[name] = build_plan(states, config, self.arch, device, dtype)
+                merged = {}
                 if name in self.merged_adapters:
-                    self.residual_merged[name] = fold_scales(plan, self.padded_lambdas(name, plan).detach())
+                    scales = torch.cat([scale.detach().double() for scale in self.scales(name)])
+                    merged = {"scales": scales, "snapshot": self.lambdas(name).detach()}
+                self.residual_fold[name] = build_fold(states, config, self.arch, device, dtype, **merged)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Fold the scales of ``adapter_names`` (the active adapters by default) into their readout, for inference:
-        a transformed MLP with more than ``dim / 2`` components then costs one read of a ``dim x dim`` map instead
-        of two of its basis (see :func:`~.plan.fold_scales`). As with any PEFT merge, the output follows the scales
-        as they were at the merge (or at the last fit, load or move) until :meth:`unmerge`; the base weights are
-        never touched."""
+        each piece then adds one ``[in, output_dim]`` product to the output (see :mod:`.fold`). As with any PEFT
+        merge, the output follows the scales as they were at the merge (or at the last fit, load or move) until
+        :meth:`unmerge`; the base weights are never touched."""
         for name in check_adapters_to_merge(self, adapter_names):
             self.check_fitted(name)
             self.merged_adapters.append(name)
             self.refresh([name])
-            if safe_merge and not torch.isfinite(self.residual_merged[name].basis).all():
+            maps = self.residual_fold[name].maps.values()
+            if safe_merge and not all(torch.isfinite(piece_map.weight).all() for piece_map in maps):
                 self.unmerge()
                 raise ValueError(f"Merging ResiDual adapter '{name}' gives non-finite values; its scales are broken.")
 
@@ -335,20 +331,14 @@ class ResiDualReadoutLayer(nn.Module, ResiDualLayer):
         """Read out from the live scales again."""
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
-        self.merged_adapters = []
-        self.residual_merged.clear()
+        merged, self.merged_adapters = self.merged_adapters, []
+        self.refresh(merged)
 
     def plan(self, adapter_name: str) -> ReadoutPlan:
         if adapter_name not in self.residual_plan:
             self.check_fitted(adapter_name)
             raise RuntimeError(f"ResiDual adapter '{adapter_name}' was fitted but not refreshed; call refresh().")
         return self.residual_plan[adapter_name]
-
-    def padded_lambdas(self, adapter_name: str, plan: ReadoutPlan) -> torch.Tensor:
-        """The scales per slot of ``plan``, ``-1`` for kept remainders included (the model's own parameters)."""
-        zero = plan.basis.new_zeros(1)
-        scales = (s.to(plan.basis.dtype) for s in self.scales(adapter_name))
-        return torch.cat([*scales, zero])[plan.lambda_index] + plan.lambda_shift
 
     # What training and inference read and write of an adapter: nothing outside the tuner touches its tensors.
 
@@ -367,7 +357,7 @@ class ResiDualReadoutLayer(nn.Module, ResiDualLayer):
     def components(self, adapter_name: str) -> Components:
         """The adapter's components in output space, in score order (as :meth:`scores_and_offset` gives the
         scores), and which of its scales each takes."""
-        return self.plan(adapter_name).in_score_order()
+        return self.plan(adapter_name).score_order
 
     def lambdas(self, adapter_name: str) -> torch.Tensor:
         """The adapter's scales, one per component in score order."""
@@ -389,30 +379,34 @@ class ResiDualReadoutLayer(nn.Module, ResiDualLayer):
         """PCA scores ``[batch, components]`` of the pieces of one recorded pass, and the part of the output the
         scales do not touch: ``readout(scores, lambdas(), components().basis, offset)`` is the adapted output."""
         plan = self.plan(adapter_name)
-        contributions = record.contributions(self.arch, self.residual_config[adapter_name].ln_mean)
+        contributions = record.contributions(self.arch, self.residual_config[adapter_name].ln_mean, plan.shares)
         contributions = contributions.to(plan.basis.dtype)
         padded = plan.scores(contributions)
         offset = readout(padded, plan.lambda_shift, plan.basis, plan.offset(contributions))
         return padded[:, plan.components], offset
 
-    def adapt(self, adapter_name: str, record: UnitRecord) -> torch.Tensor:
-        """The ResiDual output for the pieces of one forward pass."""
-        plan = self.plan(adapter_name)
-        config = self.residual_config[adapter_name]
-        _check_image_size(adapter_name, config, record.num_tokens)
-        scales = self.residual_merged.get(adapter_name)
-        if scales is None:
-            scales = ReadoutScales(self.padded_lambdas(adapter_name, plan), plan.basis)
-        exact = len(record.attention) != self.arch.num_layers or (
-            torch.is_grad_enabled() and self.arch.readout_weights_require_grad()
-        )
-        if not exact:  # from the raw pieces; the kernels hold the base weights as the plan was built
-            return adapt_from_pieces(plan, record, self.arch, config.ln_mean, scales)
-        contributions = record.contributions(self.arch, config.ln_mean).to(plan.basis.dtype)
-        transformed_mlps = len(plan.mlp_layers) > 0  # the plan's last group
-        heads = plan.scores(contributions, groups=len(plan.groups) - 1 if transformed_mlps else None)
-        mlp_contributions = contributions.index_select(1, plan.groups[-1][0]) if transformed_mlps else None
-        return read_out(plan, scales, heads, mlp_contributions, plan.offset(contributions))
+    def folds_for(self, record: UnitRecord) -> dict[str, Fold] | None:
+        """What a pass folds as its pieces arrive (called when its embedding does): the fold of each adapter it
+        reads out, none with the adapters disabled. ``None`` (keep every piece): when gradients must reach the
+        weights the folds hold as they were built, and for a half-precision model, whose own residual stream rounds
+        at every block (a fold scales by the statistics of the residual the norm receives; the kept pieces sum to
+        it in float32, as the cache does)."""
+        if self.disable_adapters:
+            return {}
+        half = next(self.get_base_layer().parameters()).dtype.itemsize < 4
+        if half or (torch.is_grad_enabled() and self.arch.readout_weights_require_grad()):
+            return None
+        names = record.stacked if record.stacked is not None else record.adapter_names
+        names = self.active_adapters if names is None else dict.fromkeys(names)
+        return {name: self.residual_fold[name] for name in names if name in self.residual_fold}
+
+    def adapt_exactly(self, adapter_name: str, record: UnitRecord) -> torch.Tensor:
+        """The ResiDual output from a pass's kept pieces, through their contributions in output space (the
+        training cache's arithmetic)."""
+        fold = self.residual_fold.get(adapter_name)
+        scores, offset = self.scores_and_offset(adapter_name, record)
+        lambdas = fold.lambdas if fold is not None and fold.merged else self.lambdas(adapter_name)
+        return readout(scores, lambdas, self.components(adapter_name).basis, offset)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
@@ -444,7 +438,17 @@ class ResiDualReadoutLayer(nn.Module, ResiDualLayer):
         """What this module returns for ``adapter_name`` (:data:`BASE`: the base module's ``result``)."""
         if adapter_name == BASE:
             return result
-        adapted = self.adapt(adapter_name, record).to(result.dtype)
+        _check_image_size(adapter_name, self.residual_config[adapter_name], record.num_tokens)
+        if record.folds is None:
+            adapted = self.adapt_exactly(adapter_name, record)
+        else:
+            fold = record.folds.get(adapter_name)
+            if fold is None:  # not fitted (plan() says so), or not read out when the pass started
+                self.plan(adapter_name)
+                raise RuntimeError(f"ResiDual adapter '{adapter_name}' was not read out when this pass began.")
+            cls = result[:, 0] if result.dim() == 3 else result
+            adapted = fold.output(record.folded.get(adapter_name), self.scales(adapter_name), record.residual, cls)
+        adapted = adapted.to(result.dtype)
         if result.dim() == 3:  # a final norm over the whole sequence: only the CLS token is ResiDual's
             return torch.cat([adapted.unsqueeze(1), result[:, 1:]], dim=1)
         return adapted

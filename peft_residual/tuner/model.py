@@ -13,7 +13,7 @@ from torch import nn
 
 from ..models import Architecture, check_normalised
 from .config import ResiDualConfig, ResiDualInputError
-from .decomposition import BASE, UnitRecord, open_record, unit_modules
+from .decomposition import BASE, UnitRecord, note_residual, open_record, unit_modules
 from .layer import ResiDualLayer, ResiDualReadoutLayer, ResiDualUnitLayer
 from .packing import packed_size
 
@@ -104,8 +104,9 @@ class ResiDualModel(BaseTuner):
     prefix: str = "residual_"
     tuner_layer_cls = ResiDualLayer
     uses_shared_state = True
-    """The tuner links the readout to the unit layers, keeps the plans current on moves and casts, and hooks
-    open_clip's tower: PEFT's ``inject_adapter_in_model``, which drops the tuner, refuses it with that reason."""
+    """The tuner links the readout to the unit layers, keeps the plans current on moves and casts, and hooks the
+    final norm (and open_clip's tower): PEFT's ``inject_adapter_in_model``, which drops the tuner, refuses it with
+    that reason."""
     target_module_mapping: ClassVar[dict[str, list[str]]] = {}
 
     def _prepare_adapter_config(self, peft_config: ResiDualConfig, model_config: dict) -> ResiDualConfig:
@@ -161,6 +162,8 @@ class ResiDualModel(BaseTuner):
             self._refresh_after_load = self.register_load_state_dict_post_hook(_refresh_after_load)
         if self.arch.spec.projection_matrix and getattr(self, "_tower_readout", None) is None:
             self._tower_readout = self.arch.tower.register_forward_hook(self.readout.replace_tower_output)
+        if getattr(self, "_residual_note", None) is None:
+            self._residual_note = self.arch.final_norm.register_forward_pre_hook(note_residual)
 
     def refresh(self) -> None:
         """Rebuild every fitted adapter's readout plan from the stored state (after a fit, load or move)."""
@@ -216,7 +219,7 @@ class ResiDualModel(BaseTuner):
                 "weights. For faster inference, merge_adapter() folds the scales into the readout and keeps the "
                 "PeftModel; unload() gives the base model back."
             )
-        for hook in ("_tower_readout",):
+        for hook in ("_tower_readout", "_residual_note"):
             if getattr(self, hook, None) is not None:
                 getattr(self, hook).remove()
                 setattr(self, hook, None)
