@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 from peft_residual import (
     Architecture,
     Classifier,
+    LinearClassifier,
     ResiDualConfig,
     UnitStore,
     accuracy,
@@ -25,6 +26,7 @@ from peft_residual import (
     train_residual,
 )
 from peft_residual import load_vision_model as load_backbone
+from peft_residual.training.trainer import HEAD_LR
 
 from .baselines import LEARNING_RATES, train_parameters
 from .measure import PeakRSS, latency_ms, readout_products_seconds, saved_bytes, test_accuracy
@@ -65,7 +67,7 @@ class Bench:
     def latency(self, model: nn.Module, head=None) -> float:
         """Median ms to classify 32 test images with ``model`` and ``head`` (default: the shared classifier)."""
         pixel_values = next(iter(DataLoader(self.test, batch_size=32)))["pixel_values"]
-        return latency_ms(model, pixel_values, head or self.classifier)
+        return latency_ms(model, pixel_values, head if head is not None else self.classifier)
 
 
 CHARGED_SPLITS = ("train", "val")
@@ -98,6 +100,26 @@ def zero_shot(bench: Bench, seed: int, features: dict) -> dict:
     )  # fmt: skip
 
 
+HEAD_SUFFIX = "+head"
+"""A method name ending in this trains a linear head together with the adapter (``residual+head``, ``lora+head``)."""
+
+
+def _with_head_bytes(save, head: LinearClassifier | None):
+    """``save`` (a ``save(directory)``), also writing ``head``'s weights beside the adapter when there is one."""
+
+    def save_both(directory):
+        save(directory)
+        if head is not None:
+            tensors = {name: p.detach().contiguous() for name, p in head.named_parameters()}
+            save_file(tensors, directory / "head.safetensors")
+
+    return save_both
+
+
+def _head_params(head: LinearClassifier | None) -> int:
+    return sum(p.numel() for p in head.parameters()) if head is not None else 0
+
+
 def residual(
     bench: Bench,
     seed: int,
@@ -105,12 +127,15 @@ def residual(
     end_to_end: bool = False,
     lr: float | str = 0.8,
     fit_on: UnitStore | None = None,
+    head: str | None = None,
     **config_overrides,
 ) -> dict:
     """Fit, train and score one ResiDual variant. By default on the splits' stored units: no backbone pass here,
     and the run is charged the encoding of its train and validation images. ``end_to_end`` runs the backbone for
     the fit and at every training step instead. ``fit_on`` fits the bases on other stored units (another data
-    set's); ``config_overrides`` change the preset's config."""
+    set's); ``config_overrides`` change the preset's config. ``head="linear"`` trains a linear head together with
+    the scales, on the same cache (``train_residual(..., head="linear")``), scores that head and records the run as
+    ``<method>+head``; its weights count in the trainable parameters and the adapter bytes."""
     config = ResiDualConfig.preset(method, seed=seed, basis_dtype=bench.basis_dtype, **config_overrides)
     model = get_peft_model(load_backbone(bench.model_path), config)
     train, val = (bench.train, bench.val) if end_to_end else (bench.units["train"], bench.units["val"])
@@ -123,15 +148,16 @@ def residual(
         result = train_residual(
             model, bench.classifier, train, val, batch_size=bench.batch_size, max_epochs=bench.max_epochs,
             patience=bench.patience, seed=seed, cache=not end_to_end, num_workers=bench.workers,
-            progress=bench.progress, lr=lr,
+            progress=bench.progress, lr=lr, head=head,
         )  # fmt: skip
+    classifier = result.head if result.head is not None else bench.classifier
     if end_to_end:
-        score = test_accuracy(model, bench.classifier, bench.test, bench.batch_size, bench.workers)
+        score = test_accuracy(model, classifier, bench.test, bench.batch_size, bench.workers)
     else:
         test = encode_dataset(model, bench.units["test"], progress=False)
         with torch.no_grad():
-            score = accuracy(bench.classifier(adapted_embeddings(model, test)), test.labels)
-    size = saved_bytes(model.save_pretrained)
+            score = accuracy(classifier(adapted_embeddings(model, test)), test.labels)
+    size = saved_bytes(_with_head_bytes(model.save_pretrained, result.head))
     components = len(model.base_model.readout.lambdas(model.active_adapter))
     floor = None
     if not end_to_end:  # what the one backbone pass and the epochs' readout products alone take, and nothing else
@@ -141,12 +167,14 @@ def residual(
     cache_seconds = result.seconds["cache"]
     train_seconds = result.seconds["total"] - cache_seconds  # all the rest: setup, any LR range test, the epochs
     return _record(
-        method, seed, test_accuracy=score, val_accuracy=result.best_val_accuracy,
-        trainable_params=model.get_nb_trainable_parameters()[0], adapter_bytes=size, epochs=result.epochs_run,
+        method + (HEAD_SUFFIX if result.head is not None else ""), seed, test_accuracy=score,
+        val_accuracy=result.best_val_accuracy,
+        trainable_params=model.get_nb_trainable_parameters()[0] + _head_params(result.head), adapter_bytes=size,
+        epochs=result.epochs_run,
         seconds={"pca": pca_seconds, "cache": encoding + cache_seconds, "train": train_seconds},
-        eigen_seconds=fitted.eigen_seconds, peak_rss_mib=rss.mib, latency_ms=bench.latency(model),
+        eigen_seconds=fitted.eigen_seconds, peak_rss_mib=rss.mib, latency_ms=bench.latency(model, result.head),
         lr=result.lr, cached=result.cached, components=components,
-        floor_seconds=floor,
+        floor_seconds=floor, **({"head_lr": HEAD_LR} if result.head is not None else {}),
     )  # fmt: skip
 
 
@@ -181,11 +209,16 @@ def _image_batches(bench: Bench, dataset, seed: int | None):
     return batches
 
 
-def _train_backbone(bench: Bench, model: nn.Module, params: list[nn.Parameter], seed: int, lr: float) -> dict:
+def _train_backbone(
+    bench: Bench, model: nn.Module, params: list[nn.Parameter], seed: int, lr: float, head: Classifier | None = None
+) -> dict:
+    """Train ``params`` through the backbone; the logits are ``head``'s (default: the shared frozen classifier), so a
+    trainable ``head`` whose parameters are in ``params`` is trained in the same loop."""
     torch.manual_seed(seed)
+    head = head if head is not None else bench.classifier
     return train_parameters(
         params,
-        lambda pixel_values: bench.classifier(embed_images(model, pixel_values)),
+        lambda pixel_values: head(embed_images(model, pixel_values)),
         _image_batches(bench, bench.train, seed),
         _image_batches(bench, bench.val, None),
         lr=lr,
@@ -195,22 +228,36 @@ def _train_backbone(bench: Bench, model: nn.Module, params: list[nn.Parameter], 
     )
 
 
-def lora(bench: Bench, seed: int, which: str) -> dict:
+def lora(bench: Bench, seed: int, which: str, features: dict | None = None) -> dict:
+    """LoRA (r 8, alpha 16) on the vision tower's q,v projections (``which="qv"``) or every linear layer
+    (``"all"``), under the shared frozen classifier. With ``features`` (the splits' base embeddings), PEFT's
+    image-classification recipe instead, recorded as ``lora+head``: LoRA on q,v and a linear head on the pooled
+    embedding trained in the same loop (the bare backbone has no ``classifier`` for ``modules_to_save``). The head
+    starts where residual+head's does, :meth:`LinearClassifier.from_classifier` of the frozen classifier at the
+    starting embeddings' mean norm (LoRA starts as the identity, so those are the base model's), and trains at
+    :data:`HEAD_LR`, residual+head's head rate (equal to LoRA's)."""
     torch.manual_seed(seed)
     base = load_backbone(bench.model_path)
     config = LoraConfig(r=8, lora_alpha=16, target_modules=_vision_linear_names(base, which))
     model = get_peft_model(base, config)
     params = [p for p in model.parameters() if p.requires_grad]
+    head = None
+    if features is not None:
+        head = LinearClassifier.from_classifier(bench.classifier, features["train"][0])
+        params += list(head.parameters())
     with PeakRSS() as rss:
-        result = _train_backbone(bench, model, params, seed, LEARNING_RATES["lora"])
+        result = _train_backbone(bench, model, params, seed, LEARNING_RATES["lora"], head)
     model.eval()
-    accuracy = test_accuracy(model, bench.classifier, bench.test, bench.batch_size, bench.workers)
-    size = saved_bytes(model.save_pretrained)
+    classifier = head if head is not None else bench.classifier
+    accuracy = test_accuracy(model, classifier, bench.test, bench.batch_size, bench.workers)
+    size = saved_bytes(_with_head_bytes(model.save_pretrained, head))
     return _record(
-        f"lora-{which}", seed, test_accuracy=accuracy, val_accuracy=result["best_val_accuracy"],
-        trainable_params=sum(p.numel() for p in params), adapter_bytes=size, epochs=result["epochs_run"],
+        f"lora-{which}" if head is None else f"lora{HEAD_SUFFIX}", seed, test_accuracy=accuracy,
+        val_accuracy=result["best_val_accuracy"], trainable_params=sum(p.numel() for p in params),
+        adapter_bytes=size, epochs=result["epochs_run"],
         seconds={"pca": 0.0, "cache": 0.0, "train": result["train_seconds"]}, peak_rss_mib=rss.mib,
-        latency_ms=bench.latency(model), lr=LEARNING_RATES["lora"],
+        latency_ms=bench.latency(model, head), lr=LEARNING_RATES["lora"],
+        **({"head_lr": LEARNING_RATES["lora"]} if head is not None else {}),
     )  # fmt: skip
 
 

@@ -70,7 +70,9 @@ def run_table(payload: dict) -> str:
     rows = summarise(payload["records"])
     frozen_forward_s = payload.get("frozen_forward_train_s")
     lora = next((r["total_s"] for r in rows if r["method"] == "lora-qv"), None)
-    ratios = [(name, value) for name, value in [("÷ frozen fwd", frozen_forward_s), ("÷ LoRA q,v", lora)] if value]
+    lora_head = next((r["total_s"] for r in rows if r["method"] == "lora+head"), None)
+    ratios = [("÷ frozen fwd", frozen_forward_s), ("÷ LoRA q,v", lora), ("÷ LoRA+head", lora_head)]
+    ratios = [(name, value) for name, value in ratios if value]
     lines = [
         "| method | seeds | test acc. (mean ± std) | trainable params | adapter bytes | PCA s | cache s | train s "
         "| total s | " + "".join(f"{name} | " for name, _ in ratios) + "epochs | peak RSS MiB | latency@32 ms |",
@@ -184,8 +186,11 @@ SHOWN = {
     "zero-shot": "zero-shot (centroids)",
     "residual*": "ResiDual\\*",
     "residual": "ResiDual",
+    "residual*+head": "ResiDual\\* + linear head",
+    "residual+head": "ResiDual + linear head",
     "coarse": "coarse (λ_h · u_h)",
     "lora-qv": "LoRA q,v",
+    "lora+head": "LoRA q,v + linear head",
     "lora-all": "LoRA all linear",
     "linear-probe": "linear probe",
 }
@@ -215,7 +220,9 @@ def headline_table() -> str:
     runs = {label: load(f"default_{stem}") for label, stem in DATASETS.items()}
     summaries = {label: {r["method"]: r for r in summarise(p["records"])} for label, p in runs.items()}
     rows = []
-    for method in ("zero-shot", "residual*", "residual", "lora-qv", "linear-probe"):
+    shown = ("zero-shot", "residual*", "residual", "residual*+head", "residual+head", "lora-qv", "lora+head")
+    shown += ("linear-probe",)  # the methods with a head only once the records have them
+    for method in [m for m in shown if all(m in summary for summary in summaries.values())]:
         per = [summaries[label][method] for label in runs]
         ratios = [
             f"{row['total_s'] / runs[label]['frozen_forward_train_s']:.2f}" if row["total_s"] else "—"

@@ -1,5 +1,6 @@
 """Benchmark ResiDual against zero-shot, LoRA, a linear probe and (optionally) full fine-tuning, in one run on the
-same model, data, classifier, splits and seeds.
+same model, data, classifier, splits and seeds. ``residual+head``, ``residual*+head`` and ``lora+head`` train a
+linear head together with the adapter (``lora+head``: PEFT's image-classification recipe, LoRA on q,v).
 
     python -m benchmarks.run --preset dinov2-fashion-mnist
     python -m benchmarks.run --model openai/clip-vit-base-patch32 --dataset uoft-cs/cifar10 --image-column img \\
@@ -26,8 +27,11 @@ from . import methods, report
 from .presets import PRESETS, portable, recorded_command
 
 RESULTS = report.RESULTS
-ALL_METHODS = ["zero-shot", "residual*", "residual", "coarse", "lora-qv", "lora-all", "linear-probe", "full-finetune"]
-CHEAP = {"zero-shot", "residual*", "residual", "coarse", "linear-probe"}
+ALL_METHODS = [
+    "zero-shot", "residual*", "residual", "residual*+head", "residual+head", "coarse", "lora-qv", "lora+head",
+    "lora-all", "linear-probe", "full-finetune",
+]  # fmt: skip
+CHEAP = {"zero-shot", "residual*", "residual", "residual*+head", "residual+head", "coarse", "linear-probe"}
 QUICK = {"train_size": 300, "test_size": 200, "max_epochs": 8, "seeds": [0, 1, 2], "lora_seeds": [0]}
 
 
@@ -157,6 +161,10 @@ def run_method(bench: methods.Bench, method: str, seed: int, features: dict, end
         return methods.zero_shot(bench, seed, features)
     if method in RESIDUAL_PRESETS:
         return methods.residual(bench, seed, method, end_to_end)
+    if method.removesuffix(methods.HEAD_SUFFIX) in RESIDUAL_PRESETS:  # the same cache, a linear head trained too
+        return methods.residual(bench, seed, method.removesuffix(methods.HEAD_SUFFIX), end_to_end, head="linear")
+    if method == "lora" + methods.HEAD_SUFFIX:  # PEFT's recipe: LoRA q,v and a linear head in the same loop
+        return methods.lora(bench, seed, "qv", features)
     if method.startswith("lora-"):
         return methods.lora(bench, seed, method.removeprefix("lora-"))
     if method == "linear-probe":

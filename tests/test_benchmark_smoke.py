@@ -1,6 +1,7 @@
 """The benchmark harness end to end on a tiny random model and tiny synthetic data: outputs are well-formed."""
 
 import json
+import math
 
 import pytest
 
@@ -23,6 +24,18 @@ def test_harness_writes_well_formed_outputs(tiny_assets, tmp_path, model):
         assert set(record["seconds"]) == {"pca", "cache", "train"}
         assert record["peak_rss_mib"] > 0 and record["latency_ms"] > 0
         assert (record["trainable_params"] > 0) == (record["method"] != "zero-shot")
+    # the methods with a trained linear head: the same cache (residual), the same loop as lora-qv (lora)
+    found = {record["method"]: record for record in payload["records"]}
+    head_sizes = set()
+    for method, plain in (("residual+head", "residual"), ("residual*+head", "residual*"), ("lora+head", "lora-qv")):
+        record = found[method]
+        assert math.isfinite(record["test_accuracy"]) and record["head_lr"] > 0
+        head_sizes.add(record["trainable_params"] - found[plain]["trainable_params"])
+        assert record["adapter_bytes"] > found[plain]["adapter_bytes"] and record["latency_ms"] > 0
+    assert len(head_sizes) == 1 and min(head_sizes) > 0  # one linear head, the same size for all three
+    assert sum(r["method"] == "residual+head" for r in payload["records"]) == 2  # cheap: every seed
+    assert found["residual+head"]["cached"] and found["residual+head"]["seconds"]["pca"] > 0
+    assert sum(r["method"] == "lora+head" for r in payload["records"]) == 1
     residual_star = next(r for r in payload["records"] if r["method"] == "residual*")
     lora = next(r for r in payload["records"] if r["method"] == "lora-qv")
     assert residual_star["trainable_params"] < lora["trainable_params"]
