@@ -45,9 +45,7 @@ def _setup(images: int, seed: int = 0):
 def _save_half(model, directory: Path) -> None:
     """Save a copy of the adapter with float16 bases (what ``basis_dtype="float16"`` would have fitted)."""
     half = copy.deepcopy(model)
-    half.peft_config["default"].basis_dtype = "float16"
-    for layer in half.base_model.readout.transformed_layers("default"):
-        layer.residual_basis["default"] = layer.residual_basis["default"].half()
+    half.base_model.readout.cast_bases("default", torch.float16)
     half.save_pretrained(directory)
 
 

@@ -4,7 +4,8 @@ At batch 1 a GPU forward is bound by kernel launches, about one per aten op. The
 k=64 heads and for ResiDual: merged ≤ 1.20× the bare model's ops, live ≤ 1.30×. A tiny model with DINOv2-S's 12
 layers has the same ops per layer as the real one (the real one runs 2 more, interpolating its position
 embeddings), so the goals are checked on a tiny 12-layer DINOv2. Every architecture is held to the structure that
-meets them: a merged forward adds one op per piece it folds and a fixed handful, the live one a few more.
+meets them: a merged forward adds one op per piece it folds and a fixed handful, a live one at most one more per
+piece and a few more.
 """
 
 from __future__ import annotations
@@ -110,8 +111,9 @@ def test_ops_per_forward_meet_the_goals(config):
 FIXED = 10
 """Ops a merged forward adds beyond one per folded piece: the pixel check (3), the norm statistics and the final
 scaling (5), the model's own output added (1), the CLS token put back into a sequence (1)."""
-LIVE = 7
-"""Ops a live forward adds to a merged one: the scales per column (2), the columns read out (3), the scales'
+LIVE = 8
+"""Ops a live forward adds to a merged one beyond one per folded piece (a piece's direct part, which the merged map
+holds, is summed on its own): the scales per column (2), the columns gathered and read out (4), the scales'
 constant terms (2)."""
 EXPOSED_HEADS = {"open_clip": 20}
 """``nn.MultiheadAttention`` runs fused in the bare model; reading its heads runs it in steps."""
@@ -124,4 +126,4 @@ def test_a_forward_adds_one_op_per_folded_piece_and_a_fixed_few(kind, config):
     pieces = counts["pieces"]
     assert pieces == (12 if config == "k=64 heads" else 25)  # each layer's heads (and MLP, and the embedding)
     assert counts["merged"] - counts["bare"] <= pieces + FIXED + EXPOSED_HEADS.get(kind, 0), counts
-    assert counts["live"] - counts["merged"] <= LIVE, counts
+    assert counts["live"] - counts["merged"] <= pieces + LIVE, counts

@@ -30,16 +30,32 @@ import torch
 from ..models import Architecture
 from .config import ResiDualConfig
 from .decomposition import frozen_norm
-from .plan import LayerState, members
+from .plan import LayerState, Member, members
 
 
 class PieceMap(NamedTuple):
-    """What one piece adds: ``bias + x @ weight`` (``bias`` ``None`` for a merged piece after the first)."""
+    """What one piece ``x`` ``[batch, in]`` adds to its pass's fold."""
 
-    weight: torch.Tensor
-    """``[in, columns]``."""
+    weight: torch.Tensor | None
+    """``x @ weight + bias``: a live fold's scores, a merged fold's output (``[in, columns]``). For a layer's heads
+    in a live fold, per head (``[heads, head_dim, width]``: each head's scores from its own slice of ``x``, a
+    fraction of the dense map's size). ``None``: no scores."""
     bias: torch.Tensor | None
-    """``[columns]``."""
+    """``[columns]`` (``[heads, 1, width]`` per head); merged, on the first piece only."""
+    raw: torch.Tensor | None = None
+    """Live: ``[hidden]``, the piece's direct part as a weight on what it adds to the residual stream (the piece
+    itself; for heads, the attention output projection's output), summed before one product through the norm."""
+
+
+class Live(NamedTuple):
+    """What a live pass's pieces folded into so far."""
+
+    heads: list[torch.Tensor]
+    """Per layer of heads, their scores ``[heads, batch, width]``."""
+    columns: list[torch.Tensor]
+    """Other scores (and direct columns), ``[batch, columns]``."""
+    raw: torch.Tensor | None
+    """The direct parts, summed in the residual's space ``[batch, hidden]``."""
 
 
 class Fold(NamedTuple):
@@ -50,14 +66,16 @@ class Fold(NamedTuple):
     merged: bool
     """Whether the maps carry the scales (their outputs accumulate), rather than columns read out at the end."""
     rows: torch.Tensor
-    """Live: ``[columns, output_dim]``, per column of the concatenated piece outputs its component, or a row of the
-    identity for a direct column. Merged: empty."""
+    """Live: ``[columns, output_dim]``, per column (the heads' first, then the others) its component, or a row of
+    the identity for a direct column. Merged: empty."""
     index: torch.Tensor
-    """Live: per column, its scale's index in ``[*scales, 0, 1]`` (the direct columns take the 1)."""
+    """Live: per column, its scale's index in ``[*scales, 0, 1]`` (padding takes the 0, direct columns the 1)."""
     shift: torch.Tensor | None
     """Live: per column, added to its scale (``-1`` for a component whose unit keeps its remainder), if any is."""
     terms: torch.Tensor
     """Live: ``[2, columns]``, per column its coefficients of ``mu`` and of the constant."""
+    raw_map: torch.Tensor | None
+    """Live: ``N^T`` ``[hidden, output_dim]``, for the direct parts summed in the residual's space."""
     constant: torch.Tensor
     """``[2, output_dim]``: ``v_mean`` and ``v_const``, the parts that do not depend on the scales (merged: all)."""
     tail: torch.Tensor
@@ -70,16 +88,27 @@ class Fold(NamedTuple):
     """Merged: the scales as merged, one per component in score order (for a forward that must take the
     output-space path)."""
 
-    def add(self, key: tuple[str, int | None], piece: torch.Tensor, folded: object) -> object:
-        """``folded`` (this pass's sum so far: a tensor when merged, a list of column blocks when live) after the
-        piece ``key``, ``[batch, in]``."""
+    def add(self, key: tuple[str, int | None], piece: torch.Tensor, added: torch.Tensor, folded: object) -> object:
+        """``folded`` (this pass's fold so far: a tensor when merged, a :class:`Live` when live) after the piece
+        ``key`` ``[batch, in]``, which added ``added`` ``[batch, hidden]`` to the residual stream (before any layer
+        scale)."""
         piece_map = self.maps.get(key)
         if piece_map is None:
             return folded
-        piece = piece.to(piece_map.weight.dtype)
         if self.merged:
             return torch.addmm(piece_map.bias if folded is None else folded, piece, piece_map.weight)
-        return [*(folded or ()), torch.addmm(piece_map.bias, piece, piece_map.weight)]
+        heads, columns, raw = folded if folded is not None else ([], [], None)
+        weight = piece_map.weight
+        if weight is not None and weight.dim() == 3:  # per head: [heads, batch, head_dim] @ [heads, head_dim, width]
+            heads = [
+                *heads,
+                torch.baddbmm(piece_map.bias, piece.view(len(piece), *weight.shape[:2]).transpose(0, 1), weight),
+            ]
+        elif weight is not None:
+            columns = [*columns, torch.addmm(piece_map.bias, piece, weight)]
+        if piece_map.raw is not None:
+            raw = added * piece_map.raw if raw is None else torch.addcmul(raw, added, piece_map.raw)
+        return Live(heads, columns, raw)
 
     def output(
         self, folded: object, scales: list[torch.Tensor], residual: torch.Tensor, base_output: torch.Tensor
@@ -87,17 +116,26 @@ class Fold(NamedTuple):
         """The adapted output of a pass from what its pieces folded into, the adapter's scales (unused when
         merged), the CLS residual entering the final norm and the model's own output at CLS."""
         dtype = self.constant.dtype
-        if self.merged:
-            summed, constant = folded, self.constant
-        else:
-            lambdas = torch.cat([*(scale.to(dtype) for scale in scales), self.tail])[self.index]
-            if self.shift is not None:
-                lambdas = lambdas + self.shift
-            summed = (torch.cat(folded, 1) * lambdas) @ self.rows
-            constant = torch.addmm(self.constant, self.terms * lambdas, self.rows)
         variance, mean = torch.var_mean(residual.to(dtype), -1, correction=0)
-        centred = torch.addr(summed, mean, constant[0], alpha=-1)
-        out = torch.addcmul(constant[1], centred, torch.rsqrt(variance + self.eps)[:, None])
+        inverse_std = torch.rsqrt(variance + self.eps)[:, None]
+        if self.merged:
+            out = torch.addcmul(self.constant[1], torch.addr(folded, mean, self.constant[0], alpha=-1), inverse_std)
+            return out + base_output.to(dtype) if self.base else out
+        lambdas = torch.cat([*(scale.to(dtype) for scale in scales), self.tail])[self.index]
+        if self.shift is not None:
+            lambdas = lambdas + self.shift
+        blocks = list(folded.columns)
+        if folded.heads:  # [layers * heads, batch, width] as [batch, layers * heads * width]
+            heads = torch.cat(folded.heads)
+            blocks.insert(0, heads.permute(1, 0, 2).reshape(heads.shape[1], -1))
+        scores = blocks[0] if len(blocks) == 1 else torch.cat(blocks, 1)
+        # the scores at this sample's statistics first, so that the components are read once, in a product of one
+        # row per sample (a CPU streams them for each row of a small product: two rows cost twice one)
+        scores = torch.addcmul(self.terms[1], torch.addr(scores, mean, self.terms[0], alpha=-1), inverse_std)
+        out = torch.addmm(self.constant[1], scores * lambdas, self.rows)
+        if self.raw_map is not None:  # the direct parts summed in the residual's space, through the norm at once
+            direct = torch.addr(folded.raw @ self.raw_map, mean, self.constant[0], alpha=-1)
+            out = torch.addcmul(out, direct, inverse_std)
         return out + base_output.to(dtype) if self.base else out
 
 
@@ -142,64 +180,47 @@ def build_fold(
     :attr:`Fold.lambdas`)."""
     transformed, weights, replaced, num_scales = members(layers, config, arch)
     by_unit = {member.unit: member for group in transformed.values() for member in group}
-    linear, mean_direction, offset = frozen_norm(arch, config.ln_mean)
-    shares = arch.bias_shares
-    pieces = [(key, units, _mapped_units(arch, linear, *key)) for key, units in _pieces(arch)]
-    # alpha: start from the model's own output where that leaves fewer pieces to fold, then fewer columns
+    norm = _Norm(*frozen_norm(arch, config.ln_mean), arch.bias_shares, config.remainder == "keep", num_scales)
+    dim, live = arch.output_dim, scales is None
+    pieces = [(key, units, _mapped_units(arch, norm.linear, *key)) for key, units in _pieces(arch)]
+    # alpha: start from the model's own output where that leaves fewer pieces to fold (merged), then fewer live ops
     costs = {}
     for alpha in (0.0, 1.0):
         direct = [any(float(weights[u]) != alpha for u in units) for _, units, _ in pieces]
         carried = [any(u in by_unit for u in units) for _, units, _ in pieces]
-        costs[alpha] = (sum(d or c for d, c in zip(direct, carried, strict=True)) + alpha, sum(direct))
+        merged_ops = sum(d or c for d, c in zip(direct, carried, strict=True)) + alpha
+        costs[alpha] = (merged_ops, sum(direct) + sum(carried))
     alpha = min(costs, key=costs.get)
-    dim, one = arch.output_dim, num_scales + 1
-    maps, rows, index, shift, terms = {}, [], [], [], []
     constant = torch.stack([torch.zeros(dim, dtype=torch.float64), replaced.clone()])
-    for key, units, raw in pieces:
-        weight, bias = [], []
-        direct_weight = torch.zeros(dim, raw[-1][0].stop, dtype=torch.float64)
-        direct_bias, has_direct = torch.zeros(dim, dtype=torch.float64), False
-        for unit, (columns, mapped, mapped_bias) in zip(units, raw, strict=True):
-            share, difference = float(shares[unit]), float(weights[unit]) - alpha
-            if difference:
-                has_direct = True
-                direct_weight[:, columns] += difference * mapped
-                direct_bias += difference * mapped_bias
-                constant += difference * share * torch.stack([mean_direction, offset])
-            member = by_unit.get(unit)
-            if member is None:
-                continue
-            scores = torch.zeros(len(member.rows), direct_weight.shape[1], dtype=torch.float64)
-            scores[:, columns] = member.rows @ mapped
-            weight.append(scores)
-            bias.append(member.rows @ mapped_bias)
-            rows.append(member.rows)
-            index.append(member.scales)
-            shift.append(torch.full((len(member.rows),), -1.0 if config.remainder == "keep" else 0.0))
-            share_rows = member.rows @ (share * offset - member.mean)
-            terms.append(torch.stack([share * member.rows @ mean_direction, share_rows]))
-        if has_direct:
-            weight.append(direct_weight)
-            bias.append(direct_bias)
-            rows.append(torch.eye(dim, dtype=torch.float64))
-            index.append(torch.full((dim,), one))
-            shift.append(torch.zeros(dim, dtype=torch.float64))
-            terms.append(torch.zeros(2, dim, dtype=torch.float64))
-        if weight:
-            maps[key] = PieceMap(torch.cat(weight).T, torch.cat(bias))
-    rows, index = torch.cat(rows), torch.cat(index)
-    shift, terms = torch.cat(shift), torch.cat(terms, 1)
+    heads_columns, other_columns = _Columns(), _Columns()
+    head_units = {u for layer in range(arch.num_layers) for u in range(arch.num_units)[arch.heads_slice(layer)]}
+    width = max((len(member.rows) for unit, member in by_unit.items() if unit in head_units), default=0)
+    maps: dict[tuple[str, int | None], PieceMap] = {}
+    for key, units, mapped_units in pieces:
+        differences = [float(weights[unit]) - alpha for unit in units]
+        if not any(differences) and not any(unit in by_unit for unit in units):
+            continue
+        if live and len(set(differences)) == 1:  # one weight for the whole direct part: summed as raw pieces
+            for unit, difference in zip(units, differences, strict=True):  # whose constant terms are the fold's
+                constant += difference * float(norm.shares[unit]) * torch.stack([norm.mean_direction, norm.offset])
+            columns = heads_columns if key[0] == "heads" else other_columns
+            maps[key] = _live_map(key, units, mapped_units, differences[0], by_unit, width, arch, norm, columns)
+        else:
+            maps[key] = _dense_map(units, mapped_units, differences, by_unit, dim, norm, other_columns)
+    rows, index, shift, terms = heads_columns.joined(other_columns, dim)
     tail = torch.tensor([0.0, 1.0], dtype=torch.float64)
     eps = float(arch.final_norm.eps)
 
     def cast(tensor: torch.Tensor | None) -> torch.Tensor | None:
         return None if tensor is None else tensor.to(device, dtype)
 
-    if scales is None:
+    if live:
+        uses_raw = any(piece_map.raw is not None for piece_map in maps.values())
         return Fold(
-            maps={key: PieceMap(cast(m.weight), cast(m.bias)) for key, m in maps.items()},
+            maps={key: PieceMap(*(cast(t) for t in piece_map)) for key, piece_map in maps.items()},
             merged=False, rows=cast(rows), index=index.to(device), shift=cast(shift) if shift.any() else None,
-            terms=cast(terms), constant=cast(constant), tail=cast(tail), base=bool(alpha), eps=eps,
+            terms=cast(terms), raw_map=cast(norm.linear.T) if uses_raw else None, constant=cast(constant),
+            tail=cast(tail), base=bool(alpha), eps=eps,
         )  # fmt: skip
     # merged: each piece's columns read out through their components now, the biases summed into the first map
     per_column = torch.cat([scales.detach().double().cpu(), tail])[index] + shift
@@ -211,10 +232,119 @@ def build_fold(
         folded[key] = piece_map.weight @ block
         bias += piece_map.bias @ block
     first = next(iter(folded), None)
-    empty = torch.zeros(0, dim)
     return Fold(
         maps={key: PieceMap(cast(weight), cast(bias) if key == first else None) for key, weight in folded.items()},
-        merged=True, rows=cast(empty), index=index[:0].to(device), shift=None, terms=cast(torch.zeros(2, 0)),
-        constant=cast(constant + terms @ readout_rows), tail=cast(tail), base=bool(alpha), eps=eps,
-        lambdas=cast(snapshot),
+        merged=True, rows=cast(torch.zeros(0, dim)), index=index[:0].to(device), shift=None,
+        terms=cast(torch.zeros(2, 0)), raw_map=None, constant=cast(constant + terms @ readout_rows),
+        tail=cast(tail), base=bool(alpha), eps=eps, lambdas=cast(snapshot),
     )  # fmt: skip
+
+
+class _Norm(NamedTuple):
+    """The frozen norm (:func:`~.decomposition.frozen_norm`) and what the columns of one adapter read of it."""
+
+    linear: torch.Tensor
+    mean_direction: torch.Tensor
+    offset: torch.Tensor
+    shares: torch.Tensor
+    keep: bool
+    """Whether transformed units keep their remainder (their scales shift by -1)."""
+    num_scales: int
+    """The index of the appended 0 among the scales (the 1 follows it)."""
+
+
+class _Columns:
+    """Per column of a live fold's scores, in order: its row of :attr:`Fold.rows`, scale index, shift and terms."""
+
+    def __init__(self) -> None:
+        self.parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def component(self, member: Member | None, share: float, norm: _Norm, width: int | None = None) -> None:
+        """A transformed unit's components (``None``: no unit), zero-padded to ``width`` columns if given."""
+        rows = member.rows if member is not None else torch.zeros(0, len(norm.linear), dtype=torch.float64)
+        index = member.scales if member is not None else torch.zeros(0, dtype=torch.long)
+        shift = torch.full((len(rows),), -1.0 if norm.keep else 0.0, dtype=torch.float64)
+        mean = member.mean if member is not None else torch.zeros(len(norm.linear), dtype=torch.float64)
+        terms = torch.stack([share * rows @ norm.mean_direction, rows @ (share * norm.offset - mean)])
+        padding = 0 if width is None else width - len(rows)
+        self.parts.append(
+            (
+                torch.cat([rows, rows.new_zeros(padding, rows.shape[1])]),
+                torch.cat([index, torch.full((padding,), norm.num_scales)]),
+                torch.cat([shift, shift.new_zeros(padding)]),
+                torch.cat([terms, terms.new_zeros(2, padding)], 1),
+            )
+        )
+
+    def identity(self, terms: torch.Tensor, norm: _Norm) -> None:
+        """Direct columns with their ``terms``, read out unscaled (they take the 1 appended to the scales)."""
+        dim = terms.shape[1]
+        rows, index = torch.eye(dim, dtype=torch.float64), torch.full((dim,), norm.num_scales + 1)
+        self.parts.append((rows, index, torch.zeros(dim, dtype=torch.float64), terms))
+
+    def joined(self, after: _Columns, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(rows, index, shift, terms)`` of these columns, then ``after``'s."""
+        parts = self.parts + after.parts
+        if not parts:
+            return (
+                torch.zeros(0, dim, dtype=torch.float64),
+                torch.zeros(0, dtype=torch.long),
+                torch.zeros(0, dtype=torch.float64),
+                torch.zeros(2, 0, dtype=torch.float64),
+            )
+        rows, index, shift, terms = zip(*parts, strict=True)
+        return torch.cat(rows), torch.cat(index), torch.cat(shift), torch.cat(terms, 1)
+
+
+def _dense_map(units, mapped_units, differences, by_unit, dim: int, norm: _Norm, columns: _Columns) -> PieceMap:
+    """A piece's scores and, where a unit's weight differs from the fold's start, its direct contribution as
+    identity columns, in one ``[in, columns]`` map."""
+    width = mapped_units[-1][0].stop
+    weight, bias = [], []
+    direct_weight = torch.zeros(dim, width, dtype=torch.float64)
+    direct_bias = torch.zeros(dim, dtype=torch.float64)
+    direct_terms = torch.zeros(2, dim, dtype=torch.float64)
+    for unit, difference, (columns_of_x, mapped, mapped_bias) in zip(units, differences, mapped_units, strict=True):
+        direct_weight[:, columns_of_x] += difference * mapped
+        direct_bias += difference * mapped_bias
+        direct_terms += difference * float(norm.shares[unit]) * torch.stack([norm.mean_direction, norm.offset])
+        member = by_unit.get(unit)
+        if member is None:
+            continue
+        scores = torch.zeros(len(member.rows), width, dtype=torch.float64)
+        scores[:, columns_of_x] = member.rows @ mapped
+        weight.append(scores)
+        bias.append(member.rows @ mapped_bias)
+        columns.component(member, float(norm.shares[unit]), norm)
+    if any(differences):
+        weight.append(direct_weight)
+        bias.append(direct_bias)
+        columns.identity(direct_terms, norm)
+    return PieceMap(torch.cat(weight).T, torch.cat(bias))
+
+
+def _live_map(
+    key, units, mapped_units, difference: float, by_unit, width: int, arch: Architecture, norm: _Norm, columns: _Columns
+) -> PieceMap:
+    """A live piece whose units share one weight for the direct part: its scores (per head for heads) and that
+    weight on what the piece adds to the residual stream."""
+    raw = None
+    if difference:
+        scale = arch.attention_layer_scale(key[1]) if key[0] == "heads" else None
+        scale = torch.ones(arch.hidden_size, dtype=torch.float64) if scale is None else scale.detach().double().cpu()
+        raw = difference * scale
+    members = [by_unit.get(unit) for unit in units]
+    if not any(member is not None for member in members):
+        return PieceMap(None, None, raw)
+    if key[0] != "heads":
+        (member,), (_, mapped, mapped_bias) = members, mapped_units[0]
+        columns.component(member, float(norm.shares[units[0]]), norm)
+        return PieceMap((member.rows @ mapped).T, member.rows @ mapped_bias, raw)
+    kernel = torch.zeros(len(units), arch.head_dim, width, dtype=torch.float64)
+    bias = torch.zeros(len(units), 1, width, dtype=torch.float64)
+    for head, (unit, member, (_, mapped, mapped_bias)) in enumerate(zip(units, members, mapped_units, strict=True)):
+        if member is not None:
+            kernel[head, :, : len(member.rows)] = (member.rows @ mapped).T
+            bias[head, 0, : len(member.rows)] = member.rows @ mapped_bias
+        columns.component(member, float(norm.shares[unit]), norm, width)
+    return PieceMap(kernel, bias, raw)

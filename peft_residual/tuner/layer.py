@@ -354,6 +354,15 @@ class ResiDualReadoutLayer(nn.Module, ResiDualLayer):
         for scale, part in zip(scales, values.split([len(scale) for scale in scales]), strict=True):
             scale.copy_(part)
 
+    @torch.no_grad()
+    def cast_bases(self, adapter_name: str, dtype: torch.dtype) -> None:
+        """Store the adapter's packed bases in ``dtype`` (as ``basis_dtype`` would have fitted them) and rebuild its
+        readout from them."""
+        for layer in self.transformed_layers(adapter_name):
+            layer.residual_basis[adapter_name] = layer.residual_basis[adapter_name].to(dtype)
+        self.residual_config[adapter_name].basis_dtype = str(dtype).removeprefix("torch.")
+        self.refresh([adapter_name])
+
     def components(self, adapter_name: str) -> Components:
         """The adapter's components in output space, in score order (as :meth:`scores_and_offset` gives the
         scores), and which of its scales each takes."""
