@@ -85,7 +85,7 @@ if args.cached:  # 4b. the scales and the head on the unit cache: one more backb
         head_lr=args.head_lr,
     )  # fmt: skip
 else:  # 4a. through the backbone, one forward and backward per image and epoch: the scales and the classifier
-    scales = [p for name, p in model.named_parameters() if "residual_lambda" in name]
+    scales = model.base_model.readout.scales("default")  # the tuner's interface to its trainable scales
     head = [p for name, p in model.named_parameters() if "modules_to_save" in name and p.requires_grad]
     groups = [{"params": scales, "lr": args.lr}, {"params": head, "lr": args.head_lr}]
     trainer = Trainer(
