@@ -242,6 +242,36 @@ def headline_table() -> str:
     return "\n".join(_table([*header, "÷ frozen forward (" + " / ".join(runs) + ")"], rows)) + "\n"
 
 
+def _gain(accuracy: dict[str, float], method: str) -> str:
+    """ResiDual + head's accuracy less ``method``'s, "—" where the record lacks the method (not run)."""
+    return f"{accuracy['residual+head'] - accuracy[method]:+.1f}" if method in accuracy else "—"
+
+
+def head_goals_table() -> str:
+    """docs/benchmarks.md: a trained head against issue 29's goals, at 540 and 2,700 training images."""
+    rows = []
+    for label, stem in DATASETS.items():
+        for images, name in (("540", f"default_{stem}"), ("2,700", f"head_{stem}_3000")):
+            summary = {r["method"]: r for r in summarise(load(name)["records"])}
+            accuracy = {method: 100 * row["accuracy"] for method, row in summary.items()}
+
+            lora = summary.get("lora+head")
+            rows.append(
+                [
+                    label, images,
+                    *(f"{accuracy[m]:.1f}" if m in accuracy else "—"
+                      for m in ("linear-probe", "residual", "residual+head", "lora+head")),
+                    *(_gain(accuracy, m) for m in ("linear-probe", "residual", "lora+head")),
+                    f"{summary['residual+head']['total_s'] / lora['total_s']:.3f}" if lora else "—",
+                ]
+            )  # fmt: skip
+    header = [
+        "data set", "train images", "probe", "ResiDual", "ResiDual + head", "LoRA + head", "− probe (≥ +0.5)",
+        "− ResiDual (≥ +0.5)", "− LoRA + head (≥ −1)", "time ÷ LoRA + head (≤ 0.1)",
+    ]  # fmt: skip
+    return "\n".join(_table(header, rows)) + "\n"
+
+
 def basis_dtype_table() -> str:
     """docs/benchmarks.md: the default runs against the same runs with float16 bases, seed by seed."""
     rows = []
@@ -598,6 +628,9 @@ PUBLISHED: dict[str, Callable[[], str]] = {
     "default-mnist": lambda: run_table(load("default_mnist")),
     "default-fashion-mnist": lambda: run_table(load("default_fashion_mnist")),
     "fashion-mnist-3000-cached": lambda: run_table(load("fashion_mnist_3000_cached")),
+    "head-mnist-3000": lambda: run_table(load("head_mnist_3000")),
+    "head-fashion-mnist-3000": lambda: run_table(load("head_fashion_mnist_3000")),
+    "head-goals": head_goals_table,
     "fashion-mnist-3000-end-to-end": lambda: run_table(load("fashion_mnist_3000_end_to_end")),
     "speed": lambda: speed_table(load("speed_clip_b32_random")),
     "memory": lambda: memory_table(load("memory_clip_b32_random")),
