@@ -162,3 +162,23 @@ def test_an_adapter_loads_onto_another_model_class_with_the_same_tower_and_proje
     torch.testing.assert_close(model_output(loaded, x), model_output(adapted, x), rtol=0, atol=1e-6)
     with torch.no_grad(), loaded.disable_adapter():
         assert not torch.allclose(model_output(loaded, x), model_output(adapted, x), atol=1e-4)
+
+
+def test_cast_bases_gives_what_a_half_precision_fit_stores(tmp_path):
+    """``readout.cast_bases`` (what ``benchmarks.speed`` saves): the stored bases in float16, the config saying so,
+    and the output recomputed from them, close to float32's and equal after a save and load."""
+    model = fitted("dinov2", ResiDualConfig.residual())
+    x = images(4, seed=8)
+    with torch.no_grad():
+        before = model_output(model, x)
+        model.base_model.readout.cast_bases("default", torch.float16)
+        after = model_output(model, x)
+    assert model.peft_config["default"].basis_dtype == "float16"
+    assert 0 < float((after - before).abs().max()) <= 2e-2 * float(before.abs().max())  # rebuilt from the cast
+    model.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    bases = [t for key, t in tensors.items() if "residual_basis" in key]
+    assert bases and all(t.dtype == torch.float16 for t in bases)
+    again = PeftModel.from_pretrained(make_model("dinov2"), tmp_path)
+    with torch.no_grad():
+        assert torch.equal(model_output(again, x), after)

@@ -239,12 +239,6 @@ class Architecture:
         per_head = per_head.transpose(0, 1) if bias is None else per_head.transpose(0, 1) + bias
         return per_head * scale.to(dtype) if scale is not None else per_head
 
-    @property
-    def attention_layer_scales(self) -> torch.Tensor | None:
-        """Every layer's attention layer scale, ``[layers, hidden]``, or ``None`` if the model has none."""
-        scales = [self.attention_layer_scale(layer) for layer in range(self.num_layers)]
-        return torch.stack(scales) if scales[0] is not None else None
-
     @cached_property
     def _readout_parameters(self) -> list[torch.Tensor]:
         modules = [out_proj for out_proj, _, _ in self._head_modules] + [self.final_norm]

@@ -10,15 +10,17 @@ start and 0 where nothing is:
     ``out = alpha y + (sum_p x_p M_p - mu v_mean) / sigma + v_const``
 
 where ``x_p`` is one piece as its module produced it (the embedding, a layer's concatenated heads entering the
-output projection, an MLP's output), all at CLS. So one forward adds one ``addmm`` per piece that carries a
+output projection, an MLP's output), all at CLS. So one forward adds about one op per piece that carries a
 transformed unit (or a unit whose weight differs from ``alpha``) and a handful of ops at the end, and keeps no
 piece: a :class:`Fold` is built per adapter (float64, stored in the readout's dtype) whenever its plan is.
 
 - **Merged** (``merge_adapter()``): ``M_p`` is ``[in, output_dim]`` with the scales folded in, and the pieces
   accumulate into one ``[batch, output_dim]`` tensor as they arrive.
-- **Live**: the scales must stay in the graph, so ``M_p`` gives each piece's PCA scores (and, where a unit's weight
-  differs from ``alpha``, its direct contribution); the readout multiplies the concatenated columns by the scales
-  and reads them out in one product, as :func:`~.plan.readout` does.
+- **Live**: the scales must stay in the graph, so each piece gives its PCA scores (a layer's heads by one
+  ``baddbmm`` over the heads), and a piece whose units share one weight for their direct part adds it, times that
+  weight, to a sum in the residual's space, pushed through the norm once at the end. The readout takes the scores
+  at the sample's statistics, multiplies them by the scales and reads them out in one product, as
+  :func:`~.plan.readout` does.
 """
 
 from __future__ import annotations
