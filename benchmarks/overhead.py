@@ -44,6 +44,7 @@ from .presets import portable, recorded_command
 
 CONFIGS = {  # name: (config, whether merge_adapter() folds the scales into the readout before timing)
     "k=64 heads": (ResiDualConfig(k=64), False),
+    "k=64 heads, merged": (ResiDualConfig(k=64), True),
     "ResiDual": (ResiDualConfig.preset("residual"), False),
     "ResiDual, merged": (ResiDualConfig.preset("residual"), True),
 }

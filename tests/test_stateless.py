@@ -121,9 +121,12 @@ def _directional_check(function, point: torch.Tensor, gradient: torch.Tensor, se
     torch.testing.assert_close(analytic, difference, rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.parametrize("merged", [False, True], ids=["live", "merged"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_gradient_reaches_the_input_and_equals_a_central_difference(kind):
+def test_gradient_reaches_the_input_and_equals_a_central_difference(kind, merged):
     model = fitted(kind, dtype=torch.float64)
+    if merged:  # the fold's norm statistics must stay differentiable there too
+        model.merge_adapter()
     weights = torch.randn(model_output(model, images(1).double()).shape[-1], dtype=torch.float64)
     x = images(2, seed=5).double().requires_grad_(True)
     loss = lambda pixels: (model_output(model, pixels) * weights).sum()  # noqa: E731

@@ -118,8 +118,7 @@ class Fold(NamedTuple):
         """The adapted output of a pass from what its pieces folded into, the adapter's scales (unused when
         merged), the CLS residual entering the final norm and the model's own output at CLS."""
         dtype = self.constant.dtype
-        variance, mean = torch.var_mean(residual.to(dtype), -1, correction=0)
-        inverse_std = torch.rsqrt(variance + self.eps)[:, None]
+        inverse_std, mean = _statistics(residual.to(dtype), self.eps)
         if self.merged:
             out = torch.addcmul(self.constant[1], torch.addr(folded, mean, self.constant[0], alpha=-1), inverse_std)
             return out + base_output.to(dtype) if self.base else out
@@ -139,6 +138,17 @@ class Fold(NamedTuple):
             direct = torch.addr(folded.raw @ self.raw_map, mean, self.constant[0], alpha=-1)
             out = torch.addcmul(out, direct, inverse_std)
         return out + base_output.to(dtype) if self.base else out
+
+
+def _statistics(residual: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The final norm's ``1 / sqrt(var + eps)`` ``[batch, 1]`` and mean ``[batch]`` of ``residual``: in one kernel,
+    the norm's own, where no gradient can flow (its mean and inverse std are not differentiable outputs), else in the
+    three differentiable ops."""
+    if not residual.requires_grad:
+        _, mean, inverse_std = torch.native_layer_norm(residual, residual.shape[-1:], None, None, eps)
+        return inverse_std, mean.view(-1)
+    variance, mean = torch.var_mean(residual, -1, correction=0)
+    return torch.rsqrt(variance + eps)[:, None], mean
 
 
 def _pieces(arch: Architecture) -> list[tuple[tuple[str, int | None], list[int]]]:
@@ -185,13 +195,14 @@ def build_fold(
     norm = _Norm(*frozen_norm(arch, config.ln_mean), arch.bias_shares, config.remainder == "keep", num_scales)
     dim, live = arch.output_dim, scales is None
     pieces = [(key, units, _mapped_units(arch, norm.linear, *key)) for key, units in _pieces(arch)]
-    # alpha: start from the model's own output where that leaves fewer pieces to fold (merged), then fewer live ops
+    # alpha: start from the model's own output where that leaves fewer ops, then (merged) fewer maps to stream,
+    # (live) fewer live ops
     costs = {}
     for alpha in (0.0, 1.0):
         direct = [any(float(weights[u]) != alpha for u in units) for _, units, _ in pieces]
         carried = [any(u in by_unit for u in units) for _, units, _ in pieces]
-        merged_ops = sum(d or c for d, c in zip(direct, carried, strict=True)) + alpha
-        costs[alpha] = (merged_ops, sum(direct) + sum(carried))
+        maps = sum(d or c for d, c in zip(direct, carried, strict=True))
+        costs[alpha] = (maps + alpha, sum(direct) + sum(carried) if live else maps)
     alpha = min(costs, key=costs.get)
     constant = torch.stack([torch.zeros(dim, dtype=torch.float64), replaced.clone()])
     heads_columns, other_columns = _Columns(), _Columns()
