@@ -220,12 +220,7 @@ def train_residual(
             "is_trainable=False); load it with is_trainable=True to train its scales."
         )
     saved_head = _saved_classifier(model, scales, classifier, head)
-    head = "linear" if head is None and saved_head is not None else head
-    if head not in HEADS:
-        raise ResiDualInputError(f"head must be one of {HEADS}, got {head!r}.")
-    if head == "linear" and (isinstance(head_lr, bool) or not isinstance(head_lr, (int, float)) or head_lr <= 0):
-        raise ResiDualInputError(f"head_lr must be a positive number, got {head_lr!r}.")
-    trains_head = head == "linear"
+    trains_head = _trains_head(head, head_lr, saved_head)
     if eval_dataset is None:
         train_dataset, eval_dataset = stratified_split(train_dataset, val_fraction, seed, label_column)
     train_dataset, eval_dataset = (
@@ -236,7 +231,7 @@ def train_residual(
         check_dataset(dataset, name, label_column, classifier.num_classes)
     settings = {"lr": lr, "batch_size": batch_size, "max_epochs": max_epochs, "patience": patience, "seed": seed}
     if trains_head:
-        settings.update(head=head, head_lr=head_lr)
+        settings.update(head="linear", head_lr=head_lr)
     identity, checkpoint = None, None
     if output_dir is not None:  # only a checkpointed run needs its identity (every label, or example, is hashed)
         identity = run_identity(scales, classifier, train_dataset, eval_dataset, label_column, **settings)
@@ -246,17 +241,10 @@ def train_residual(
     seconds: dict[str, float] = {}
     images = sum(d.layout.size if isinstance(d, UnitStore) else len(d) for d in (train_dataset, eval_dataset))
     location = _cache_location(cache, images, scales, max_cache_bytes)
-    if location == "disk" and cache_dir is None and output_dir is not None:
-        cache_dir = Path(output_dir) / "unit-cache"
-    if location == "disk" and cache_dir is None and accelerator.num_processes > 1:
-        raise ResiDualInputError(
-            "The unit cache goes to disk, and every process must read the others' part of it: pass cache_dir (or "
-            "output_dir), a directory all processes can read."
-        )
-    bases = content_hash(*scales.fitted_state) if location == "disk" else ""  # part of a disk cache's identity
     encoding = _Encoding(
-        location, cache_dir, bases, accelerator, label_column, batch_size, num_workers, classifier.num_classes,
-        progress,
+        location, _cache_dir(location, cache_dir, output_dir, accelerator),
+        content_hash(*scales.fitted_state) if location == "disk" else "", accelerator, label_column, batch_size,
+        num_workers, classifier.num_classes, progress,
     )  # fmt: skip
     with _timed(seconds, "cache"):
         train = encoding.features(model, train_dataset, "train")
@@ -283,15 +271,7 @@ def train_residual(
     with _timed(seconds, "train"):
         loop = _EpochLoop(scales, classifier, optimizer, stopping, accelerator, batch_size, seed)
         best = loop.run(train, val, best, max_epochs, progress, on_epoch_end, output_dir, (lr, identity))
-    _load(scales, trained, best)
-    scales.write_back()
-    if trained is not None and saved_head is not None:
-        trained.copy_into(model)  # into the adapter's copy of the model's classifier, saved with the adapter
-    elif trained is not None and residual_tuner(model).arch.spec.classifier:
-        logger.info(
-            "The trained head is in TrainingResult.head; the model's own classifier is not in modules_to_save, so it "
-            "stays as it was (ResiDualConfig(modules_to_save=['classifier']) trains and saves it with the adapter)."
-        )
+    _keep_best(model, scales, trained, saved_head, best)
     scales.config.training_summary = {
         "training_samples": len(train), "validation_samples": len(val), "learning_rate": lr,
         "best_validation_accuracy": round(stopping.best_accuracy, 4), "epochs": stopping.epoch,
@@ -303,6 +283,52 @@ def train_residual(
         cached=location != "streamed", cache_location=location, history=stopping.history, seconds=seconds,
         head=trained.float().requires_grad_(False) if trained is not None else None,
     )  # fmt: skip
+
+
+def _trains_head(head: str | None, head_lr: float, saved_head: nn.Linear | None) -> bool:
+    """Whether the run trains a linear head: asked for, or the adapter holds the model's classifier (unless
+    ``head`` says otherwise, which :func:`_saved_classifier` refuses)."""
+    head = "linear" if head is None and saved_head is not None else head
+    if head not in HEADS:
+        raise ResiDualInputError(f"head must be one of {HEADS}, got {head!r}.")
+    if head == "linear" and (isinstance(head_lr, bool) or not isinstance(head_lr, (int, float)) or head_lr <= 0):
+        raise ResiDualInputError(f"head_lr must be a positive number, got {head_lr!r}.")
+    return head == "linear"
+
+
+def _cache_dir(
+    location: str, cache_dir: str | Path | None, output_dir: str | Path | None, accelerator: Accelerator
+) -> str | Path | None:
+    """Where a disk cache goes: ``cache_dir``, else beside the checkpoints, else (one process only) a temporary
+    directory (``None``)."""
+    if location == "disk" and cache_dir is None and output_dir is not None:
+        return Path(output_dir) / "unit-cache"
+    if location == "disk" and cache_dir is None and accelerator.num_processes > 1:
+        raise ResiDualInputError(
+            "The unit cache goes to disk, and every process must read the others' part of it: pass cache_dir (or "
+            "output_dir), a directory all processes can read."
+        )
+    return cache_dir
+
+
+def _keep_best(
+    model: nn.Module,
+    scales: ScaleSet,
+    trained: LinearClassifier | None,
+    saved_head: nn.Linear | None,
+    best: tuple[torch.Tensor, dict[str, torch.Tensor]],
+) -> None:
+    """Put the best epoch's scales into the model, and its head into the adapter's copy of the model's classifier
+    where there is one (then saved with the adapter)."""
+    _load(scales, trained, best)
+    scales.write_back()
+    if trained is not None and saved_head is not None:
+        trained.copy_into(model)
+    elif trained is not None and residual_tuner(model).arch.spec.classifier:
+        logger.info(
+            "The trained head is in TrainingResult.head; the model's own classifier is not in modules_to_save, so it "
+            "stays as it was (ResiDualConfig(modules_to_save=['classifier']) trains and saves it with the adapter)."
+        )
 
 
 def _saved_classifier(model: nn.Module, scales: ScaleSet, classifier: Classifier, head: str | None) -> nn.Linear | None:
