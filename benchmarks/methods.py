@@ -47,6 +47,8 @@ class Bench:
     workers: int = 0
     progress: bool = True
     basis_dtype: str = "float32"
+    head_lr: float = HEAD_LR
+    """The linear head's rate in the ``+head`` ResiDual methods (``train_residual(..., head_lr=)``)."""
     units: dict[str, UnitStore] | None = None
     """Per split, the raw unit pieces from the one backbone pass each split gets (see run.build)."""
     encode_seconds: dict[str, float] | None = None
@@ -148,7 +150,7 @@ def residual(
         result = train_residual(
             model, bench.classifier, train, val, batch_size=bench.batch_size, max_epochs=bench.max_epochs,
             patience=bench.patience, seed=seed, cache=not end_to_end, num_workers=bench.workers,
-            progress=bench.progress, lr=lr, head=head,
+            progress=bench.progress, lr=lr, head=head, head_lr=bench.head_lr,
         )  # fmt: skip
     classifier = result.head if result.head is not None else bench.classifier
     if end_to_end:
@@ -174,7 +176,7 @@ def residual(
         seconds={"pca": pca_seconds, "cache": encoding + cache_seconds, "train": train_seconds},
         eigen_seconds=fitted.eigen_seconds, peak_rss_mib=rss.mib, latency_ms=bench.latency(model, result.head),
         lr=result.lr, cached=result.cached, components=components,
-        floor_seconds=floor, **({"head_lr": HEAD_LR} if result.head is not None else {}),
+        floor_seconds=floor, **({"head_lr": bench.head_lr} if result.head is not None else {}),
     )  # fmt: skip
 
 

@@ -623,6 +623,23 @@ def paper_grid_table(name: str) -> str:
     return "\n".join(grid_table(payload["cells"], references)) + "\n"
 
 
+def head_lr_table() -> str:
+    """docs/benchmarks.md: ResiDual + head at each head rate (``benchmarks.head_lr``), both data sets at 2,700."""
+    records = {"MNIST": load("head_lr_dinov2-mnist_3000"), "F-MNIST": load("head_lr_dinov2-fashion-mnist_3000")}
+    rates = sorted({row["head_lr"] for payload in records.values() for row in payload["rows"]})
+    rows = []
+    for dataset, payload in records.items():
+        for method in dict.fromkeys(row["method"] for row in payload["rows"]):
+            by_rate = {row["head_lr"]: row for row in payload["rows"] if row["method"] == method}
+            cells = [
+                f"{100 * r['val_accuracy']:.1f} / {100 * r['test_accuracy']:.1f}" if (r := by_rate.get(rate)) else "—"
+                for rate in rates
+            ]
+            rows.append([dataset, method, *cells])
+    header = ["data set", "method", *(f"head_lr {rate:g}: val / test" for rate in rates)]
+    return "\n".join(_table(header, rows)) + "\n"
+
+
 PUBLISHED: dict[str, Callable[[], str]] = {
     "headline": headline_table,
     "default-mnist": lambda: run_table(load("default_mnist")),
@@ -631,6 +648,7 @@ PUBLISHED: dict[str, Callable[[], str]] = {
     "head-mnist-3000": lambda: run_table(load("head_mnist_3000")),
     "head-fashion-mnist-3000": lambda: run_table(load("head_fashion_mnist_3000")),
     "head-goals": head_goals_table,
+    "head-lr": head_lr_table,
     "fashion-mnist-3000-end-to-end": lambda: run_table(load("fashion_mnist_3000_end_to_end")),
     "speed": lambda: speed_table(load("speed_clip_b32_random")),
     "memory": lambda: memory_table(load("memory_clip_b32_random")),

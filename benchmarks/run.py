@@ -57,6 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--methods", nargs="+", choices=ALL_METHODS, default=None)
     parser.add_argument("--full-finetune", action="store_true", help="also fine-tune the whole vision tower")
     parser.add_argument("--end-to-end", action="store_true", help="train ResiDual through the backbone, no cache")
+    parser.add_argument(
+        "--head-lr", type=float, default=methods.HEAD_LR, help="the head's rate in the +head ResiDual methods"
+    )
     parser.add_argument("--basis-dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--max-epochs", type=int, default=30)
@@ -99,7 +102,7 @@ def build(args: argparse.Namespace) -> tuple[methods.Bench, dict]:
     bench = methods.Bench(
         args.model, splits["train"], splits["val"], splits["test"], classifier=None, batch_size=args.batch_size,
         max_epochs=args.max_epochs, patience=args.patience, workers=args.workers, progress=not args.no_progress,
-        basis_dtype=args.basis_dtype,
+        basis_dtype=args.basis_dtype, head_lr=args.head_lr,
     )  # fmt: skip
     # One backbone pass per split: its unit pieces serve every ResiDual variant, the base features (their sum) the
     # zero-shot score and the centroids. The train and validation images also go through a plain frozen forward,

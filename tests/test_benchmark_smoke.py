@@ -75,6 +75,23 @@ def test_fidelity_runs_every_variant_on_one_encoding(tiny_assets, tmp_path):
     assert table.count("\n|") == 2 + len(payload["rows"])
 
 
+def test_head_lr_sweep_trains_each_rate_on_one_setup(tiny_assets, tmp_path, monkeypatch):
+    from benchmarks import head_lr, methods
+
+    rates = []
+    train = methods.train_residual
+    monkeypatch.setattr(methods, "train_residual", lambda *a, **kw: rates.append(kw["head_lr"]) or train(*a, **kw))
+    args = ["--model", str(tiny_assets["dinov2"]), "--dataset", str(tiny_assets["dataset"]), "--train-size", "64"]
+    args += ["--test-size", "32", "--seeds", "0", "--max-epochs", "2", "--out", str(tmp_path), "--name", "tiny"]
+    payload = head_lr.main([*args, "--rates", "0.001", "0.5"])
+    assert rates == [0.001, 0.5, 0.001, 0.5]  # each rate reaches train_residual, for residual and residual*
+    assert [(row["method"], row["head_lr"]) for row in payload["rows"]] == [
+        ("residual+head", 0.001), ("residual+head", 0.5), ("residual*+head", 0.001), ("residual*+head", 0.5),
+    ]  # fmt: skip
+    assert all(0 <= row["test_accuracy"] <= 1 and len(row["test_accuracies"]) == 1 for row in payload["rows"])
+    assert json.loads((tmp_path / "head_lr_tiny.json").read_text())["rows"] == payload["rows"]
+
+
 def test_ablate_runs_every_factor(tiny_assets, tmp_path):
     from benchmarks import ablate
 
