@@ -18,6 +18,7 @@ import argparse
 import json
 import logging
 import sys
+import warnings
 from importlib.metadata import version
 from pathlib import Path
 
@@ -495,8 +496,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _silence_libraries() -> None:
     """--quiet: no progress bars or advisory messages from the libraries underneath, only errors and results."""
-    import warnings
-
     import datasets
     import transformers
 
@@ -506,6 +505,13 @@ def _silence_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as one line of the CLI's own, not Python's ``file:line: category: message`` and a source line
+    (which would point into the package or its entry script)."""
+    kind = "warning" if category is UserWarning else category.__name__
+    print(f"peft-residual: {kind}: {message}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -525,7 +531,9 @@ def main(argv: list[str] | None = None) -> int:
     keep_freed_memory()  # this process is the CLI's: its forwards reuse the pages they free (glibc)
     try:
         _check_paths(args)
-        args.run(args)
+        with warnings.catch_warnings():  # restored on exit: main() may run inside another program
+            warnings.showwarning = _show_warning
+            args.run(args)
     except (CliError, ResiDualInputError, FileNotFoundError) as error:
         print(f"peft-residual: error: {str(error).splitlines()[0]}", file=sys.stderr)
         return 2

@@ -130,3 +130,14 @@ def test_the_image_size_is_checked_against_the_adapter_before_the_model_loads(
     assert "fitted on 32x32 px images but these come out at 16x16; pass --image-size 32" in line
     line = one_line_error(capfd, "train", *source, "--bases", adapter, "--k", "3", "--output", tmp_path / "t")
     assert "drop --k" in line
+
+
+def test_a_warning_is_one_line_of_the_cli_s_own(monkeypatch, capfd):
+    def run(args):
+        from peft_residual.errors import warn_caller
+
+        warn_caller("160 reference images for units of up to 384 dimensions")
+
+    monkeypatch.setattr("peft_residual.cli.cmd_fit", run)
+    assert main(["fit", "--model", "m", "--dataset", "d", "--output", "o"]) == 0
+    assert capfd.readouterr().err == "peft-residual: warning: 160 reference images for units of up to 384 dimensions\n"

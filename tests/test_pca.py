@@ -212,8 +212,9 @@ def test_degenerate_reference_images_are_refused_or_warned():
     with pytest.raises(ResiDualInputError, match="zero variance over the 20 reference images"):
         fit_residual_bases(model, [{"pixel_values": same}], progress=False)
     assert not model.base_model.readout.is_fitted("default")  # refused before anything was replaced
-    with pytest.warns(UserWarning, match="2 reference images for units of up to"):
+    with pytest.warns(UserWarning, match="2 reference images for units of up to") as caught:
         report = fit_residual_bases(model, [{"pixel_values": images(2)}], progress=False)
+    assert caught[0].filename == __file__  # the caller's line, not the library's
     assert report.undersampled and not report.flat
 
 

@@ -230,8 +230,9 @@ def test_refitting_trained_scales_warns(fitted_models):
 
 def test_other_image_size_warns_once(fitted_models):
     model = fresh(fitted_models, "dinov2")
-    with pytest.warns(UserWarning, match="fitted on images of 17 tokens, but this input gives 5"):
+    with pytest.warns(UserWarning, match="fitted on images of 17 tokens, but this input gives 5") as caught:
         output(model, torch.randn(2, 3, 16, 16))
+    assert caught[0].filename == __file__  # the caller's line, through PEFT's and torch's frames
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         output(model)  # the fitted size: silent

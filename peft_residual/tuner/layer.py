@@ -14,7 +14,6 @@ as its module produces it (:mod:`.fold`), and the training cache reads out store
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
@@ -22,6 +21,7 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
+from ..errors import warn_caller
 from ..models import Architecture
 from .config import ResiDualConfig, ResiDualInputError
 from .decomposition import BASE, UnitRecord, capture, current_record, take_record
@@ -330,7 +330,7 @@ class ResiDualReadoutLayer(nn.Module, ResiDualLayer):
     def unmerge(self) -> None:
         """Read out from the live scales again."""
         if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            warn_caller("Already unmerged. Nothing to do.")
         merged, self.merged_adapters = self.merged_adapters, []
         self.refresh(merged)
 
@@ -479,9 +479,8 @@ def _check_image_size(adapter_name: str, config: ResiDualConfig, num_tokens: int
     fitted = (config.base_signature or {}).get("num_tokens")
     if fitted is None or num_tokens is None or num_tokens == fitted:
         return
-    warnings.warn(  # Python shows each distinct message once per call site
+    warn_caller(  # Python shows each distinct message once per calling line
         f"ResiDual adapter '{adapter_name}' was fitted on images of {fitted} tokens, but this input gives "
         f"{num_tokens}: the PCA bases do not describe units at another image size, so the output is unreliable. "
-        "Resize the images to the size in adapter_config.json (base_signature.image_size).",
-        stacklevel=3,
+        "Resize the images to the size in adapter_config.json (base_signature.image_size)."
     )

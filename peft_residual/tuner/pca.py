@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import time
-import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from itertools import islice
@@ -17,6 +16,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..errors import warn_caller
 from ..models import Architecture
 from .batches import RecordedBatch, recorded_batches
 from .config import ResiDualConfig, ResiDualInputError
@@ -195,25 +195,22 @@ def get_residual_bases(
     _refuse_constant_units(layers.values(), adapter_name, moments, num_samples)
     state_dict, report = _solve(layers, adapter_name, config, moments, progress)
     if report.flat:
-        warnings.warn(
+        warn_caller(
             f"{len(report.flat)} unit(s) have zero variance over the reference images (e.g. {report.flat[0]}); their "
-            "bases are arbitrary. See FitReport.flat.",
-            stacklevel=3,
+            "bases are arbitrary. See FitReport.flat."
         )
     if report.undersampled:
         largest = max(layer.max_rank(adapter_name) for layer in layers.values())
-        warnings.warn(
+        warn_caller(
             f"{num_samples} reference images for units of up to {largest} dimensions: the PCA of the all-component "
             f"or variance-ratio units (e.g. {report.undersampled[0]}) rests on too few images. Fit on more images "
-            "than that. See FitReport.undersampled.",
-            stacklevel=3,
+            "than that. See FitReport.undersampled."
         )
     if report.clamped:
         (name, (asked, used)), more = next(iter(report.clamped.items())), len(report.clamped) - 1
-        warnings.warn(
+        warn_caller(
             f"k={asked} exceeds the rank of {len(report.clamped)} units (e.g. {name}: {used}); clamped to their rank. "
-            f"See FitReport.clamped{f' for the other {more}' if more else ''}.",
-            stacklevel=3,
+            f"See FitReport.clamped{f' for the other {more}' if more else ''}."
         )
     return ResiDualBases(adapter_name, state_dict, image_size, report)
 
@@ -242,10 +239,9 @@ def apply_residual_bases(model: nn.Module, bases: ResiDualBases) -> None:
     after = readout.lambdas(adapter_name).detach()
     if before is not None and (config.training_summary is not None or not torch.equal(before, after.to(before))):
         # however they were changed (train_residual, a hand-written loop, a loaded adapter), they are gone now
-        warnings.warn(
+        warn_caller(
             f"Refitting adapter '{adapter_name}' replaced scales that differed from their initial values with new "
-            "initial values; train again (or fit a new adapter name to keep these).",
-            stacklevel=3,
+            "initial values; train again (or fit a new adapter name to keep these)."
         )
     config.training_summary = None
     config.base_signature = tuner.arch.signature(bases.image_size)
