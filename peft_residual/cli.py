@@ -218,10 +218,14 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def _check_fitted_size(args: argparse.Namespace, adapter: str) -> list[int] | None:
     """The image size ``adapter`` was fitted at, checked against ``--image-size`` before any model loads (an
-    open_clip model built at another size would otherwise fail on its weights' fingerprint, not say this)."""
+    open_clip model built at another size would otherwise fail on its weights' fingerprint, not say this); without
+    ``--image-size``, the images are resized to it, the only size the adapter's bases describe."""
     from .tuner import ResiDualConfig
 
     fitted = (ResiDualConfig.from_pretrained(adapter).base_signature or {}).get("image_size")
+    if fitted and args.image_size is None and fitted[0] == fitted[1]:
+        args.image_size = fitted[0]
+        logger.info("--image-size %d: the size %s was fitted at", fitted[0], adapter)
     size = args.image_size
     if fitted and size is not None and [size] * 2 != list(fitted):
         given = f"these come out at {size}x{size}" if getattr(args, "bases", None) else f"--image-size is {size}"
@@ -400,7 +404,10 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--image-column", default="image", help="the data set's column of images")
     data.add_argument("--label-column", default="label", help="the data set's column of class labels")
     data.add_argument(
-        "--image-size", type=_positive_int, help="resize images to this square side (default: the processor's size)"
+        "--image-size",
+        type=_positive_int,
+        help="resize images to this square side (default: the size an --adapter or --bases was fitted at, else the "
+        "processor's)",
     )
     data.add_argument("--samples", type=_positive_int, help="use this many images, drawn with --seed (default: all)")
     data.add_argument("--batch-size", type=_positive_int, default=64, help="images per backbone batch and per step")

@@ -202,6 +202,18 @@ def test_internal_errors_are_not_turned_into_one_liners(monkeypatch, tiny_assets
         main([*args, "--output", str(tmp_path)])
 
 
+def test_eval_and_train_on_bases_default_to_the_size_the_adapter_was_fitted_at(tiny_assets, tmp_path, capfd):
+    source = ["--quiet", "--model", tiny_assets["dinov2"], "--dataset", tiny_assets["dataset"]]
+    out = tmp_path / "trained"  # fitted at 16 px; the processor's size is 32
+    assert run_main(capfd, "train", *source, "--epochs", "1", "--image-size", "16", "--output", out)[0] == 0
+    code, stdout, err = run_main(capfd, "eval", *source, "--adapter", out)
+    assert code == 0 and "ResiDual" in stdout and not err
+    code, _, err = run_main(capfd, "train", *source, "--epochs", "1", "--bases", out, "--output", tmp_path / "again")
+    assert code == 0 and not err
+    config = json.loads((tmp_path / "again" / "adapter_config.json").read_text())
+    assert config["base_signature"]["image_size"] == [16, 16]
+
+
 def test_eval_refuses_another_image_size_and_foreign_labels(tiny_assets, tmp_path, capfd):
     model, dataset = tiny_assets["dinov2"], tiny_assets["dataset"]
     out = tmp_path / "trained"
