@@ -9,6 +9,7 @@ Offline, with local model and data set directories (e.g. from shared/assets/prep
 """
 
 import argparse
+import os
 import sys
 import tempfile
 
@@ -19,9 +20,10 @@ import peft_residual
 from peft_residual import load_vision_model
 from peft_residual.data import class_names, image_loader, keep_freed_memory, load_image_dataset, prepare, sample
 
+ASSETS = os.environ.get("RESIDUAL_ASSETS", "~/.cache/residual-assets")  # the assets directory, as the presets read it
 OFFLINE = (
-    "python examples/quickstart.py --model ~/.cache/residual-assets/models/dinov2-small-imgfocus "
-    "--dataset ~/.cache/residual-assets/datasets/fashion-mnist --image-size 98"
+    f"python examples/quickstart.py --model {ASSETS}/models/dinov2-small-imgfocus "
+    f"--dataset {ASSETS}/datasets/fashion-mnist --image-size 98"
 )
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

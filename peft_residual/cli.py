@@ -120,11 +120,28 @@ def _check_paths(args: argparse.Namespace) -> None:
         if getattr(args, name, None):
             _check_source(getattr(args, name), name)
     for name in ("adapter", "bases"):
-        if getattr(args, name, None) and _looks_local(getattr(args, name)):
+        if getattr(args, name, None):
             _check_adapter(getattr(args, name))
+    if args.command == "eval":
+        _check_eval_classifier(args.classifier, args.adapter)
     output = getattr(args, "output", None)
     if output and Path(output).exists() and not Path(output).is_dir():
         raise CliError(f"--output {output!r} is a file; name a directory (new or existing) for the results")
+
+
+def _check_eval_classifier(classifier: str | None, adapter: str) -> None:
+    """The head eval reads, ``--classifier`` or the adapter's ``classifier/``, before any model loads."""
+    if classifier is None and not _looks_local(adapter):
+        return  # read from the Hub adapter's own directory, if it has one
+    directory = Path(classifier) if classifier else Path(adapter) / "classifier"
+    if (directory / "classifier.json").is_file():
+        return
+    if classifier:
+        raise CliError(f"no classifier at {classifier!r}: give a directory written by train (its classifier/)")
+    raise CliError(
+        f"{adapter} holds no classifier/ (fit writes bases only): train its scales with `peft-residual train --bases "
+        f"{adapter}`, or pass --classifier DIR"
+    )
 
 
 def _prepared(args: argparse.Namespace, dataset):
@@ -201,7 +218,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         model = _bases_from(args, base, train_units.image_size)
     else:
         model = get_peft_model(base, _config(args))
-        fit_residual_bases(model, train_units)
+        fit_residual_bases(model, train_units, progress=not args.quiet)
     lr = args.lr if args.lr == "auto" else float(args.lr)
     result = train_residual(
         model, classifier, train_units, val_units, lr=lr, batch_size=args.batch_size, max_epochs=args.epochs,
@@ -212,8 +229,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     (result.head or classifier).save_pretrained(Path(args.output) / "classifier")  # the head eval reads
     summary = {"dataset": args.dataset, **model.peft_config["default"].training_summary}
     (Path(args.output) / "training.json").write_text(json.dumps(summary, indent=1))
-    print(f"best validation accuracy {100 * result.best_val_accuracy:.1f}% after {result.epochs_run} epochs; "
-          f"adapter and classifier saved to {args.output}")  # fmt: skip
+    print(f"best validation accuracy {100 * result.best_val_accuracy:.1f}% at epoch {result.best_epoch} of "
+          f"{result.epochs_run}; adapter and classifier saved to {args.output}")  # fmt: skip
 
 
 def _check_fitted_size(args: argparse.Namespace, adapter: str) -> list[int] | None:
@@ -248,14 +265,28 @@ def _bases_from(args: argparse.Namespace, base, image_size: tuple[int, int]):
     return model
 
 
+def _hub_errors() -> tuple[type[BaseException], ...]:
+    """What reading from or writing to the Hub raises when it cannot: ``OSError`` (huggingface_hub's own errors, its
+    offline mode) and the base of its HTTP client's errors (a refused connection is no ``OSError`` there)."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    return (OSError, *HfHubHTTPError.__bases__)
+
+
 def _check_adapter(source: str) -> None:
-    """A local adapter directory's config and weights, read as loading will read them (a missing, malformed or
-    truncated file is named), before any model loads."""
+    """An adapter's config, read as loading will read it (a missing, malformed or truncated file is named, an
+    unreachable Hub said in one line), before any model loads."""
     from .tuner import ResiDualConfig
 
-    if not (Path(source) / "adapter_config.json").is_file():
-        raise CliError(f"{source} holds no adapter_config.json; give the directory written by fit or train")
-    ResiDualConfig.from_pretrained(source)
+    if _looks_local(source):
+        if not (Path(source) / "adapter_config.json").is_file():
+            raise CliError(f"{source} holds no adapter_config.json; give the directory written by fit or train")
+    elif source.count("/") != 1:
+        raise CliError(f"no adapter at {source!r}: no such directory, and a Hub adapter is named OWNER/NAME")
+    try:
+        ResiDualConfig.from_pretrained(source)
+    except (ValueError, *_hub_errors()) as error:
+        raise CliError(f"cannot read the adapter {source!r}: {str(error).splitlines()[0]}") from error
 
 
 def _load_adapter(source: str, base, is_trainable: bool = False):
@@ -265,7 +296,7 @@ def _load_adapter(source: str, base, is_trainable: bool = False):
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from .classifiers import Classifier
+    from .classifiers import Classifier, LinearClassifier
     from .inference import accuracy, embed_batches_of_adapters
 
     fitted_size = _check_fitted_size(args, args.adapter)
@@ -284,7 +315,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
         num_classes=classifier.num_classes, desc="Embeddings",
     )  # fmt: skip
     base, adapted = (accuracy(classifier(features[name]), labels) for name in (BASE, "default"))
-    print(f"{len(labels)} images: {classifier.head_name} {100 * base:.2f}%  ResiDual {100 * adapted:.2f}%")
+    # a trained head was trained on the adapted embedding: on the base model's it is no baseline of its own
+    label = "base model + trained linear head" if isinstance(classifier, LinearClassifier) else classifier.head_name
+    print(f"{len(labels)} images: {label} {100 * base:.2f}%  ResiDual {100 * adapted:.2f}%")
 
 
 def cmd_rank_heads(args: argparse.Namespace) -> None:
@@ -381,7 +414,10 @@ def cmd_push(args: argparse.Namespace) -> None:
     model = _load_adapter(args.adapter, _model(args))
     summary_path = Path(args.adapter) / "training.json"
     training = json.loads(summary_path.read_text()) if summary_path.exists() else None
-    url = model.push_to_hub(args.repo_id, private=args.private, token=args.token, training=training)
+    try:
+        url = model.push_to_hub(args.repo_id, private=args.private, token=args.token, training=training)
+    except _hub_errors() as error:
+        raise CliError(f"cannot push to the Hub: {str(error).splitlines()[0]}") from error
     print(f"pushed to {url}")
 
 

@@ -1,4 +1,5 @@
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -398,3 +399,17 @@ def test_the_model_runs_on_accelerates_device(tiny_assets, monkeypatch):
     monkeypatch.setattr(accelerate, "PartialState", lambda: type("State", (), {"device": torch.device("meta")})())
     args = build_parser().parse_args(["fit", "--model", str(tiny_assets["dinov2"]), "--dataset", "d", "--output", "o"])
     assert {parameter.device.type for parameter in _model(args).parameters()} == {"meta"}
+
+
+def test_train_quiet_prints_only_its_result_and_eval_names_a_trained_head_s_baseline(tiny_assets, tmp_path, capfd):
+    source = ["--model", tiny_assets["dinov2"], "--dataset", tiny_assets["dataset"]]
+    out = tmp_path / "trained"
+    args = ["train", "--quiet", *source, "--epochs", "2", "--head", "linear", "--output", out]
+    code, stdout, err = run_main(capfd, *args)
+    assert code == 0 and err == ""  # no progress bar, the PCA's included
+    summary = json.loads((out / "training.json").read_text())
+    pattern = r"best validation accuracy [\d.]+% at epoch [12] of 2; adapter and classifier saved to .*\n"
+    assert re.fullmatch(pattern, stdout)
+    assert summary["epochs"] == 2
+    code, stdout, err = run_main(capfd, "eval", "--quiet", *source, "--adapter", out)
+    assert code == 0 and stdout.startswith("48 images: base model + trained linear head ") and "ResiDual" in stdout

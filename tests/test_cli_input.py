@@ -81,9 +81,10 @@ def test_a_model_argument_that_is_not_a_supported_vision_model(tiny_assets, tmp_
         "rank-heads": ["--dataset", tiny_assets["dataset"], "--output", tmp_path / "out"],
         "analyze": ["--dataset", tiny_assets["dataset"], "--output", tmp_path / "out"],
     }[command]
-    if command in ("eval", "push"):  # a real adapter, so that the model is what is wrong
-        assert main(["fit", "--quiet", "--model", str(tiny_assets["dinov2"]), "--dataset", str(tiny_assets["dataset"]),
-                     "--k", "2", "--output", str(tmp_path / "adapter")]) == 0  # fmt: skip
+    if command in ("eval", "push"):  # a real adapter with its classifier, so that the model is what is wrong
+        source = ["--model", str(tiny_assets["dinov2"]), "--dataset", str(tiny_assets["dataset"])]
+        trained = ["--k", "2", "--epochs", "1", "--output", str(tmp_path / "adapter")]
+        assert main(["train", "--quiet", *source, *trained]) == 0
     line = one_line_error(capfd, command, "--model", model, *options)  # no progress bar before it: one line
     assert message in line and str(model) in line, line
 
@@ -117,7 +118,7 @@ def test_the_image_size_is_checked_against_the_adapter_before_the_model_loads(
     """An open_clip model is built at --image-size: loaded first, its weights' fingerprint would fail instead."""
     adapter = tmp_path / "adapter"
     source = ["--model", str(tiny_assets["dinov2"]), "--dataset", str(tiny_assets["dataset"])]
-    assert main(["fit", "--quiet", *source, "--k", "2", "--output", str(adapter)]) == 0
+    assert main(["train", "--quiet", *source, "--k", "2", "--epochs", "1", "--output", str(adapter)]) == 0
     import peft_residual.data
 
     def no_model_load(*args, **kwargs):
@@ -141,3 +142,38 @@ def test_a_warning_is_one_line_of_the_cli_s_own(monkeypatch, capfd):
     monkeypatch.setattr("peft_residual.cli.cmd_fit", run)
     assert main(["fit", "--model", "m", "--dataset", "d", "--output", "o"]) == 0
     assert capfd.readouterr().err == "peft-residual: warning: 160 reference images for units of up to 384 dimensions\n"
+
+
+def test_missing_adapters_and_a_fit_only_adapter_are_one_line_before_any_model_loads(
+    tiny_assets, tmp_path, capfd, monkeypatch
+):
+    import peft_residual.data
+
+    source = ["--model", tiny_assets["dinov2"], "--dataset", tiny_assets["dataset"]]
+    fit = tmp_path / "fit"
+    assert run_main(capfd, "fit", "--quiet", *source, "--k", "2", "--output", fit)[0] == 0
+    monkeypatch.setattr(peft_residual.data, "load_vision_model", lambda *a, **k: pytest.fail("loaded a model"))
+    cases = [
+        (["eval", *source, "--adapter", "nope"], "no adapter at 'nope': no such directory"),
+        (["train", *source, "--bases", "nope", "--output", tmp_path / "t"], "no adapter at 'nope'"),
+        (["push", "--model", tiny_assets["dinov2"], "--adapter", "nope", "--repo-id", "me/x"], "no adapter at 'nope'"),
+        (["eval", *source, "--adapter", fit], f"{fit} holds no classifier/ (fit writes bases only): train"),
+        (["eval", *source, "--adapter", fit, "--classifier", tmp_path], f"no classifier at {str(tmp_path)!r}"),
+    ]
+    for args, message in cases:
+        assert message in one_line_error(capfd, *args), args
+
+
+@pytest.mark.parametrize("hub", ["offline", "refused"])
+def test_push_to_a_hub_it_cannot_reach_is_one_line(tiny_assets, tmp_path, capfd, monkeypatch, hub):
+    from huggingface_hub import constants, hf_api
+
+    adapter = tmp_path / "trained"
+    source = ["--quiet", "--model", tiny_assets["dinov2"], "--dataset", tiny_assets["dataset"]]
+    assert run_main(capfd, "train", *source, "--epochs", "1", "--output", adapter)[0] == 0
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", hub == "offline")
+    monkeypatch.setattr(hf_api.api, "endpoint", "http://127.0.0.1:9")  # nothing listens on the discard port
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
+    push = ["push", "--quiet", "--model", tiny_assets["dinov2"], "--adapter", adapter, "--repo-id", "me/x"]
+    line = one_line_error(capfd, *push)
+    assert line.startswith("peft-residual: error: cannot push to the Hub: ")

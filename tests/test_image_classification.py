@@ -314,3 +314,11 @@ def test_trainer_example_runs_end_to_end(tiny_assets, tmp_path, cached):
     assert f"{how}: 1 epochs in" in result.stdout and "same predictions: True" in result.stdout, result.stdout
     saved = load_file(tmp_path / "adapter_model.safetensors")
     assert "base_model.model.classifier.weight" in saved and any("residual_lambda" in key for key in saved)
+
+
+def test_a_batch_whose_image_column_was_dropped_names_trainer_s_setting(tiny_assets):
+    from peft_residual.data import pixel_transform
+
+    transform = pixel_transform(str(tiny_assets["dinov2"]))
+    with pytest.raises(ResiDualInputError, match=r"no 'image' column .*remove_unused_columns=False"):
+        transform({"label": [0, 1]})  # what Trainer passes on with remove_unused_columns=True

@@ -99,6 +99,17 @@ def pixel_transform(
     return ProcessorTransform(processor, image_size, image_column, label_column)
 
 
+def _column(batch: dict, name: str) -> list:
+    """The images of a batch the transform receives; a missing column is named with what usually removed it."""
+    if name not in batch:
+        raise ResiDualInputError(
+            f"The batch reaching the image transform has no {name!r} column (it has {sorted(batch)}): something "
+            "dropped it first. transformers.Trainer drops the columns its model's forward does not name: pass "
+            "TrainingArguments(remove_unused_columns=False)."
+        )
+    return batch[name]
+
+
 class ProcessorTransform:
     """``pixel_values`` from a transformers image processor, and ``label``: a class, not a closure, so that a
     DataLoader worker started by ``spawn`` (the default on macOS and Windows) can unpickle it."""
@@ -110,7 +121,7 @@ class ProcessorTransform:
         )
 
     def __call__(self, batch: dict) -> dict:
-        images = [image.convert("RGB") for image in batch[self.image_column]]
+        images = [image.convert("RGB") for image in _column(batch, self.image_column)]
         pixel_values = self.processor(images=images, return_tensors="pt", **self.overrides)["pixel_values"]
         return {"pixel_values": pixel_values, "label": batch[self.label_column]}
 
@@ -123,7 +134,8 @@ class LibraryTransform:
         self.preprocess, self.image_column, self.label_column = preprocess, image_column, label_column
 
     def __call__(self, batch: dict) -> dict:
-        pixel_values = torch.stack([self.preprocess(image.convert("RGB")) for image in batch[self.image_column]])
+        images = _column(batch, self.image_column)
+        pixel_values = torch.stack([self.preprocess(image.convert("RGB")) for image in images])
         return {"pixel_values": pixel_values, "label": batch[self.label_column]}
 
 
