@@ -137,3 +137,13 @@ def test_paper_grid_runs_every_method_per_reference_and_skips_finished_cells(tin
     capsys.readouterr()
     again = paper.main(args)  # resumable: both cells are read back, nothing runs
     assert capsys.readouterr().out.count("done earlier, skipped") == 2 and again["cells"] == payload["cells"]
+
+
+def test_readout_profile_times_and_lists_the_ops_the_adapter_adds(tiny_assets, capsys):
+    from benchmarks import readout_profile
+
+    readout_profile.main(["--model", str(tiny_assets["dinov2"]), "--image-size", "32", "--merged", "--rows", "10"])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 + 1 + 10 and all(line.startswith("median ms, batch 1: bare ") for line in lines[:2])
+    assert lines[2].startswith("ResiDual, merged: self time per forward added by the adapter")
+    assert any(line.split()[0] == "aten::addmm" for line in lines[3:])  # the fold's maps
