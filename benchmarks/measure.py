@@ -50,7 +50,7 @@ def latency_ms(
 ) -> float:
     """Median wall time of classifying ``pixel_values``: the image-embedding forward, then the method's ``head``
     (embeddings to logits), after a warm-up. Every method is timed this way, each with its own head."""
-    return 1000 * _median_seconds(lambda: head(embed_images(model, pixel_values)), repeats)
+    return 1000 * median_seconds(lambda: head(embed_images(model, pixel_values)), repeats)
 
 
 def readout_products_seconds(
@@ -66,15 +66,15 @@ def readout_products_seconds(
     def forward(size: int) -> float:
         rows, tiles = torch.randn(size, components), torch.randn(math.ceil(size / TILE), TILE, components)
         return min(
-            _median_seconds(lambda: rows @ basis, repeats),
-            _median_seconds(lambda: torch.bmm(tiles, stacked[: len(tiles)]), repeats),
+            median_seconds(lambda: rows @ basis, repeats),
+            median_seconds(lambda: torch.bmm(tiles, stacked[: len(tiles)]), repeats),
         )
 
     def backward(size: int) -> float:
         rows, tiles = torch.randn(dim, size), torch.randn(math.ceil(size / TILE), dim, TILE)
         return min(
-            _median_seconds(lambda: basis @ rows, repeats),
-            _median_seconds(lambda: torch.bmm(stacked[: len(tiles)], tiles), repeats),
+            median_seconds(lambda: basis @ rows, repeats),
+            median_seconds(lambda: torch.bmm(stacked[: len(tiles)], tiles), repeats),
         )
 
     step = {size: forward(size) + backward(size) for size in set(train_batches)}
@@ -82,7 +82,7 @@ def readout_products_seconds(
     return epochs * (sum(step[size] for size in train_batches) + sum(evaluation[size] for size in val_batches))
 
 
-def _median_seconds(call: Callable[[], object], repeats: int) -> float:
+def median_seconds(call: Callable[[], object], repeats: int) -> float:
     """Median wall time of ``call`` over ``repeats`` calls, after one warm-up call."""
     call()
     times = []

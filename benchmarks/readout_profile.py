@@ -8,7 +8,6 @@ self time the adapter adds, from ``torch.profiler`` (adapted minus bare, per for
 from __future__ import annotations
 
 import argparse
-import time
 import warnings
 
 import torch
@@ -17,19 +16,16 @@ from torch.profiler import ProfilerActivity, profile
 
 from peft_residual import ResiDualConfig, fit_residual_bases, load_vision_model
 
+from .measure import median_seconds
+
 CONFIGS = {"k=64 heads": lambda: ResiDualConfig(k=64), "ResiDual": lambda: ResiDualConfig.preset("residual")}
 
 
 def median_ms(forward, calls: int = 101) -> float:
     with torch.inference_mode():
-        for _ in range(5):
+        for _ in range(4):  # and median_seconds' own warm-up call
             forward()
-        times = []
-        for _ in range(calls):
-            started = time.perf_counter()
-            forward()
-            times.append(time.perf_counter() - started)
-    return sorted(times)[calls // 2] * 1e3
+        return median_seconds(forward, calls) * 1e3
 
 
 def self_time_per_op(forward, calls: int = 30) -> dict[str, tuple[float, float]]:
