@@ -216,6 +216,10 @@ def test_degenerate_reference_images_are_refused_or_warned():
         report = fit_residual_bases(model, [{"pixel_values": images(2)}], progress=False)
     assert caught[0].filename == __file__  # the caller's line, not the library's
     assert report.undersampled and not report.flat
+    assert repr(report) == (  # counts, not the per-unit dicts
+        f"FitReport(num_samples=2, units={len(report.components)}, num_scales={report.num_scales}, flat=0, "
+        f"undersampled={len(report.undersampled)}, clamped=0)"
+    )
 
 
 @pytest.mark.parametrize("raw", ["uint8", "0-255 floats"])

@@ -110,6 +110,13 @@ class FitReport:
     def num_scales(self) -> int:
         return sum(self.components.values())
 
+    def __repr__(self) -> str:  # the per-unit dicts run to thousands of characters: how many units each names
+        counts = ", ".join(f"{name}={len(getattr(self, name))}" for name in ("flat", "undersampled", "clamped"))
+        return (
+            f"FitReport(num_samples={self.num_samples}, units={len(self.components)}, num_scales={self.num_scales}, "
+            f"{counts})"
+        )
+
 
 def choose_components(eigenvalues: torch.Tensor, k: int | float | None, max_rank: int) -> int:
     """Components to keep for descending ``eigenvalues``: all (``None``), a count, or a variance ratio."""
