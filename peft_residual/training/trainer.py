@@ -301,14 +301,16 @@ def _cache_dir(
 ) -> str | Path | None:
     """Where a disk cache goes: ``cache_dir``, else beside the checkpoints, else (one process only) a temporary
     directory (``None``)."""
-    if location == "disk" and cache_dir is None and output_dir is not None:
+    if location != "disk" or cache_dir is not None:
+        return cache_dir
+    if output_dir is not None:
         return Path(output_dir) / "unit-cache"
-    if location == "disk" and cache_dir is None and accelerator.num_processes > 1:
+    if accelerator.num_processes > 1:
         raise ResiDualInputError(
             "The unit cache goes to disk, and every process must read the others' part of it: pass cache_dir (or "
             "output_dir), a directory all processes can read."
         )
-    return cache_dir
+    return None
 
 
 def _keep_best(

@@ -41,9 +41,9 @@ LN_MEANS = ("shared", "unit")
 class PieceFolder(Protocol):
     """What a pass folds its pieces into as they arrive (one adapter's :class:`~.fold.Fold`)."""
 
-    def add(self, key: tuple[str, int | None], piece: torch.Tensor, added: torch.Tensor, folded: object) -> object:
-        """``folded`` after the piece ``key`` (``(kind, layer)``) ``[batch, in]``, which added ``added`` to the
-        residual stream (before any layer scale)."""
+    def add(self, key: tuple[str, int | None], piece: torch.Tensor, output: torch.Tensor, folded: object) -> object:
+        """``folded`` after the piece ``key`` (``(kind, layer)``) ``[batch, in]``, whose module's ``output``
+        ``[batch, tokens, hidden]`` adds to the residual stream (before any layer scale)."""
 
 
 @dataclass(eq=False)
@@ -107,7 +107,7 @@ class UnitRecord:
         piece = inputs[0][:, 0] if kind == "heads" else output[:, 0]  # the heads enter the projection as its input
         if self.folds is not None:
             for name, fold in self.folds.items():
-                self.folded[name] = fold.add((kind, layer), piece, output[:, 0], self.folded.get(name))
+                self.folded[name] = fold.add((kind, layer), piece, output, self.folded.get(name))
             return
         if kind == "embedding":
             width = max(arch.hidden_size, arch.num_heads * arch.head_dim)

@@ -90,10 +90,10 @@ class Fold(NamedTuple):
     """Merged: the scales as merged, one per component in score order (for a forward that must take the
     output-space path)."""
 
-    def add(self, key: tuple[str, int | None], piece: torch.Tensor, added: torch.Tensor, folded: object) -> object:
+    def add(self, key: tuple[str, int | None], piece: torch.Tensor, output: torch.Tensor, folded: object) -> object:
         """``folded`` (this pass's fold so far: a tensor when merged, a :class:`Live` when live) after the piece
-        ``key`` ``[batch, in]``, which added ``added`` ``[batch, hidden]`` to the residual stream (before any layer
-        scale)."""
+        ``key`` ``[batch, in]``, whose module's ``output`` ``[batch, tokens, hidden]`` adds to the residual stream
+        (before any layer scale; read at CLS only by a live piece with a direct part)."""
         piece_map = self.maps.get(key)
         if piece_map is None:
             return folded
@@ -109,6 +109,7 @@ class Fold(NamedTuple):
         elif weight is not None:
             columns = [*columns, torch.addmm(piece_map.bias, piece, weight)]
         if piece_map.raw is not None:
+            added = output[:, 0]
             raw = added * piece_map.raw if raw is None else torch.addcmul(raw, added, piece_map.raw)
         return Live(heads, columns, raw)
 
