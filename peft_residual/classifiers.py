@@ -16,7 +16,7 @@ from torch import nn
 from .data.units import UnitStore
 from .errors import ResiDualInputError
 from .inference import embed_batches
-from .tuner.pca import sum_across_processes
+from .moments import sum_across_processes
 
 
 def load_templates(name_or_templates: str | Sequence[str]) -> list[str]:

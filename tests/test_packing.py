@@ -3,7 +3,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from peft_residual import ResiDualConfig, ResiDualInputError
-from peft_residual.tuner.packing import canonical_signs, pack_orthonormal, packed_size, unpack_orthonormal
+from peft_residual.packing import canonical_signs, pack_orthonormal, packed_size, unpack_orthonormal
 
 from .conftest import make_model
 from .testing_utils import fitted

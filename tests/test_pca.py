@@ -5,7 +5,7 @@ import torch
 from peft import get_peft_model
 
 from peft_residual import ResiDualConfig, ResiDualInputError, decompose_units, fit_residual_bases
-from peft_residual.tuner.pca import StreamingMoments
+from peft_residual.moments import StreamingMoments
 
 from .conftest import KINDS, images, loader, make_model
 

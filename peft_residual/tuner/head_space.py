@@ -9,7 +9,7 @@ norm and projection biases. So ``c - t_h`` always lies in the span of ``A_h = [M
 ``head_dim + 1`` directions fixed by the base weights (``head_dim + 2`` with the shared mean). With ``Q_h`` an
 orthonormal basis of that span (float64 QR, signs fixed so the result is deterministic), a head's PCA runs on
 ``y = Q_h^T (c - t_h)``: covariances of ``r^2`` instead of ``output_dim^2``, and bases stored as coefficients
-``[k, r]`` (packed, see :mod:`.packing`), rebuilt as ``coefficients @ Q_h^T``. An uncentred fit (the coarse
+``[k, r]`` (packed, see :mod:`peft_residual.packing`), rebuilt as ``coefficients @ Q_h^T``. An uncentred fit (the coarse
 baseline scales the raw ``c``) adds ``t_h`` as one more direction and uses no offset.
 """
 

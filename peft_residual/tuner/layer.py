@@ -23,11 +23,11 @@ from torch import nn
 
 from ..errors import warn_caller
 from ..models import Architecture
+from ..packing import packed_size, unpack_orthonormal
 from .config import ResiDualConfig, ResiDualInputError
 from .decomposition import BASE, UnitRecord, capture, current_record, take_record
 from .fold import Fold, build_fold
 from .head_space import HeadFrames, head_frames
-from .packing import packed_size, unpack_orthonormal
 from .plan import Components, LayerState, OutputSpace, ReadoutPlan, build_plan, readout
 
 
@@ -86,9 +86,9 @@ class ResiDualUnitLayer(nn.Module, ResiDualLayer):
     injection); ``residual_mean`` ``[units, dim]`` where some unit is transformed or replaced by its mean; where some
     unit is transformed also ``residual_rank`` ``[units]`` (components per unit, 0 for a unit that is not),
     ``residual_basis`` (each unit's ``[rank, dim]`` orthonormal rows as Householder reflectors, see
-    :mod:`.packing`, concatenated) and the trainable ``residual_lambda`` ``[sum(rank)]`` (one per transformed unit
-    with one scale per unit). ``dim`` is the output dimension, except for heads, whose means and bases are stored in
-    head coordinates (see :mod:`.head_space`).
+    :mod:`peft_residual.packing`, concatenated) and the trainable ``residual_lambda`` ``[sum(rank)]`` (one per
+    transformed unit with one scale per unit). ``dim`` is the output dimension, except for heads, whose means and
+    bases are stored in head coordinates (see :mod:`.head_space`).
     """
 
     other_param_names: tuple[str, ...] = (

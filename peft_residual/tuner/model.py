@@ -12,10 +12,10 @@ from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
 from ..models import Architecture, check_normalised
+from ..packing import packed_size
 from .config import ResiDualConfig, ResiDualInputError
 from .decomposition import BASE, UnitRecord, note_residual, open_record, unit_modules
 from .layer import ResiDualLayer, ResiDualReadoutLayer, ResiDualUnitLayer
-from .packing import packed_size
 
 
 @dataclass(frozen=True)
