@@ -411,13 +411,21 @@ def cmd_analyze(args: argparse.Namespace) -> None:
 
 
 def cmd_push(args: argparse.Namespace) -> None:
+    from huggingface_hub import HfApi
+
+    def pushing(step):
+        try:
+            return step()
+        except _hub_errors() as error:
+            raise CliError(f"cannot push to the Hub: {str(error).splitlines()[0]}") from error
+
+    # who is logged in, first: a Hub that cannot be reached, or a missing or refused token, is said before the model
+    # loads (seconds to minutes), and nothing is created on the Hub for a push that then fails on the model
+    pushing(lambda: HfApi(token=args.token).whoami())
     model = _load_adapter(args.adapter, _model(args))
     summary_path = Path(args.adapter) / "training.json"
     training = json.loads(summary_path.read_text()) if summary_path.exists() else None
-    try:
-        url = model.push_to_hub(args.repo_id, private=args.private, token=args.token, training=training)
-    except _hub_errors() as error:
-        raise CliError(f"cannot push to the Hub: {str(error).splitlines()[0]}") from error
+    url = pushing(lambda: model.push_to_hub(args.repo_id, private=args.private, token=args.token, training=training))
     print(f"pushed to {url}")
 
 

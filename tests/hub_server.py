@@ -80,6 +80,10 @@ class Handler(BaseHTTPRequestHandler):
         parts = path.strip("/").split("/")
         if method == "POST" and path == "/api/repos/create":
             return self._create(json.loads(body))
+        if method == "GET" and path == "/api/whoami-v2":
+            if not self._authorised():
+                return self._error(401, "Unauthorized", "Invalid credentials in Authorization header")
+            return self._json(200, {"type": "user", "name": "me", "auth": {"accessToken": {"role": "write"}}})
         if method == "POST" and path == "/api/validate-yaml":
             return self._json(200, {"errors": [], "warnings": []})
         if method == "POST" and parts[:2] == ["api", "models"] and len(parts) >= 5:

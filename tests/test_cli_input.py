@@ -8,6 +8,7 @@ import re
 
 import pytest
 
+from peft_residual import cli
 from peft_residual.cli import build_parser, main
 
 from .testing_utils import run_main
@@ -71,8 +72,12 @@ def bert_directory(path):
     ],
     ids=["empty directory", "data set directory", "text model"],
 )
-def test_a_model_argument_that_is_not_a_supported_vision_model(tiny_assets, tmp_path, capfd, command, make, message):
+def test_a_model_argument_that_is_not_a_supported_vision_model(
+    tiny_assets, tmp_path, capfd, command, make, message, request
+):
     model = make(tmp_path, tiny_assets)
+    if command == "push":  # push asks the Hub who is logged in before it loads the model
+        request.getfixturevalue("local_hub")
     options = {
         "train": ["--dataset", tiny_assets["dataset"], "--output", tmp_path / "out"],
         "eval": ["--dataset", tiny_assets["dataset"], "--adapter", tmp_path / "adapter"],
@@ -175,5 +180,28 @@ def test_push_to_a_hub_it_cannot_reach_is_one_line(tiny_assets, tmp_path, capfd,
     monkeypatch.setattr(hf_api.api, "endpoint", "http://127.0.0.1:9")  # nothing listens on the discard port
     monkeypatch.setenv("HF_TOKEN", "hf_test")
     push = ["push", "--quiet", "--model", tiny_assets["dinov2"], "--adapter", adapter, "--repo-id", "me/x"]
+
+    def no_model(args):
+        raise AssertionError("push loaded the model before it reached the Hub")
+
+    monkeypatch.setattr(cli, "_model", no_model)  # the Hub is tried first, so a push that cannot reach it loads none
     line = one_line_error(capfd, *push)
     assert line.startswith("peft-residual: error: cannot push to the Hub: ")
+
+
+def test_push_with_a_token_the_hub_refuses_is_one_line_and_creates_nothing(
+    tiny_assets, tmp_path, capfd, monkeypatch, local_hub
+):
+    adapter = tmp_path / "fitted"
+    source = ["--quiet", "--model", tiny_assets["dinov2"], "--dataset", tiny_assets["dataset"], "--k", "2"]
+    assert run_main(capfd, "fit", *source, "--output", adapter)[0] == 0
+    monkeypatch.setenv("HF_TOKEN", "hf_not_the_servers")
+
+    def no_model(args):
+        raise AssertionError("push loaded the model before the Hub accepted its token")
+
+    monkeypatch.setattr(cli, "_model", no_model)
+    line = one_line_error(capfd, "push", "--quiet", "--model", tiny_assets["dinov2"], "--adapter", adapter,
+                          "--repo-id", "me/x")  # fmt: skip
+    assert line.startswith("peft-residual: error: cannot push to the Hub: Invalid user token"), line
+    assert not local_hub.state.repos
