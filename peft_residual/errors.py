@@ -3,6 +3,7 @@ every folder (tuner, models, data, training, analysis) can raise or warn without
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import warnings
 from pathlib import Path
@@ -29,6 +30,7 @@ def warn_caller(message: str, category: type[Warning] = UserWarning) -> None:
         for module in map(sys.modules.get, _LIBRARIES)
         if getattr(module, "__file__", None) is not None
     )
+    directories += (contextlib.__file__,)  # a ``with`` around a forward (PEFT's forward hooks) runs in contextlib
     frame, level = sys._getframe(1), 2
     while frame is not None and frame.f_code.co_filename.startswith(directories):
         frame, level = frame.f_back, level + 1

@@ -11,6 +11,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
+from ..errors import warn_caller
 from ..models import Architecture, check_normalised
 from ..packing import packed_size
 from .config import ResiDualConfig, ResiDualInputError
@@ -188,14 +189,35 @@ class ResiDualModel(BaseTuner):
         """Per call: checks the pixels, and serves PEFT's ``adapter_names`` (one adapter per sample, ``"__base__"``
         for the base model) through the record of this pass, never through module state."""
         pixel_values = kwargs.get("pixel_values", args[0] if args and not self.arch.spec.keyword_input else None)
-        if isinstance(pixel_values, torch.Tensor):
-            check_normalised(pixel_values, "forward", in_forward=True)  # the fit's rule: no raw pixels
         names = kwargs.get("adapter_names")
         if names is not None:
             self.check_adapter_names(names)
+        if isinstance(pixel_values, torch.Tensor):
+            check_normalised(pixel_values, "forward", in_forward=True)  # the fit's rule: no raw pixels
+            self._check_pixel_size(tuple(pixel_values.shape[-2:]), names or self.active_adapters)
         # a forward that raises leaves no record of its pass behind
         with open_record(UnitRecord(adapter_names=tuple(names)) if names is not None else None):
             yield
+
+    def _check_pixel_size(self, size: tuple[int, int], names: list[str]) -> None:
+        """Warn where an adapter this call reads was fitted on images of another pixel size that give the same
+        tokens: the model reads only the whole patches, so it crops what the adapter's bases never saw cropped (a
+        size that gives other tokens is the readout's warning, for every pass)."""
+        patch = self.arch.patch_size
+        for name in dict.fromkeys(names):
+            fitted = (self.peft_config[name].base_signature or {}).get("image_size") if name != BASE else None
+            if (
+                fitted is None
+                or list(size) == fitted
+                or [side // patch for side in size] != [s // patch for s in fitted]
+            ):
+                continue
+            used = "x".join(str(side // patch * patch) for side in size)
+            warn_caller(  # Python shows each distinct message once per calling line
+                f"ResiDual adapter '{name}' was fitted on {fitted[0]}x{fitted[1]} px images, but this input is "
+                f"{size[0]}x{size[1]} px, of which the model reads the top-left {used} px (whole {patch}-px "
+                f"patches). Resize the images to {fitted[0]}x{fitted[1]} px, as the adapter was fitted."
+            )
 
     def check_adapter_names(self, names: Any) -> None:
         """Refuse ``adapter_names`` that are not a list of this model's adapters (or ``"__base__"``)."""
