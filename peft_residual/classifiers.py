@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from importlib import resources
 from pathlib import Path
 
@@ -99,6 +99,45 @@ class Classifier(nn.Module):
         return classifier
 
 
+def text_tower(model: nn.Module) -> str | None:
+    """Which text tower ``model`` has: ``"clip"`` (transformers' ``get_text_features``), ``"blip"``
+    (``BlipForImageTextRetrieval``'s text encoder and ``text_proj``), ``"open_clip"`` (``encode_text``), or ``None``."""
+    if hasattr(model, "text_encoder") and hasattr(model, "text_proj"):
+        return "blip"
+    if hasattr(model, "encode_text") and hasattr(model, "visual"):
+        return "open_clip"
+    return "clip" if hasattr(model, "get_text_features") else None
+
+
+def text_embedder(model: nn.Module, tokenizer) -> Callable[[Sequence[str]], torch.Tensor]:
+    """A function from texts to ``model``'s text embeddings ``[texts, dim]`` (float32, not normalised, on the model's
+    device), through its text tower (:func:`text_tower`) and ``tokenizer`` (a transformers tokenizer, or
+    ``open_clip.get_tokenizer(name)`` for an open_clip model): the one reader of a text tower, for zero-shot heads
+    and TextSpan.
+
+    Example:
+        >>> embed = text_embedder(clip, tokenizer)
+        >>> embed(["a photo of a cat", "a photo of a dog"]).shape
+        torch.Size([2, 512])
+    """
+    kind, device = text_tower(model), next(model.parameters()).device
+    if kind is None:
+        raise ResiDualInputError(
+            f"{type(model).__name__} has no text tower (a CLIP, BLIP or open_clip model has one); use class centroids."
+        )
+    if kind == "open_clip":
+        return lambda texts: model.encode_text(tokenizer(list(texts)).to(device)).float()
+
+    def embed(texts: Sequence[str]) -> torch.Tensor:
+        tokens = tokenizer(list(texts), padding=True, return_tensors="pt").to(device)
+        if kind == "clip":
+            return model.get_text_features(**tokens).pooler_output.float()
+        text = model.text_encoder(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
+        return model.text_proj(text.last_hidden_state[:, 0]).float()
+
+    return embed
+
+
 class ZeroShotClassifier(Classifier):
     """Zero-shot text head (CLIP, BLIP): per class, the renormalised mean of the normalised text embeddings of every
     template.
@@ -122,12 +161,8 @@ class ZeroShotClassifier(Classifier):
         batch_size: int = 256,
     ) -> ZeroShotClassifier:
         """Embed ``template.format(name)`` for every class and template with the CLIP text tower."""
-
-        def embed(tokens: dict[str, torch.Tensor]) -> torch.Tensor:
-            return clip_model.get_text_features(**tokens).pooler_output
-
         scale = float(clip_model.logit_scale.detach().exp())
-        return cls._from_prompts(embed, clip_model, _hf_tokenize(tokenizer), class_names, templates, batch_size, scale)
+        return cls._from_prompts(text_embedder(clip_model, tokenizer), class_names, templates, batch_size, scale)
 
     @classmethod
     @torch.no_grad()
@@ -146,7 +181,7 @@ class ZeroShotClassifier(Classifier):
             >>> clf = ZeroShotClassifier.from_open_clip(model, open_clip.get_tokenizer("ViT-B-16"), ["cat", "dog"])
         """
         scale = float(model.logit_scale.detach().exp())
-        return cls._from_prompts(model.encode_text, model, tokenizer, class_names, templates, batch_size, scale)
+        return cls._from_prompts(text_embedder(model, tokenizer), class_names, templates, batch_size, scale)
 
     @classmethod
     @torch.no_grad()
@@ -160,35 +195,22 @@ class ZeroShotClassifier(Classifier):
     ) -> ZeroShotClassifier:
         """The same with BLIP's contrastive text side (``BlipForImageTextRetrieval``): the text encoder's first
         token through ``text_proj``; the scale is ``exp(logit_scale_init_value)`` of its config (1 / 0.07)."""
-
-        def embed(tokens: dict[str, torch.Tensor]) -> torch.Tensor:
-            text = blip_model.text_encoder(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
-            return blip_model.text_proj(text.last_hidden_state[:, 0])
-
         scale = math.exp(blip_model.config.logit_scale_init_value)
-        return cls._from_prompts(embed, blip_model, _hf_tokenize(tokenizer), class_names, templates, batch_size, scale)
+        return cls._from_prompts(text_embedder(blip_model, tokenizer), class_names, templates, batch_size, scale)
 
     @classmethod
-    def _from_prompts(cls, embed, model, tokenize, class_names, templates, batch_size, scale) -> ZeroShotClassifier:
-        """``tokenize(prompts)`` gives what ``embed`` takes (on the model's device) for a batch of prompts."""
+    def _from_prompts(cls, embed, class_names, templates, batch_size, scale) -> ZeroShotClassifier:
+        """Per class, ``embed`` (a :func:`text_embedder`) of its prompts, a batch at a time."""
         if len(class_names) == 0:
             raise ResiDualInputError("The class list is empty; give at least one class name.")
         templates = load_templates(templates)
-        device = next(model.parameters()).device
         weights = []
         for name in class_names:
             prompts = [template.format(name) for template in templates]
-            embeddings = []
-            for start in range(0, len(prompts), batch_size):
-                tokens = tokenize(prompts[start : start + batch_size]).to(device)
-                embeddings.append(embed(tokens).float())
+            embeddings = [embed(prompts[start : start + batch_size]) for start in range(0, len(prompts), batch_size)]
             mean = F.normalize(torch.cat(embeddings), dim=-1).mean(0)
             weights.append(F.normalize(mean, dim=-1))
         return cls(torch.stack(weights).cpu(), scale, class_names)
-
-
-def _hf_tokenize(tokenizer):
-    return lambda prompts: tokenizer(prompts, padding=True, return_tensors="pt")
 
 
 CENTROID_AVERAGES = ("features", "normalized")
@@ -421,16 +443,14 @@ def default_classifier(
         >>> train_units = collect_units(model, DataLoader(train, batch_size=64))  # the one backbone pass
         >>> classifier = default_classifier(model, names, tokenizer_source=path, train_units=train_units)
     """
-    blip = hasattr(model, "text_encoder") and hasattr(model, "text_proj")
-    open_clip = hasattr(model, "encode_text") and hasattr(model, "visual")
-    has_text = hasattr(model, "get_text_features") or blip or open_clip
-    kind = kind or ("zero-shot" if has_text else "centroid")
+    tower = text_tower(model)
+    kind = kind or ("zero-shot" if tower is not None else "centroid")
     if kind == "zero-shot":
-        if not has_text:
+        if tower is None:
             raise ResiDualInputError(
                 f"{type(model).__name__} has no text tower for a zero-shot classifier; use class centroids."
             )
-        if tokenizer is None and open_clip and tokenizer_source is None:
+        if tokenizer is None and tower == "open_clip" and tokenizer_source is None:
             raise ResiDualInputError(
                 "An open_clip model's zero-shot head needs its tokenizer: pass tokenizer=open_clip.get_tokenizer(name) "
                 "or tokenizer_source (the name the model was loaded by)."
@@ -439,8 +459,8 @@ def default_classifier(
             from .models import load_tokenizer
 
             tokenizer = load_tokenizer(tokenizer_source)  # open_clip.get_tokenizer or AutoTokenizer
-        build = ZeroShotClassifier.from_clip
-        build = ZeroShotClassifier.from_blip if blip else ZeroShotClassifier.from_open_clip if open_clip else build
+        build = {"clip": ZeroShotClassifier.from_clip, "blip": ZeroShotClassifier.from_blip}
+        build = build.get(tower, ZeroShotClassifier.from_open_clip)
         return build(model, tokenizer, class_names, templates=templates)
     if kind != "centroid":
         raise ResiDualInputError(f"Classifier kind must be 'zero-shot' or 'centroid', got {kind!r}.")

@@ -358,7 +358,8 @@ def _units(args: argparse.Namespace, model, dataset: str, desc: str):
 
 def cmd_analyze(args: argparse.Namespace) -> None:
     from . import analysis
-    from .models import architecture_of
+    from .classifiers import text_tower
+    from .models import architecture_of, load_tokenizer
     from .plots import dimension_plot, similarity_heatmap
 
     model = _model(args)
@@ -393,13 +394,11 @@ def cmd_analyze(args: argparse.Namespace) -> None:
         similarity_heatmap(matrix, names, output / "spectral_similarity.png", "spectral similarity", pair)
         print(f"spectral similarity of each unit with itself across data sets: mean {float(same.mean()):.3f}, "
               f"min {float(same.min()):.3f} ({names[int(same.argmin())]})")  # fmt: skip
-    if hasattr(model, "get_text_features"):
-        from transformers import AutoTokenizer
-
+    if text_tower(model) is not None:
         bank = analysis.default_text_bank()
         if args.text_bank:
             bank = [line.strip() for line in Path(args.text_bank).read_text().splitlines() if line.strip()]
-        texts = analysis.embed_texts(model, AutoTokenizer.from_pretrained(args.model), bank)
+        texts = analysis.embed_texts(model, load_tokenizer(args.model), bank)
         spans = {
             name: [(bank[i], share) for i, share in analysis.text_span(units[:, unit], texts, args.text_steps)]
             for unit, name in enumerate(names)

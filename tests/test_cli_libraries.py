@@ -218,3 +218,26 @@ def test_a_library_that_is_not_installed_is_named_with_its_package(monkeypatch):
     with pytest.raises(ValueError, match="pip install timm"):
         model_source("timm/vit_small_patch14_dinov2.lvd142m")
     assert model_source("bert-base-uncased").library == "transformers"  # bare names ask only installed libraries
+
+
+def test_analyze_describes_an_open_clip_models_heads_with_textspan(assets, tmp_path, capfd):
+    """open_clip's text tower (encode_text, its own tokenizer) serves TextSpan as transformers' CLIP does: the
+    written bank embeddings are open_clip's own, normalised."""
+    import torch.nn.functional as F
+
+    from peft_residual.analysis import embed_texts
+
+    model_dir = str(assets["open_clip"])
+    code, out, err = run_main(
+        capfd, "analyze", "--quiet", "--model", model_dir, "--dataset", assets["dataset"], "--samples", "24",
+        "--text-steps", "2", "--output", tmp_path,
+    )  # fmt: skip
+    assert code == 0, err
+    assert "TextSpan descriptions of 8 heads" in out
+    spans = json.loads((tmp_path / "textspan.json").read_text())
+    assert len(spans) == 8 and all(len(picks) == 2 for picks in spans.values())
+    model, tokenizer = load_vision_model(model_dir), load_tokenizer(model_dir)
+    texts = ["a photo of a cat", "a drawing", "a red car"]
+    with torch.no_grad():
+        expected = F.normalize(model.encode_text(tokenizer(texts)).float(), dim=-1)
+    torch.testing.assert_close(embed_texts(model, tokenizer, texts, batch_size=2), expected, rtol=1e-5, atol=1e-6)

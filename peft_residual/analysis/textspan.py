@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..classifiers import text_embedder
 from ..errors import ResiDualInputError
 
 
@@ -29,16 +30,17 @@ def default_text_bank() -> list[str]:
 
 
 @torch.no_grad()
-def embed_texts(clip_model: nn.Module, tokenizer, texts: list[str], batch_size: int = 256) -> torch.Tensor:
-    """Normalised text embeddings ``[texts, projection_dim]`` from a ``CLIPModel``'s text tower."""
-    if not hasattr(clip_model, "get_text_features"):
-        raise ResiDualInputError(f"{type(clip_model).__name__} has no text tower; TextSpan needs a CLIPModel.")
-    device = next(clip_model.parameters()).device
-    out = []
-    for start in range(0, len(texts), batch_size):
-        tokens = tokenizer(texts[start : start + batch_size], padding=True, return_tensors="pt").to(device)
-        out.append(clip_model.get_text_features(**tokens).pooler_output.float().cpu())
-    return F.normalize(torch.cat(out), dim=-1)
+def embed_texts(model: nn.Module, tokenizer, texts: list[str], batch_size: int = 256) -> torch.Tensor:
+    """Normalised text embeddings ``[texts, projection_dim]`` (on the CPU) from the text tower of a CLIP, BLIP or
+    open_clip ``model`` (see :func:`peft_residual.classifiers.text_embedder`).
+
+    Example:
+        >>> bank = embed_texts(clip, tokenizer, default_text_bank())
+    """
+    embed = text_embedder(model, tokenizer)
+    return F.normalize(
+        torch.cat([embed(texts[i : i + batch_size]).cpu() for i in range(0, len(texts), batch_size)]), dim=-1
+    )
 
 
 def _check(contributions: torch.Tensor, texts: torch.Tensor, steps: int) -> None:
