@@ -242,8 +242,8 @@ def test_another_pixel_size_with_the_same_tokens_warns(fitted_models):
     """35 px gives the fitted 32 px's 4x4 patches of 8 px: the model crops silently, the adapter says so."""
     model = fresh(fitted_models, "dinov2")
     cropped = torch.randn(2, 3, 35, 35)
-    with pytest.warns(UserWarning, match="fitted on 32x32 px images, but this input is 35x35 px, of which the model "
-                      "reads the top-left 32x32 px") as caught:  # fmt: skip
+    with pytest.warns(UserWarning, match="fitted on 32x32 px images, but this input is 35x35 px: the same 4x4 "
+                      "patches of 8 px") as caught:  # fmt: skip
         adapted = output(model, cropped)
     assert caught[0].filename == __file__ and len(caught) == 1  # not the token warning as well
     torch.testing.assert_close(adapted, output(model, cropped[..., :32, :32]), rtol=0, atol=0)  # what it reads

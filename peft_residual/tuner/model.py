@@ -200,9 +200,9 @@ class ResiDualModel(BaseTuner):
             yield
 
     def _check_pixel_size(self, size: tuple[int, int], names: list[str]) -> None:
-        """Warn where an adapter this call reads was fitted on images of another pixel size that give the same
-        tokens: the model reads only the whole patches, so it crops what the adapter's bases never saw cropped (a
-        size that gives other tokens is the readout's warning, for every pass)."""
+        """Warn where an adapter this call reads was fitted on images of another pixel size with the same patch
+        grid, which a model that crops to whole patches (transformers' DINOv2) runs without a word (a size that gives
+        other tokens is the readout's warning, for every pass)."""
         patch = self.arch.patch_size
         for name in dict.fromkeys(names):
             fitted = (self.peft_config[name].base_signature or {}).get("image_size") if name != BASE else None
@@ -212,11 +212,11 @@ class ResiDualModel(BaseTuner):
                 or [side // patch for side in size] != [s // patch for s in fitted]
             ):
                 continue
-            used = "x".join(str(side // patch * patch) for side in size)
+            grid = "x".join(str(side // patch) for side in size)
             warn_caller(  # Python shows each distinct message once per calling line
                 f"ResiDual adapter '{name}' was fitted on {fitted[0]}x{fitted[1]} px images, but this input is "
-                f"{size[0]}x{size[1]} px, of which the model reads the top-left {used} px (whole {patch}-px "
-                f"patches). Resize the images to {fitted[0]}x{fitted[1]} px, as the adapter was fitted."
+                f"{size[0]}x{size[1]} px: the same {grid} patches of {patch} px, from pixels the bases were not "
+                f"fitted on. Resize the images to {fitted[0]}x{fitted[1]} px."
             )
 
     def check_adapter_names(self, names: Any) -> None:
