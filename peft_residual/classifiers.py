@@ -77,9 +77,26 @@ class Classifier(nn.Module):
         (directory / "classifier.json").write_text(json.dumps(meta, indent=1))
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path) -> Classifier:
-        """Load a classifier written by :meth:`save_pretrained` (either kind)."""
-        directory = Path(directory)
+    def from_pretrained(cls, directory: str | Path, subfolder: str | None = None) -> Classifier:
+        """Load a classifier written by :meth:`save_pretrained` (any kind) from a directory, or from a Hub
+        repository (``"owner/name"``; pushed with its adapter, it is in ``subfolder="classifier"``).
+
+        Example:
+            >>> head = Classifier.from_pretrained("me/clip-residual-cifar10", subfolder="classifier")
+        """
+        local = Path(directory, subfolder or "")
+        if not Path(directory).exists() and str(directory).count("/") == 1:  # a Hub repository
+            from huggingface_hub import snapshot_download
+
+            patterns = [f"{subfolder}/*"] if subfolder else None
+            local = Path(snapshot_download(str(directory), allow_patterns=patterns), subfolder or "")
+            if not (local / "classifier.json").is_file():
+                raise ResiDualInputError(
+                    f"The Hub repository {directory} holds no classifier{f' in {subfolder}/' if subfolder else ''}; "
+                    "push one with its adapter (push_to_hub(..., classifier=head), as the CLI's push does), or "
+                    "load it from a directory."
+                )
+        directory = local
         path = directory / "classifier.json"
         if not path.exists():
             raise ResiDualInputError(f"No classifier at {directory}: {path.name} is missing.")

@@ -301,7 +301,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     fitted_size = _check_fitted_size(args, args.adapter)
     model = _load_adapter(args.adapter, _model(args))
-    classifier = Classifier.from_pretrained(args.classifier or Path(args.adapter) / "classifier")
+    try:  # --classifier, or the adapter's own classifier/ (in its directory, or pushed beside it to the Hub)
+        head = [args.classifier] if args.classifier else [args.adapter, "classifier"]
+        classifier = Classifier.from_pretrained(*head)
+    except _hub_errors() as error:
+        raise CliError(f"cannot read the classifier of {args.adapter!r}: {str(error).splitlines()[0]}") from error
     data = _prepared(args, _split(args, args.split, args.samples))
     if fitted_size and list(data[0]["pixel_values"].shape[-2:]) != fitted_size:
         raise CliError(
@@ -412,6 +416,8 @@ def cmd_analyze(args: argparse.Namespace) -> None:
 def cmd_push(args: argparse.Namespace) -> None:
     from huggingface_hub import HfApi
 
+    from .classifiers import Classifier
+
     def pushing(step):
         try:
             return step()
@@ -424,7 +430,10 @@ def cmd_push(args: argparse.Namespace) -> None:
     model = _load_adapter(args.adapter, _model(args))
     summary_path = Path(args.adapter) / "training.json"
     training = json.loads(summary_path.read_text()) if summary_path.exists() else None
-    url = pushing(lambda: model.push_to_hub(args.repo_id, private=args.private, token=args.token, training=training))
+    head = Path(args.adapter) / "classifier"  # the head eval reads beside the adapter goes with it
+    head = Classifier.from_pretrained(head) if (head / "classifier.json").is_file() else None
+    push = {"private": args.private, "token": args.token, "training": training, "classifier": head}
+    url = pushing(lambda: model.push_to_hub(args.repo_id, **push))
     print(f"pushed to {url}")
 
 

@@ -28,6 +28,8 @@ from .tuner import ResiDualConfig, residual_tuner
 from .tuner.config import SEMANTIC_FIELDS
 
 ADAPTER_FILES = (CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME)
+CLASSIFIER_DIR = "classifier"
+"""Where an adapter's classifier lives beside it, in a directory the CLI writes and in a pushed repository."""
 
 SAVE_IN_PROGRESS = ".residual-save-in-progress"
 """Present in an adapter directory only while a save replaces its files."""
@@ -77,8 +79,11 @@ def _residual_config(model: PeftModel, adapter_name: str | None) -> tuple[str, R
     return adapter_name, config if isinstance(config, ResiDualConfig) else None
 
 
-def model_card(model: PeftModel, adapter_name: str | None = None, training: dict[str, Any] | None = None) -> ModelCard:
-    """The card of a ResiDual adapter: metadata, configuration, scale count, training data and results, usage."""
+def model_card(
+    model: PeftModel, adapter_name: str | None = None, training: dict[str, Any] | None = None, classifier: Any = None
+) -> ModelCard:
+    """The card of a ResiDual adapter: metadata, configuration, scale count, training data and results, usage (with
+    the ``classifier`` pushed beside it, if any)."""
     adapter_name, config = _residual_config(model, adapter_name)
     if config is None:
         raise ResiDualInputError(f"Adapter {adapter_name!r} is not a ResiDual adapter.")
@@ -126,8 +131,13 @@ def model_card(model: PeftModel, adapter_name: str | None = None, training: dict
         "",
         f'base = AutoModel.from_pretrained("{base_model}")',
         'model = PeftModel.from_pretrained(base, "REPO_ID")',
-        "```",
     ]
+    if classifier is not None:
+        lines += [
+            f"# the {classifier.head_name} head it goes with, on the adapted embedding",
+            f'head = peft_residual.Classifier.from_pretrained("REPO_ID", subfolder="{CLASSIFIER_DIR}")',
+        ]
+    lines.append("```")
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{CARD_START}\n" + "\n".join(lines) + f"\n{CARD_END}\n")
 
 
@@ -228,13 +238,17 @@ def push_adapter_to_hub(
     revision: str | None = None,
     adapter_name: str | None = None,
     training: dict[str, Any] | None = None,
+    classifier: Any = None,
 ) -> str:
     """Upload a ResiDual adapter (config, safetensors, model card) to ``repo_id`` in one commit; returns its URL.
+    ``classifier`` (a ``peft_residual.Classifier``: the frozen head the scales were trained against, or a trained
+    head) goes with it into ``classifier/``, where ``Classifier.from_pretrained(repo_id, subfolder="classifier")``
+    and ``peft-residual eval`` read it.
 
     Everything is staged in a temporary directory, so a failed upload leaves no local trace.
 
     Example:
-        >>> push_adapter_to_hub(model, "me/clip-residual-cifar10", training={"dataset": "cifar10"})
+        >>> push_adapter_to_hub(model, "me/clip-residual-cifar10", training={"dataset": "cifar10"}, classifier=head)
     """
     adapter_name, config = _residual_config(model, adapter_name)
     if config is None:
@@ -244,13 +258,15 @@ def push_adapter_to_hub(
     with tempfile.TemporaryDirectory() as staging:
         model.save_pretrained(staging, selected_adapters=[adapter_name])
         folder = Path(staging) if adapter_name == "default" else Path(staging) / adapter_name
-        card = model_card(model, adapter_name, training)
+        card = model_card(model, adapter_name, training, classifier)
         card.text = card.text.replace("REPO_ID", repo_id)
         card.save(folder / "README.md")
+        if classifier is not None:
+            classifier.save_pretrained(folder / CLASSIFIER_DIR)
         commit = api.upload_folder(
             repo_id=repo_id,
             folder_path=folder,
-            allow_patterns=[*ADAPTER_FILES, "README.md"],
+            allow_patterns=[*ADAPTER_FILES, "README.md", f"{CLASSIFIER_DIR}/*"],
             commit_message=commit_message or "Upload ResiDual adapter",
             revision=revision,
         )

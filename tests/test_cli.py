@@ -371,8 +371,10 @@ def test_push_uploads_the_adapter_and_its_card_and_pulls_back_the_same(tiny_asse
     pulled = tmp_path / "pulled"
     snapshot_download("me/tiny", local_dir=pulled, endpoint=local_hub.endpoint)
     assert sorted(p.name for p in pulled.iterdir() if not p.name.startswith(".")) == [
-        "README.md", "adapter_config.json", "adapter_model.safetensors"
+        "README.md", "adapter_config.json", "adapter_model.safetensors", "classifier"
     ]  # fmt: skip
+    for name in ("classifier.json", "classifier.safetensors"):  # the head eval reads went with the adapter
+        assert (pulled / "classifier" / name).read_bytes() == (adapter / "classifier" / name).read_bytes()
     local, remote = (load_file(path / "adapter_model.safetensors") for path in (adapter, pulled))
     assert set(local) == set(remote) and all(torch.equal(local[key], remote[key]) for key in local)
     assert json.loads((pulled / "adapter_config.json").read_text()) == json.loads(
@@ -381,12 +383,30 @@ def test_push_uploads_the_adapter_and_its_card_and_pulls_back_the_same(tiny_asse
     card = (pulled / "README.md").read_text()
     assert card.startswith("---\n") and "library_name: peft" in card and "# ResiDual adapter for" in card
     assert f"- dataset: {tiny_assets['dataset']}" in card  # training.json, beside the adapter, went into the card
+    assert 'Classifier.from_pretrained("me/tiny", subfolder="classifier")' in card
+    # eval by the repository's id reads the adapter and its classifier from the Hub, as eval of the directory does
+    check = ["--quiet", "--model", model, "--dataset", tiny_assets["dataset"], "--samples", "24"]
+    from_hub, from_disk = (run_main(capfd, "eval", *check, "--adapter", a) for a in ("me/tiny", adapter))
+    assert from_hub[0] == from_disk[0] == 0 and from_hub[1] == from_disk[1] and "ResiDual" in from_hub[1]
 
     x = images(4, seed=7)
     from_hub = PeftModel.from_pretrained(load_vision_model(str(model)), "me/tiny")  # by repo id, through the server
     from_disk = PeftModel.from_pretrained(load_vision_model(str(model)), adapter)
     assert torch.equal(embed_images(from_hub, x), embed_images(from_disk, x))
     assert not torch.equal(embed_images(from_hub, x), embed_images(load_vision_model(str(model)), x))
+
+
+def test_eval_of_a_hub_adapter_pushed_without_a_classifier_names_the_fix(tiny_assets, tmp_path, capfd, local_hub):
+    model, fitted = tiny_assets["dinov2"], tmp_path / "fitted"  # fit writes bases only: no classifier/ to push
+    source = ["--quiet", "--model", model, "--dataset", tiny_assets["dataset"]]
+    assert run_main(capfd, "fit", *source, "--k", "2", "--output", fitted)[0] == 0
+    assert run_main(capfd, "push", "--quiet", "--model", model, "--adapter", fitted, "--repo-id", "me/bases")[0] == 0
+    assert not any(name.startswith("classifier/") for name in local_hub.state.repos["me/bases"].files)
+    code, _, err = run_main(capfd, "eval", *source, "--adapter", "me/bases")
+    assert code == 2 and err.strip().splitlines() == [
+        "peft-residual: error: The Hub repository me/bases holds no classifier in classifier/; push one with its "
+        "adapter (push_to_hub(..., classifier=head), as the CLI's push does), or load it from a directory."
+    ]
 
 
 def test_the_model_runs_on_accelerates_device(tiny_assets, monkeypatch):
