@@ -424,6 +424,12 @@ def cmd_push(args: argparse.Namespace) -> None:
         except _hub_errors() as error:
             raise CliError(f"cannot push to the Hub: {str(error).splitlines()[0]}") from error
 
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(args.repo_id)
+    except HFValidationError as error:
+        raise CliError(f"--repo-id {args.repo_id!r} is no Hub repository id: {error}") from None
     # who is logged in, first: a Hub that cannot be reached, or a missing or refused token, is said before the model
     # loads (seconds to minutes), and nothing is created on the Hub for a push that then fails on the model
     pushing(lambda: HfApi(token=args.token).whoami())
@@ -575,7 +581,9 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    # this package's progress notes at INFO; other libraries' INFO (httpx logs every Hub request) stays out
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("peft_residual").setLevel(logging.WARNING if args.quiet else logging.INFO)
     if args.quiet:
         _silence_libraries()
     if args.command == "train" and args.lr != "auto":

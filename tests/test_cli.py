@@ -409,6 +409,24 @@ def test_eval_of_a_hub_adapter_pushed_without_a_classifier_names_the_fix(tiny_as
     ]
 
 
+def test_push_without_quiet_shows_no_library_request_logs(tiny_assets, tmp_path, capfd, local_hub):
+    """Not --quiet, in a process of its own (pytest's log handlers would hide the CLI's logging set-up): this
+    package's notes may show, but not httpx's line per Hub request, and the refusal is the last line."""
+    adapter = tmp_path / "fitted"
+    source = ["--quiet", "--model", tiny_assets["dinov2"], "--dataset", tiny_assets["dataset"], "--k", "2"]
+    assert run_main(capfd, "fit", *source, "--output", adapter)[0] == 0
+    command = [sys.executable, "-m", "peft_residual.cli", "push", "--model", str(tiny_assets["dinov2"]), "--adapter",
+               str(adapter), "--repo-id", "me/x"]  # fmt: skip
+    env = {**_env(), "HF_ENDPOINT": local_hub.endpoint, "HF_TOKEN": "hf_not_the_servers", "HF_HUB_OFFLINE": "0"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    assert result.returncode == 2 and "HTTP Request" not in result.stderr, result.stderr
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith("peft-residual: error: cannot push to the Hub: Invalid user token")
+    ), result.stderr
+
+
 def test_the_model_runs_on_accelerates_device(tiny_assets, monkeypatch):
     """On a GPU machine the backbone pass and training run on the GPU: the CLI puts the model where Accelerate's
     state says (``meta`` stands in for a GPU here)."""

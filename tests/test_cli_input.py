@@ -205,3 +205,17 @@ def test_push_with_a_token_the_hub_refuses_is_one_line_and_creates_nothing(
                           "--repo-id", "me/x")  # fmt: skip
     assert line.startswith("peft-residual: error: cannot push to the Hub: Invalid user token"), line
     assert not local_hub.state.repos
+
+
+@pytest.mark.parametrize("repo_id", ["bad..id/xy", "a/b/c"])
+def test_push_to_a_bad_repo_id_is_one_line_before_the_model_loads(tiny_assets, tmp_path, capfd, monkeypatch, repo_id):
+    adapter = tmp_path / "fitted"
+    source = ["--quiet", "--model", tiny_assets["dinov2"], "--dataset", tiny_assets["dataset"], "--k", "2"]
+    assert run_main(capfd, "fit", *source, "--output", adapter)[0] == 0
+
+    def no_model(args):
+        raise AssertionError("push loaded the model for a repository id it cannot use")
+
+    monkeypatch.setattr(cli, "_model", no_model)
+    line = one_line_error(capfd, "push", "--model", tiny_assets["dinov2"], "--adapter", adapter, "--repo-id", repo_id)
+    assert line.startswith(f"peft-residual: error: --repo-id {repo_id!r} is no Hub repository id: "), line
