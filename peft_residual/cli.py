@@ -169,15 +169,32 @@ def _loader(args: argparse.Namespace, dataset):
     return image_loader(dataset, batch_size=args.batch_size)
 
 
+TRAIN_RUN_FILES = ("classifier", "training.json", "checkpoint")
+"""What ``train`` writes beside the adapter: its head, its summary and its checkpoint, all tied to its bases."""
+
+
 def cmd_fit(args: argparse.Namespace) -> None:
+    import shutil
+
     from peft import get_peft_model
 
     from .data import fit_residual_bases
 
+    stale = [Path(args.output) / name for name in TRAIN_RUN_FILES if (Path(args.output) / name).exists()]
+    if stale and not args.overwrite:  # eval would read that run's head against these bases' fresh scales
+        raise CliError(
+            f"--output {args.output} holds a train run ({', '.join(path.name for path in stale)}), which new bases "
+            "would leave stale; choose another --output, or pass --overwrite to remove it"
+        )
     model = get_peft_model(_model(args), _config(args))
     data = _prepared(args, _split(args, args.split, args.samples))
     report = fit_residual_bases(model, _loader(args, data), progress=not args.quiet)
     model.save_pretrained(args.output)
+    for path in stale:  # only once the new bases are saved: a fit that fails leaves the run as it was
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
     print(f"fitted {report.num_scales:,} scales on {report.num_samples} images; adapter saved to {args.output}")
 
 
@@ -306,7 +323,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
         classifier = Classifier.from_pretrained(*head)
     except _hub_errors() as error:
         raise CliError(f"cannot read the classifier of {args.adapter!r}: {str(error).splitlines()[0]}") from error
-    data = _prepared(args, _split(args, args.split, args.samples))
+    pool = _split(args, args.split, args.samples)
+    _check_class_names(classifier.class_names, pool, args.label_column, args.dataset)
+    data = _prepared(args, pool)
     if fitted_size and list(data[0]["pixel_values"].shape[-2:]) != fitted_size:
         raise CliError(
             f"the adapter was fitted on {fitted_size[0]}x{fitted_size[1]} px images but this data comes out at "
@@ -322,6 +341,23 @@ def cmd_eval(args: argparse.Namespace) -> None:
     # a trained head was trained on the adapted embedding: on the base model's it is no baseline of its own
     label = "base model + trained linear head" if isinstance(classifier, LinearClassifier) else classifier.head_name
     print(f"{len(labels)} images: {label} {100 * base:.2f}%  ResiDual {100 * adapted:.2f}%")
+
+
+def _check_class_names(names: list[str], dataset, label_column: str, source: str) -> None:
+    """Refuse a classifier of other classes than the data set's ``ClassLabel`` names (the same count of classes
+    would give a number that means nothing); a data set with bare integer labels has no names to compare."""
+    from datasets import ClassLabel
+
+    feature = dataset.features[label_column]
+    if isinstance(feature, ClassLabel) and list(feature.names) != list(names):
+
+        def shown(values: list[str]) -> str:
+            return ", ".join(values[:4]) + (f", ... ({len(values)})" if len(values) > 4 else "")
+
+        raise CliError(
+            f"the classifier's classes ({shown(list(names))}) are not those of {source} ({shown(feature.names)}); "
+            "evaluate on the data set it was trained for, or pass --classifier with one of this data set's"
+        )
 
 
 def cmd_rank_heads(args: argparse.Namespace) -> None:
@@ -482,6 +518,10 @@ def build_parser() -> argparse.ArgumentParser:
     fit = command("fit", [common, data, method], "fit the PCA bases on images and save the adapter", cmd_fit)
     fit.add_argument("--split", default="train", help="the data set's split to fit the bases on")
     fit.add_argument("--output", required=True, help="directory for the adapter")
+    fit.add_argument(
+        "--overwrite", action="store_true",
+        help="remove what a train run left in --output (classifier/, training.json, checkpoint/): stale for new bases",
+    )  # fmt: skip
 
     head = _Parser(add_help=False)
     head.add_argument(

@@ -232,7 +232,7 @@ def test_eval_refuses_another_image_size_and_foreign_labels(tiny_assets, tmp_pat
     (small / "classifier.json").write_text(json.dumps(classifier))
     save_file({"weights": weights}, small / "classifier.safetensors")
     code, _, err = run_main(capfd, "eval", *source, "--adapter", out, "--classifier", small)
-    assert code == 2 and "outside the classifier's 2 classes" in err
+    assert code == 2 and "the classifier's classes (cat, dog) are not those of" in err  # named before any pass
     (out / "adapter_config.json").write_text("{not json")
     code, _, err = run_main(capfd, "eval", *source, "--adapter", out)
     assert code == 2 and "adapter_config.json is not valid JSON" in err and len(err.strip().splitlines()) == 1

@@ -219,3 +219,45 @@ def test_push_to_a_bad_repo_id_is_one_line_before_the_model_loads(tiny_assets, t
     monkeypatch.setattr(cli, "_model", no_model)
     line = one_line_error(capfd, "push", "--model", tiny_assets["dinov2"], "--adapter", adapter, "--repo-id", repo_id)
     assert line.startswith(f"peft-residual: error: --repo-id {repo_id!r} is no Hub repository id: "), line
+
+
+def test_fit_into_a_train_run_is_refused_or_with_overwrite_clears_it(tiny_assets, tmp_path, capfd, monkeypatch):
+    """New bases in a directory holding a train run would leave its head, summary and checkpoint stale (eval read the
+    old head against the new scales): refused before the model loads, or removed with --overwrite."""
+    output = tmp_path / "run"
+    source = ["--quiet", "--model", tiny_assets["dinov2"], "--dataset", tiny_assets["dataset"], "--k", "2"]
+    assert run_main(capfd, "train", *source, "--epochs", "1", "--output", output)[0] == 0
+    assert all((output / name).exists() for name in cli.TRAIN_RUN_FILES)
+    load_model = cli._model
+
+    def no_model(args):
+        raise AssertionError("fit loaded the model before it refused the output")
+
+    monkeypatch.setattr(cli, "_model", no_model)
+    line = one_line_error(capfd, "fit", *source, "--output", output)
+    assert line == (
+        f"peft-residual: error: --output {output} holds a train run (classifier, training.json, checkpoint), which "
+        "new bases would leave stale; choose another --output, or pass --overwrite to remove it"
+    )
+    monkeypatch.setattr(cli, "_model", load_model)
+    assert run_main(capfd, "fit", *source, "--output", output, "--overwrite")[0] == 0
+    assert not any((output / name).exists() for name in cli.TRAIN_RUN_FILES)
+    assert (output / "adapter_model.safetensors").is_file()
+
+
+def test_eval_with_a_classifier_of_other_classes_is_refused(tiny_assets, tmp_path, capfd):
+    """A head trained on other classes gives a number that means nothing, even with as many classes."""
+    from datasets import ClassLabel, load_from_disk
+
+    adapter, renamed = tmp_path / "run", tmp_path / "renamed"
+    source = ["--quiet", "--model", tiny_assets["dinov2"], "--k", "2"]
+    assert run_main(capfd, "train", *source, "--dataset", tiny_assets["dataset"], "--epochs", "1", "--output",
+                    adapter)[0] == 0  # fmt: skip
+    data = load_from_disk(str(tiny_assets["dataset"]))
+    names = data["train"].features["label"].names
+    other = [f"other-{name}" for name in names]  # as many classes, other names
+    data.cast_column("label", ClassLabel(names=other)).save_to_disk(str(renamed))
+    line = one_line_error(capfd, "eval", *source[:3], "--dataset", renamed, "--adapter", adapter)
+    assert line.startswith(f"peft-residual: error: the classifier's classes ({names[0]}, ") and (
+        f"are not those of {renamed} (other-{names[0]}, " in line
+    ), line
