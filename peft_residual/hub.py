@@ -90,8 +90,9 @@ def model_card(
     base_model = config.base_model_name_or_path
     training = {**(config.training_summary or {}), **(training or {})}
     scales = sum(scale.numel() for scale in residual_tuner(model).readout.scales(adapter_name))
-    tags = ["residual", "peft_residual", *([base_model] if base_model else [])]
-    data = ModelCardData(library_name="peft", base_model=base_model, tags=tags, datasets=training.get("datasets"))
+    hub_id = _hub_model_id(base_model)  # the metadata links a Hub model; a local path is named in the text only
+    tags = ["residual", "peft_residual", *([hub_id] if hub_id else [])]
+    data = ModelCardData(library_name="peft", base_model=hub_id, tags=tags, datasets=training.get("datasets"))
     settings = {key: value for key, value in config.to_dict().items() if key in SEMANTIC_FIELDS}
     signature = config.base_signature or {}
     lines = [
@@ -139,6 +140,20 @@ def model_card(
         ]
     lines.append("```")
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{CARD_START}\n" + "\n".join(lines) + f"\n{CARD_END}\n")
+
+
+def _hub_model_id(name: str | None) -> str | None:
+    """``name`` where it can be a Hub model id, else ``None``: a model loaded from a local directory has its path as
+    ``base_model_name_or_path``, which the Hub's metadata check refuses as ``base_model``."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not name or Path(name).exists():
+        return None
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return None
+    return name
 
 
 CARD_START, CARD_END = "<!-- ResiDual adapter: start -->", "<!-- ResiDual adapter: end -->"

@@ -182,3 +182,18 @@ def test_cast_bases_gives_what_a_half_precision_fit_stores(tmp_path):
     again = PeftModel.from_pretrained(make_model("dinov2"), tmp_path)
     with torch.no_grad():
         assert torch.equal(model_output(again, x), after)
+
+
+def test_the_card_links_a_hub_base_model_but_not_a_local_path(tmp_path):
+    """The Hub refuses a ``base_model`` that is not a model id: a local path stays in the card's text only."""
+    from huggingface_hub import ModelCard
+
+    from peft_residual.hub import model_card
+
+    model = fitted("dinov2", ResiDualConfig(k=2))
+    for base, linked in [("facebook/dinov2-small", True), (str(tmp_path), False), ("../models/dino", False)]:
+        model.peft_config["default"].base_model_name_or_path = base
+        card = model_card(model)
+        assert (card.data.base_model == base) is linked and (base in card.data.tags) is linked, base
+        assert f"Base model: `{base}`" in card.text
+        assert ModelCard(str(card)).data.base_model == (base if linked else None)  # as the YAML reads back
