@@ -144,7 +144,8 @@ def model_card(
 
 def _hub_model_id(name: str | None) -> str | None:
     """``name`` where it can be a Hub model id, else ``None``: a model loaded from a local directory has its path as
-    ``base_model_name_or_path``, which the Hub's metadata check refuses as ``base_model``."""
+    ``base_model_name_or_path``, and the Hub checks a card's metadata on upload (a local path there has failed
+    pushes: transformers#33922)."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     if not name or Path(name).exists():
