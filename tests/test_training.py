@@ -425,7 +425,7 @@ def test_a_checkpoint_of_another_run_is_refused_before_any_encoding_naming_what_
         ({"eval_dataset": image_dataset(32, seed=6)}, "other validation images$"),
         ({"classifier": other_classifier}, "other classifier$"),
         ({"model": refitted}, "other bases"),
-        ({"lr": 0.5}, "other hyper-parameters$"),
+        ({"lr": 0.5}, "other hyper-parameters: lr 0.8 saved vs 0.5 now$"),  # which ones, with both values
     ]
     for changes, differs in cases:
         arguments = {"model": model, "classifier": classifier, "train_dataset": data, "eval_dataset": val, **changes}

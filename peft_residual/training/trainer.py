@@ -415,6 +415,15 @@ def _checkpoint_of_this_run(output_dir: str | Path, identity: dict[str, str]) ->
     differ = [part for part in identity if not isinstance(saved, dict) or saved.get(part) != identity[part]]
     if differ:
         what = "an older format" if not isinstance(saved, dict) else "other " + ", ".join(differ)
+        if "hyper-parameters" in differ and isinstance(saved, dict):  # which ones, with both values
+            there, here = (json.loads(ids.get("hyper-parameters") or "{}") for ids in (saved, identity))
+            keys = sorted(set(there) | set(here))
+            changed = [
+                f"{key} {there.get(key)} saved vs {here.get(key)} now"
+                for key in keys
+                if there.get(key) != here.get(key)
+            ]
+            what += f": {', '.join(changed)}"
         raise ResiDualInputError(
             f"{output_dir} holds the checkpoint of another run ({what}); pass resume=False (CLI: --overwrite) to "
             "start fresh there, or use a new output_dir."
