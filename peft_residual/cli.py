@@ -72,6 +72,16 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _components(text: str) -> int | float:
+    """``--k``: a positive count of components, or a variance ratio in (0, 1) such as 0.9."""
+    try:
+        return _fraction(text) if "." in text else _positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"expected a positive number of components or a variance ratio in (0, 1) such as 0.9, got {text!r}"
+        ) from None
+
+
 def _looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or Path(name).exists()
 
@@ -153,12 +163,7 @@ def _prepared(args: argparse.Namespace, dataset):
 def _config(args: argparse.Namespace):
     from .tuner import ResiDualConfig
 
-    overrides = {"seed": args.seed}
-    if args.k is not None:
-        try:
-            overrides["k"] = float(args.k) if "." in args.k else int(args.k)
-        except ValueError:
-            raise CliError(f"--k must be an int or a variance ratio such as 0.9, got {args.k!r}") from None
+    overrides = {"seed": args.seed} | ({"k": args.k} if args.k is not None else {})
     return ResiDualConfig.preset(args.method, **overrides)
 
 
@@ -246,8 +251,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     (result.head or classifier).save_pretrained(Path(args.output) / "classifier")  # the head eval reads
     summary = {"dataset": args.dataset, **model.peft_config["default"].training_summary}
     (Path(args.output) / "training.json").write_text(json.dumps(summary, indent=1))
+    picked = f" with lr {result.lr:.3g} (found by the range test)" if args.lr == "auto" else ""
     print(f"best validation accuracy {100 * result.best_val_accuracy:.1f}% at epoch {result.best_epoch} of "
-          f"{result.epochs_run}; adapter and classifier saved to {args.output}")  # fmt: skip
+          f"{result.epochs_run}{picked}; adapter and classifier saved to {args.output}")  # fmt: skip
 
 
 def _check_fitted_size(args: argparse.Namespace, adapter: str) -> list[int] | None:
@@ -508,7 +514,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--seed", type=int, default=0, help="seeds the image draw, the split and the scales' init")
     method = _Parser(add_help=False)
     method.add_argument("--method", choices=PRESET_NAMES, default="residual", help="the paper's setting")
-    method.add_argument("--k", help="override the components per unit: an int, or a variance ratio such as 0.9")
+    method.add_argument(
+        "--k", type=_components, help="override the components per unit: an int, or a variance ratio such as 0.9"
+    )
 
     def command(name: str, parents: list, summary: str, run) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, parents=parents, help=summary, description=summary, formatter_class=_Formatter)

@@ -451,3 +451,8 @@ def test_train_quiet_prints_only_its_result_and_eval_names_a_trained_head_s_base
     assert summary["epochs"] == 2
     code, stdout, err = run_main(capfd, "eval", "--quiet", *source, "--adapter", out)
     assert code == 0 and stdout.startswith("48 images: base model + trained linear head ") and "ResiDual" in stdout
+    # --lr auto says the rate its range test found, as training.json records it
+    auto = ["train", "--quiet", *source, "--epochs", "1", "--lr", "auto", "--output", tmp_path / "auto"]
+    code, stdout, err = run_main(capfd, *auto)
+    found = json.loads((tmp_path / "auto" / "training.json").read_text())["learning_rate"]
+    assert code == 0 and f" of 1 with lr {found:.3g} (found by the range test); adapter" in stdout, stdout

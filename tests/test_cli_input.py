@@ -261,3 +261,19 @@ def test_eval_with_a_classifier_of_other_classes_is_refused(tiny_assets, tmp_pat
     assert line.startswith(f"peft-residual: error: the classifier's classes ({names[0]}, ") and (
         f"are not those of {renamed} (other-{names[0]}, " in line
     ), line
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "1.5", "0.0", "many"])
+def test_a_bad_k_names_the_option(tiny_assets, tmp_path, capfd, value):
+    """--k is checked as the option it is (exit 2, one line naming --k), not as ResiDualConfig.k after the model
+    loads."""
+    code, _, err = run_main(capfd, "fit", "--model", tiny_assets["dinov2"], "--dataset", tiny_assets["dataset"],
+                            "--k", value, "--output", tmp_path / "out")  # fmt: skip
+    assert code == 2 and "argument --k: expected a positive number of components or a variance ratio" in err, err
+    assert "ResiDualConfig" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_k_takes_a_count_or_a_ratio():
+    parse = subparser("fit").parse_args
+    assert parse(["--model", "m", "--dataset", "d", "--output", "o", "--k", "8"]).k == 8
+    assert parse(["--model", "m", "--dataset", "d", "--output", "o", "--k", "0.9"]).k == 0.9
