@@ -157,7 +157,10 @@ def test_train_with_clip_uses_zero_shot_text_head(tiny_assets, tmp_path):
         (["--model", "BERT", "--dataset", "DATA"], "ResiDual does not support"),
         (["--model", "MODEL", "--dataset", "DATA", "--image-size", "7"], "not a multiple of the model's 8-pixel"),
         (["--model", "MODEL", "--dataset", "DATA", "--samples", "0"], "expected a positive integer, got 0"),
-        (["--model", "MODEL", "--dataset", "DATA", "--k", "abc"], "--k must be an int"),
+        (
+            ["--model", "MODEL", "--dataset", "DATA", "--k", "abc"],
+            "argument --k: expected a positive number of components",
+        ),
         (["--model", "MODEL", "--dataset", "DATA", "--method", "lora"], "invalid choice"),
         (["--model", "MODEL", "--dataset", "DATA", "--samples", "1"], "saw 1 image"),
     ],
