@@ -243,8 +243,9 @@ def headline_table() -> str:
 
 
 def _gain(accuracy: dict[str, float], method: str) -> str:
-    """ResiDual + head's accuracy less ``method``'s, "—" where the record lacks the method (not run)."""
-    return f"{accuracy['residual+head'] - accuracy[method]:+.1f}" if method in accuracy else "—"
+    """ResiDual + head's accuracy less ``method``'s, to 0.01 (one decimal showed +0.47 as +0.5 against a +0.5
+    goal); "—" where the record lacks the method (not run)."""
+    return f"{accuracy['residual+head'] - accuracy[method]:+.2f}" if method in accuracy else "—"
 
 
 def head_goals_table() -> str:
