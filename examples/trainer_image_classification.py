@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from peft import PeftModel, get_peft_model
 from transformers import AutoModelForImageClassification, Trainer, TrainingArguments
+from transformers.utils import logging as transformers_logging
 
 import peft_residual
 from peft_residual.data import class_names, image_loader, keep_freed_memory, load_image_dataset, prepare, sample
@@ -39,6 +40,18 @@ args = parser.parse_args()
 args.output = args.output or tempfile.mkdtemp(prefix="residual-trainer-")
 keep_freed_memory()  # this process's forwards reuse the memory they free (glibc), as the CLI's do
 
+
+def with_new_classifier(**labels) -> torch.nn.Module:
+    """The model with a new classifier of these classes: transformers' load report would list its weights as
+    missing, which is the point here, so only errors are shown while it loads."""
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        return AutoModelForImageClassification.from_pretrained(args.model, num_labels=len(names), **labels)
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+
+
 # 1. data: a seeded draw, its first 10% for validation, images through the model's own processor
 dataset = load_image_dataset(args.dataset)
 pool = sample(dataset["train"], args.train_samples, seed=0)
@@ -49,9 +62,7 @@ test = prepare(sample(dataset["test"], args.test_samples, seed=0), args.model, a
 # 2. the base with a classifier of these classes (a new, random one on a backbone checkpoint), and the adapter:
 # ResiDual's scales plus the classifier, trained and saved with the adapter (PEFT's modules_to_save)
 labels = dict(enumerate(names))
-base = AutoModelForImageClassification.from_pretrained(
-    args.model, num_labels=len(names), id2label=labels, label2id={name: i for i, name in labels.items()}
-)
+base = with_new_classifier(id2label=labels, label2id={name: i for i, name in labels.items()})
 model = get_peft_model(base, peft_residual.ResiDualConfig.residual(modules_to_save=["classifier"]))
 
 # 3. the PCA bases, and a head that starts at the class centroids, from one backbone pass over the training images
@@ -101,7 +112,7 @@ accuracy = evaluator.evaluate()["eval_accuracy"]
 how = "train_residual on the cache" if args.cached else "Trainer through the backbone"
 print(f"{how}: {args.epochs} epochs in {seconds:.1f} s; test accuracy {100 * accuracy:.1f}%")
 model.save_pretrained(args.output)
-fresh = AutoModelForImageClassification.from_pretrained(args.model, num_labels=len(names))  # a new random head...
+fresh = with_new_classifier()  # a new random head...
 again = PeftModel.from_pretrained(fresh, args.output)  # ...replaced by the adapter's trained copy
 x = torch.stack([test[i]["pixel_values"] for i in range(8)])
 model.eval()

@@ -312,6 +312,7 @@ def test_trainer_example_runs_end_to_end(tiny_assets, tmp_path, cached):
     assert result.returncode == 0, result.stderr[-3000:]
     how = "train_residual on the cache" if cached else "Trainer through the backbone"
     assert f"{how}: 1 epochs in" in result.stdout and "same predictions: True" in result.stdout, result.stdout
+    assert "LOAD REPORT" not in result.stdout + result.stderr  # the new head's missing weights are the point here
     saved = load_file(tmp_path / "adapter_model.safetensors")
     assert "base_model.model.classifier.weight" in saved and any("residual_lambda" in key for key in saved)
 
