@@ -288,6 +288,18 @@ def _bases_from(args: argparse.Namespace, base, image_size: tuple[int, int]):
     return model
 
 
+def _hub_failure(what: str, error: BaseException, source: str | None = None) -> CliError:
+    """One line for a Hub read or write that failed: ``what`` could not be done, why, and where the Hub was (its
+    endpoint, or that offline mode is on). A local ``source`` failed locally: no Hub is named."""
+    from huggingface_hub import constants
+
+    where = ""
+    if source is None or not _looks_local(source):
+        where = " (HF_HUB_OFFLINE is set: only files already cached)" if constants.HF_HUB_OFFLINE else ""
+        where = where or f" (Hub at {constants.ENDPOINT})"
+    return CliError(f"{what}: {str(error).splitlines()[0]}{where}")
+
+
 def _hub_errors() -> tuple[type[BaseException], ...]:
     """What reading from or writing to the Hub raises when it cannot: ``OSError`` (huggingface_hub's own errors, its
     offline mode) and the base of its HTTP client's errors (a refused connection is no ``OSError`` there)."""
@@ -309,7 +321,7 @@ def _check_adapter(source: str) -> None:
     try:
         ResiDualConfig.from_pretrained(source)
     except (ValueError, *_hub_errors()) as error:
-        raise CliError(f"cannot read the adapter {source!r}: {str(error).splitlines()[0]}") from error
+        raise _hub_failure(f"cannot read the adapter {source!r}", error, source) from error
 
 
 def _load_adapter(source: str, base, is_trainable: bool = False):
@@ -328,7 +340,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         head = [args.classifier] if args.classifier else [args.adapter, "classifier"]
         classifier = Classifier.from_pretrained(*head)
     except _hub_errors() as error:
-        raise CliError(f"cannot read the classifier of {args.adapter!r}: {str(error).splitlines()[0]}") from error
+        raise _hub_failure(f"cannot read the classifier of {args.adapter!r}", error, args.adapter) from error
     pool = _split(args, args.split, args.samples)
     _check_class_names(classifier.class_names, pool, args.label_column, args.dataset)
     data = _prepared(args, pool)
@@ -464,7 +476,7 @@ def cmd_push(args: argparse.Namespace) -> None:
         try:
             return step()
         except _hub_errors() as error:
-            raise CliError(f"cannot push to the Hub: {str(error).splitlines()[0]}") from error
+            raise _hub_failure("cannot push to the Hub", error) from error
 
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 

@@ -178,6 +178,7 @@ def test_push_to_a_hub_it_cannot_reach_is_one_line(tiny_assets, tmp_path, capfd,
     assert run_main(capfd, "train", *source, "--epochs", "1", "--output", adapter)[0] == 0
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", hub == "offline")
     monkeypatch.setattr(hf_api.api, "endpoint", "http://127.0.0.1:9")  # nothing listens on the discard port
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
     monkeypatch.setenv("HF_TOKEN", "hf_test")
     push = ["push", "--quiet", "--model", tiny_assets["dinov2"], "--adapter", adapter, "--repo-id", "me/x"]
 
@@ -187,6 +188,8 @@ def test_push_to_a_hub_it_cannot_reach_is_one_line(tiny_assets, tmp_path, capfd,
     monkeypatch.setattr(cli, "_model", no_model)  # the Hub is tried first, so a push that cannot reach it loads none
     line = one_line_error(capfd, *push)
     assert line.startswith("peft-residual: error: cannot push to the Hub: ")
+    where = "(HF_HUB_OFFLINE is set: only files already cached)" if hub == "offline" else "(Hub at http://127.0.0.1:9)"
+    assert line.endswith(where), line  # says where the Hub was, or that it was not asked
 
 
 def test_push_with_a_token_the_hub_refuses_is_one_line_and_creates_nothing(
