@@ -169,6 +169,7 @@ def test_no_grad_keeps_no_graph_and_the_cached_path_none():
 @pytest.mark.parametrize("merged", [False, True], ids=["live", "merged"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_export_and_fullgraph_compile_equal_eager(kind, merged):
+    torch._dynamo.reset()  # each case compiles the same code objects anew: no recompile limit carried across cases
     model = fitted(kind)
     if merged:
         model.merge_adapter()
@@ -183,6 +184,24 @@ def test_export_and_fullgraph_compile_equal_eager(kind, merged):
     compiled = torch.compile(traced, fullgraph=True, backend="aot_eager")
     with torch.no_grad():
         torch.testing.assert_close(_embedding(compiled(*args, **kwargs)), eager, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fullgraph_compile_with_gradients_on_equals_eager(kind):
+    """Training, or a forward outside ``no_grad``: the compiled model is one graph there too, even as the first
+    forward with gradients on (its first lookups happen inside the trace), and gives eager's input gradient."""
+    torch._dynamo.reset()
+    model = fitted(kind)
+    traced = model.base_model.model.visual if kind == "open_clip" else model
+    positional = kind in ("open_clip", "timm")
+    compiled = torch.compile(traced, fullgraph=True, backend="aot_eager")
+    gradients = []
+    for forward in (compiled, traced):  # compiled first: nothing looked up by an eager forward before
+        pixels = images(3, seed=9).requires_grad_()
+        output = forward(pixels) if positional else forward(pixel_values=pixels)
+        _embedding(output).square().sum().backward()
+        gradients.append(pixels.grad)
+    torch.testing.assert_close(gradients[0], gradients[1], rtol=1e-4, atol=1e-6)
 
 
 def _embedding(output) -> torch.Tensor:

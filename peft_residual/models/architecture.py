@@ -147,6 +147,11 @@ class Architecture:
         """Tokens before the patches: the class token, and timm's register tokens."""
         projection = self.projection
         self.output_dim: int = projection.out_features if projection is not None else self.hidden_size
+        # looked up now, not on first use: a forward with gradients on reads them, and a first lookup through
+        # functools.cached_property takes a lock that torch.compile(fullgraph=True) cannot trace (Python 3.11)
+        modules = [out_proj for out_proj, _, _ in self._head_modules] + [self.final_norm]
+        modules += [projection] if projection is not None else []
+        self._readout_parameters = [p for module in modules for p in module.parameters(recurse=False)]
 
     def module(self, path: str, layer: int | None = None) -> nn.Module:
         """The module at ``path`` (with ``{i}`` = ``layer``), looking through any PEFT wrapper."""
@@ -239,12 +244,6 @@ class Architecture:
         per_head = torch.bmm(head_inputs.view(-1, heads, head_dim).transpose(0, 1), weight.permute(1, 2, 0))
         per_head = per_head.transpose(0, 1) if bias is None else per_head.transpose(0, 1) + bias
         return per_head * scale.to(dtype) if scale is not None else per_head
-
-    @cached_property
-    def _readout_parameters(self) -> list[torch.Tensor]:
-        modules = [out_proj for out_proj, _, _ in self._head_modules] + [self.final_norm]
-        modules += [self.projection] if self.projection is not None else []
-        return [p for module in modules for p in module.parameters(recurse=False)]
 
     def readout_weights_require_grad(self) -> bool:
         """Whether any weight the readout plans are built from (output projections, layer scales, final norm,
