@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from .compat import is_residual_model
 from .errors import ResiDualInputError
 from .models import architecture_of
-from .tuner.batches import pixel_values_of
+from .tuner.batches import labels_of, pixel_values_of
 from .tuner.decomposition import BASE
 
 
@@ -148,7 +148,13 @@ def _embedded(
         pixel_values = arch.check_pixel_values(pixel_values_of(batch), f"{desc} batch {step}")
         for name, embedding in embed(pixel_values.to(reference.device, reference.dtype)).items():
             features[name].append(embedding.float().cpu())
-        labels.append(check_labels(torch.as_tensor(batch[label_column]), num_classes, f"{desc} batch {step}"))
+        found = labels_of(batch, label_column)
+        if found is None:
+            raise ResiDualInputError(
+                f"{desc} batch {step} has no labels (no {label_column!r}); give batches with labels, or name their "
+                "key with label_column."
+            )
+        labels.append(check_labels(found, num_classes, f"{desc} batch {step}"))
     if not labels:
         raise ResiDualInputError(f"{desc}: no batches; the data set is empty.")
     return {name: torch.cat(parts) for name, parts in features.items()}, torch.cat(labels)

@@ -139,6 +139,39 @@ def test_batches_without_pixel_values_are_an_error():
         fit_residual_bases(model, [{"image": images(4)}], progress=False)
 
 
+def test_batches_come_as_dicts_tensors_or_image_label_pairs():
+    """What PyTorch and transformers users hand over: dicts (with ``label`` or Trainer's ``labels``), bare tensors,
+    and ``(images, labels)`` pairs (TensorDataset, torchvision): the same bases, the same units and labels."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from peft_residual import collect_units, embed_batches
+
+    x, y = images(12, seed=3), torch.arange(12) % 3
+    forms = {
+        "dict": [{"pixel_values": x[:6], "label": y[:6]}, {"pixel_values": x[6:], "label": y[6:]}],
+        "trainer": [{"pixel_values": x[:6], "labels": y[:6]}, {"pixel_values": x[6:], "labels": y[6:]}],
+        "pairs": DataLoader(TensorDataset(x, y), batch_size=6),
+    }
+    fitted = {}
+    for name, batches in {
+        **forms,
+        "tensors": [x[:6], x[6:]],
+        "one-tensor lists": DataLoader(TensorDataset(x), 6),
+    }.items():
+        model = get_peft_model(make_model("dinov2"), ResiDualConfig(k=3))
+        fit_residual_bases(model, batches, progress=False)
+        fitted[name] = model.base_model.readout.components("default").basis
+    for name, basis in fitted.items():
+        torch.testing.assert_close(basis, fitted["dict"], rtol=0, atol=0, msg=name)
+    for name, batches in forms.items():
+        store = collect_units(model, batches, progress=False)
+        assert torch.equal(store.labels, y), name
+        features, labels = embed_batches(model, batches, progress=False)
+        assert torch.equal(labels, y) and features.shape[0] == 12, name
+    with pytest.raises(ResiDualInputError, match="batch 0 has no labels"):
+        embed_batches(model, [x[:6]], progress=False)
+
+
 def test_all_components_means_all_the_data_has():
     model = get_peft_model(make_model("clip_vision"), ResiDualConfig.residual())
     report = fit_residual_bases(model, [{"pixel_values": images(20)}], progress=False)

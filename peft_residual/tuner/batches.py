@@ -15,14 +15,32 @@ from .decomposition import UnitRecord, record_backbone
 
 
 def pixel_values_of(batch: object) -> torch.Tensor:
-    """The ``pixel_values`` of a batch that is a dict holding them, or a tensor."""
+    """The ``pixel_values`` of a batch: a dict holding them, a tensor, or an ``(images, labels)`` pair (or a
+    one-tensor list) as ``TensorDataset`` and torchvision's data sets give them."""
     if isinstance(batch, Mapping):
         if "pixel_values" not in batch:
             raise ResiDualInputError(f"Each batch must hold 'pixel_values'; this one has keys {sorted(batch)}.")
         return batch["pixel_values"]
     if isinstance(batch, torch.Tensor):
         return batch
-    raise ResiDualInputError(f"Batches must be dicts with 'pixel_values' or tensors, got {type(batch).__name__}.")
+    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
+        return batch[0]
+    raise ResiDualInputError(
+        f"Batches must be dicts with 'pixel_values', tensors or (images, labels) pairs, got {type(batch).__name__}."
+    )
+
+
+def labels_of(batch: object, label_column: str = "label") -> torch.Tensor | None:
+    """The labels of a batch, if it has any: a dict's ``label_column`` (for the default ``"label"``, also
+    ``"labels"``, the key of transformers' ``Trainer`` and image-classification collators), or the second tensor of
+    an ``(images, labels)`` pair."""
+    if isinstance(batch, Mapping):
+        keys = (label_column, "labels") if label_column == "label" else (label_column,)
+        found = next((key for key in keys if key in batch), None)
+        return torch.as_tensor(batch[found]) if found is not None else None
+    if isinstance(batch, (list, tuple)) and len(batch) > 1:
+        return torch.as_tensor(batch[1])
+    return None
 
 
 class RecordedBatch(NamedTuple):
@@ -51,7 +69,7 @@ def recorded_batches(
                 "images of one size (the size the adapter will see)."
             )
         image_size = tuple(pixel_values.shape[-2:])
-        labels = torch.as_tensor(batch[label_column]) if isinstance(batch, Mapping) and label_column in batch else None
+        labels = labels_of(batch, label_column)
         yield RecordedBatch(
             record_backbone(arch, pixel_values.to(reference.device, reference.dtype)), labels, image_size
         )
