@@ -385,7 +385,7 @@ def cmd_rank_heads(args: argparse.Namespace) -> None:
     from .plots import ranking_plot
 
     model = _model(args)
-    pool = _split(args, args.split, args.samples or ANALYSIS_SAMPLES)
+    pool = _split(args, args.split, args.samples)
     names = class_names(pool, args.label_column)
     reference = collect_units(model, _loader(args, _prepared(args, pool)), progress=not args.quiet, desc="Reference")
     test_data = _prepared(args, _split(args, args.test_split, args.test_samples))
@@ -410,7 +410,7 @@ def _units(args: argparse.Namespace, model, dataset: str, desc: str):
     from .data import collect_units
 
     source = argparse.Namespace(**{**vars(args), "dataset": dataset})
-    data = _prepared(source, _split(source, args.split, args.samples or ANALYSIS_SAMPLES))
+    data = _prepared(source, _split(source, args.split, args.samples))
     return collect_units(model, _loader(args, data), progress=not args.quiet, desc=desc)
 
 
@@ -511,19 +511,27 @@ def build_parser() -> argparse.ArgumentParser:
         "ViT-B-32:openai), NAME:WEIGHTS_FILE or a directory with open_clip_config.json; timm timm/NAME, "
         "hf-hub:ORG/NAME, a registry NAME[.TAG] or a save_for_hf directory",
     )
-    data = _Parser(add_help=False)
-    data.add_argument("--dataset", required=True, help="Hub id or local save_to_disk directory")
-    data.add_argument("--image-column", default="image", help="the data set's column of images")
-    data.add_argument("--label-column", default="label", help="the data set's column of class labels")
-    data.add_argument(
-        "--image-size",
-        type=_positive_int,
-        help="resize images to this square side (default: the size an --adapter or --bases was fitted at, else the "
-        "processor's)",
-    )
-    data.add_argument("--samples", type=_positive_int, help="use this many images, drawn with --seed (default: all)")
-    data.add_argument("--batch-size", type=_positive_int, default=64, help="images per backbone batch and per step")
-    data.add_argument("--seed", type=int, default=0, help="seeds the image draw, the split and the scales' init")
+
+    def data_options(analysis: bool) -> _Parser:
+        """The data options: those of fit, train and eval, or (``analysis``) of rank-heads and analyze, which hold
+        every unit of every image (a default sample) and read no adapter (no fitted size)."""
+        data = _Parser(add_help=False)
+        data.add_argument("--dataset", required=True, help="Hub id or local save_to_disk directory")
+        data.add_argument("--image-column", default="image", help="the data set's column of images")
+        data.add_argument("--label-column", default="label", help="the data set's column of class labels")
+        fitted = "" if analysis else "the size an --adapter or --bases was fitted at, else "
+        data.add_argument(
+            "--image-size", type=_positive_int,
+            help=f"resize images to this square side (default: {fitted}the processor's)",
+        )  # fmt: skip
+        samples = {"default": ANALYSIS_SAMPLES, "help": "use this many images, drawn with --seed"}
+        samples = samples if analysis else {"help": "use this many images, drawn with --seed (default: all)"}
+        data.add_argument("--samples", type=_positive_int, **samples)
+        data.add_argument("--batch-size", type=_positive_int, default=64, help="images per backbone batch and per step")
+        data.add_argument("--seed", type=int, default=0, help="seeds the image draw, the split and the scales' init")
+        return data
+
+    data, analysis_data = data_options(analysis=False), data_options(analysis=True)
     method = _Parser(add_help=False)
     method.add_argument("--method", choices=PRESET_NAMES, default="residual", help="the paper's setting")
     method.add_argument(
@@ -586,7 +594,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", default="test", help="the split to evaluate on")
 
     rank = command(
-        "rank-heads", [common, data, head],
+        "rank-heads", [common, analysis_data, head],
         "rank heads by S, U, U|T and random; accuracy keeping the top 1 to 50 percent, the rest zero- or "
         f"mean-ablated ({ANALYSIS_SAMPLES} images unless --samples: every unit of every image is held)",
         cmd_rank_heads,
@@ -599,7 +607,7 @@ def build_parser() -> argparse.ArgumentParser:
     rank.add_argument("--output", required=True, help="directory for heads.json and heads.png")
 
     analyze = command(
-        "analyze", [common, data],
+        "analyze", [common, analysis_data],
         "per-unit intrinsic dimension and its depth profile; spectral similarity to another data set; TextSpan "
         f"({ANALYSIS_SAMPLES} images per data set unless --samples: every unit of every image is held)",
         cmd_analyze,

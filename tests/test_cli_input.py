@@ -280,3 +280,14 @@ def test_k_takes_a_count_or_a_ratio():
     parse = subparser("fit").parse_args
     assert parse(["--model", "m", "--dataset", "d", "--output", "o", "--k", "8"]).k == 8
     assert parse(["--model", "m", "--dataset", "d", "--output", "o", "--k", "0.9"]).k == 0.9
+
+
+@pytest.mark.parametrize("command", ["rank-heads", "analyze"])
+def test_analysis_commands_help_says_their_own_defaults(command):
+    """rank-heads and analyze draw 2,000 images unless told, and read no adapter: their help says so."""
+    parser = subparser(command)
+    text = re.sub(r"\s+", " ", parser.format_help())
+    assert "--samples SAMPLES use this many images, drawn with --seed (default: 2000)" in text
+    assert "--adapter" not in text and "--bases" not in text
+    assert parser.parse_args(["--model", "m", "--dataset", "d", "--output", "o"]).samples == cli.ANALYSIS_SAMPLES
+    assert subparser("fit").parse_args(["--model", "m", "--dataset", "d", "--output", "o"]).samples is None
