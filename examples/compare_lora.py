@@ -3,8 +3,8 @@
     python examples/compare_lora.py --model ~/.cache/residual-assets/models/dinov2-small-imgfocus \\
         --dataset ~/.cache/residual-assets/datasets/mnist --image-size 98
 
-The full comparison (linear probe, coarse scaling, full fine-tuning, seeds, plots) is `python -m benchmarks.run`;
-see benchmarks/README section in the top-level README.
+Its methods and seed are defaults: `--methods` and `--seeds` given here replace them. The full comparison (linear
+probe, coarse scaling, full fine-tuning, seeds, plots) is `python -m benchmarks.run`; see docs/benchmarks.md.
 """
 
 import sys
@@ -14,4 +14,5 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.run import main
 
 if __name__ == "__main__":
-    main([*sys.argv[1:], "--methods", "zero-shot", "residual*", "residual", "lora-qv", "--seeds", "0"])
+    # the defaults first: argparse keeps an option's last value, so the user's --methods or --seeds win
+    main(["--methods", "zero-shot", "residual*", "residual", "lora-qv", "--seeds", "0", *sys.argv[1:]])

@@ -64,6 +64,23 @@ def test_compare_lora_example(tiny_assets, tmp_path):
     assert "lora-qv" in result.stdout and (tmp_path / "cmp.json").exists()
 
 
+def test_compare_lora_defaults_yield_to_the_users_methods_and_seeds(monkeypatch):
+    import runpy
+
+    import benchmarks.run
+
+    passed = []
+    monkeypatch.setattr(benchmarks.run, "main", passed.append)
+    for argv, methods, seeds in [
+        ([], ["zero-shot", "residual*", "residual", "lora-qv"], [0]),
+        (["--methods", "residual", "coarse", "--seeds", "3", "4"], ["residual", "coarse"], [3, 4]),
+    ]:
+        monkeypatch.setattr(sys, "argv", ["compare_lora.py", "--preset", "dinov2-mnist", *argv])
+        runpy.run_path(str(ROOT / "examples" / "compare_lora.py"), run_name="__main__")
+        args = benchmarks.run.parse_args(passed.pop())
+        assert (args.methods, args.seeds) == (methods, seeds), argv
+
+
 def _repository_files() -> set[str]:
     listed = subprocess.run(
         ["git", "ls-files", "--others", "--modified", "--exclude-standard"], capture_output=True, text=True, cwd=ROOT
