@@ -197,3 +197,23 @@ def test_the_card_links_a_hub_base_model_but_not_a_local_path(tmp_path):
         assert (card.data.base_model == base) is linked and (base in card.data.tags) is linked, base
         assert f"Base model: `{base}`" in card.text
         assert ModelCard(str(card)).data.base_model == (base if linked else None)  # as the YAML reads back
+
+
+@pytest.mark.parametrize("basis_dtype", ["float32", "float16"])
+def test_casting_the_model_keeps_the_packed_bases_in_their_storage_dtype(tmp_path, basis_dtype):
+    """The packed bases are a storage format: model.to(bfloat16) or .double() moves them with the model but keeps
+    basis_dtype, so a save still holds what adapter_config.json says, bit for bit as fitted."""
+    model = fitted("dinov2", ResiDualConfig(k=3, basis_dtype=basis_dtype))
+    model.save_pretrained(tmp_path / "before")
+    for dtype in (torch.bfloat16, torch.float64):
+        model.to(dtype)
+        layers = model.base_model.unit_layers()
+        assert {str(layer.residual_basis["default"].dtype) for layer in layers if "default" in layer.residual_basis} \
+            == {f"torch.{basis_dtype}"}  # fmt: skip
+        model.save_pretrained(tmp_path / str(dtype))
+        saved, before = (load_file(tmp_path / name / "adapter_model.safetensors") for name in (str(dtype), "before"))
+        bases = [key for key in saved if "residual_basis" in key]
+        assert bases and all(torch.equal(saved[key], before[key]) for key in bases), dtype
+        config = json.loads((tmp_path / str(dtype) / "adapter_config.json").read_text())
+        assert config["basis_dtype"] == basis_dtype
+        model_output(model, images(2))  # the cast model still reads out

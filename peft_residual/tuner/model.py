@@ -173,7 +173,12 @@ class ResiDualModel(BaseTuner):
             readout.refresh()
 
     def _apply(self, fn, recurse: bool = True):
+        # the packed bases are a storage format in basis_dtype (unpacked in float64 to build the readout): they follow
+        # the model to its device, not to its dtype, so that a cast model still saves what its config says
+        packed = [(layer, name, basis) for layer in self.unit_layers() for name, basis in layer.residual_basis.items()]
         result = super()._apply(fn, recurse)
+        for layer, name, basis in packed:
+            layer.residual_basis[name] = basis.to(layer.residual_basis[name].device)
         self.refresh()  # moved or cast: the plans follow, in float32 (float64 for a float64 model)
         return result
 
