@@ -86,16 +86,7 @@ class Classifier(nn.Module):
         """
         local = Path(directory, subfolder or "")
         if not Path(directory).exists() and str(directory).count("/") == 1:  # a Hub repository
-            from huggingface_hub import snapshot_download
-
-            patterns = [f"{subfolder}/*"] if subfolder else None
-            local = Path(snapshot_download(str(directory), allow_patterns=patterns), subfolder or "")
-            if not (local / "classifier.json").is_file():
-                raise ResiDualInputError(
-                    f"The Hub repository {directory} holds no classifier{f' in {subfolder}/' if subfolder else ''}; "
-                    "push one with its adapter (push_to_hub(..., classifier=head), as the CLI's push does), or "
-                    "load it from a directory."
-                )
+            local = _hub_classifier(str(directory), subfolder)
         directory = local
         path = directory / "classifier.json"
         if not path.exists():
@@ -153,6 +144,25 @@ def text_embedder(model: nn.Module, tokenizer) -> Callable[[Sequence[str]], torc
         return model.text_proj(text.last_hidden_state[:, 0]).float()
 
     return embed
+
+
+def _hub_classifier(repo_id: str, subfolder: str | None) -> Path:
+    """The local directory of a classifier in a Hub repository (its two files, downloaded), or an error naming the
+    fix where the repository holds none there."""
+    from huggingface_hub import file_exists, hf_hub_download
+
+    where = f"{subfolder}/" if subfolder else ""
+    if not file_exists(repo_id, f"{where}classifier.json"):
+        pushed = not subfolder and file_exists(repo_id, "classifier/classifier.json")
+        hint = ' (it has one in classifier/: pass subfolder="classifier")' if pushed else ""
+        raise ResiDualInputError(
+            f"The Hub repository {repo_id} holds no classifier{f' in {where}' if where else ''}{hint}; push one with "
+            "its adapter (push_to_hub(..., classifier=head), as the CLI's push does), or load it from a directory."
+        )
+    paths = [
+        hf_hub_download(repo_id, name, subfolder=subfolder) for name in ("classifier.json", "classifier.safetensors")
+    ]
+    return Path(paths[0]).parent
 
 
 class ZeroShotClassifier(Classifier):

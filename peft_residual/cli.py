@@ -72,13 +72,15 @@ def _fraction(text: str) -> float:
     return value
 
 
-def _components(text: str) -> int | float:
-    """``--k``: a positive count of components, or a variance ratio in (0, 1) such as 0.9."""
+def _components(text: str) -> int | float | str:
+    """``--k``: a positive count of components, a variance ratio in (0, 1) such as 0.9, or ``all``."""
+    if text == "all":
+        return text
     try:
         return _fraction(text) if "." in text else _positive_int(text)
     except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(
-            f"expected a positive number of components or a variance ratio in (0, 1) such as 0.9, got {text!r}"
+            f"expected a positive number of components, a variance ratio in (0, 1) such as 0.9, or all; got {text!r}"
         ) from None
 
 
@@ -141,8 +143,19 @@ def _check_paths(args: argparse.Namespace) -> None:
 
 def _check_eval_classifier(classifier: str | None, adapter: str) -> None:
     """The head eval reads, ``--classifier`` or the adapter's ``classifier/``, before any model loads."""
-    if classifier is None and not _looks_local(adapter):
-        return  # read from the Hub adapter's own directory, if it has one
+    if classifier is None and not _looks_local(adapter):  # the Hub adapter's own classifier/, as push sends it
+        from huggingface_hub import file_exists
+
+        try:
+            pushed = file_exists(adapter, "classifier/classifier.json")
+        except _hub_errors() as error:
+            raise _hub_failure(f"cannot read the adapter {adapter!r}", error, adapter) from error
+        if not pushed:
+            raise CliError(
+                f"the Hub adapter {adapter} holds no classifier/ (pushed from fit, which writes bases only): train "
+                f"its scales with `peft-residual train --bases {adapter}` and push that, or pass --classifier DIR"
+            )
+        return
     directory = Path(classifier) if classifier else Path(adapter) / "classifier"
     if (directory / "classifier.json").is_file():
         return
@@ -163,7 +176,7 @@ def _prepared(args: argparse.Namespace, dataset):
 def _config(args: argparse.Namespace):
     from .tuner import ResiDualConfig
 
-    overrides = {"seed": args.seed} | ({"k": args.k} if args.k is not None else {})
+    overrides = {"seed": args.seed} | ({"k": None if args.k == "all" else args.k} if args.k is not None else {})
     return ResiDualConfig.preset(args.method, **overrides)
 
 
@@ -535,7 +548,7 @@ def build_parser() -> argparse.ArgumentParser:
     method = _Parser(add_help=False)
     method.add_argument("--method", choices=PRESET_NAMES, default="residual", help="the paper's setting")
     method.add_argument(
-        "--k", type=_components, help="override the components per unit: an int, or a variance ratio such as 0.9"
+        "--k", type=_components, help="override the components per unit: an int, a variance ratio such as 0.9, or all"
     )
 
     def command(name: str, parents: list, summary: str, run) -> argparse.ArgumentParser:
@@ -630,6 +643,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _silence_libraries() -> None:
     """--quiet: no progress bars or advisory messages from the libraries underneath, only errors and results."""
     import datasets
+    import huggingface_hub
     import transformers
 
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -638,6 +652,7 @@ def _silence_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
+    huggingface_hub.utils.disable_progress_bars()
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -135,7 +135,7 @@ def model_card(
     ]
     if classifier is not None:
         lines += [
-            f"# the {classifier.head_name} head it goes with, on the adapted embedding",
+            f"# its classifier ({classifier.head_name}), on the adapted embedding",
             f'head = peft_residual.Classifier.from_pretrained("REPO_ID", subfolder="{CLASSIFIER_DIR}")',
         ]
     lines.append("```")
@@ -283,6 +283,7 @@ def push_adapter_to_hub(
             repo_id=repo_id,
             folder_path=folder,
             allow_patterns=[*ADAPTER_FILES, "README.md", f"{CLASSIFIER_DIR}/*"],
+            delete_patterns=[f"{CLASSIFIER_DIR}/*"],  # an earlier push's head must not stay beside other scales
             commit_message=commit_message or "Upload ResiDual adapter",
             revision=revision,
         )

@@ -141,6 +141,8 @@ class Handler(BaseHTTPRequestHandler):
             item = json.loads(line)
             if item["key"] == "file":
                 staged[item["value"]["path"]] = base64.b64decode(item["value"]["content"])
+            elif item["key"] == "deletedFile":
+                staged.pop(item["value"]["path"], None)
             elif item["key"] != "header":
                 return self._error(400, "BadRequest", f"unsupported operation {item['key']}")
         repo.files = staged

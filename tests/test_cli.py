@@ -399,16 +399,34 @@ def test_push_uploads_the_adapter_and_its_card_and_pulls_back_the_same(tiny_asse
     assert not torch.equal(embed_images(from_hub, x), embed_images(load_vision_model(str(model)), x))
 
 
-def test_eval_of_a_hub_adapter_pushed_without_a_classifier_names_the_fix(tiny_assets, tmp_path, capfd, local_hub):
-    model, fitted = tiny_assets["dinov2"], tmp_path / "fitted"  # fit writes bases only: no classifier/ to push
+def test_a_push_without_a_classifier_leaves_none_on_the_hub_and_eval_names_the_fix(
+    tiny_assets, tmp_path, capfd, local_hub, monkeypatch
+):
+    """A fit-only adapter pushed over a trained run's repository removes that run's classifier/ (it belongs to other
+    scales); eval by the repository's id then refuses in one line, before the model loads."""
+    from peft_residual import Classifier, ResiDualInputError, cli
+
+    model, trained, fitted = tiny_assets["dinov2"], tmp_path / "trained", tmp_path / "fitted"
     source = ["--quiet", "--model", model, "--dataset", tiny_assets["dataset"]]
+    assert run_main(capfd, "train", *source, "--k", "2", "--epochs", "1", "--output", trained)[0] == 0
     assert run_main(capfd, "fit", *source, "--k", "2", "--output", fitted)[0] == 0
-    assert run_main(capfd, "push", "--quiet", "--model", model, "--adapter", fitted, "--repo-id", "me/bases")[0] == 0
-    assert not any(name.startswith("classifier/") for name in local_hub.state.repos["me/bases"].files)
-    code, _, err = run_main(capfd, "eval", *source, "--adapter", "me/bases")
+    push = ["push", "--quiet", "--model", model, "--repo-id", "me/run"]
+    assert run_main(capfd, *push, "--adapter", trained)[0] == 0
+    files = local_hub.state.repos["me/run"].files
+    assert {"classifier/classifier.json", "classifier/classifier.safetensors"} <= set(files)
+    with pytest.raises(ResiDualInputError, match=r'it has one in classifier/: pass subfolder="classifier"'):
+        Classifier.from_pretrained("me/run")  # the repository's root holds none
+    assert run_main(capfd, *push, "--adapter", fitted)[0] == 0
+    assert not any(name.startswith("classifier/") for name in local_hub.state.repos["me/run"].files)
+
+    def no_model(args):
+        raise AssertionError("eval loaded the model before it found no classifier")
+
+    monkeypatch.setattr(cli, "_model", no_model)
+    code, _, err = run_main(capfd, "eval", *source, "--adapter", "me/run")
     assert code == 2 and err.strip().splitlines() == [
-        "peft-residual: error: The Hub repository me/bases holds no classifier in classifier/; push one with its "
-        "adapter (push_to_hub(..., classifier=head), as the CLI's push does), or load it from a directory."
+        "peft-residual: error: the Hub adapter me/run holds no classifier/ (pushed from fit, which writes bases only): "
+        "train its scales with `peft-residual train --bases me/run` and push that, or pass --classifier DIR"
     ]
 
 

@@ -272,7 +272,7 @@ def test_a_bad_k_names_the_option(tiny_assets, tmp_path, capfd, value):
     loads."""
     code, _, err = run_main(capfd, "fit", "--model", tiny_assets["dinov2"], "--dataset", tiny_assets["dataset"],
                             "--k", value, "--output", tmp_path / "out")  # fmt: skip
-    assert code == 2 and "argument --k: expected a positive number of components or a variance ratio" in err, err
+    assert code == 2 and "argument --k: expected a positive number of components, a variance ratio" in err, err
     assert "ResiDualConfig" not in err and len(err.strip().splitlines()) == 1
 
 
@@ -280,6 +280,8 @@ def test_k_takes_a_count_or_a_ratio():
     parse = subparser("fit").parse_args
     assert parse(["--model", "m", "--dataset", "d", "--output", "o", "--k", "8"]).k == 8
     assert parse(["--model", "m", "--dataset", "d", "--output", "o", "--k", "0.9"]).k == 0.9
+    args = parse(["--model", "m", "--dataset", "d", "--output", "o", "--k", "all", "--method", "residual*"])
+    assert cli._config(args).k is None  # all components, whatever the preset's k
 
 
 @pytest.mark.parametrize("command", ["rank-heads", "analyze"])
