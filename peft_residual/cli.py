@@ -233,8 +233,13 @@ def cmd_train(args: argparse.Namespace) -> None:
     from peft import get_peft_model
 
     from .data import class_names, collect_units, fit_residual_bases, holdout
-    from .training.trainer import train_residual
+    from .training.trainer import check_resumable, run_settings, train_residual
 
+    lr = args.lr if args.lr == "auto" else float(args.lr)
+    head_lr = args.head_lr if args.head == "linear" else None
+    settings = run_settings(lr, args.batch_size, args.epochs, args.patience, args.seed, head_lr)
+    if not args.overwrite:  # another run's hyper-parameters are refused now, not after the backbone pass and the fit
+        check_resumable(Path(args.output) / "checkpoint", settings)
     if args.bases:  # before the model loads and the backbone runs
         if args.k is not None:
             raise CliError("--k sets the components of bases fitted here; --bases brings its own, so drop --k")
@@ -254,7 +259,6 @@ def cmd_train(args: argparse.Namespace) -> None:
     else:
         model = get_peft_model(base, _config(args))
         fit_residual_bases(model, train_units, progress=not args.quiet)
-    lr = args.lr if args.lr == "auto" else float(args.lr)
     result = train_residual(
         model, classifier, train_units, val_units, lr=lr, batch_size=args.batch_size, max_epochs=args.epochs,
         patience=args.patience, seed=args.seed, output_dir=Path(args.output) / "checkpoint", progress=not args.quiet,

@@ -293,3 +293,24 @@ def test_analysis_commands_help_says_their_own_defaults(command):
     assert "--adapter" not in text and "--bases" not in text
     assert parser.parse_args(["--model", "m", "--dataset", "d", "--output", "o"]).samples == cli.ANALYSIS_SAMPLES
     assert subparser("fit").parse_args(["--model", "m", "--dataset", "d", "--output", "o"]).samples is None
+
+
+def test_train_over_another_runs_checkpoint_is_refused_before_the_model_loads(
+    tiny_assets, tmp_path, capfd, monkeypatch
+):
+    """Other hyper-parameters are known before any work: refused then, not after the backbone pass and the fit
+    (minutes on a large data set); the same ones resume, as before."""
+    output = tmp_path / "run"
+    source = ["--quiet", "--model", tiny_assets["dinov2"], "--dataset", tiny_assets["dataset"], "--k", "2"]
+    assert run_main(capfd, "train", *source, "--epochs", "1", "--output", output)[0] == 0
+    load_model = cli._model
+
+    def no_model(args):
+        raise AssertionError("train loaded the model before it refused the checkpoint")
+
+    monkeypatch.setattr(cli, "_model", no_model)
+    line = one_line_error(capfd, "train", *source, "--epochs", "1", "--lr", "0.5", "--output", output)
+    assert "holds the checkpoint of another run (other hyper-parameters: lr 0.8 saved vs 0.5 now)" in line, line
+    monkeypatch.setattr(cli, "_model", load_model)
+    code, _, err = run_main(capfd, "train", *source, "--epochs", "1", "--output", output)  # the same run
+    assert code == 0, err

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import datasets
 import torch
@@ -150,8 +151,34 @@ def run_identity(
         "bases": content_hash(*scales.fitted_state),
         "classifier": content_hash(classifier.weights, torch.tensor(float(classifier.scale))),
         **{f"{split} {part}": value for split, parts in splits.items() for part, value in parts.items()},
-        "hyper-parameters": json.dumps(settings, sort_keys=True, default=str),
+        **_hyper_parameters(settings),
     }
+
+
+def _hyper_parameters(settings: dict[str, Any]) -> dict[str, str]:
+    """The hyper-parameters' part of a run's identity (:func:`run_identity`)."""
+    return {"hyper-parameters": json.dumps(settings, sort_keys=True, default=str)}
+
+
+def run_settings(
+    lr: float | str, batch_size: int, max_epochs: int, patience: int, seed: int, head_lr: float | None = None
+) -> dict[str, Any]:
+    """The hyper-parameters a run's checkpoint records (``head_lr``: a run that trains a linear head); it resumes
+    only under the same ones."""
+    settings = {"lr": lr, "batch_size": batch_size, "max_epochs": max_epochs, "patience": patience, "seed": seed}
+    return settings | ({"head": "linear", "head_lr": head_lr} if head_lr is not None else {})
+
+
+def check_resumable(output_dir: str | Path, settings: dict[str, Any]) -> None:
+    """Refuse, before any work, a checkpoint in ``output_dir`` of a run under other hyper-parameters
+    (:func:`run_settings`): the rest of a run's identity (data, bases, classifier) is checked once they exist.
+
+    Example:
+        >>> check_resumable("out/checkpoint", run_settings(0.8, 64, 30, 5, 0))  # before the backbone pass
+    """
+    checkpoint = load_checkpoint(output_dir)
+    if checkpoint is not None:
+        _refuse_another_run(output_dir, checkpoint[1].get("identity"), _hyper_parameters(settings))
 
 
 def train_residual(
@@ -229,9 +256,7 @@ def train_residual(
     )
     for name, dataset in (("train_dataset", train_dataset), ("eval_dataset", eval_dataset)):
         check_dataset(dataset, name, label_column, classifier.num_classes)
-    settings = {"lr": lr, "batch_size": batch_size, "max_epochs": max_epochs, "patience": patience, "seed": seed}
-    if trains_head:
-        settings.update(head="linear", head_lr=head_lr)
+    settings = run_settings(lr, batch_size, max_epochs, patience, seed, head_lr if trains_head else None)
     identity, checkpoint = None, None
     if output_dir is not None:  # only a checkpointed run needs its identity (every label, or example, is hashed)
         identity = run_identity(scales, classifier, train_dataset, eval_dataset, label_column, **settings)
@@ -409,9 +434,13 @@ def _checkpoint_of_this_run(output_dir: str | Path, identity: dict[str, str]) ->
     """The checkpoint in ``output_dir`` to resume from, if any; a checkpoint of another run is an error that names
     what differs."""
     checkpoint = load_checkpoint(output_dir)
-    if checkpoint is None:
-        return None
-    saved = checkpoint[1].get("identity")
+    if checkpoint is not None:
+        _refuse_another_run(output_dir, checkpoint[1].get("identity"), identity)
+    return checkpoint
+
+
+def _refuse_another_run(output_dir: str | Path, saved: object, identity: dict[str, str]) -> None:
+    """The error naming what differs between a checkpoint's run (``saved``) and this one, if anything does."""
     differ = [part for part in identity if not isinstance(saved, dict) or saved.get(part) != identity[part]]
     if differ:
         what = "an older format" if not isinstance(saved, dict) else "other " + ", ".join(differ)
@@ -428,7 +457,6 @@ def _checkpoint_of_this_run(output_dir: str | Path, identity: dict[str, str]) ->
             f"{output_dir} holds the checkpoint of another run ({what}); pass resume=False (CLI: --overwrite) to "
             "start fresh there, or use a new output_dir."
         )
-    return checkpoint
 
 
 @dataclass
