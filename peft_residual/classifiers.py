@@ -151,10 +151,12 @@ def _hub_classifier(repo_id: str, subfolder: str | None) -> Path:
     fix where the repository holds none there."""
     from huggingface_hub import file_exists, hf_hub_download
 
+    from .hub import CLASSIFIER_DIR
+
     where = f"{subfolder}/" if subfolder else ""
     if not file_exists(repo_id, f"{where}classifier.json"):
-        pushed = not subfolder and file_exists(repo_id, "classifier/classifier.json")
-        hint = ' (it has one in classifier/: pass subfolder="classifier")' if pushed else ""
+        pushed = not subfolder and file_exists(repo_id, f"{CLASSIFIER_DIR}/classifier.json")
+        hint = f' (it has one in {CLASSIFIER_DIR}/: pass subfolder="{CLASSIFIER_DIR}")' if pushed else ""
         raise ResiDualInputError(
             f"The Hub repository {repo_id} holds no classifier{f' in {where}' if where else ''}{hint}; push one with "
             "its adapter (push_to_hub(..., classifier=head), as the CLI's push does), or load it from a directory."

@@ -143,11 +143,13 @@ def _check_paths(args: argparse.Namespace) -> None:
 
 def _check_eval_classifier(classifier: str | None, adapter: str) -> None:
     """The head eval reads, ``--classifier`` or the adapter's ``classifier/``, before any model loads."""
+    from .hub import CLASSIFIER_DIR
+
     if classifier is None and not _looks_local(adapter):  # the Hub adapter's own classifier/, as push sends it
         from huggingface_hub import file_exists
 
         try:
-            pushed = file_exists(adapter, "classifier/classifier.json")
+            pushed = file_exists(adapter, f"{CLASSIFIER_DIR}/classifier.json")
         except _hub_errors() as error:
             raise _hub_failure(f"cannot read the adapter {adapter!r}", error, adapter) from error
         if not pushed:
@@ -156,7 +158,7 @@ def _check_eval_classifier(classifier: str | None, adapter: str) -> None:
                 f"its scales with `peft-residual train --bases {adapter}` and push that, or pass --classifier DIR"
             )
         return
-    directory = Path(classifier) if classifier else Path(adapter) / "classifier"
+    directory = Path(classifier) if classifier else Path(adapter) / CLASSIFIER_DIR
     if (directory / "classifier.json").is_file():
         return
     if classifier:
@@ -187,7 +189,7 @@ def _loader(args: argparse.Namespace, dataset):
     return image_loader(dataset, batch_size=args.batch_size)
 
 
-TRAIN_RUN_FILES = ("classifier", "training.json", "checkpoint")
+TRAIN_RUN_FILES = ("classifier", "training.json", "checkpoint")  # the first is hub.CLASSIFIER_DIR
 """What ``train`` writes beside the adapter: its head, its summary and its checkpoint, all tied to its bases."""
 
 
@@ -233,6 +235,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from peft import get_peft_model
 
     from .data import class_names, collect_units, fit_residual_bases, holdout
+    from .hub import CLASSIFIER_DIR
     from .training.trainer import check_resumable, run_settings, train_residual
 
     lr = args.lr if args.lr == "auto" else float(args.lr)
@@ -265,7 +268,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         resume=not args.overwrite, head=args.head, head_lr=args.head_lr,
     )  # fmt: skip
     model.save_pretrained(args.output)
-    (result.head or classifier).save_pretrained(Path(args.output) / "classifier")  # the head eval reads
+    (result.head or classifier).save_pretrained(Path(args.output) / CLASSIFIER_DIR)  # the head eval reads
     summary = {"dataset": args.dataset, **model.peft_config["default"].training_summary}
     (Path(args.output) / "training.json").write_text(json.dumps(summary, indent=1))
     picked = f" with lr {result.lr:.3g} (found by the range test)" if args.lr == "auto" else ""
@@ -312,8 +315,8 @@ def _hub_failure(what: str, error: BaseException, source: str | None = None) -> 
 
     where = ""
     if source is None or not _looks_local(source):
-        where = " (HF_HUB_OFFLINE is set: only files already cached)" if constants.HF_HUB_OFFLINE else ""
-        where = where or f" (Hub at {constants.ENDPOINT})"
+        offline = " (HF_HUB_OFFLINE is set: only files already cached)"
+        where = offline if constants.HF_HUB_OFFLINE else f" (Hub at {constants.ENDPOINT})"
     return CliError(f"{what}: {str(error).splitlines()[0]}{where}")
 
 
@@ -349,12 +352,13 @@ def _load_adapter(source: str, base, is_trainable: bool = False):
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from .classifiers import Classifier, LinearClassifier
+    from .hub import CLASSIFIER_DIR
     from .inference import accuracy, embed_batches_of_adapters
 
     fitted_size = _check_fitted_size(args, args.adapter)
     model = _load_adapter(args.adapter, _model(args))
     try:  # --classifier, or the adapter's own classifier/ (in its directory, or pushed beside it to the Hub)
-        head = [args.classifier] if args.classifier else [args.adapter, "classifier"]
+        head = [args.classifier] if args.classifier else [args.adapter, CLASSIFIER_DIR]
         classifier = Classifier.from_pretrained(*head)
     except _hub_errors() as error:
         raise _hub_failure(f"cannot read the classifier of {args.adapter!r}", error, args.adapter) from error
@@ -486,16 +490,16 @@ def cmd_analyze(args: argparse.Namespace) -> None:
 
 def cmd_push(args: argparse.Namespace) -> None:
     from huggingface_hub import HfApi
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     from .classifiers import Classifier
+    from .hub import CLASSIFIER_DIR
 
     def pushing(step):
         try:
             return step()
         except _hub_errors() as error:
             raise _hub_failure("cannot push to the Hub", error) from error
-
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     try:
         validate_repo_id(args.repo_id)
@@ -507,7 +511,7 @@ def cmd_push(args: argparse.Namespace) -> None:
     model = _load_adapter(args.adapter, _model(args))
     summary_path = Path(args.adapter) / "training.json"
     training = json.loads(summary_path.read_text()) if summary_path.exists() else None
-    head = Path(args.adapter) / "classifier"  # the head eval reads beside the adapter goes with it
+    head = Path(args.adapter) / CLASSIFIER_DIR  # the head eval reads beside the adapter goes with it
     head = Classifier.from_pretrained(head) if (head / "classifier.json").is_file() else None
     push = {"private": args.private, "token": args.token, "training": training, "classifier": head}
     url = pushing(lambda: model.push_to_hub(args.repo_id, **push))

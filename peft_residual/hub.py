@@ -29,7 +29,8 @@ from .tuner.config import SEMANTIC_FIELDS
 
 ADAPTER_FILES = (CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME)
 CLASSIFIER_DIR = "classifier"
-"""Where an adapter's classifier lives beside it, in a directory the CLI writes and in a pushed repository."""
+"""Where an adapter's classifier lives beside it: in a directory ``peft-residual train`` writes, and in a Hub
+repository an adapter was pushed to with its head."""
 
 SAVE_IN_PROGRESS = ".residual-save-in-progress"
 """Present in an adapter directory only while a save replaces its files."""

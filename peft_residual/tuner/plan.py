@@ -114,8 +114,6 @@ class ReadoutPlan(NamedTuple):
     (views into :attr:`basis`)."""
     basis: torch.Tensor
     """All padded components, ``[slots, dim]``."""
-    lambda_index: torch.Tensor
-    """Per slot, which scale of the concatenated ``residual_lambda`` it takes; padding takes the extra zero."""
     lambda_shift: torch.Tensor
     """Per slot, added to its scale: ``-1`` for components whose unit keeps its remainder (``remainder="keep"``)."""
     components: torch.Tensor
@@ -125,8 +123,7 @@ class ReadoutPlan(NamedTuple):
     constant: torch.Tensor
     """``[dim]``: the means that replace units, minus those of units that keep their remainder."""
     score_order: Components
-    """The components in score order, without padding, and which scale each takes (a forward's padded slots follow
-    :attr:`lambda_index`)."""
+    """The components in score order, without padding, and which scale each takes."""
     shares: torch.Tensor
     """``[units]``: each unit's bias share (``Architecture.bias_shares``) where the plan lives, for
     :func:`~.decomposition.linearise`."""
@@ -159,7 +156,7 @@ class Components(NamedTuple):
 
     def scales(self, scales: torch.Tensor) -> torch.Tensor:
         """One scale per component from the adapter's concatenated ``scales``: the one map from scales to
-        components (a forward's padded slots follow :attr:`ReadoutPlan.lambda_index`)."""
+        components in score order (a forward's columns follow ``Fold.index``)."""
         return scales if self.scale_index is None else scales[self.scale_index]
 
     def to(self, device: torch.device | str, dtype: torch.dtype) -> Components:
@@ -256,7 +253,6 @@ def build_plan(
     return ReadoutPlan(
         groups=tuple(groups),
         basis=basis,
-        lambda_index=cast(lambda_index, None),
         lambda_shift=cast(shift),
         components=cast(components, None),
         score_order=Components(basis[components.to(basis.device)], None if identity else cast(index, None)),
