@@ -14,8 +14,9 @@ output projection, an MLP's output), all at CLS. So one forward adds about one o
 transformed unit (or a unit whose weight differs from ``alpha``) and a handful of ops at the end, and keeps no
 piece: a :class:`Fold` is built per adapter (float64, stored in the readout's dtype) whenever its plan is.
 
-- **Merged** (``merge_adapter()``): ``M_p`` is ``[in, output_dim]`` with the scales folded in, and the pieces
-  accumulate into one ``[batch, output_dim]`` tensor as they arrive.
+- **Merged** (``merge_adapter()``): ``M_p`` is ``[in, output_dim]`` with the scales folded in. The pieces are
+  copied side by side as they arrive and read out by one product with all the maps at the end (one long run of
+  memory, which a CPU streams twice as fast as a short product per piece).
 - **Live**: the scales must stay in the graph, so each piece gives its PCA scores (a layer's heads by one
   ``baddbmm`` over the heads), and a piece whose units share one weight for their direct part adds it, times that
   weight, to a sum in the residual's space, pushed through the norm once at the end. The readout takes the scores
@@ -43,7 +44,7 @@ class PieceMap(NamedTuple):
     in a live fold, per head (``[heads, head_dim, width]``: each head's scores from its own slice of ``x``, a
     fraction of the dense map's size). ``None``: no scores."""
     bias: torch.Tensor | None
-    """``[columns]`` (``[heads, 1, width]`` per head); merged, on the first piece only."""
+    """``[columns]`` (``[heads, 1, width]`` per head); merged: ``None`` (the fold's :attr:`Fold.bias`)."""
     raw: torch.Tensor | None = None
     """Live: ``[hidden]``, the piece's direct part as a weight on what it adds to the residual stream (the piece
     itself; for heads, the attention output projection's output), summed before one product through the norm."""
@@ -68,8 +69,11 @@ class Fold(NamedTuple):
     merged: bool
     """Whether the maps carry the scales (their outputs accumulate), rather than columns read out at the end."""
     rows: torch.Tensor
-    """Live: ``[columns, output_dim]``, per column (the heads' first, then the others) its component, or a row of
-    the identity for a direct column. Merged: empty."""
+    """Live: per column (the heads' first, then the others) its component, or a row of the identity for a direct
+    column, as the columns of ``[output_dim, columns]``: stored so, a product of one row per sample reads each
+    output's weights as one long run of memory (on a CPU, twice as fast as ``[columns, output_dim]``, whose rows are
+    short). Merged: the pieces' maps with the scales folded in, ``[output_dim, in]`` (the staged pieces' columns,
+    see :attr:`slots`), likewise."""
     index: torch.Tensor
     """Live: per column, its scale's index in ``[*scales, 0, 1]`` (padding takes the 0, direct columns the 1)."""
     shift: torch.Tensor | None
@@ -83,22 +87,30 @@ class Fold(NamedTuple):
     tail: torch.Tensor
     """``[0, 1]``, appended to the scales before :attr:`index` picks from them."""
     base: bool
-    """``alpha``: whether the model's own output is the start."""
+    """``alpha``: whether the model's own output is the start (the caller adds it: :meth:`output` leaves it out)."""
     eps: float
     """The final norm's epsilon."""
     lambdas: torch.Tensor | None = None
     """Merged: the scales as merged, one per component in score order (for a forward that must take the
     output-space path)."""
+    slots: dict[tuple[str, int | None], slice] | None = None
+    """Merged: per piece, its columns among the pass's staged pieces ``[batch, in]``. Each piece is copied there as
+    it arrives and all are read out by one product at the end: as many ops as a product per piece, but the maps
+    are read as one long run of memory, which a CPU streams at about twice the speed of many short products."""
+    bias: torch.Tensor | None = None
+    """Merged: ``[output_dim]``, the pieces' biases through their maps."""
 
     def add(self, key: tuple[str, int | None], piece: torch.Tensor, output: torch.Tensor, folded: object) -> object:
-        """``folded`` (this pass's fold so far: a tensor when merged, a :class:`Live` when live) after the piece
-        ``key`` ``[batch, in]``, whose module's ``output`` ``[batch, tokens, hidden]`` adds to the residual stream
+        """``folded`` (this pass's fold so far: the staged pieces when merged, a :class:`Live` when live) after the
+        piece ``key`` ``[batch, in]``, whose module's ``output`` ``[batch, tokens, hidden]`` adds to the residual stream
         (before any layer scale; read at CLS only by a live piece with a direct part)."""
         piece_map = self.maps.get(key)
         if piece_map is None:
             return folded
-        if self.merged:
-            return torch.addmm(piece_map.bias if folded is None else folded, piece, piece_map.weight)
+        if self.merged:  # staged, for one product at the end (see slots)
+            staged = piece.new_empty(len(piece), self.rows.shape[1]) if folded is None else folded
+            staged[:, self.slots[key]].copy_(piece)
+            return staged
         heads, columns, raw = folded if folded is not None else ([], [], None)
         weight = piece_map.weight
         if weight is not None and weight.dim() == 3:  # per head: [heads, batch, head_dim] @ [heads, head_dim, width]
@@ -113,16 +125,15 @@ class Fold(NamedTuple):
             raw = added * piece_map.raw if raw is None else torch.addcmul(raw, added, piece_map.raw)
         return Live(heads, columns, raw)
 
-    def output(
-        self, folded: object, scales: list[torch.Tensor], residual: torch.Tensor, base_output: torch.Tensor
-    ) -> torch.Tensor:
-        """The adapted output of a pass from what its pieces folded into, the adapter's scales (unused when
-        merged), the CLS residual entering the final norm and the model's own output at CLS."""
+    def output(self, folded: object, scales: list[torch.Tensor], residual: torch.Tensor) -> torch.Tensor:
+        """The adapted output of a pass (less the model's own output, which the caller adds where :attr:`base`) from
+        what its pieces folded into, the adapter's scales (unused when merged) and the CLS residual entering the
+        final norm."""
         dtype = self.constant.dtype
         inverse_std, mean = _statistics(residual.to(dtype), self.eps)
         if self.merged:
-            out = torch.addcmul(self.constant[1], torch.addr(folded, mean, self.constant[0], alpha=-1), inverse_std)
-            return out + base_output.to(dtype) if self.base else out
+            folded = torch.addmm(self.bias, folded, self.rows.T)
+            return torch.addcmul(self.constant[1], torch.addr(folded, mean, self.constant[0], alpha=-1), inverse_std)
         lambdas = torch.cat([*(scale.to(dtype) for scale in scales), self.tail])[self.index]
         if self.shift is not None:
             lambdas = lambdas + self.shift
@@ -134,11 +145,11 @@ class Fold(NamedTuple):
         # the scores at this sample's statistics first, so that the components are read once, in a product of one
         # row per sample (a CPU streams them for each row of a small product: two rows cost twice one)
         scores = torch.addcmul(self.terms[1], torch.addr(scores, mean, self.terms[0], alpha=-1), inverse_std)
-        out = torch.addmm(self.constant[1], scores * lambdas, self.rows)
+        out = torch.addmm(self.constant[1], scores * lambdas, self.rows.T)
         if self.raw_map is not None:  # the direct parts summed in the residual's space, through the norm at once
             direct = torch.addr(folded.raw @ self.raw_map, mean, self.constant[0], alpha=-1)
             out = torch.addcmul(out, direct, inverse_std)
-        return out + base_output.to(dtype) if self.base else out
+        return out
 
 
 def _statistics(residual: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -232,25 +243,28 @@ def build_fold(
         uses_raw = any(piece_map.raw is not None for piece_map in maps.values())
         return Fold(
             maps={key: PieceMap(*(cast(t) for t in piece_map)) for key, piece_map in maps.items()},
-            merged=False, rows=cast(rows), index=index.to(device), shift=cast(shift) if shift.any() else None,
-            terms=cast(terms), raw_map=cast(norm.linear.T) if uses_raw else None, constant=cast(constant),
-            tail=cast(tail), base=bool(alpha), eps=eps,
+            merged=False, rows=cast(rows.T.contiguous()), index=index.to(device),
+            shift=cast(shift) if shift.any() else None, terms=cast(terms),
+            raw_map=cast(norm.linear.T) if uses_raw else None, constant=cast(constant), tail=cast(tail),
+            base=bool(alpha), eps=eps,
         )  # fmt: skip
-    # merged: each piece's columns read out through their components now, the biases summed into the first map
+    # merged: each piece's columns read out through their components now, its map a block of one [output_dim, in]
     per_column = torch.cat([scales.detach().double().cpu(), tail])[index] + shift
     readout_rows = per_column[:, None] * rows
-    folded, start, bias = {}, 0, torch.zeros(dim, dtype=torch.float64)
+    blocks, slots, column, staged, bias = [], {}, 0, 0, torch.zeros(dim, dtype=torch.float64)
     for key, piece_map in maps.items():
-        block = readout_rows[start : start + piece_map.weight.shape[1]]
-        start += piece_map.weight.shape[1]
-        folded[key] = piece_map.weight @ block
+        inputs, width = piece_map.weight.shape
+        block = readout_rows[column : column + width]
+        blocks.append((piece_map.weight @ block).T)
         bias += piece_map.bias @ block
-    first = next(iter(folded), None)
+        slots[key] = slice(staged, staged + inputs)
+        column, staged = column + width, staged + inputs
+    stacked = cast(torch.cat(blocks or [torch.zeros(dim, 0, dtype=torch.float64)], 1))
     return Fold(
-        maps={key: PieceMap(cast(weight), cast(bias) if key == first else None) for key, weight in folded.items()},
-        merged=True, rows=cast(torch.zeros(0, dim)), index=index[:0].to(device), shift=None,
-        terms=cast(torch.zeros(2, 0)), raw_map=None, constant=cast(constant + terms @ readout_rows),
-        tail=cast(tail), base=bool(alpha), eps=eps, lambdas=cast(snapshot),
+        maps={key: PieceMap(stacked[:, slot].T, None) for key, slot in slots.items()},
+        merged=True, rows=stacked, index=index[:0].to(device), shift=None, terms=cast(torch.zeros(2, 0)),
+        raw_map=None, constant=cast(constant + terms @ readout_rows), tail=cast(tail), base=bool(alpha), eps=eps,
+        lambdas=cast(snapshot), slots=slots, bias=cast(bias),
     )  # fmt: skip
 
 

@@ -436,7 +436,7 @@ class ResiDualReadoutLayer(nn.Module, ResiDualLayer):
         if record is None or record.kept or self.disable_adapters:
             return result
         if record.stacked is not None:  # many tasks from one backbone pass
-            return torch.cat([self.output(name, record, result) for name in record.stacked])
+            return torch.cat([self.output(name, record, result.clone()) for name in record.stacked])
         if record.adapter_names is not None:
             return self.mixed_output(record, result)
         if not self.active_adapters:
@@ -444,23 +444,30 @@ class ResiDualReadoutLayer(nn.Module, ResiDualLayer):
         return self.output(active_adapter(self), record, result)
 
     def output(self, adapter_name: str, record: UnitRecord, result: torch.Tensor) -> torch.Tensor:
-        """What this module returns for ``adapter_name`` (:data:`BASE`: the base module's ``result``)."""
+        """What this module returns for ``adapter_name``: ``result``, the base module's output (for :data:`BASE`
+        as it is), with the adapted output at CLS, written into it in place (one op, where a new tensor would take
+        two: the sum and the sequence put together again)."""
         if adapter_name == BASE:
             return result
         _check_image_size(adapter_name, self.residual_config[adapter_name], record.num_tokens)
         if record.folds is None:
-            adapted = self.adapt_exactly(adapter_name, record)
+            adapted, onto_base = self.adapt_exactly(adapter_name, record), False
         else:
             fold = record.folds.get(adapter_name)
             if fold is None:  # not fitted (plan() says so), or not read out when the pass started
                 self.plan(adapter_name)
                 raise RuntimeError(f"ResiDual adapter '{adapter_name}' was not read out when this pass began.")
-            cls = result[:, 0] if result.dim() == 3 else result
-            adapted = fold.output(record.folded.get(adapter_name), self.scales(adapter_name), record.residual, cls)
-        adapted = adapted.to(result.dtype)
-        if result.dim() == 3:  # a final norm over the whole sequence: only the CLS token is ResiDual's
-            return torch.cat([adapted.unsqueeze(1), result[:, 1:]], dim=1)
-        return adapted
+            scales = self.scales(adapter_name)
+            adapted, onto_base = fold.output(record.folded.get(adapter_name), scales, record.residual), fold.base
+        # a final norm over the whole sequence: only the CLS token is ResiDual's
+        cls = result[:, 0] if result.dim() == 3 else result
+        if onto_base:  # the fold's start is the model's own output
+            cls.add_(adapted)
+        elif result.dim() == 3:
+            cls.copy_(adapted)
+        else:
+            return adapted.to(result.dtype)
+        return result
 
     def mixed_output(self, record: UnitRecord, result: torch.Tensor) -> torch.Tensor:
         """Each sample's output under its own adapter (``record.adapter_names``): every adapter named reads out the
@@ -470,7 +477,7 @@ class ResiDualReadoutLayer(nn.Module, ResiDualLayer):
         if len(names) != len(result):
             raise ResiDualInputError(f"adapter_names has {len(names)} names for a batch of {len(result)} images.")
         distinct = list(dict.fromkeys(names))
-        outputs = torch.stack([self.output(name, record, result) for name in distinct])
+        outputs = torch.stack([self.output(name, record, result.clone()) for name in distinct])
         chosen = torch.tensor([distinct.index(name) for name in names], device=outputs.device)
         return outputs[chosen, torch.arange(len(names), device=outputs.device)]
 
