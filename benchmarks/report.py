@@ -326,7 +326,7 @@ def overhead_ops_table() -> str:
         extra = sorted(((n - bare.get(op, 0), op) for op, n in row["by_op"].items()), key=lambda e: (-e[0], e[1]))
         beyond = ", ".join(f"{n} `{op}`" for n, op in extra[:5] if n > 0) if row["form"] else ""
         label = f"{row['config']}, {row['form']}" if row["form"] else row["config"]
-        rows.append([label, f"{row['ops']}", f"{row['ratio']:.2f}", beyond or "—"])
+        rows.append([label, f"{row['ops']}", f"{row['ratio']:.3f}", beyond or "—"])
     note = (
         f"One batch-1 forward (`embed_images`, no gradients), {ops['device']}, torch {ops['torch']}; "
         f"{len(ops['excluded'])} metadata-only op names left out (`benchmarks.opcount.METADATA_ONLY`). "

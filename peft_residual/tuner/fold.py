@@ -12,7 +12,8 @@ start and 0 where nothing is:
 where ``x_p`` is one piece as its module produced it (the embedding, a layer's concatenated heads entering the
 output projection, an MLP's output), all at CLS. So one forward adds about one op per piece that carries a
 transformed unit (or a unit whose weight differs from ``alpha``) and a handful of ops at the end, and keeps no
-piece: a :class:`Fold` is built per adapter (float64, stored in the readout's dtype) whenever its plan is.
+piece beyond the CLS row of those it maps: a :class:`Fold` is built per adapter (float64, stored in the readout's
+dtype) whenever its plan is.
 
 - **Merged** (``merge_adapter()``): ``M_p`` is ``[in, output_dim]`` with the scales folded in. The pieces are
   copied side by side as they arrive and read out by one product with all the maps at the end (one long run of
