@@ -34,6 +34,7 @@ import torch
 from ..models import Architecture
 from .config import ResiDualConfig
 from .decomposition import frozen_norm
+from .head_space import mapped_heads
 from .plan import LayerState, Member, members
 
 
@@ -180,11 +181,7 @@ def _mapped_units(
     part is ``B x[columns] + b`` (float64)."""
     if kind != "heads":
         return [(slice(0, arch.hidden_size), linear, torch.zeros(len(linear), dtype=torch.float64))]
-    weight, bias, scale = (t if t is None else t.detach().double().cpu() for t in arch.head_map(layer, torch.float64))
-    if scale is not None:
-        weight, bias = scale[:, None, None] * weight, None if bias is None else scale * bias
-    mapped = torch.einsum("oh,hnk->nok", linear, weight)
-    bias = torch.zeros(len(linear), dtype=torch.float64) if bias is None else linear @ bias
+    mapped, bias = mapped_heads(arch, layer, linear)
     head_dim = arch.head_dim
     return [(slice(h * head_dim, (h + 1) * head_dim), mapped[h], bias) for h in range(arch.num_heads)]
 

@@ -38,10 +38,8 @@ def head_frames(arch: Architecture, layer: int, ln_mean: str = "shared", centre:
     ``arch.max_rank("heads", ...)``)."""
     heads = arch.num_heads
     linear, mean_direction, offset = frozen_norm(arch, ln_mean)
-    weight, bias, scale = (t if t is None else t.detach().double().cpu() for t in arch.head_map(layer, torch.float64))
-    mixing = linear * scale if scale is not None else linear
-    bias = bias if bias is not None else torch.zeros(arch.hidden_size, dtype=torch.float64)
-    columns = [torch.einsum("oh,hnk->nok", mixing, weight), (mixing @ bias)[None, :, None].expand(heads, -1, 1)]
+    mapped, mapped_bias = mapped_heads(arch, layer, linear)
+    columns = [mapped, mapped_bias[None, :, None].expand(heads, -1, 1)]
     if ln_mean == "shared":  # the direction the shared mean of the residual moves a unit along
         columns.append(mean_direction[None, :, None].expand(heads, -1, 1))
     share = float(arch.bias_shares[arch.heads_slice(layer)][0])
@@ -54,3 +52,13 @@ def head_frames(arch: Architecture, layer: int, ln_mean: str = "shared", centre:
     signs = torch.where(signs == 0, torch.ones_like(signs), signs)
     rank = arch.max_rank("heads", ln_mean, centre)
     return HeadFrames((frames * signs[:, None, :])[:, :, :rank], offset)
+
+
+def mapped_heads(arch: Architecture, layer: int, linear: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the heads of ``layer`` add to the residual stream (``Architecture.head_map``, any layer scale included)
+    pushed through ``linear`` ``[output_dim, hidden]`` (the frozen norm's linear part), in float64: per head its map
+    of the head's output ``[heads, output_dim, head_dim]``, and the bias share of one head ``[output_dim]``."""
+    weight, bias, scale = (t if t is None else t.detach().double().cpu() for t in arch.head_map(layer, torch.float64))
+    mixing = linear * scale if scale is not None else linear
+    bias = bias if bias is not None else torch.zeros(arch.hidden_size, dtype=torch.float64)
+    return torch.einsum("oh,hnk->nok", mixing, weight), mixing @ bias
