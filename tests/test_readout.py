@@ -200,3 +200,29 @@ def test_merged_output_keeps_the_merged_scales_until_unmerged():
         assert not model.base_model.readout.merged
         with pytest.warns(UserWarning, match="Already unmerged"):
             model.unmerge_adapter()
+
+
+def test_a_hook_on_the_final_norm_keeps_the_base_output():
+    """The adapted CLS token is written into the final norm's output in place, unless a forward hook has seen that
+    output: a hook registered before get_peft_model (to grab features) keeps the base model's."""
+    base, bare = make_model("dinov2"), make_model("dinov2")
+    seen = []
+    base.layernorm.register_forward_hook(lambda module, args, output: seen.append(output))
+    model = get_peft_model(base, ResiDualConfig.preset("residual"))
+    fit_residual_bases(model, loader(n=64), progress=False)
+    x = images(3, seed=4)
+    with torch.no_grad():
+        adapted = model(pixel_values=x).last_hidden_state
+        expected = bare(pixel_values=x).last_hidden_state
+    torch.testing.assert_close(seen[-1], expected, rtol=0, atol=0)
+    assert (adapted[:, 0] - expected[:, 0]).abs().max() > 1e-3
+    torch.testing.assert_close(adapted[:, 1:], expected[:, 1:], rtol=0, atol=0)
+
+
+def test_a_merge_inside_inference_mode_leaves_a_model_that_trains():
+    model = fitted("dinov2", ResiDualConfig(k=4))
+    with torch.inference_mode():
+        model.merge_adapter()
+    x = images(2, seed=5).requires_grad_(True)
+    model_output(model, x).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0

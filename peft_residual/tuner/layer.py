@@ -20,6 +20,7 @@ import torch
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_to_merge
 from torch import nn
+from torch.nn.modules import module as module_hooks
 
 from ..errors import warn_caller
 from ..models import Architecture
@@ -295,6 +296,7 @@ class ResiDualReadoutLayer(nn.Module, ResiDualLayer):
                 "peft_residual.fit_residual_bases(model, dataloader) on reference images, or load a saved adapter."
             )
 
+    @torch.inference_mode(False)  # a merge or move inside inference_mode still builds tensors a backward can save
     def refresh(self, adapter_names: list[str] | None = None) -> None:
         """Rebuild the :class:`ReadoutPlan` of each fitted adapter (all by default) from the stored state, and
         refold the merged ones with their scales as they are now."""
@@ -441,12 +443,18 @@ class ResiDualReadoutLayer(nn.Module, ResiDualLayer):
             return self.mixed_output(record, result)
         if not self.active_adapters:
             return result
-        return self.output(active_adapter(self), record, result)
+        return self.output(active_adapter(self), record, result if self._unseen(result) else result.clone())
+
+    def _unseen(self, result: torch.Tensor) -> bool:
+        """Whether :meth:`output` may write into ``result``: a sequence no forward hook has seen (a hook on the base
+        module, or a global one, may keep it, and must keep the base module's output)."""
+        return result.dim() == 2 or not (self.base_layer._forward_hooks or module_hooks._global_forward_hooks)
 
     def output(self, adapter_name: str, record: UnitRecord, result: torch.Tensor) -> torch.Tensor:
         """What this module returns for ``adapter_name``: ``result``, the base module's output (for :data:`BASE`
-        as it is), with the adapted output at CLS, written into it in place (one op, where a new tensor would take
-        two: the sum and the sequence put together again)."""
+        as it is), with the adapted output at CLS. A sequence (a final norm over every token) gets it written into
+        ``result`` in place, one op where a new sequence takes two (the sum and the sequence put together again):
+        the callers hand over a copy where the base module's output must stay as it is."""
         if adapter_name == BASE:
             return result
         _check_image_size(adapter_name, self.residual_config[adapter_name], record.num_tokens)
@@ -459,14 +467,13 @@ class ResiDualReadoutLayer(nn.Module, ResiDualLayer):
                 raise RuntimeError(f"ResiDual adapter '{adapter_name}' was not read out when this pass began.")
             scales = self.scales(adapter_name)
             adapted, onto_base = fold.output(record.folded.get(adapter_name), scales, record.residual), fold.base
+        if result.dim() == 2:
+            return result + adapted if onto_base else adapted.to(result.dtype)
         # a final norm over the whole sequence: only the CLS token is ResiDual's
-        cls = result[:, 0] if result.dim() == 3 else result
         if onto_base:  # the fold's start is the model's own output
-            cls.add_(adapted)
-        elif result.dim() == 3:
-            cls.copy_(adapted)
+            result[:, 0].add_(adapted)
         else:
-            return adapted.to(result.dtype)
+            result[:, 0].copy_(adapted)
         return result
 
     def mixed_output(self, record: UnitRecord, result: torch.Tensor) -> torch.Tensor:
