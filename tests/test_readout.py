@@ -20,12 +20,14 @@ CONFIGS = [
     ResiDualConfig.residual(ln_mean="unit"),
     ResiDualConfig(k=0.9, centre=False, rest="sum", remainder="keep"),
     ResiDualConfig(k=3, units="mlps", rest="mean"),
+    ResiDualConfig(k=4, heads=["layer1.head0", "layer0.head2"], rest="mean"),
+    ResiDualConfig.coarse(heads=["layer1.head1", "layer0.head0"], rest="sum"),
 ]
 
 
 IDS = [
     "k4", "residual", "residual_star", "coarse", "mean_keep", "k4_unit_mean", "residual_unit_mean", "uncentred",
-    "mlps_only",
+    "mlps_only", "some_heads_mean", "coarse_some_heads",
 ]  # fmt: skip
 
 

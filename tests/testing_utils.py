@@ -131,18 +131,18 @@ def reference_float64(model, x):
     state = {}
     for layer in tuner.readout.layers_of("default"):
         k = layer.residual_rank["default"] if layer.is_transformed("default") else None
-        start = 0
+        start = scale = 0
         for unit, name in enumerate(layer.unit_names):
             mean = layer.output_space("default")[0][unit].double()
-            if k is None:
+            if k is None or int(k[unit]) == 0:  # not transformed (a head left out by `heads`): `rest` applies
                 state[name] = (mean, None, None)
                 continue
             stop = start + int(k[unit])
             basis = layer.output_space("default")[1][start:stop].double()
-            lam = layer.residual_lambda["default"].detach().double()
-            lam = lam[unit].expand(stop - start) if config.scale_per == "unit" else lam[start:stop]
+            lam = layer.residual_lambda["default"].detach().double()  # one scale per transformed unit, or component
+            lam = lam[scale].expand(stop - start) if config.scale_per == "unit" else lam[start:stop]
             state[name] = (mean, basis, lam)
-            start = stop
+            start, scale = stop, scale + 1
     out = torch.zeros_like(direct["embedding"])
     for name, c in direct.items():
         mean, basis, lam = state.get(name, (None, None, None))
