@@ -123,7 +123,7 @@ def op_counts(model_path: str, size: int, device: torch.device) -> list[dict]:
         extra = {op: n - bare.get(op, 0) for op, n in row["by_op"].items() if n != bare.get(op, 0)}
         label = f"{row['config']}, {row['form']}" if row["form"] else row["config"]
         beyond = f"  beyond bare: {dict(sorted(extra.items(), key=lambda kv: -kv[1]))}" if row["form"] else ""
-        print(f"{label:>20}: {row['ops']:4d} aten ops per batch-1 forward, {row['ratio']:.2f}x bare{beyond}")
+        print(f"{label:>20}: {row['ops']:4d} aten ops per batch-1 forward, {row['ratio']:.3f}x bare{beyond}")
     return rows
 
 
