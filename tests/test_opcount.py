@@ -110,9 +110,9 @@ def test_ops_per_forward_meet_the_goals(config):
 
 
 FIXED = 10
-"""Ops a merged forward adds beyond one per folded piece (its copy into the staged pieces): the pixel check (4), the
+"""Ops a merged forward adds beyond one per folded piece (its copy into the staged pieces): the pixel check (3), the
 staged pieces' allocation and their one product with the maps (2), the norm statistics and the final scaling (3),
-the output written into the model's own at CLS (1)."""
+the model's own output added (1), the CLS token put back into a sequence (1)."""
 LIVE = 8
 """Ops a live forward adds to a merged one beyond one per folded piece (a piece's direct part, which the merged map
 holds, is summed on its own): the scales per column (2), the columns gathered and read out (4), the scales'

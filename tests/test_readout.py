@@ -204,21 +204,33 @@ def test_merged_output_keeps_the_merged_scales_until_unmerged():
             model.unmerge_adapter()
 
 
-def test_a_hook_on_the_final_norm_keeps_the_base_output():
-    """The adapted CLS token is written into the final norm's output in place, unless a forward hook has seen that
-    output: a hook registered before get_peft_model (to grab features) keeps the base model's."""
+@pytest.mark.parametrize("hook", ["forward", "full backward"])
+@pytest.mark.parametrize("merge", [False, True], ids=["live", "merged"])
+def test_hooks_on_the_final_norm_see_the_base_output(merge, hook):
+    """The adapted output goes into a new tensor, never into the final norm's: a forward hook registered before
+    get_peft_model (to grab features) keeps the base model's output, and with a full backward hook (whose autograd
+    Function allows no in-place write into that output) the adapted forward still trains."""
     base, bare = make_model("dinov2"), make_model("dinov2")
     seen = []
-    base.layernorm.register_forward_hook(lambda module, args, output: seen.append(output))
+    if hook == "forward":
+        base.layernorm.register_forward_hook(lambda module, args, output: seen.append(output))
+    else:
+        base.layernorm.register_full_backward_hook(lambda module, grad_input, grad_output: seen.append(grad_output))
     model = get_peft_model(base, ResiDualConfig.preset("residual"))
     fit_residual_bases(model, loader(n=64), progress=False)
-    x = images(3, seed=4)
+    if merge:
+        model.merge_adapter()
+    x = images(3, seed=4).requires_grad_(True)
+    adapted = model(pixel_values=x).last_hidden_state
     with torch.no_grad():
-        adapted = model(pixel_values=x).last_hidden_state
         expected = bare(pixel_values=x).last_hidden_state
-    torch.testing.assert_close(seen[-1], expected, rtol=0, atol=0)
     assert (adapted[:, 0] - expected[:, 0]).abs().max() > 1e-3
-    torch.testing.assert_close(adapted[:, 1:], expected[:, 1:], rtol=0, atol=0)
+    torch.testing.assert_close(adapted[:, 1:].detach(), expected[:, 1:], rtol=0, atol=0)
+    if hook == "forward":
+        torch.testing.assert_close(seen[-1].detach(), expected, rtol=0, atol=0)
+    adapted[:, 0].sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    assert hook == "forward" or seen  # the backward hook ran
 
 
 def test_a_merge_inside_inference_mode_leaves_a_model_that_trains():

@@ -20,7 +20,6 @@ import torch
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_to_merge
 from torch import nn
-from torch.nn.modules import module as module_hooks
 
 from ..errors import warn_caller
 from ..models import Architecture
@@ -439,23 +438,17 @@ class ResiDualReadoutLayer(nn.Module, ResiDualLayer):
         if record is None or record.kept or self.disable_adapters:
             return result
         if record.stacked is not None:  # many tasks from one backbone pass
-            return torch.cat([self.output(name, record, result.clone()) for name in record.stacked])
+            return torch.cat([self.output(name, record, result) for name in record.stacked])
         if record.adapter_names is not None:
             return self.mixed_output(record, result)
         if not self.active_adapters:
             return result
-        return self.output(active_adapter(self), record, result if self._unseen(result) else result.clone())
-
-    def _unseen(self, result: torch.Tensor) -> bool:
-        """Whether :meth:`output` may write into ``result``: a sequence no forward hook has seen (a hook on the base
-        module, or a global one, may keep it, and must keep the base module's output)."""
-        return result.dim() == 2 or not (self.base_layer._forward_hooks or module_hooks._global_forward_hooks)
+        return self.output(active_adapter(self), record, result)
 
     def output(self, adapter_name: str, record: UnitRecord, result: torch.Tensor) -> torch.Tensor:
-        """What this module returns for ``adapter_name``: ``result``, the base module's output (for :data:`BASE`
-        as it is), with the adapted output at CLS. A sequence (a final norm over every token) gets it written into
-        ``result`` in place, one op where a new sequence takes two (the sum and the sequence put together again):
-        the callers hand over a copy where the base module's output must stay as it is."""
+        """What this module returns for ``adapter_name``: the base module's ``result`` (for :data:`BASE` as it is)
+        with the adapted output at CLS, in a new tensor (``result`` may be held by a hook, or be a custom autograd
+        Function's output that allows no in-place write)."""
         if adapter_name == BASE:
             return result
         _check_image_size(adapter_name, self.residual_config[adapter_name], record.num_tokens)
@@ -468,14 +461,11 @@ class ResiDualReadoutLayer(nn.Module, ResiDualLayer):
                 raise RuntimeError(f"ResiDual adapter '{adapter_name}' was not read out when this pass began.")
             scales = self.scales(adapter_name)
             adapted, onto_base = fold.output(record.folded.get(adapter_name), scales, record.residual), fold.base
-        if result.dim() == 2:
-            return result + adapted if onto_base else adapted.to(result.dtype)
-        # a final norm over the whole sequence: only the CLS token is ResiDual's
-        if onto_base:  # the fold's start is the model's own output
-            result[:, 0].add_(adapted)
-        else:
-            result[:, 0].copy_(adapted)
-        return result
+        cls = result[:, 0] if result.dim() == 3 else result
+        adapted = cls + adapted if onto_base else adapted.to(result.dtype)  # onto_base: the fold starts from it
+        if result.dim() == 3:  # a final norm over the whole sequence: only the CLS token is ResiDual's
+            return torch.cat([adapted.unsqueeze(1), result[:, 1:]], dim=1)
+        return adapted
 
     def mixed_output(self, record: UnitRecord, result: torch.Tensor) -> torch.Tensor:
         """Each sample's output under its own adapter (``record.adapter_names``): every adapter named reads out the
@@ -485,7 +475,7 @@ class ResiDualReadoutLayer(nn.Module, ResiDualLayer):
         if len(names) != len(result):
             raise ResiDualInputError(f"adapter_names has {len(names)} names for a batch of {len(result)} images.")
         distinct = list(dict.fromkeys(names))
-        outputs = torch.stack([self.output(name, record, result.clone()) for name in distinct])
+        outputs = torch.stack([self.output(name, record, result) for name in distinct])
         chosen = torch.tensor([distinct.index(name) for name in names], device=outputs.device)
         return outputs[chosen, torch.arange(len(names), device=outputs.device)]
 
