@@ -69,7 +69,8 @@ class Fold(NamedTuple):
     maps: dict[tuple[str, int | None], PieceMap]
     """Per piece ``(kind, layer)`` that adds anything, its map; the others are skipped."""
     merged: bool
-    """Whether the maps carry the scales (their outputs accumulate), rather than columns read out at the end."""
+    """Whether the maps carry the scales (the pieces staged and read out through them at once), rather than giving
+    columns that the live scales read out at the end."""
     rows: torch.Tensor
     """Live: per column (the heads' first, then the others) its component, or a row of the identity for a direct
     column, as the columns of ``[output_dim, columns]``: stored so, a product of one row per sample reads each
