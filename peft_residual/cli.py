@@ -189,7 +189,8 @@ def _loader(args: argparse.Namespace, dataset):
     return image_loader(dataset, batch_size=args.batch_size)
 
 
-TRAIN_RUN_FILES = ("classifier", "training.json", "checkpoint")  # the first is hub.CLASSIFIER_DIR
+TRAINING_SUMMARY, CHECKPOINT_DIR = "training.json", "checkpoint"
+TRAIN_RUN_FILES = ("classifier", TRAINING_SUMMARY, CHECKPOINT_DIR)  # the first is hub.CLASSIFIER_DIR (stdlib only here)
 """What ``train`` writes beside the adapter: its head, its summary and its checkpoint, all tied to its bases."""
 
 
@@ -242,7 +243,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     head_lr = args.head_lr if args.head == "linear" else None
     settings = run_settings(lr, args.batch_size, args.epochs, args.patience, args.seed, head_lr)
     if not args.overwrite:  # another run's hyper-parameters are refused now, not after the backbone pass and the fit
-        check_resumable(Path(args.output) / "checkpoint", settings)
+        check_resumable(Path(args.output) / CHECKPOINT_DIR, settings)
     if args.bases:  # before the model loads and the backbone runs
         if args.k is not None:
             raise CliError("--k sets the components of bases fitted here; --bases brings its own, so drop --k")
@@ -264,13 +265,13 @@ def cmd_train(args: argparse.Namespace) -> None:
         fit_residual_bases(model, train_units, progress=not args.quiet)
     result = train_residual(
         model, classifier, train_units, val_units, lr=lr, batch_size=args.batch_size, max_epochs=args.epochs,
-        patience=args.patience, seed=args.seed, output_dir=Path(args.output) / "checkpoint", progress=not args.quiet,
+        patience=args.patience, seed=args.seed, output_dir=Path(args.output) / CHECKPOINT_DIR, progress=not args.quiet,
         resume=not args.overwrite, head=args.head, head_lr=args.head_lr,
     )  # fmt: skip
     model.save_pretrained(args.output)
     (result.head or classifier).save_pretrained(Path(args.output) / CLASSIFIER_DIR)  # the head eval reads
     summary = {"dataset": args.dataset, **model.peft_config["default"].training_summary}
-    (Path(args.output) / "training.json").write_text(json.dumps(summary, indent=1))
+    (Path(args.output) / TRAINING_SUMMARY).write_text(json.dumps(summary, indent=1))
     picked = f" with lr {result.lr:.3g} (found by the range test)" if args.lr == "auto" else ""
     print(f"best validation accuracy {100 * result.best_val_accuracy:.1f}% at epoch {result.best_epoch} of "
           f"{result.epochs_run}{picked}; adapter and classifier saved to {args.output}")  # fmt: skip
@@ -509,7 +510,7 @@ def cmd_push(args: argparse.Namespace) -> None:
     # loads (seconds to minutes), and nothing is created on the Hub for a push that then fails on the model
     pushing(lambda: HfApi(token=args.token).whoami())
     model = _load_adapter(args.adapter, _model(args))
-    summary_path = Path(args.adapter) / "training.json"
+    summary_path = Path(args.adapter) / TRAINING_SUMMARY
     training = json.loads(summary_path.read_text()) if summary_path.exists() else None
     head = Path(args.adapter) / CLASSIFIER_DIR  # the head eval reads beside the adapter goes with it
     head = Classifier.from_pretrained(head) if (head / "classifier.json").is_file() else None

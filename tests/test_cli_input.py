@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from peft_residual import cli
+from peft_residual import cli, hub
 from peft_residual.cli import build_parser, main
 
 from .testing_utils import run_main
@@ -231,6 +231,7 @@ def test_fit_into_a_train_run_is_refused_or_with_overwrite_clears_it(tiny_assets
     source = ["--quiet", "--model", tiny_assets["dinov2"], "--dataset", tiny_assets["dataset"], "--k", "2"]
     assert run_main(capfd, "train", *source, "--epochs", "1", "--output", output)[0] == 0
     assert all((output / name).exists() for name in cli.TRAIN_RUN_FILES)
+    assert cli.TRAIN_RUN_FILES[0] == hub.CLASSIFIER_DIR  # the CLI spells it without importing hub (stdlib only)
     load_model = cli._model
 
     def no_model(args):
