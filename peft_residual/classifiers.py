@@ -150,21 +150,22 @@ def _hub_classifier(repo_id: str, subfolder: str | None) -> Path:
     """The local directory of a classifier in a Hub repository (its two files, downloaded), or an error naming the
     fix where the repository holds none there."""
     from huggingface_hub import file_exists, hf_hub_download
+    from huggingface_hub.errors import RemoteEntryNotFoundError
 
     from .hub import CLASSIFIER_DIR
 
-    where = f"{subfolder}/" if subfolder else ""
-    if not file_exists(repo_id, f"{where}classifier.json"):
+    try:  # the download asks the Hub whether the file is there: no request of its own beforehand
+        meta = hf_hub_download(repo_id, "classifier.json", subfolder=subfolder)
+    except RemoteEntryNotFoundError:
+        where = f"{subfolder}/" if subfolder else ""
         pushed = not subfolder and file_exists(repo_id, f"{CLASSIFIER_DIR}/classifier.json")
         hint = f' (it has one in {CLASSIFIER_DIR}/: pass subfolder="{CLASSIFIER_DIR}")' if pushed else ""
         raise ResiDualInputError(
             f"The Hub repository {repo_id} holds no classifier{f' in {where}' if where else ''}{hint}; push one with "
             "its adapter (push_to_hub(..., classifier=head), as the CLI's push does), or load it from a directory."
-        )
-    paths = [
-        hf_hub_download(repo_id, name, subfolder=subfolder) for name in ("classifier.json", "classifier.safetensors")
-    ]
-    return Path(paths[0]).parent
+        ) from None
+    hf_hub_download(repo_id, "classifier.safetensors", subfolder=subfolder)
+    return Path(meta).parent
 
 
 class ZeroShotClassifier(Classifier):

@@ -414,6 +414,13 @@ def test_a_push_without_a_classifier_leaves_none_on_the_hub_and_eval_names_the_f
     assert run_main(capfd, *push, "--adapter", trained)[0] == 0
     files = local_hub.state.repos["me/run"].files
     assert {"classifier/classifier.json", "classifier/classifier.safetensors"} <= set(files)
+    import huggingface_hub
+
+    real_file_exists, asked = huggingface_hub.file_exists, []
+    monkeypatch.setattr(huggingface_hub, "file_exists", lambda *a, **k: asked.append(a) or real_file_exists(*a, **k))
+    pushed = Classifier.from_pretrained("me/run", subfolder="classifier")
+    assert pushed.class_names == Classifier.from_pretrained(trained / "classifier").class_names
+    assert asked == []  # the download itself finds the file: no request beforehand
     with pytest.raises(ResiDualInputError, match=r'it has one in classifier/: pass subfolder="classifier"'):
         Classifier.from_pretrained("me/run")  # the repository's root holds none
     assert run_main(capfd, *push, "--adapter", fitted)[0] == 0
