@@ -30,6 +30,7 @@ _EXPORTS = {
     "data": ["UnitStore", "base_embeddings", "collect_units", "fit_residual_bases", "holdout", "stratified_split"],
     "hub": ["model_card", "push_adapter_to_hub"],
     "inference": ["accuracy", "embed_all_adapters", "embed_batches", "embed_batches_of_adapters", "embed_images"],
+    "recording": ["Units", "decompose_units"],
     "models": ["ARCHITECTURES", "Architecture", "ArchitectureSpec", "load_vision_model", "register_model"],
     "training.cache": ["StreamedUnits", "UnitCache", "adapted_embeddings", "encode_dataset"],
     "training.lr_finder": ["find_learning_rate"],
@@ -38,7 +39,7 @@ _EXPORTS = {
     "training.trainer": ["TrainingResult", "default_accelerator", "train_residual"],
     "tuner": [
         "PRESETS", "FitReport", "ResiDualConfig", "ResiDualInputError", "ResiDualModel", "ResiDualReadoutLayer",
-        "ResiDualUnitLayer", "Units", "decompose_units", "readout",
+        "ResiDualUnitLayer", "readout",
     ],
 }  # fmt: skip
 _HOME = {name: module for module, names in _EXPORTS.items() for name in names}

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from .compat import is_residual_model
 from .errors import ResiDualInputError
 from .models import architecture_of
-from .tuner.batches import labels_of, pixel_values_of
+from .recording import labels_of, pixel_values_of
 from .tuner.decomposition import BASE
 
 

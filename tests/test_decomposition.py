@@ -23,7 +23,7 @@ def test_units_sum_to_model_output(kind, ln_mean):
 def test_recording_pass_runs_the_last_block_on_cls_only_with_the_same_pieces(kind):
     """The recording pass feeds the last block's output projection and MLP the CLS token alone; every piece equals
     the one a full forward produces, and the model's own forward is left whole afterwards."""
-    from peft_residual.tuner.decomposition import record_backbone, recording
+    from peft_residual.recording import record_backbone, recording
 
     model = make_model(kind)
     arch = Architecture(model)

@@ -9,6 +9,7 @@ import torch
 from peft import get_peft_model
 
 from peft_residual import ResiDualConfig, fit_residual_bases
+from peft_residual.recording import record_backbone
 from peft_residual.tuner import decomposition
 
 from .conftest import images, loader, make_model, model_output, run_model
@@ -162,7 +163,7 @@ def test_no_grad_keeps_no_graph_and_the_cached_path_none():
     with torch.no_grad():
         out = model_output(model, images(2))
     assert out.grad_fn is None and decomposition.current_record() is None
-    record = decomposition.record_backbone(model.base_model.arch, images(2))
+    record = record_backbone(model.base_model.arch, images(2))
     assert all(piece.grad_fn is None for piece in [record.embedding, *record.heads.values(), *record.mlps.values()])
 
 

@@ -34,8 +34,8 @@ from tqdm.auto import tqdm
 
 from ..errors import ResiDualInputError
 from ..models import Architecture, architecture_of
+from ..recording import RecordedBatch, recorded_batches
 from ..tuner import pca
-from ..tuner.batches import RecordedBatch, recorded_batches
 from ..tuner.decomposition import UnitRecord
 from ..tuner.model import residual_tuner
 

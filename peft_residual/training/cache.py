@@ -23,8 +23,9 @@ from tqdm.auto import tqdm
 from ..data.units import UnitStore
 from ..errors import ResiDualInputError
 from ..inference import check_labels
+from ..recording import record_backbone
 from ..tuner import active_adapter, residual_tuner
-from ..tuner.decomposition import UnitRecord, record_backbone
+from ..tuner.decomposition import UnitRecord
 from ..tuner.plan import TILE, readout
 
 CACHE_DTYPE = torch.float32

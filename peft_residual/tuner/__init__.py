@@ -1,11 +1,11 @@
 """The ResiDual tuner, laid out like a PEFT tuner (``peft/tuners/<method>/``): config, unit decomposition (with head
-coordinates and packed bases), layers, injection, and the PCA fit with its intake of batches (:mod:`.batches`).
-Which models it reads, and how, is model support (:mod:`peft_residual.models`), as PEFT's tuners take their target
-maps from ``utils/constants.py``. Registration with PEFT happens in :mod:`peft_residual.compat`, on
-``import peft_residual``."""
+coordinates), layers, injection, and the PCA fit. Its intake, units recorded from images, is
+:mod:`peft_residual.recording`. Which models it reads, and how, is model support (:mod:`peft_residual.models`), as
+PEFT's tuners take their target maps from ``utils/constants.py``. Registration with PEFT happens in
+:mod:`peft_residual.compat`, on ``import peft_residual``."""
 
 from .config import PRESETS, ResiDualConfig, ResiDualInputError
-from .decomposition import UnitRecord, Units, decompose_units, recording
+from .decomposition import UnitRecord
 from .layer import ResiDualLayer, ResiDualReadoutLayer, ResiDualUnitLayer, active_adapter
 from .model import ResiDualModel, residual_tuner
 from .pca import FitReport, ResiDualBases, apply_residual_bases, get_residual_bases
@@ -23,12 +23,9 @@ __all__ = [
     "ResiDualReadoutLayer",
     "ResiDualUnitLayer",
     "UnitRecord",
-    "Units",
     "active_adapter",
     "apply_residual_bases",
-    "decompose_units",
     "get_residual_bases",
     "readout",
-    "recording",
     "residual_tuner",
 ]

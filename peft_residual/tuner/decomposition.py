@@ -14,8 +14,8 @@ ways (:data:`LN_MEANS`), both summing exactly to the model's output:
 The CLS pieces of one forward pass go into a :class:`UnitRecord` that lives only as long as that call: records sit
 on a stack private to the calling thread (:func:`current_record`). The embedding's unit module opens a record when
 none is waiting and the output module consumes it, so two threads, replicas sharing modules, and a forward nested
-inside another each read their own pieces. The ResiDual layers capture their own pieces; :func:`recording` hooks the
-modules of a bare model instead.
+inside another each read their own pieces. The ResiDual layers capture their own pieces;
+:func:`peft_residual.recording.recording` hooks the modules of a bare model instead.
 """
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import NamedTuple, Protocol
+from typing import Protocol
 
 import torch
 from torch import nn
 
-from ..models import Architecture, architecture_of
+from ..models import Architecture
 
 BASE = "__base__"
 """PEFT's name, in ``adapter_names``, for samples that get the base model's output."""
@@ -60,9 +60,10 @@ class UnitRecord:
     num_tokens: int | None = None
     """Sequence length of the embedding output, which tells the image size the model saw."""
     kept: bool = False
-    """Whether the caller reads the pieces after the pass (:func:`recording`): no readout replaces the output."""
+    """Whether the caller reads the pieces after the pass (``peft_residual.recording``): no readout replaces the
+    output."""
     cls_only: bool = False
-    """Whether the last block runs on the CLS token alone (see :func:`last_block_at_cls`)."""
+    """Whether the last block runs on the CLS token alone (``peft_residual.recording.last_block_at_cls``)."""
     opened_by_embedding: bool = False
     """Opened by the embedding module because no record was waiting, so the readout closes it."""
     read_out: bool = False
@@ -320,92 +321,3 @@ def linearise(
         if projection.bias is not None:
             out = out + shares[:, None] * projection.bias.to(dtype)
     return out
-
-
-def _capture_hook(arch: Architecture, kind: str, layer: int | None):
-    def hook(module: nn.Module, inputs: tuple, kwargs: dict, output: torch.Tensor) -> None:
-        if kind == "heads":
-            heads, projected = arch.attention_pieces(module, inputs, kwargs, output)
-            capture(arch, kind, layer, (heads,), projected)
-        else:
-            capture(arch, kind, layer, inputs, output)
-
-    return hook
-
-
-def _first_token_only(module: nn.Module, args: tuple) -> tuple | None:
-    record = current_record()
-    if record is None or not record.cls_only:
-        return None  # another thread's forward, or an adapted one: the whole sequence
-    return (args[0][:, :1], *args[1:])
-
-
-@contextmanager
-def recording(arch: Architecture, cls_only: bool = False) -> Iterator[UnitRecord]:
-    """Record the unit pieces of the next forward pass in the block, without any ResiDual readout.
-
-    Works on a bare supported model (hooks on the unit modules for the block's duration, which store into this
-    thread's record only) and on one wrapped by PEFT (its layers capture their own pieces). With ``cls_only`` the
-    last block runs on the CLS token alone (see :func:`last_block_at_cls`).
-    """
-    wrapped = getattr(arch.model.get_submodule(arch.spec.embedding), "captures_units", False)
-    handles = []
-    if not wrapped:
-        handles = [
-            arch.module(path).register_forward_hook(_capture_hook(arch, kind, layer), with_kwargs=True)
-            for path, kind, layer in unit_modules(arch)
-        ]
-    if cls_only:
-        handles += last_block_at_cls(arch)
-    try:
-        with open_record(UnitRecord(cls_only=cls_only, kept=True)) as record:
-            yield record
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def last_block_at_cls(arch: Architecture) -> list:
-    """Hooks that run the last block's attention output projection and MLP on the CLS token alone, in passes whose
-    record asks for it; returns their handles.
-
-    Only CLS leaves the last block toward the pooled output, so the other tokens' projections and MLPs there are
-    wasted work in a pass that only records units. The block's residual adds then broadcast CLS over the sequence:
-    every token but CLS of its output is wrong, so the model's outputs must not be used in such a pass.
-    """
-    last = arch.num_layers - 1
-    paths = (arch.spec.attention_out, arch.spec.mlp or arch.spec.mlp_out)
-    # on the outermost module at each path: a ResiDual layer around nn.MultiheadAttention never calls the module
-    modules = [arch.model.get_submodule(path.format(i=last)) for path in paths]
-    return [module.register_forward_pre_hook(_first_token_only) for module in modules]
-
-
-@torch.no_grad()
-def record_backbone(arch: Architecture, pixel_values: torch.Tensor) -> UnitRecord:
-    """Run only the vision backbone (no ResiDual readout) and return what its unit modules produced."""
-    with recording(arch, cls_only=True) as record:
-        arch.run_tower(pixel_values)
-    return record
-
-
-class Units(NamedTuple):
-    """Direct contributions ``[batch, units, output_dim]`` and the unit names along dimension 1."""
-
-    contributions: torch.Tensor
-    names: list[str]
-
-
-@torch.no_grad()
-def decompose_units(model: nn.Module, pixel_values: torch.Tensor, ln_mean: str = "shared") -> Units:
-    """Decompose the model's pooled (or projected) CLS output into per-unit direct contributions.
-
-    ``contributions.sum(1)`` equals the base model's ``pooler_output`` (``image_embeds`` with a projection) for
-    either split of the norm's mean (``ln_mean``, see :data:`LN_MEANS`).
-
-    Example:
-        >>> units = decompose_units(CLIPVisionModelWithProjection(config), pixel_values)
-        >>> torch.allclose(units.contributions.sum(1), model(pixel_values=pixel_values).image_embeds, atol=1e-5)
-        True
-    """
-    arch = architecture_of(model)
-    return Units(record_backbone(arch, pixel_values).contributions(arch, ln_mean), list(arch.unit_names))

@@ -101,7 +101,7 @@ class ResiDualUnitLayer(nn.Module, ResiDualLayer):
     stored_names: tuple[str, ...] = ("residual_mean", "residual_rank", "residual_basis", "residual_lambda")
     """What an adapter's checkpoint holds per unit layer (the state-dict attributes)."""
     captures_units = True
-    """Read by :func:`~.decomposition.recording`: this module stores its own CLS piece."""
+    """Read by :func:`peft_residual.recording.recording`: this module stores its own CLS piece."""
 
     __getattr__ = _getattr_or_base
 

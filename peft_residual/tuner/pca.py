@@ -19,7 +19,7 @@ from ..errors import warn_caller
 from ..models import Architecture
 from ..moments import StreamingMoments
 from ..packing import canonical_signs, pack_orthonormal
-from .batches import RecordedBatch, recorded_batches
+from ..recording import RecordedBatch, recorded_batches
 from .config import ResiDualConfig, ResiDualInputError
 from .layer import ResiDualUnitLayer, active_adapter
 from .model import ResiDualModel, residual_tuner
@@ -107,7 +107,7 @@ def get_residual_bases(
     """Fit every unit's PCA basis and mean on reference images, and the initial scales, leaving ``model`` as it is.
 
     ``dataloader`` yields dicts with ``pixel_values`` (or tensors), all of one image size; it may also yield
-    batches recorded earlier (``peft_residual.tuner.batches.RecordedBatch``), which need no backbone pass.
+    batches recorded earlier (``peft_residual.recording.RecordedBatch``), which need no backbone pass.
     ``on_batch`` sees every recorded batch.
     Covariances are accumulated per unit in float64, never holding the encodings; with ``merge_processes=True``
     each process of a ``torch.distributed`` group passes its own share of the images and every process fits on all
