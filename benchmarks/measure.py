@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from peft_residual import Classifier, accuracy, embed_batches, embed_images
-from peft_residual.tuner.plan import TILE
+from peft_residual.training.scales import TILE
 
 
 class PeakRSS:

@@ -513,7 +513,7 @@ def test_an_adapter_of_selected_heads_trains_one_scale_per_head():
 
 
 def test_training_readout_matches_float64_and_gives_a_tile_the_same_result_in_any_batch():
-    from peft_residual.tuner.plan import TILE, readout
+    from peft_residual.training.scales import TILE, tiled_readout
 
     generator = torch.Generator().manual_seed(0)
     n, components, dim = 2 * TILE + 5, 50, 8
@@ -521,7 +521,7 @@ def test_training_readout_matches_float64_and_gives_a_tile_the_same_result_in_an
     basis = torch.randn(components, dim, generator=generator)
     lambdas = (1 + torch.randn(components, dtype=torch.float64, generator=generator)).requires_grad_()
     weights = torch.randn(n, dim, dtype=torch.float64, generator=generator)
-    out = readout(scores, lambdas, basis, offset, tiled=True)
+    out = tiled_readout(scores, lambdas, basis, offset)
     (out * weights).sum().backward()
     exact = offset.double() + (scores.double() * lambdas.detach()) @ basis.double()
     assert out.dtype == lambdas.grad.dtype == torch.float64
@@ -530,7 +530,7 @@ def test_training_readout_matches_float64_and_gives_a_tile_the_same_result_in_an
         lambdas.grad, ((weights @ basis.double().T) * scores.double()).sum(0), rtol=1e-5, atol=1e-5
     )
     tile = slice(TILE, 2 * TILE)
-    assert torch.equal(readout(scores[tile], lambdas.detach(), basis, offset[tile], tiled=True), out.detach()[tile])
+    assert torch.equal(tiled_readout(scores[tile], lambdas.detach(), basis, offset[tile]), out.detach()[tile])
 
 
 def test_processes_share_cached_batches_by_whole_tiles_and_streamed_ones_by_sample():
@@ -538,8 +538,8 @@ def test_processes_share_cached_batches_by_whole_tiles_and_streamed_ones_by_samp
 
     from peft_residual import StreamedUnits
     from peft_residual.training.cache import UnitCache
+    from peft_residual.training.scales import TILE
     from peft_residual.training.steps import global_batches
-    from peft_residual.tuner.plan import TILE
 
     def shares(features, order, batch_size):
         return [

@@ -26,7 +26,8 @@ from ..inference import check_labels
 from ..recording import record_backbone
 from ..tuner import active_adapter, residual_tuner
 from ..tuner.decomposition import UnitRecord
-from ..tuner.plan import TILE, readout
+from ..tuner.plan import readout
+from .scales import TILE
 
 CACHE_DTYPE = torch.float32
 

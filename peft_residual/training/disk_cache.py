@@ -34,8 +34,8 @@ from ..data.units import ShardLayout, UnitStore
 from ..errors import ResiDualInputError
 from ..inference import check_labels
 from ..tuner import active_adapter, residual_tuner
-from ..tuner.plan import TILE
 from .cache import CACHE_DTYPE, Batch, EncodeOptions, encode_batch, encode_recorded
+from .scales import TILE
 
 logger = logging.getLogger(__name__)
 

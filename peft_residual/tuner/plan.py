@@ -11,60 +11,18 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 from ..models import Architecture
 from .config import ResiDualConfig
 
-TILE = 32
-"""Samples per product in the tiled form of :func:`readout`. A float32 product's rounding depends on its shape, so
-every product is one tile of exactly this many samples (zero-padded), and processes share a cached batch by whole
-tiles: each sample's arithmetic is then the same for any number of processes. Smaller tiles would spread a batch of
-64 over more processes, but they stream the basis once per tile: at 16 the products already lose half their speed
-on a CPU."""
 
-
-def _tiled(rows: torch.Tensor) -> torch.Tensor:
-    """``[n, c]`` as ``[ceil(n / TILE), TILE, c]``, the last tile padded with zeros."""
-    if len(rows) % TILE:
-        rows = F.pad(rows, (0, 0, 0, TILE - len(rows) % TILE))
-    return rows.view(-1, TILE, rows.shape[-1])
-
-
-class _TiledReadout(torch.autograd.Function):
-    """:func:`readout` in ``lambdas``' dtype, the products tile by tile in ``basis``' dtype; the gradient reaches
-    ``lambdas`` only (the cached training path)."""
-
-    @staticmethod
-    def forward(ctx, scores, lambdas, basis, offset):
-        tiles = _tiled(scores.to(basis.dtype))
-        products = torch.bmm(tiles * lambdas.to(basis.dtype), basis.expand(len(tiles), *basis.shape))
-        ctx.save_for_backward(tiles, basis)
-        return offset.to(lambdas.dtype) + products.flatten(0, 1)[: len(scores)].to(lambdas.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        tiles, basis = ctx.saved_tensors
-        projected = torch.bmm(basis.expand(len(tiles), *basis.shape), _tiled(grad.to(basis.dtype)).transpose(1, 2))
-        per_tile = torch.sum(projected * tiles.transpose(1, 2), 2, dtype=grad.dtype)
-        return None, per_tile.sum(0), None, None
-
-
-def readout(
-    scores: torch.Tensor, lambdas: torch.Tensor, basis: torch.Tensor, offset: torch.Tensor, tiled: bool = False
-) -> torch.Tensor:
+def readout(scores: torch.Tensor, lambdas: torch.Tensor, basis: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
     """The adapted output ``offset + (scores * lambdas) @ basis`` of ``scores [batch, c]``, ``lambdas [c]`` and
-    ``basis [c, dim]``.
-
-    ``tiled=True`` is the training form: the result and the gradient are in ``lambdas``' dtype (float64 there) while
-    the products run in ``basis``' dtype (float32) one :data:`TILE` of samples at a time, so that a sample's bits do
-    not depend on how a batch is split among processes.
+    ``basis [c, dim]`` (training runs it tile by tile: ``peft_residual.training.scales.tiled_readout``).
 
     Example:
         >>> out = readout(scores, lambdas, basis, offset)  # [batch, dim]
     """
-    if tiled:
-        return _TiledReadout.apply(scores, lambdas, basis, offset)
     return torch.addmm(offset, scores * lambdas, basis)
 
 
