@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from ..errors import ResiDualInputError
+from ..errors import ResiDualInputError, warn_caller
 from ..unit_names import unit_name
 from .registry import find_base_model, spec_of
 from .spec import ArchitectureSpec, Sizes, base_module
@@ -359,6 +359,52 @@ class Architecture:
                 f"This ResiDual adapter was fitted on another base model ({'; '.join(differ)}, saved vs this "
                 "model). Load it onto the base model it was fitted on, or fit new bases on this one."
             )
+
+    def check_image_size(
+        self,
+        adapter_name: str,
+        signature: dict[str, Any] | None,
+        image_size: tuple[int, int] | None = None,
+        num_tokens: int | None = None,
+    ) -> None:
+        """Warn where an input differs from the images an adapter's bases were fitted on (its ``signature``):
+        ``num_tokens`` other than the fitted (checked by the readout, in every pass), or an ``image_size`` of other
+        pixels with the same patch grid, which a model that crops to whole patches (transformers' DINOv2) runs
+        without a word (checked per call)."""
+        fitted_tokens, fitted_size = (signature or {}).get("num_tokens"), (signature or {}).get("image_size")
+        if num_tokens is not None and fitted_tokens not in (None, num_tokens):
+            warn_caller(  # Python shows each distinct message once per calling line
+                f"ResiDual adapter '{adapter_name}' was fitted on images of {fitted_tokens} tokens, but this input "
+                f"gives {num_tokens}: the PCA bases do not describe units at another image size, so the output is "
+                "unreliable. Resize the images to the size in adapter_config.json (base_signature.image_size)."
+            )
+        patch = self.patch_size
+        if image_size is None or fitted_size in (None, list(image_size)):
+            return
+        grid = [side // patch for side in image_size]
+        if grid == [side // patch for side in fitted_size]:
+            warn_caller(
+                f"ResiDual adapter '{adapter_name}' was fitted on {fitted_size[0]}x{fitted_size[1]} px images, but "
+                f"this input is {image_size[0]}x{image_size[1]} px: the same {grid[0]}x{grid[1]} patches of {patch} "
+                f"px, from pixels the bases were not fitted on. Resize the images to "
+                f"{fitted_size[0]}x{fitted_size[1]} px."
+            )
+
+    def check_outermost(self, model: nn.Module) -> None:
+        """Refuse a model class that is not registered itself but holds a supported one (e.g. a head around a ViT): what
+        its head reads is unknown, so ResiDual cannot say it adapts it."""
+        if self.model is model:
+            return
+        path = next(name for name, module in model.named_modules() if module is self.model)
+        outer, inner = type(model).__name__, type(self.model).__name__
+        raise ResiDualInputError(
+            f"ResiDual does not support {outer}: it holds a {inner} at {path!r}, but nothing says what its head reads, "
+            f"so ResiDual cannot adapt it (ResiDual adapts exactly the embedding a registered model's head reads; "
+            f"supported classifiers: ViTForImageClassification, Dinov2ForImageClassification). Pass the inner model "
+            f"(model.{path}) to get_peft_model and train a head on its adapted embedding (train_residual(..., "
+            f"head='linear')), or register {outer} with @peft_residual.models.register_model, its spec naming the "
+            "classifier and what it reads."
+        )
 
     def weights_fingerprint(self, samples_per_tensor: int = 1024, projections: int = 7) -> list[float]:
         """A short, dtype-tolerant fingerprint of the vision weights: the norm of a strided sample of every

@@ -450,7 +450,8 @@ class ResiDualReadoutLayer(nn.Module, ResiDualLayer):
         Function's output that allows no in-place write)."""
         if adapter_name == BASE:
             return result
-        _check_image_size(adapter_name, self.residual_config[adapter_name], record.num_tokens)
+        signature = self.residual_config[adapter_name].base_signature
+        self.arch.check_image_size(adapter_name, signature, num_tokens=record.num_tokens)
         if record.folds is None:
             adapted, onto_base = self.adapt_exactly(adapter_name, record), False
         else:
@@ -477,14 +478,3 @@ class ResiDualReadoutLayer(nn.Module, ResiDualLayer):
         outputs = torch.stack([self.output(name, record, result) for name in distinct])
         chosen = torch.tensor([distinct.index(name) for name in names], device=outputs.device)
         return outputs[chosen, torch.arange(len(names), device=outputs.device)]
-
-
-def _check_image_size(adapter_name: str, config: ResiDualConfig, num_tokens: int | None) -> None:
-    fitted = (config.base_signature or {}).get("num_tokens")
-    if fitted is None or num_tokens is None or num_tokens == fitted:
-        return
-    warn_caller(  # Python shows each distinct message once per calling line
-        f"ResiDual adapter '{adapter_name}' was fitted on images of {fitted} tokens, but this input gives "
-        f"{num_tokens}: the PCA bases do not describe units at another image size, so the output is unreliable. "
-        "Resize the images to the size in adapter_config.json (base_signature.image_size)."
-    )

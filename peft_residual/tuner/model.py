@@ -11,7 +11,6 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
-from ..errors import warn_caller
 from ..models import Architecture, check_normalised
 from ..packing import packed_size
 from .config import ResiDualConfig, ResiDualInputError
@@ -57,23 +56,6 @@ def _targets(arch: Architecture, config: ResiDualConfig) -> dict[str, _Target]:
     return targets
 
 
-def _check_outermost(model: nn.Module, arch: Architecture) -> None:
-    """Refuse a model class that is not registered itself but holds a supported one (e.g. a head around a ViT): what
-    its head reads is unknown, so ResiDual cannot say it adapts it."""
-    if arch.model is model:
-        return
-    path = next(name for name, module in model.named_modules() if module is arch.model)
-    outer, inner = type(model).__name__, type(arch.model).__name__
-    raise ResiDualInputError(
-        f"ResiDual does not support {outer}: it holds a {inner} at {path!r}, but nothing says what its head reads, "
-        f"so ResiDual cannot adapt it (ResiDual adapts exactly the embedding a registered model's head reads; "
-        f"supported classifiers: ViTForImageClassification, Dinov2ForImageClassification). Pass the inner model "
-        f"(model.{path}) to get_peft_model and train a head on its adapted embedding (train_residual(..., "
-        f"head='linear')), or register {outer} with @peft_residual.models.register_model, its spec naming the "
-        "classifier and what it reads."
-    )
-
-
 def _check_modules_to_save(model: nn.Module, names: list[str], targets: dict[str, _Target]) -> None:
     """Refuse a ``modules_to_save`` entry that is, holds or lies inside a module ResiDual wraps: PEFT would copy
     or wrap ResiDual's own layers."""
@@ -115,7 +97,7 @@ class ResiDualModel(BaseTuner):
 
     def _prepare_model(self, peft_config: ResiDualConfig, model: nn.Module) -> None:
         self.arch = Architecture(model)
-        _check_outermost(model, self.arch)
+        self.arch.check_outermost(model)
         self._targets = _targets(self.arch, peft_config)
         _check_modules_to_save(model, peft_config.modules_to_save or [], self._targets)
         peft_config.target_modules = list(self._targets)
@@ -199,30 +181,12 @@ class ResiDualModel(BaseTuner):
             self.check_adapter_names(names)
         if isinstance(pixel_values, torch.Tensor):
             check_normalised(pixel_values, "forward", in_forward=True)  # the fit's rule: no raw pixels
-            self._check_pixel_size(tuple(pixel_values.shape[-2:]), names or self.active_adapters)
+            for name in [name for name in dict.fromkeys(names or self.active_adapters) if name != BASE]:
+                signature = self.peft_config[name].base_signature
+                self.arch.check_image_size(name, signature, image_size=tuple(pixel_values.shape[-2:]))
         # a forward that raises leaves no record of its pass behind
         with open_record(UnitRecord(adapter_names=tuple(names)) if names is not None else None):
             yield
-
-    def _check_pixel_size(self, size: tuple[int, int], names: list[str]) -> None:
-        """Warn where an adapter this call reads was fitted on images of another pixel size with the same patch
-        grid, which a model that crops to whole patches (transformers' DINOv2) runs without a word (a size that gives
-        other tokens is the readout's warning, for every pass)."""
-        patch = self.arch.patch_size
-        for name in dict.fromkeys(names):
-            fitted = (self.peft_config[name].base_signature or {}).get("image_size") if name != BASE else None
-            if (
-                fitted is None
-                or list(size) == fitted
-                or [side // patch for side in size] != [s // patch for s in fitted]
-            ):
-                continue
-            grid = "x".join(str(side // patch) for side in size)
-            warn_caller(  # Python shows each distinct message once per calling line
-                f"ResiDual adapter '{name}' was fitted on {fitted[0]}x{fitted[1]} px images, but this input is "
-                f"{size[0]}x{size[1]} px: the same {grid} patches of {patch} px, from pixels the bases were not "
-                f"fitted on. Resize the images to {fitted[0]}x{fitted[1]} px."
-            )
 
     def check_adapter_names(self, names: Any) -> None:
         """Refuse ``adapter_names`` that are not a list of this model's adapters (or ``"__base__"``)."""
@@ -326,16 +290,11 @@ def _check_shapes(layer: ResiDualUnitLayer, adapter_name: str, tensors: dict[str
     if "residual_rank" not in tensors:
         return
     rank, basis, lambdas = (tensors[key] for key in ("residual_rank", "residual_basis", "residual_lambda"))
-    if basis.dim() != 1:
-        raise ResiDualInputError(
-            f"Unit {first}: the checkpoint stores its basis as a {tuple(basis.shape)} matrix, the format of "
-            "peft_residual before bases were packed as Householder reflectors. Refit the adapter with this version "
-            "(fit_residual_bases) and save it again."
-        )
     components = [int(k) for k in rank.tolist()] if tuple(rank.shape) == (units,) else None
     per_unit = layer.residual_config[adapter_name].scale_per == "unit"
     if (
         components is None
+        or basis.dim() != 1
         or not all(0 <= k <= dim for k in components)
         or components
         != [k if chosen else 0 for k, chosen in zip(components, layer.selected(adapter_name), strict=True)]
