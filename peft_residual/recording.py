@@ -159,7 +159,7 @@ def decompose_units(model: nn.Module, pixel_values: torch.Tensor, ln_mean: str =
     """Decompose the model's pooled (or projected) CLS output into per-unit direct contributions.
 
     ``contributions.sum(1)`` equals the base model's ``pooler_output`` (``image_embeds`` with a projection) for
-    either split of the norm's mean (``ln_mean``, see :data:`LN_MEANS`).
+    either split of the norm's mean (``ln_mean``, see ``peft_residual.tuner.decomposition.LN_MEANS``).
 
     Example:
         >>> units = decompose_units(CLIPVisionModelWithProjection(config), pixel_values)

@@ -1,21 +1,15 @@
 """Unit decomposition: the pooled (or projected) CLS output as an exact sum of per-unit direct contributions.
 
 For a pre-LN ViT the CLS residual entering the final norm is ``r = e + sum_l (sum_h a_lh + m_l)``: the embedding, every
-attention head (its slice of the output projection applied to that head's output, plus ``bias / H``, times any layer
-scale) and every MLP. Freezing the final LayerNorm's per-sample statistics ``mean(r)`` and ``std(r)`` makes it linear,
-followed by the projection where the model has one. The norm's (and the projection's) bias is shared ``1 / (2L + 1)``
-per residual block, an attention block's share split evenly among its heads. The norm's centring can be split two
-ways (:data:`LN_MEANS`), both summing exactly to the model's output:
+head (its slice of the output projection on its output, plus ``bias / H``, times any layer scale) and every MLP.
+Frozen at each sample's ``mean(r)`` and ``std(r)``, the final LayerNorm (then any projection) is linear. Its bias is
+shared ``1 / (2L + 1)`` per residual block, a block's share split among its heads, and its centring either way
+(:data:`LN_MEANS`), both summing exactly to the output: ``"shared"`` (the paper's code) gives a unit with share
+``s`` ``gamma * (u - s * mean(r)) / std(r) + s * beta``, ``"unit"`` centres each on its own mean.
 
-- ``"shared"`` (the paper's code): the residual's mean is shared like the bias, so a unit with share ``s`` gets
-  ``gamma * (u - s * mean(r)) / std(r) + s * beta``;
-- ``"unit"``: each unit is centred on its own mean, ``gamma * (u - mean(u)) / std(r) + s * beta``.
-
-The CLS pieces of one forward pass go into a :class:`UnitRecord` that lives only as long as that call: records sit
-on a stack private to the calling thread (:func:`current_record`). The embedding's unit module opens a record when
-none is waiting and the output module consumes it, so two threads, replicas sharing modules, and a forward nested
-inside another each read their own pieces. The ResiDual layers capture their own pieces;
-:func:`peft_residual.recording.recording` hooks the modules of a bare model instead.
+The CLS pieces of one forward pass go into a :class:`UnitRecord` that lives as long as that call, on a stack private
+to the calling thread (:func:`current_record`): the embedding's module opens it and the output module consumes it,
+so threads, replicas sharing modules and nested forwards each read their own pieces.
 """
 
 from __future__ import annotations
@@ -30,11 +24,12 @@ import torch
 from torch import nn
 
 from ..models import Architecture
+from .config import choices
 
 BASE = "__base__"
 """PEFT's name, in ``adapter_names``, for samples that get the base model's output."""
 
-LN_MEANS = ("shared", "unit")
+LN_MEANS = choices("ln_mean")
 """How the final norm's mean is split among the units (see the module docstring)."""
 
 
@@ -48,10 +43,8 @@ class PieceFolder(Protocol):
 
 @dataclass(eq=False)
 class UnitRecord:
-    """The raw CLS pieces of one forward pass: the embedding, each layer's concatenated heads and each MLP output.
-
-    The pieces keep their autograd graph: a gradient of the adapted output reaches the input and the backbone.
-    """
+    """The raw CLS pieces of one forward pass: the embedding, each layer's concatenated heads and each MLP output,
+    with their autograd graph (a gradient of the adapted output reaches the input and the backbone)."""
 
     embedding: torch.Tensor | None = None
     heads: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -74,9 +67,8 @@ class UnitRecord:
     """Adapters whose outputs for the whole batch are returned one after another along the batch dimension (one
     backbone pass for many tasks, see ``ResiDualModel.each_adapter``)."""
     folds: dict[str, PieceFolder] | None = None
-    """Per adapter this pass reads out, its :class:`~.fold.Fold`: the pieces are folded in as they arrive and none
-    is kept. ``None``: the pieces are kept (a recording pass, or one whose readout needs them all, see
-    ``ResiDualReadoutLayer.folds_for``). Set when the embedding arrives."""
+    """Per adapter read out, its :class:`~.fold.Fold`, which takes each piece as it arrives; ``None``: the pieces
+    are kept (see ``ResiDualReadoutLayer.folds_for``). Set when the embedding arrives."""
     folded: dict[str, object] = field(default_factory=dict)
     """Per adapter of :attr:`folds`, what the pieces so far folded into."""
     residual: torch.Tensor | None = None
@@ -95,13 +87,11 @@ class UnitRecord:
         return record
 
     def capture(self, arch: Architecture, kind: str, layer: int | None, inputs: tuple, output: torch.Tensor) -> None:
-        """Store what the unit module of ``kind`` (in ``layer``) produced in one forward call.
+        """Fold or keep what the unit module of ``kind`` (in ``layer``) produced in one forward call.
 
-        The pieces are copied (so that the record never holds a whole sequence alive) into one buffer allocated when
-        the embedding arrives, before the first block. One small allocation per pass, rather than one per piece
-        between the blocks' large activations, keeps glibc's heap from splitting the holes those activations reuse:
-        with a copy per piece, some processes took ~16,000 page faults per batch-32 forward on DINOv2-S (~2 % of
-        its time).
+        Kept pieces are copied (never holding a sequence alive) into one buffer allocated with the embedding: one
+        small allocation per pass, not one per piece between the blocks' large activations, keeps glibc's heap from
+        splitting the holes they reuse (a copy per piece cost ~16,000 page faults per batch-32 DINOv2-S forward).
         """
         if kind == "embedding":
             self.num_tokens = output.shape[1]
@@ -269,8 +259,6 @@ def frozen_norm(arch: Architecture, ln_mean: str = "shared") -> tuple[torch.Tens
     such that a unit with raw contribution ``v`` and bias share ``s`` contributes ``(N v - s mean(r) n) / std(r) +
     s t`` (``N`` ``[output_dim, hidden]``; ``n`` zero when each unit is centred on its own mean, whose centring ``N``
     then holds). :func:`linearise` computes the same elementwise, in the units' dtype (the cache's arithmetic)."""
-    if ln_mean not in LN_MEANS:
-        raise ValueError(f"ln_mean must be one of {LN_MEANS}, got {ln_mean!r}.")
     norm, projection, hidden = arch.final_norm, arch.projection, arch.hidden_size
 
     def float64(tensor: torch.Tensor) -> torch.Tensor:

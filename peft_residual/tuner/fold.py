@@ -1,28 +1,18 @@
 """The forward's readout: each unit piece is folded into its adapter's output the moment its module produces it.
 
-Every adapted output is affine in the raw pieces once the final norm's statistics are frozen: with ``r`` the CLS
-residual entering the norm, ``mu`` its mean and ``sigma`` its standard deviation, a unit with raw contribution
-``v`` and bias share ``s`` contributes ``c = (N v - s mu n) / sigma + s t`` (:func:`~.decomposition.frozen_norm`),
-and the adapter turns it into ``w c + Phi^T diag(lambda) Phi (c - m)`` (``w`` 1 for a unit added unchanged or
-keeping its remainder, else 0). Summed, with ``alpha`` 1 where the model's own output ``y = sum(c)`` is the cheaper
-start and 0 where nothing is:
+At frozen final-norm statistics (``r`` the CLS residual entering the norm, ``mu`` its mean, ``sigma`` its standard
+deviation) a unit with raw contribution ``v`` and bias share ``s`` contributes ``c = (N v - s mu n) / sigma + s t``
+(:func:`~.decomposition.frozen_norm`), and the adapter makes it ``w c + Phi^T diag(lambda) Phi (c - m)`` (``w`` 1
+for a unit added unchanged or keeping its remainder, else 0). Summed, with ``alpha`` 1 where starting from the
+model's own output ``y`` saves ops:
 
     ``out = alpha y + (sum_p x_p M_p - mu v_mean) / sigma + v_const``
 
-where ``x_p`` is one piece as its module produced it (the embedding, a layer's concatenated heads entering the
-output projection, an MLP's output), all at CLS. So one forward adds about one op per piece that carries a
-transformed unit (or a unit whose weight differs from ``alpha``) and a handful of ops at the end, and keeps no
-piece beyond the CLS row of those it maps: a :class:`Fold` is built per adapter (float64, stored in the readout's
-dtype) whenever its plan is.
-
-- **Merged** (``merge_adapter()``): ``M_p`` is ``[in, output_dim]`` with the scales folded in. The pieces are
-  copied side by side as they arrive and read out by one product with all the maps at the end (one long run of
-  memory, which a CPU streams twice as fast as a short product per piece).
-- **Live**: the scales must stay in the graph, so each piece gives its PCA scores (a layer's heads by one
-  ``baddbmm`` over the heads), and a piece whose units share one weight for their direct part adds it, times that
-  weight, to a sum in the residual's space, pushed through the norm once at the end. The readout takes the scores
-  at the sample's statistics, multiplies them by the scales and reads them out in one product, as
-  :func:`~.plan.readout` does.
+with ``x_p`` one piece at CLS as its module produced it (the embedding, a layer's heads entering the output
+projection, an MLP's output). A forward thus adds about one op per piece that carries a transformed unit, and keeps
+no piece. **Merged**, ``M_p`` holds the scales: the pieces are staged side by side and read out by one product at the
+end. **Live**, each piece gives its PCA scores (a layer's heads in one ``baddbmm``), and the scales read them out at
+the end in one product, as :func:`~.plan.readout` does.
 """
 
 from __future__ import annotations
@@ -42,14 +32,13 @@ class PieceMap(NamedTuple):
     """What one piece ``x`` ``[batch, in]`` adds to its pass's fold."""
 
     weight: torch.Tensor | None
-    """``x @ weight + bias``: a live fold's scores, a merged fold's output (``[in, columns]``). For a layer's heads
-    in a live fold, per head (``[heads, head_dim, width]``: each head's scores from its own slice of ``x``, a
-    fraction of the dense map's size). ``None``: no scores."""
+    """``x @ weight + bias``: ``[in, columns]``, or per head ``[heads, head_dim, width]`` (a live fold's heads);
+    ``None``: no scores."""
     bias: torch.Tensor | None
-    """``[columns]`` (``[heads, 1, width]`` per head); merged: ``None`` (the fold's :attr:`Fold.bias`)."""
+    """``[columns]`` (``[heads, 1, width]`` per head); merged: ``None`` (see :attr:`Fold.bias`)."""
     raw: torch.Tensor | None = None
-    """Live: ``[hidden]``, the piece's direct part as a weight on what it adds to the residual stream (the piece
-    itself; for heads, the attention output projection's output), summed before one product through the norm."""
+    """Live: ``[hidden]``, the weight of the piece's direct part on what its module adds to the residual stream,
+    summed there and pushed through the norm once."""
 
 
 class Live(NamedTuple):
@@ -69,14 +58,11 @@ class Fold(NamedTuple):
     maps: dict[tuple[str, int | None], PieceMap]
     """Per piece ``(kind, layer)`` that adds anything, its map; the others are skipped."""
     merged: bool
-    """Whether the maps carry the scales (the pieces staged and read out through them at once), rather than giving
-    columns that the live scales read out at the end."""
+    """Whether the maps carry the scales, rather than giving columns the live scales read out at the end."""
     rows: torch.Tensor
-    """Live: per column (the heads' first, then the others) its component, or a row of the identity for a direct
-    column, as the columns of ``[output_dim, columns]``: stored so, a product of one row per sample reads each
-    output's weights as one long run of memory (on a CPU, twice as fast as ``[columns, output_dim]``, whose rows are
-    short). Merged: the pieces' maps with the scales folded in, ``[output_dim, in]`` (the staged pieces' columns,
-    see :attr:`slots`), likewise."""
+    """Live: ``[output_dim, columns]``, per column (heads first) its component, or an identity row for a direct
+    column. Merged: ``[output_dim, in]``, the staged pieces' maps with the scales folded in. Stored so, each output's
+    weights are one long run of memory, which a CPU streams twice as fast as short rows."""
     index: torch.Tensor
     """Live: per column, its scale's index in ``[*scales, 0, 1]`` (padding takes the 0, direct columns the 1)."""
     shift: torch.Tensor | None
@@ -97,9 +83,8 @@ class Fold(NamedTuple):
     """Merged: the scales as merged, one per component in score order (for a forward that must take the
     output-space path)."""
     slots: dict[tuple[str, int | None], slice] | None = None
-    """Merged: per piece, its columns among the pass's staged pieces ``[batch, in]``. Each piece is copied there as
-    it arrives and all are read out by one product at the end: as many ops as a product per piece, but the maps
-    are read as one long run of memory, which a CPU streams at about twice the speed of many short products."""
+    """Merged: per piece, its columns among the pass's staged pieces ``[batch, in]``, all read out by one product
+    at the end (one long run of memory, where a product per piece makes many short ones)."""
     bias: torch.Tensor | None = None
     """Merged: ``[output_dim]``, the pieces' biases through their maps."""
 

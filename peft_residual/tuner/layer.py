@@ -1,15 +1,12 @@
-"""ResiDual tuner layers.
+"""ResiDual tuner layers. The residual stream itself is never changed.
 
-The residual stream itself is never changed. A :class:`ResiDualUnitLayer` wraps each module that produces units (the
-embedding, one layer's attention output projection, one MLP): it passes the module's output through, stores the
-module's CLS piece in the record of the running forward pass (see :mod:`.decomposition`), and holds the PCA bases,
-means and trainable scales of those units per adapter. The :class:`ResiDualReadoutLayer` wraps the module producing
-the output (the projection, else the final norm) and replaces that output by the sum of the transformed units (where
-the projection is a bare matrix the tower applies itself, it replaces the tower's output, through a hook).
-Because each transformed unit contributes ``sum_j lambda_j * s_j * phi_j`` with PCA scores ``s_j = phi_j . (u - mu)``,
-the adapted output is affine in the raw pieces at frozen norm statistics: a forward folds each piece into the output
-as its module produces it (:mod:`.fold`), and the training cache reads out stored scores with
-``offset + (scores * lambda) @ basis`` (:func:`~.plan.readout`). Both are derived from the same stored state.
+A :class:`ResiDualUnitLayer` wraps each module that produces units (the embedding, a layer's attention output
+projection, an MLP): it passes the output through, hands the CLS piece to the running pass's record
+(:mod:`.decomposition`), and holds per adapter the units' PCA bases, means and trainable scales. The
+:class:`ResiDualReadoutLayer` wraps the module producing the output (the projection, else the final norm; a bare
+projection matrix through a hook on its tower) and replaces that output by the adapted one: a forward folds each
+piece in as it arrives (:mod:`.fold`); the training cache reads out stored scores (:mod:`.plan`). Both are built
+from the same stored state.
 """
 
 from __future__ import annotations
@@ -59,8 +56,7 @@ class ResiDualLayer(BaseTunerLayer):
     def _init_tuner_layer(self, base_layer: nn.Module, arch: Architecture) -> None:
         self.base_layer = base_layer
         self.arch = arch
-        # PEFT's layer attributes: a linear module's own, else the residual stream's width (a norm, an MLP block or
-        # a layer scale maps the stream to itself)
+        # PEFT's layer attributes: a linear module's own, else the stream's width (a norm or MLP maps it to itself)
         self.in_features = getattr(base_layer, "in_features", arch.hidden_size)
         self.out_features = getattr(base_layer, "out_features", arch.hidden_size)
         self._disable_adapters = False
@@ -82,13 +78,12 @@ class ResiDualLayer(BaseTunerLayer):
 class ResiDualUnitLayer(nn.Module, ResiDualLayer):
     """Captures and holds the ResiDual state of the units produced by one module.
 
-    Per adapter: ``residual_treatments`` (per unit, one of :data:`~.plan.TREATMENTS`, from its config at
-    injection); ``residual_mean`` ``[units, dim]`` where some unit is transformed or replaced by its mean; where some
-    unit is transformed also ``residual_rank`` ``[units]`` (components per unit, 0 for a unit that is not),
-    ``residual_basis`` (each unit's ``[rank, dim]`` orthonormal rows as Householder reflectors, see
-    :mod:`peft_residual.packing`, concatenated) and the trainable ``residual_lambda`` ``[sum(rank)]`` (one per
-    transformed unit with one scale per unit). ``dim`` is the output dimension, except for heads, whose means and
-    bases are stored in head coordinates (see :mod:`.head_space`).
+    Per adapter: ``residual_treatments`` (per unit, one of :data:`~.plan.TREATMENTS`); ``residual_mean``
+    ``[units, dim]`` where a unit is transformed or replaced by its mean; where one is transformed also
+    ``residual_rank`` ``[units]`` (0 for a unit that is not), ``residual_basis`` (the units' orthonormal rows packed
+    as Householder reflectors, :mod:`peft_residual.packing`) and the trainable ``residual_lambda`` ``[sum(rank)]``
+    (one per unit with ``scale_per="unit"``). ``dim`` is the output's, or for heads their head coordinates'
+    (:mod:`.head_space`).
     """
 
     other_param_names: tuple[str, ...] = (
@@ -115,7 +110,7 @@ class ResiDualUnitLayer(nn.Module, ResiDualLayer):
         self.unit_slice = unit_slice
         self.unit_names = arch.unit_names[unit_slice]
         self.readout: tuple[ResiDualReadoutLayer, ...] = ()
-        """The readout layer that reads these units (in a tuple: a reference, not a submodule), set by its link."""
+        """The readout reading these units (a tuple: a reference, not a submodule), set by its link."""
         self.residual_lambda = nn.ParameterDict({})
         self.residual_basis = BufferDict({}, persistent=True)
         self.residual_mean = BufferDict({}, persistent=True)
@@ -180,9 +175,8 @@ class ResiDualUnitLayer(nn.Module, ResiDualLayer):
 
     @torch.no_grad()
     def store(self, adapter_name: str, tensors: dict[str, torch.Tensor]) -> None:
-        """Set the state of ``adapter_name`` (:attr:`stored_names`) to ``tensors``, a fit's or a checkpoint's, on the
-        base module's device. The scales keep the dtype injection gave them (PEFT's autocast_adapter_dtype decided
-        it) and their trainability."""
+        """Set the state of ``adapter_name`` (:attr:`stored_names`) to a fit's or a checkpoint's ``tensors``, on the
+        base module's device; the scales keep their dtype (PEFT's autocast_adapter_dtype chose it) and trainability."""
         device = self._base_device()
         for name, tensor in tensors.items():
             if name == "residual_lambda":
@@ -230,9 +224,8 @@ class ResiDualUnitLayer(nn.Module, ResiDualLayer):
         return output
 
     def _heads_read(self) -> bool:
-        """Whether this pass's heads are read: always where they are the output projection's input anyway; for an
-        ``nn.MultiheadAttention``, which only exposes them when run in steps, in a recording pass or one that reads
-        out an adapter (not with the adapters disabled, nor for the base model's output alone)."""
+        """Whether this pass reads the heads: always where they enter the output projection anyway; for an
+        ``nn.MultiheadAttention`` (run in steps to expose them) only when recording or reading out an adapter."""
         if not self.arch.spec.multihead_attention:
             return True
         record = current_record()
@@ -240,11 +233,8 @@ class ResiDualUnitLayer(nn.Module, ResiDualLayer):
 
 
 class ResiDualReadoutLayer(nn.Module, ResiDualLayer):
-    """Wraps the output module (projection, else final norm) and returns the sum of the transformed units.
-
-    For a final norm applied to the whole sequence (DINOv2), only the CLS position is replaced; the other tokens of
-    ``last_hidden_state`` are the base model's.
-    """
+    """Wraps the output module (projection, else final norm) and returns the adapted output; of a final norm over
+    the whole sequence (DINOv2) only the CLS position, the other tokens being the base model's."""
 
     adapter_layer_names: tuple[str, ...] = ()
     other_param_names: tuple[str, ...] = (*ResiDualLayer.other_param_names, "residual_plan", "residual_fold")
@@ -256,10 +246,9 @@ class ResiDualReadoutLayer(nn.Module, ResiDualLayer):
         self._init_tuner_layer(base_layer, arch)
         self.unit_layers: list[ResiDualUnitLayer] = []
         self.residual_plan: dict[str, ReadoutPlan] = {}
-        """Per fitted adapter, derived from the unit layers' stored state (never saved)."""
+        """Per fitted adapter, its training readout, built from the unit layers' state (never saved)."""
         self.residual_fold: dict[str, Fold] = {}
-        """Per fitted adapter, its forward's readout (never saved): live, or with the scales as they were merged
-        (:meth:`merge`)."""
+        """Per fitted adapter, its forward's readout (never saved): live, or merged (:meth:`merge`)."""
 
     def update_layer(self, adapter_name: str, config: ResiDualConfig, inference_mode: bool = False) -> None:
         self.residual_config[adapter_name] = config
@@ -315,10 +304,9 @@ class ResiDualReadoutLayer(nn.Module, ResiDualLayer):
                 self.residual_fold[name] = build_fold(states, config, self.arch, device, dtype, **merged)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        """Fold the scales of ``adapter_names`` (the active adapters by default) into their readout, for inference:
-        each piece then reaches the output through one ``[in, output_dim]`` map, all of them read out by one product
-        at the end of the pass (see :mod:`.fold`). As with any PEFT merge, the output follows the scales as they were
-        at the merge (or at the last fit, load or move) until :meth:`unmerge`; the base weights are never touched."""
+        """Fold the scales of ``adapter_names`` (the active adapters by default) into their readout for inference
+        (:mod:`.fold`). As with any PEFT merge, the output follows the scales as they were at the merge until
+        :meth:`unmerge`; the base weights are never touched."""
         for name in check_adapters_to_merge(self, adapter_names):
             self.check_fitted(name)
             self.merged_adapters.append(name)
