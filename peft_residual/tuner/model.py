@@ -13,8 +13,8 @@ from torch import nn
 
 from ..models import Architecture, check_normalised
 from ..packing import packed_size
+from ..records import BASE, note_residual, open_record
 from .config import ResiDualConfig, ResiDualInputError
-from .decomposition import BASE, UnitRecord, note_residual, open_record, unit_modules
 from .layer import ResiDualLayer, ResiDualReadoutLayer, ResiDualUnitLayer
 
 
@@ -43,7 +43,7 @@ def _targets(arch: Architecture, config: ResiDualConfig) -> dict[str, _Target]:
         )
     slices = {"embedding": lambda _: slice(0, 1), "heads": arch.heads_slice, "mlps": arch.mlp_slice}
     targets = {}
-    for path, kind, layer in unit_modules(arch):
+    for path, kind, layer in arch.unit_modules():
         unit_slice = slices[kind](layer)
         names = arch.unit_names[unit_slice]
         if kind == "heads" and config.heads is not None:
@@ -185,7 +185,7 @@ class ResiDualModel(BaseTuner):
                 signature = self.peft_config[name].base_signature
                 self.arch.check_image_size(name, signature, image_size=tuple(pixel_values.shape[-2:]))
         # a forward that raises leaves no record of its pass behind
-        with open_record(UnitRecord(adapter_names=tuple(names)) if names is not None else None):
+        with open_record(**({} if names is None else {"adapter_names": tuple(names)})):
             yield
 
     def check_adapter_names(self, names: Any) -> None:
@@ -229,7 +229,7 @@ class ResiDualModel(BaseTuner):
         in turn (``"__base__"``: the base model's), stacked along the batch dimension: one backbone pass for many
         adapters."""
         self.check_adapter_names(adapter_names)
-        with open_record(UnitRecord(stacked=tuple(adapter_names))):
+        with open_record(stacked=tuple(adapter_names)):
             yield
 
     @classmethod
@@ -290,11 +290,16 @@ def _check_shapes(layer: ResiDualUnitLayer, adapter_name: str, tensors: dict[str
     if "residual_rank" not in tensors:
         return
     rank, basis, lambdas = (tensors[key] for key in ("residual_rank", "residual_basis", "residual_lambda"))
+    if basis.dim() != 1:
+        raise ResiDualInputError(
+            f"Unit {first}: the checkpoint stores its basis as a {tuple(basis.shape)} matrix, the format of "
+            "peft_residual before bases were packed as Householder reflectors. Refit the adapter with this version "
+            "(fit_residual_bases) and save it again."
+        )
     components = [int(k) for k in rank.tolist()] if tuple(rank.shape) == (units,) else None
     per_unit = layer.residual_config[adapter_name].scale_per == "unit"
     if (
         components is None
-        or basis.dim() != 1
         or not all(0 <= k <= dim for k in components)
         or components
         != [k if chosen else 0 for k, chosen in zip(components, layer.selected(adapter_name), strict=True)]
