@@ -354,8 +354,11 @@ class Concept:
     where: str  # "library", "library outside tuner/", "outside tuner/" (library, benchmarks, examples)
     unit: str = "sites"  # or "files"
     issue: str = ""  # what the issue counted
+    owner: str = ""  # the module that owns the concept: its own sites are not counted
 
     def matches(self, path: str) -> bool:
+        if path == self.owner:
+            return False
         if self.where == "library":
             return path.startswith(LIBRARY + "/")
         if self.where == "library outside tuner/":
@@ -387,7 +390,13 @@ CONCEPTS = (
         "files",
         "training/scales.py",
     ),
-    Concept("`UnitRecord(` constructions", r"(?<!class )\bUnitRecord\(", "outside tuner/", issue="inference.py"),
+    Concept(
+        "`UnitRecord(` constructions",
+        r"(?<!class )\bUnitRecord\(",
+        "outside tuner/",
+        issue="inference.py",
+        owner="peft_residual/records.py",
+    ),
     Concept('claims of "the readout formula"', r"(?i)readout formula", "library", issue="layer.py and plan.py"),
     Concept("pointers to `tuner.layer.readout`", r"tuner\.layer\.readout\b", "library", issue="training/scales.py"),
     Concept("`readout_bypassed` sites", r"\breadout_bypassed\b", "library"),

@@ -37,8 +37,8 @@ from peft_residual import (
     fit_residual_bases,
     train_residual,
 )
+from peft_residual.records import UnitRecord
 from peft_residual.tuner import residual_tuner
-from peft_residual.tuner.decomposition import UnitRecord
 
 from .measure import PeakRSS
 from .report import environment

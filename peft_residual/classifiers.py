@@ -17,6 +17,7 @@ from .data.units import UnitStore
 from .errors import ResiDualInputError
 from .inference import embed_batches
 from .moments import sum_across_processes
+from .tuner.decomposition import contributions
 
 
 def load_templates(name_or_templates: str | Sequence[str]) -> list[str]:
@@ -312,7 +313,7 @@ class CentroidClassifier(Classifier):
         sums = torch.zeros(len(class_names), units.arch.output_dim, dtype=torch.float64)
         counts = torch.zeros(len(class_names), dtype=torch.long)
         for batch in units.records():
-            _add_to_classes(sums, counts, batch.record.contributions(units.arch).sum(1), batch.labels, average)
+            _add_to_classes(sums, counts, contributions(batch.record, units.arch).sum(1), batch.labels, average)
         if units.sharded:
             sums, counts = sum_across_processes(sums), sum_across_processes(counts)
         return cls._from_sums(sums, counts, class_names, scale)

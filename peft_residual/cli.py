@@ -371,7 +371,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
             f"the adapter was fitted on {fitted_size[0]}x{fitted_size[1]} px images but this data comes out at "
             f"{tuple(data[0]['pixel_values'].shape[-2:])}; pass --image-size {fitted_size[0]}"
         )
-    from .tuner.decomposition import BASE
+    from .records import BASE
 
     features, labels = embed_batches_of_adapters(  # the base and the adapted embedding from one backbone pass
         model, _loader(args, data), [BASE, "default"], progress=not args.quiet,

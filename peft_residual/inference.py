@@ -15,7 +15,7 @@ from .compat import is_residual_model
 from .errors import ResiDualInputError
 from .models import architecture_of
 from .recording import labels_of, pixel_values_of
-from .tuner.decomposition import BASE
+from .records import BASE
 
 
 def embed_images(model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:

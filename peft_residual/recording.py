@@ -4,7 +4,7 @@ The intake of the PCA fit (:func:`~.tuner.pca.get_residual_bases`), of the unit 
 analyses: the ``pixel_values`` (and labels) of a batch, a :class:`RecordedBatch` per batch, and
 :func:`decompose_units`, the model's output as its units' direct contributions. A bare supported model is recorded
 through hooks on its unit modules; a ResiDual model's layers capture their own pieces
-(:mod:`peft_residual.tuner.decomposition`)."""
+(:mod:`peft_residual.records`)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from torch import nn
 
 from .errors import ResiDualInputError
 from .models import Architecture, architecture_of
-from .tuner.decomposition import UnitRecord, capture, current_record, open_record, unit_modules
+from .records import UnitRecord, capture, current_record, open_record
+from .tuner.decomposition import contributions
 
 
 def pixel_values_of(batch: object) -> torch.Tensor:
@@ -112,12 +113,12 @@ def recording(arch: Architecture, cls_only: bool = False) -> Iterator[UnitRecord
     if not wrapped:
         handles = [
             arch.module(path).register_forward_hook(_capture_hook(arch, kind, layer), with_kwargs=True)
-            for path, kind, layer in unit_modules(arch)
+            for path, kind, layer in arch.unit_modules()
         ]
     if cls_only:
         handles += last_block_at_cls(arch)
     try:
-        with open_record(UnitRecord(cls_only=cls_only, kept=True)) as record:
+        with open_record(cls_only=cls_only, kept=True) as record:
             yield record
     finally:
         for handle in handles:
@@ -167,4 +168,4 @@ def decompose_units(model: nn.Module, pixel_values: torch.Tensor, ln_mean: str =
         True
     """
     arch = architecture_of(model)
-    return Units(record_backbone(arch, pixel_values).contributions(arch, ln_mean), list(arch.unit_names))
+    return Units(contributions(record_backbone(arch, pixel_values), arch, ln_mean), list(arch.unit_names))

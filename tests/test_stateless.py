@@ -8,9 +8,8 @@ import pytest
 import torch
 from peft import get_peft_model
 
-from peft_residual import ResiDualConfig, fit_residual_bases
+from peft_residual import ResiDualConfig, fit_residual_bases, records
 from peft_residual.recording import record_backbone
-from peft_residual.tuner import decomposition
 
 from .conftest import images, loader, make_model, model_output, run_model
 
@@ -74,14 +73,14 @@ def test_a_forward_nested_inside_another_gives_both_their_own_outputs(kind):
     assert len(inner) == 1
     torch.testing.assert_close(outer, outer_expected, rtol=0, atol=0)
     torch.testing.assert_close(inner[0], inner_expected, rtol=0, atol=0)
-    assert decomposition.current_record() is None
+    assert records.current_record() is None
 
 
 def test_a_forward_that_raises_leaves_no_record_behind():
     model = fitted("dinov2")
     with pytest.raises(RuntimeError, match="boom"):
         _raise_inside(model)
-    assert decomposition.current_record() is None
+    assert records.current_record() is None
     with torch.no_grad():
         torch.testing.assert_close(model_output(model, images(2)), model_output(model, images(2)))
 
@@ -92,9 +91,9 @@ def test_a_tower_run_alone_leaves_no_record_behind():
     with torch.no_grad():
         fresh = model_output(model, x)
         model.base_model.model.vision_model(pixel_values=images(2, seed=3))
-        assert decomposition._STACK.records == []
+        assert records._STACK.records == []
         torch.testing.assert_close(model_output(model, x), fresh, rtol=0, atol=0)
-        assert decomposition._STACK.records == [] and decomposition._STACK.handed_over is None
+        assert records._STACK.records == [] and records._STACK.handed_over is None
 
 
 def _raise_inside(model) -> None:
@@ -162,7 +161,7 @@ def test_no_grad_keeps_no_graph_and_the_cached_path_none():
     model = fitted("clip_vision_projection")
     with torch.no_grad():
         out = model_output(model, images(2))
-    assert out.grad_fn is None and decomposition.current_record() is None
+    assert out.grad_fn is None and records.current_record() is None
     record = record_backbone(model.base_model.arch, images(2))
     assert all(piece.grad_fn is None for piece in [record.embedding, *record.heads.values(), *record.mlps.values()])
 

@@ -2,7 +2,7 @@
 
 Per image the pieces are ``(2L + 1) x hidden`` floats (the embedding, each layer's concatenated head outputs and MLP
 output at CLS); every unit contribution, the final norm's statistics included, follows from them exactly (see
-:class:`~.decomposition.UnitRecord`). The store keeps them in memory up to a byte budget and spills everything to a
+:class:`~..records.UnitRecord`). The store keeps them in memory up to a byte budget and spills everything to a
 file in a temporary directory beyond it; the file goes when the store is closed or collected.
 
 Under several processes, ``collect_units(..., accelerator=)`` shards the pass by whole batches: process ``r`` records
@@ -35,8 +35,9 @@ from tqdm.auto import tqdm
 from ..errors import ResiDualInputError
 from ..models import Architecture, architecture_of
 from ..recording import RecordedBatch, recorded_batches
+from ..records import UnitRecord
 from ..tuner import pca
-from ..tuner.decomposition import UnitRecord
+from ..tuner.decomposition import contributions
 from ..tuner.model import residual_tuner
 
 logger = logging.getLogger(__name__)
@@ -244,7 +245,7 @@ class UnitStore:
     @torch.no_grad()
     def contributions(self, ln_mean: str = "shared") -> torch.Tensor:
         """Every stored image's direct contributions, ``[n, units, output_dim]`` float32 (held in memory)."""
-        return torch.cat([batch.record.contributions(self.arch, ln_mean) for batch in self.records()])
+        return torch.cat([contributions(batch.record, self.arch, ln_mean) for batch in self.records()])
 
     def identity(self) -> dict[str, str]:
         """Hashes of every stored image's pieces and of every label (for run checkpoints); of every process's shard,
@@ -270,7 +271,7 @@ class UnitStore:
 @torch.no_grad()
 def base_embeddings(store: UnitStore) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The base model's embeddings of the stored images (their units' sum, exactly) and their labels."""
-    features = [batch.record.contributions(store.arch).sum(1) for batch in store.records()]
+    features = [contributions(batch.record, store.arch).sum(1) for batch in store.records()]
     return torch.cat(features), store.labels
 
 

@@ -276,6 +276,13 @@ class Architecture:
     def num_units(self) -> int:
         return 1 + self.num_layers * (self.num_heads + 1)
 
+    def unit_modules(self) -> Iterator[tuple[str, str, int | None]]:
+        """``(path, kind, layer)`` of every module that produces units, in unit order."""
+        yield self.spec.embedding, "embedding", None
+        for layer in range(self.num_layers):
+            yield self.spec.attention_out.format(i=layer), "heads", layer
+            yield self.spec.mlp_out.format(i=layer), "mlps", layer
+
     def heads_slice(self, layer: int) -> slice:
         start = 1 + layer * (self.num_heads + 1)
         return slice(start, start + self.num_heads)

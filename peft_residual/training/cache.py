@@ -24,8 +24,8 @@ from ..data.units import UnitStore
 from ..errors import ResiDualInputError
 from ..inference import check_labels
 from ..recording import record_backbone
+from ..records import UnitRecord
 from ..tuner import active_adapter, residual_tuner
-from ..tuner.decomposition import UnitRecord
 from ..tuner.plan import readout
 from .scales import TILE
 

@@ -5,7 +5,6 @@ PEFT's tuners take their target maps from ``utils/constants.py``. Registration w
 :mod:`peft_residual.compat`, on ``import peft_residual``."""
 
 from .config import PRESETS, ResiDualConfig, ResiDualInputError
-from .decomposition import UnitRecord
 from .layer import ResiDualLayer, ResiDualReadoutLayer, ResiDualUnitLayer, active_adapter
 from .model import ResiDualModel, residual_tuner
 from .pca import FitReport, ResiDualBases, apply_residual_bases, get_residual_bases
@@ -22,7 +21,6 @@ __all__ = [
     "ResiDualModel",
     "ResiDualReadoutLayer",
     "ResiDualUnitLayer",
-    "UnitRecord",
     "active_adapter",
     "apply_residual_bases",
     "get_residual_bases",

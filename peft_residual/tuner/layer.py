@@ -2,7 +2,7 @@
 
 A :class:`ResiDualUnitLayer` wraps each module that produces units (the embedding, a layer's attention output
 projection, an MLP): it passes the output through, hands the CLS piece to the running pass's record
-(:mod:`.decomposition`), and holds per adapter the units' PCA bases, means and trainable scales. The
+(:mod:`peft_residual.records`), and holds per adapter the units' PCA bases, means and trainable scales. The
 :class:`ResiDualReadoutLayer` wraps the module producing the output (the projection, else the final norm; a bare
 projection matrix through a hook on its tower) and replaces that output by the adapted one: a forward folds each
 piece in as it arrives (:mod:`.fold`); the training cache reads out stored scores (:mod:`.plan`). Both are built
@@ -21,8 +21,9 @@ from torch import nn
 from ..errors import warn_caller
 from ..models import Architecture
 from ..packing import packed_size, unpack_orthonormal
+from ..records import BASE, UnitRecord, capture, current_record, take_record
 from .config import ResiDualConfig, ResiDualInputError
-from .decomposition import BASE, UnitRecord, capture, current_record, take_record
+from .decomposition import contributions
 from .fold import Fold, build_fold
 from .head_space import HeadFrames, head_frames
 from .plan import Components, LayerState, OutputSpace, ReadoutPlan, build_plan, readout
@@ -377,10 +378,10 @@ class ResiDualReadoutLayer(nn.Module, ResiDualLayer):
         """PCA scores ``[batch, components]`` of the pieces of one recorded pass, and the part of the output the
         scales do not touch: ``readout(scores, lambdas(), components().basis, offset)`` is the adapted output."""
         plan = self.plan(adapter_name)
-        contributions = record.contributions(self.arch, self.residual_config[adapter_name].ln_mean, plan.shares)
-        contributions = contributions.to(plan.basis.dtype)
-        padded = plan.scores(contributions)
-        offset = readout(padded, plan.lambda_shift, plan.basis, plan.offset(contributions))
+        units = contributions(record, self.arch, self.residual_config[adapter_name].ln_mean, plan.shares)
+        units = units.to(plan.basis.dtype)
+        padded = plan.scores(units)
+        offset = readout(padded, plan.lambda_shift, plan.basis, plan.offset(units))
         return padded[:, plan.components], offset
 
     def folds_for(self, record: UnitRecord) -> dict[str, Fold] | None:

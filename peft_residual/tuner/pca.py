@@ -1,6 +1,6 @@
-"""Streaming per-unit PCA of the direct contributions, split as PEFT's EVA initialisation splits its own: computing
-the bases (:func:`get_residual_bases`, a state dict per adapter) is apart from storing them in a model
-(:func:`apply_residual_bases`). ``peft_residual.fit_residual_bases`` does both."""
+"""Streaming per-unit PCA of the direct contributions, split as PEFT's EVA splits its initialisation: computing the
+bases (:func:`get_residual_bases`) apart from storing them (:func:`apply_residual_bases`);
+``peft_residual.fit_residual_bases`` does both."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from ..moments import StreamingMoments
 from ..packing import canonical_signs, pack_orthonormal
 from ..recording import RecordedBatch, recorded_batches
 from .config import ResiDualConfig, ResiDualInputError
+from .decomposition import contributions
 from .layer import ResiDualUnitLayer, active_adapter
 from .model import ResiDualModel, residual_tuner
 
@@ -37,15 +38,13 @@ class FitReport:
     clamped: dict[str, tuple[int, int]] = field(default_factory=dict)
     """Units whose requested k exceeded their rank: name -> (requested, used)."""
     units: Any = None
-    """What the caller kept of the recorded batches (``peft_residual.fit_residual_bases(..., keep_units=True)``
-    keeps a ``UnitStore``, to cache the same images without another backbone pass)."""
+    """What the caller kept of the recorded batches (a ``UnitStore`` with ``fit_residual_bases(keep_units=True)``)."""
     eigen_seconds: float = 0.0
-    """Wall time of the eigendecompositions (and basis building) after the moments were accumulated."""
+    """Wall time of the eigendecompositions and basis building."""
     flat: list[str] = field(default_factory=list)
     """Transformed units with (about) zero variance over the reference images: nothing to fit."""
     undersampled: list[str] = field(default_factory=list)
-    """Units with a variance ratio or all components whose dimension exceeds the images seen minus one: the PCA
-    cannot estimate all their directions."""
+    """Units taking a variance ratio or all components whose dimension exceeds the images seen minus one."""
 
     @property
     def num_scales(self) -> int:
@@ -82,8 +81,8 @@ class ResiDualBases(NamedTuple):
 
     adapter_name: str
     state_dict: dict[str, torch.Tensor]
-    """``"<unit module path>.<name>"`` for each of ``ResiDualUnitLayer.stored_names`` a unit module holds: the
-    means, ranks, packed bases and initial scales, as the adapter's checkpoint stores them."""
+    """``"<unit module path>.<name>"`` per ``ResiDualUnitLayer.stored_names`` a unit module holds, as the adapter's
+    checkpoint stores them."""
     image_size: tuple[int, int]
     report: FitReport
 
@@ -106,13 +105,11 @@ def get_residual_bases(
 ) -> ResiDualBases:
     """Fit every unit's PCA basis and mean on reference images, and the initial scales, leaving ``model`` as it is.
 
-    ``dataloader`` yields dicts with ``pixel_values`` (or tensors), all of one image size; it may also yield
-    batches recorded earlier (``peft_residual.recording.RecordedBatch``), which need no backbone pass.
-    ``on_batch`` sees every recorded batch.
-    Covariances are accumulated per unit in float64, never holding the encodings; with ``merge_processes=True``
-    each process of a ``torch.distributed`` group passes its own share of the images and every process fits on all
-    of them. ``k`` from the config is clamped to each unit's rank (``head_dim + 2`` for a head under the shared norm
-    mean, see ``Architecture.max_rank``), and clamping is reported in the :class:`FitReport` and as a warning.
+    ``dataloader`` yields dicts with ``pixel_values`` (or tensors) of one image size, or batches recorded earlier
+    (``peft_residual.recording.RecordedBatch``); ``on_batch`` sees each recorded batch. Covariances accumulate per
+    unit in float64; with ``merge_processes=True`` each process of a ``torch.distributed`` group passes its share of
+    the images and all fit on all of them. ``k`` is clamped to each unit's rank (``Architecture.max_rank``), which
+    the :class:`FitReport` and a warning report.
 
     Example:
         >>> bases = get_residual_bases(peft_model, DataLoader(reference_images, batch_size=64))
@@ -165,9 +162,8 @@ def get_residual_bases(
 
 @torch.no_grad()
 def apply_residual_bases(model: nn.Module, bases: ResiDualBases) -> None:
-    """Store ``bases`` in their adapter of ``model``, and record the image size and base model they were fitted on
-    in its config (``base_signature``). Refitting an adapter resets its scales to their initial values (a warning
-    says so if they were trained)."""
+    """Store ``bases`` in their adapter of ``model`` and its ``base_signature`` in the config; refitting resets the
+    scales to their initial values (a warning says so if they were trained)."""
     tuner, adapter_name = residual_tuner(model), bases.adapter_name
     config, readout = tuner.peft_config[adapter_name], tuner.readout
     layers = _layers(tuner, adapter_name)
@@ -224,8 +220,8 @@ def _accumulate(
     batches: Iterable[RecordedBatch],
     on_batch: Callable[[RecordedBatch], None] | None,
 ) -> tuple[dict[int, StreamingMoments], tuple[int, int] | None]:
-    """Per layer, the streaming moments of its units over every batch (heads in their head coordinates, see
-    :mod:`.head_space`: ``(head_dim + 2)^2`` moments instead of ``output_dim^2``), and the images' size."""
+    """Per layer, the streaming moments of its units over every batch (heads in head coordinates,
+    :mod:`.head_space`), and the images' size."""
     moments = {id(layer): StreamingMoments(scatter=layer.is_transformed(adapter_name)) for layer in layers}
     frames = {id(layer): layer.frames(adapter_name) for layer in layers if layer.in_head_space}
     image_size = None
@@ -233,10 +229,10 @@ def _accumulate(
         if on_batch is not None:
             on_batch(batch)
         image_size = batch.image_size
-        contributions = batch.record.contributions(arch, config.ln_mean)
+        direct = contributions(batch.record, arch, config.ln_mean)
         # one reduction instead of an elementwise test: a NaN or inf anywhere makes its unit's sum non-finite, and a
         # float64 sum of float32 values cannot overflow
-        per_unit = contributions.sum((0, 2), dtype=torch.float64)
+        per_unit = direct.sum((0, 2), dtype=torch.float64)
         if not torch.isfinite(per_unit).all():
             unit = arch.unit_names[int((~torch.isfinite(per_unit)).nonzero()[0])]
             raise ResiDualInputError(
@@ -244,7 +240,7 @@ def _accumulate(
                 "model's dtype (fp16 can overflow: fit in float32)."
             )
         for layer in layers:
-            units = contributions[:, layer.unit_slice].double()
+            units = direct[:, layer.unit_slice].double()
             if id(layer) in frames:
                 frame, offset = frames[id(layer)].frames.to(units.device), frames[id(layer)].offset.to(units.device)
                 units = torch.einsum("bno,nor->bnr", units - offset, frame)
@@ -259,8 +255,7 @@ def _solve(
     moments: dict[int, StreamingMoments],
     progress: bool,
 ) -> tuple[dict[str, torch.Tensor], FitReport]:
-    """Eigendecompose every transformed layer's moments: the means, ranks, packed bases and initial scales, by
-    module path and name (see :class:`ResiDualBases`), and the report."""
+    """Eigendecompose every transformed layer's moments: the state dict of :class:`ResiDualBases`, and the report."""
     report = FitReport(num_samples=next(iter(moments.values())).count)
     generator = torch.Generator().manual_seed(config.seed)
     transformed = [layer for layer in layers.values() if layer.is_transformed(adapter_name)]

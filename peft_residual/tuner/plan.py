@@ -1,9 +1,8 @@
-"""The readout formula, and each adapter's readout plan: the form the training cache and its scores take.
+"""The readout formula, and each adapter's readout plan: how the training cache computes its scores.
 
-The cache and training compute the adapted output with :func:`readout`, ``offset + (scores * lambda) @ basis``,
-from the units' contributions in output space (:meth:`ReadoutPlan.scores`). The plan fixes the shapes once per
-fit, load, move or adapter switch, so that nothing depends on the data. A forward folds its pieces in as they
-arrive instead (:mod:`.fold`); both read the transformed units from :func:`members`.
+The cache (and training) compute the adapted output as :func:`readout`, ``offset + (scores * lambda) @ basis``, from
+the units' contributions in output space (:meth:`ReadoutPlan.scores`), in shapes fixed once per fit, load, move or
+switch. A forward folds its pieces in instead (:mod:`.fold`); both take the transformed units from :func:`members`.
 """
 
 from __future__ import annotations
@@ -61,11 +60,9 @@ class LayerState(NamedTuple):
 
 
 class ReadoutPlan(NamedTuple):
-    """Everything one adapter's forward needs beyond the scales, with static shapes.
-
-    The transformed units are gathered in groups of one kind (heads first, then MLPs), each padded to its largest
-    rank, so that their scores are one batched product per group; padding rows are zero and take a zero scale.
-    """
+    """One adapter's training readout beyond the scales, in static shapes: the transformed units in groups of one
+    kind (heads, then MLPs), each padded to its largest rank (zero rows taking a zero scale) for one batched product
+    per group."""
 
     groups: tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], ...]
     """Per group: unit indices ``[n]``, means ``[n, dim]`` (zero when uncentred) and padded bases ``[n, k, dim]``
@@ -86,17 +83,12 @@ class ReadoutPlan(NamedTuple):
     """``[units]``: each unit's bias share (``Architecture.bias_shares``) where the plan lives, for
     :func:`~.decomposition.linearise`."""
 
-    def scores(self, contributions: torch.Tensor, groups: int | None = None) -> torch.Tensor:
-        """Padded PCA scores ``[batch, slots]`` of unit contributions ``[batch, units, dim]`` (of the first
-        ``groups`` groups only, if given)."""
-        return torch.cat(
-            [
-                _group_scores(contributions.index_select(1, units), mean, basis)
-                for units, mean, basis in self.groups[:groups]
-            ]
-            or [contributions.new_zeros(len(contributions), 0)],
-            dim=1,
-        )
+    def scores(self, contributions: torch.Tensor) -> torch.Tensor:
+        """Padded PCA scores ``[batch, slots]`` of unit contributions ``[batch, units, dim]``."""
+        scores = [
+            _group_scores(contributions.index_select(1, units), mean, basis) for units, mean, basis in self.groups
+        ]
+        return torch.cat(scores or [contributions.new_zeros(len(contributions), 0)], dim=1)
 
     def offset(self, contributions: torch.Tensor) -> torch.Tensor:
         """The part of the output no scale touches, before any kept remainder."""
@@ -113,8 +105,7 @@ class Components(NamedTuple):
     in order)."""
 
     def scales(self, scales: torch.Tensor) -> torch.Tensor:
-        """One scale per component from the adapter's concatenated ``scales``: the one map from scales to
-        components in score order (a forward's columns follow ``Fold.index``)."""
+        """One scale per component from the adapter's concatenated ``scales`` (a forward's follow ``Fold.index``)."""
         return scales if self.scale_index is None else scales[self.scale_index]
 
     def to(self, device: torch.device | str, dtype: torch.dtype) -> Components:
