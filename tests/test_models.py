@@ -13,7 +13,7 @@ import torch
 from peft import get_peft_model
 
 import peft_residual.models as models
-from peft_residual import ResiDualConfig, fit_residual_bases
+from peft_residual import ResiDualConfig, ResiDualInputError, fit_residual_bases
 from peft_residual.models import ARCHITECTURES, REFUSED, Architecture, ArchitectureSpec, register_model
 
 from .conftest import images, loader, make_model
@@ -93,3 +93,12 @@ def test_registry_entries_are_functions_and_keys_are_registered_once():
     with pytest.raises(ValueError, match="once"):
         models.refuse_model("SiglipModel", reason="twice")
     assert importlib.import_module("peft_residual").ARCHITECTURES is ARCHITECTURES
+
+
+@pytest.mark.parametrize("spelling", ["{tmp}/nope", "./no-such-model-dir", "~/no-such-model-dir"])
+def test_a_model_path_that_does_not_exist_is_named_as_a_path(tmp_path, spelling):
+    """A path-looking name that is not there is refused as a path, before the Hub refuses its spelling as a repo id
+    (a newcomer's typo in the offline quickstart got huggingface_hub's 'Repo id must be in the form ...')."""
+    name = spelling.format(tmp=tmp_path)
+    with pytest.raises(ResiDualInputError, match=r"No model at .*: the path does not exist"):
+        models.load_vision_model(name)

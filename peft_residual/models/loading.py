@@ -85,6 +85,11 @@ def _route(name: str) -> ModelSource:
     path = Path(name).expanduser()
     if path.exists():
         return _local_source(path, name)
+    if name.startswith((".", "/", "~")):  # a path, not a Hub id: the Hub would only refuse its spelling
+        raise ResiDualInputError(
+            f"No model at {name!r}: the path does not exist. Check the directory, or name a Hub model such as "
+            "'facebook/dinov2-small'."
+        )
     if name.startswith("timm/"):
         return ModelSource("timm", HF_HUB + name)
     if ":" in name and "://" not in name:
