@@ -37,7 +37,6 @@ parser.add_argument("--templates", default="cifar10", help="prompt templates for
 parser.add_argument("--epochs", type=int, default=30)
 parser.add_argument("--output", help="directory for the adapter (default: a new temporary directory)")
 args = parser.parse_args()
-args.output = args.output or tempfile.mkdtemp(prefix="residual-adapter-")
 image_column = args.image_column or ("img" if args.dataset == "uoft-cs/cifar10" else "image")
 keep_freed_memory()  # this process's forwards reuse the memory they free (glibc), as the CLI's do
 
@@ -47,6 +46,7 @@ try:
 except OSError as error:  # no network and no local copy
     print(f"Cannot load {args.model} / {args.dataset} ({str(error).splitlines()[0]}). Offline, run:\n  {OFFLINE}")
     sys.exit(1)
+args.output = args.output or tempfile.mkdtemp(prefix="residual-adapter-")  # once the model loads
 
 # 1. data: a seeded draw, its first 10% for validation, images through the model's own processor
 pool = sample(dataset["train"], args.train_samples, seed=0)
