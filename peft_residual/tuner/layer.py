@@ -306,8 +306,8 @@ class ResiDualReadoutLayer(nn.Module, ResiDualLayer):
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Fold the scales of ``adapter_names`` (the active adapters by default) into their readout for inference
-        (:mod:`.fold`). As with any PEFT merge, the output follows the scales as they were at the merge until
-        :meth:`unmerge`; the base weights are never touched."""
+        (:mod:`.fold`). As with any PEFT merge, the output follows the scales as they were at the merge (or the last
+        fit, load or move) until :meth:`unmerge`; the base weights are never touched."""
         for name in check_adapters_to_merge(self, adapter_names):
             self.check_fitted(name)
             self.merged_adapters.append(name)
