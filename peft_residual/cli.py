@@ -97,7 +97,6 @@ def _model(args: argparse.Namespace):
     from .data import load_vision_model
     from .models import architecture_of
 
-    _check_source(args.model, "model")
     image_size = getattr(args, "image_size", None)
     try:
         model = load_vision_model(args.model, image_size=image_size)  # open_clip and timm are built at that size
