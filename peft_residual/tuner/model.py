@@ -181,11 +181,13 @@ class ResiDualModel(BaseTuner):
             self.check_adapter_names(names)
         if isinstance(pixel_values, torch.Tensor):
             check_normalised(pixel_values, "forward", in_forward=True)  # the fit's rule: no raw pixels
-            for name in [name for name in dict.fromkeys(names or self.active_adapters) if name != BASE]:
-                signature = self.peft_config[name].base_signature
-                self.arch.check_image_size(name, signature, image_size=tuple(pixel_values.shape[-2:]))
-        # a forward that raises leaves no record of its pass behind
-        with open_record(**({} if names is None else {"adapter_names": tuple(names)})):
+            size = tuple(pixel_values.shape[-2:])
+            for name in dict.fromkeys(names or self.active_adapters):
+                if name != BASE:
+                    self.arch.check_image_size(name, self.peft_config[name].base_signature, image_size=size)
+        # a forward that raises leaves no record of its pass behind; PEFT's adapter_names go in this pass's record
+        fields = {"adapter_names": tuple(names)} if names is not None else {}
+        with open_record(**fields):
             yield
 
     def check_adapter_names(self, names: Any) -> None:
