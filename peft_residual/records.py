@@ -219,7 +219,7 @@ def open_record(**fields: Any) -> Iterator[UnitRecord | None]:
 
     Example:
         >>> with open_record(kept=True) as record:
-        ...     model(pixel_values)  # record holds the pass's pieces
+        ...     peft_model(pixel_values=x)  # its ResiDual layers fill the record; kept: no readout replaces the output
     """
     depth = len(_STACK.records)
     record = UnitRecord(**fields) if fields else None
