@@ -178,6 +178,18 @@ def test_merge_folds_the_readout_and_merge_and_unload_fails_clearly(fitted_model
     torch.testing.assert_close(output(model), adapted, rtol=0, atol=0)
 
 
+def test_a_safe_merge_of_broken_scales_refuses_and_leaves_the_adapter_live(fitted_models):
+    model = fresh(fitted_models, "dinov2", "residual")
+    readout = model.base_model.readout
+    readout.set_scales(
+        "default",
+        torch.cat([s.detach() for s in readout.scales("default")]).index_fill(0, torch.tensor([3]), float("inf")),
+    )
+    with pytest.raises(ValueError, match="gives non-finite values; its scales are broken"):
+        model.base_model.merge_adapter(safe_merge=True)
+    assert not readout.merged
+
+
 def test_disable_adapter_gives_the_base_model_and_restores(fitted_models):
     model = fresh(fitted_models, "clip_vision_projection", "residual")
     adapted = output(model)
