@@ -312,8 +312,8 @@ class ResiDualReadoutLayer(nn.Module, ResiDualLayer):
             self.check_fitted(name)
             self.merged_adapters.append(name)
             self.refresh([name])
-            maps = self.residual_fold[name].maps.values()
-            if safe_merge and not all(torch.isfinite(piece_map.weight).all() for piece_map in maps):
+            # the merged maps are all columns of the fold's one [output_dim, in] map: one check covers them
+            if safe_merge and not torch.isfinite(self.residual_fold[name].rows).all():
                 self.unmerge()
                 raise ValueError(f"Merging ResiDual adapter '{name}' gives non-finite values; its scales are broken.")
 
